@@ -1,0 +1,100 @@
+// Package cache defines the storage interface every snaploader tier
+// implements (local disk, REAPI remote, S3) and composable wrappers over it:
+// digest-verifying reads, a read-through second tier, and counters.
+//
+// Errors carry gRPC status codes so that callers can tell NotFound (the blob
+// or entry is absent), Unavailable (the tier is down), InvalidArgument and
+// Internal (corrupt data) apart with status.Code, however deeply wrapped.
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/digest"
+)
+
+// Namespace says where a request lives.
+type Namespace struct {
+	// Group is the tenant. The local cache partitions action-cache entries
+	// by it; a remote derives it from credentials instead.
+	Group string
+	// Instance is the REAPI instance name.
+	Instance string
+	// Function is the digest function of every digest in the request.
+	Function digest.Function
+}
+
+// Cache is a content-addressed store plus an action cache.
+type Cache interface {
+	// FindMissing returns the digests in ds that the cache does not hold.
+	FindMissing(ctx context.Context, ns Namespace, ds []*repb.Digest) ([]*repb.Digest, error)
+	// Read opens a blob. A missing blob is a NotFound error.
+	Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error)
+	// Write stores a blob read from r; r must yield exactly the content d
+	// names, else InvalidArgument and nothing is stored.
+	Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error
+	// GetActionResult returns the entry under key; NotFound when absent.
+	GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error)
+	// UpdateActionResult stores ar under key, replacing any entry.
+	UpdateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) error
+}
+
+// IsNotFound reports whether err means "absent".
+func IsNotFound(err error) bool { return status.Code(err) == codes.NotFound }
+
+// NotFoundf returns a NotFound error.
+func NotFoundf(format string, args ...any) error {
+	return status.Error(codes.NotFound, fmt.Sprintf(format, args...))
+}
+
+// ReadAll reads a whole blob.
+func ReadAll(ctx context.Context, c Cache, ns Namespace, d *repb.Digest) ([]byte, error) {
+	rc, err := c.Read(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	defer rc.Close()
+	buf := make([]byte, 0, d.SizeBytes)
+	b, err := readFull(rc, buf)
+	if err != nil {
+		return nil, fmt.Errorf("reading blob %s: %w", digest.String(d), err)
+	}
+	return b, nil
+}
+
+func readFull(r io.Reader, buf []byte) ([]byte, error) {
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if errors.Is(err, io.EOF) {
+			return buf, nil
+		}
+		if err != nil {
+			return buf, err
+		}
+	}
+}
+
+// Blob is an open blob for random reads. Its content has been verified
+// against its digest. Close releases it (and any pin against eviction).
+type Blob interface {
+	io.ReaderAt
+	io.Closer
+	Size() int64
+}
+
+// Opener opens blobs for random reads; the local cache and the read-through
+// tier implement it.
+type Opener interface {
+	Open(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, error)
+}

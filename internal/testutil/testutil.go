@@ -1,0 +1,53 @@
+// Package testutil holds helpers shared by snaploader's tests.
+package testutil
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// InCI reports whether the tests run under CI (CI=true), where every
+// facility the tests need is installed and a missing one is a failure.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Unavailable skips the test with reason when a facility it needs is truly
+// absent on this machine; under CI it fails instead, since .ci/run installs
+// everything.
+func Unavailable(t testing.TB, reason string) {
+	t.Helper()
+	if InCI() {
+		t.Fatalf("required facility missing under CI: %s", reason)
+	}
+	t.Skip("skipping: " + reason)
+}
+
+// LookPath returns the path of a program the test needs, or calls
+// Unavailable when it is not installed.
+func LookPath(t testing.TB, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		Unavailable(t, name+" is not installed (LookPath: "+err.Error()+")")
+	}
+	return p
+}
+
+// RequireRoot calls Unavailable unless the test runs as root.
+func RequireRoot(t testing.TB) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		Unavailable(t, "needs root")
+	}
+}
+
+// RequireDevice calls Unavailable unless path (e.g. /dev/fuse) can be opened.
+func RequireDevice(t testing.TB, path string) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		Unavailable(t, path+" is not usable: "+err.Error())
+		return
+	}
+	f.Close()
+}
