@@ -1,0 +1,93 @@
+package cache
+
+import (
+	"context"
+	"io"
+	"sync/atomic"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+)
+
+// Counting is a Cache that counts the calls and bytes passing through to
+// another Cache, for tests and metrics. It is safe for concurrent use.
+type Counting struct {
+	c Cache
+
+	findMissing, findMissingDigests atomic.Int64
+	reads, readBytes                atomic.Int64
+	writes, writeBytes              atomic.Int64
+	acGets, acPuts                  atomic.Int64
+}
+
+var _ Cache = (*Counting)(nil)
+
+// CountingStats are a Counting's counters. Calls are counted whether or not
+// they fail; bytes are those that actually passed.
+type CountingStats struct {
+	FindMissing        int64 // FindMissing calls
+	FindMissingDigests int64 // digests asked about
+	Reads              int64 // Read calls
+	ReadBytes          int64 // bytes read from returned readers
+	Writes             int64 // Write calls
+	WriteBytes         int64 // bytes consumed from writers' readers
+	ACGets             int64 // GetActionResult calls
+	ACPuts             int64 // UpdateActionResult calls
+}
+
+// NewCounting wraps c.
+func NewCounting(c Cache) *Counting { return &Counting{c: c} }
+
+// Stats returns the counters so far.
+func (c *Counting) Stats() CountingStats {
+	return CountingStats{
+		FindMissing:        c.findMissing.Load(),
+		FindMissingDigests: c.findMissingDigests.Load(),
+		Reads:              c.reads.Load(),
+		ReadBytes:          c.readBytes.Load(),
+		Writes:             c.writes.Load(),
+		WriteBytes:         c.writeBytes.Load(),
+		ACGets:             c.acGets.Load(),
+		ACPuts:             c.acPuts.Load(),
+	}
+}
+
+func (c *Counting) FindMissing(ctx context.Context, ns Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	c.findMissing.Add(1)
+	c.findMissingDigests.Add(int64(len(ds)))
+	return c.c.FindMissing(ctx, ns, ds)
+}
+
+func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
+	c.reads.Add(1)
+	rc, err := c.c.Read(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	return countingReader{rc, &c.readBytes}, nil
+}
+
+func (c *Counting) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+	c.writes.Add(1)
+	return c.c.Write(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
+}
+
+func (c *Counting) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error) {
+	c.acGets.Add(1)
+	return c.c.GetActionResult(ctx, ns, key)
+}
+
+func (c *Counting) UpdateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) error {
+	c.acPuts.Add(1)
+	return c.c.UpdateActionResult(ctx, ns, key, ar)
+}
+
+type countingReader struct {
+	io.ReadCloser
+	n *atomic.Int64
+}
+
+func (r countingReader) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	r.n.Add(int64(n))
+	return n, err
+}

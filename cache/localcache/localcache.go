@@ -1,0 +1,953 @@
+// Package localcache is snaploader's on-disk cache tier: a content-addressed
+// blob store plus a small action cache (snapshot manifests), bounded in bytes
+// of real disk usage with least-recently-used eviction.
+//
+// # On-disk layout
+//
+// Under the cache directory:
+//
+//	cas/<fn>/<hh>/<hash>-<size>                     blob (shared by all groups)
+//	ac/<group>/<instance>/<fn>/<hh>/<hash>-<size>   serialized ActionResult
+//	ac/<group>/<instance>/INSTANCE                  the instance name, verbatim
+//	tmp/                                            writes in flight
+//	scratch/                                        TempDir: callers' files
+//
+// <fn> is the digest function ("blake3" or "sha256"), <hh> the first two hex
+// characters of the hash. <group> is "anonymous" for the anonymous group ""
+// and "g-<name>" otherwise; a group name must match
+// [A-Za-z0-9][A-Za-z0-9._@+-]{0,127}, anything else is InvalidArgument.
+// <instance> is the SHA-256 hex of the instance name (any string, so an
+// instance name can never name a path); the INSTANCE file beside it records
+// the name so that ListActionResults can report it.
+//
+// # Semantics
+//
+// Writes stream into a temporary file in tmp/ while hashing and are renamed
+// into place only when the content matches the digest, so a reader never
+// sees a partial file. Page-sized runs of zeros are left as holes, so sparse
+// chunks cost little disk. Nothing is fsynced: a blob torn by a crash is
+// caught by verification, because blobs this process did not write itself
+// (found at start, or written by another process) are verified against
+// their digest on first Read or Open; a mismatch removes the file and is an
+// Internal ("corrupt") error.
+//
+// Every entry (blob or action-cache entry) counts its st_blocks*512 bytes
+// toward Options.MaxBytes. After a write the least recently used entries
+// that are not pinned are removed until usage is under the bound. Lookups
+// (FindMissing of a present blob, Read, Open, GetActionResult) refresh an
+// entry's recency and record it as the file's mtime, so the index rebuilt by
+// New (a walk of the directory) keeps the LRU order across restarts.
+//
+// Several processes may share one directory: files appear only by rename,
+// a file removed by another process is NotFound, and each process rescans
+// the directory after writing a fraction of MaxBytes, every RescanInterval,
+// and on Close, so the bound holds eventually for all writers together.
+// Pins (Pin and open Blobs) protect entries against eviction by this
+// process only; a blob another process evicts while this one holds it open
+// stays readable through the open file.
+package localcache
+
+import (
+	"container/list"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+)
+
+// DefaultMaxBytes is the default bound on disk usage: 20 GiB.
+const DefaultMaxBytes int64 = 20 << 30
+
+// DefaultRescanInterval is how often, at most, a writing process rescans the
+// directory for other processes' files when it has not written enough to
+// trigger a rescan by volume.
+const DefaultRescanInterval = time.Minute
+
+// Options configures a Cache. The zero value gives the defaults.
+type Options struct {
+	// MaxBytes bounds the disk usage (st_blocks*512) of all entries.
+	// Default DefaultMaxBytes.
+	MaxBytes int64
+	// RescanInterval: a write rescans the directory when the last rescan is
+	// older than this. Default DefaultRescanInterval.
+	RescanInterval time.Duration
+	// RescanBytes: a write rescans the directory after this process has
+	// written this many bytes since the last rescan. Default MaxBytes/16.
+	RescanBytes int64
+}
+
+const (
+	casDir     = "cas"
+	acDir      = "ac"
+	tmpDir     = "tmp"
+	scratchDir = "scratch"
+	instFile   = "INSTANCE"
+	pageSize   = 4096
+)
+
+var groupRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
+
+// entry is one indexed file.
+type entry struct {
+	rel      string // path relative to the cache dir; also the index key
+	size     int64  // disk usage in bytes
+	atime    int64  // last use, unix nanoseconds
+	pins     int
+	verified bool // content known to match the digest
+	elem     *list.Element
+}
+
+// Cache is a directory-backed cache. It implements cache.Cache and
+// cache.Opener and is safe for concurrent use.
+type Cache struct {
+	dir  string
+	opts Options
+
+	mu        sync.Mutex
+	entries   map[string]*entry
+	lru       *list.List // front = most recently used
+	usage     int64
+	sinceScan int64
+	lastScan  time.Time
+	scanning  bool
+}
+
+var (
+	_ cache.Cache  = (*Cache)(nil)
+	_ cache.Opener = (*Cache)(nil)
+)
+
+// New opens (creating if needed) the cache in dir and rebuilds its index by
+// walking it. Temporary files left by writers that are gone are removed.
+func New(dir string, opts Options) (*Cache, error) {
+	if opts.MaxBytes <= 0 {
+		opts.MaxBytes = DefaultMaxBytes
+	}
+	if opts.RescanInterval <= 0 {
+		opts.RescanInterval = DefaultRescanInterval
+	}
+	if opts.RescanBytes <= 0 {
+		opts.RescanBytes = max(opts.MaxBytes/16, 1)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+	}
+	for _, d := range []string{casDir, acDir, tmpDir, scratchDir} {
+		if err := os.MkdirAll(filepath.Join(abs, d), 0o755); err != nil {
+			return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+		}
+	}
+	c := &Cache{
+		dir:     abs,
+		opts:    opts,
+		entries: map[string]*entry{},
+		lru:     list.New(),
+	}
+	c.cleanTemp()
+	if err := c.Rescan(context.Background()); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Dir is the cache directory.
+func (c *Cache) Dir() string { return c.dir }
+
+// TempDir is a directory on the same filesystem as the cache, for callers'
+// files (unpacked artifacts, copy-on-write overlays) that may later be
+// hard-linked or renamed. The cache never cleans it nor counts it.
+func (c *Cache) TempDir() string { return filepath.Join(c.dir, scratchDir) }
+
+// Usage is the disk usage (st_blocks*512) of the indexed entries.
+func (c *Cache) Usage() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.usage
+}
+
+// Close rescans the directory and evicts down to the bound. The Cache must
+// not be used afterwards.
+func (c *Cache) Close() error {
+	return c.Rescan(context.Background())
+}
+
+// Path is where the blob d lives (whether or not it is present). Callers may
+// hard-link or read it but must never modify it: entries are immutable and
+// shared. A hard link keeps the data alive after eviction but is not counted
+// in Usage.
+func (c *Cache) Path(ns cache.Namespace, d *repb.Digest) string {
+	return filepath.Join(c.dir, casRel(ns.DigestFunction(), d))
+}
+
+func casRel(fn digest.Function, d *repb.Digest) string {
+	return filepath.Join(casDir, digest.FunctionName(fn), d.Hash[:2], d.Hash+"-"+strconv.FormatInt(d.SizeBytes, 10))
+}
+
+func groupDir(group string) (string, error) {
+	if group == "" {
+		return "anonymous", nil
+	}
+	if !groupRE.MatchString(group) {
+		return "", status.Errorf(codes.InvalidArgument, "group name %q is not allowed (want %s)", group, groupRE)
+	}
+	return "g-" + group, nil
+}
+
+func instanceDir(instance string) string { return digest.StringListHash(instance) }
+
+func acInstRel(ns cache.Namespace) (string, error) {
+	g, err := groupDir(ns.Group)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(acDir, g, instanceDir(ns.Instance)), nil
+}
+
+func acRel(ns cache.Namespace, key *repb.Digest) (string, error) {
+	inst, err := acInstRel(ns)
+	if err != nil {
+		return "", err
+	}
+	fn := ns.DigestFunction()
+	return filepath.Join(inst, digest.FunctionName(fn), key.Hash[:2], key.Hash+"-"+strconv.FormatInt(key.SizeBytes, 10)), nil
+}
+
+func checkNS(ns cache.Namespace) error {
+	if _, err := digest.New(ns.DigestFunction()); err != nil {
+		return status.Errorf(codes.InvalidArgument, "namespace: %v", err)
+	}
+	return nil
+}
+
+func checkDigest(ns cache.Namespace, d *repb.Digest) error {
+	if err := checkNS(ns); err != nil {
+		return err
+	}
+	if err := digest.Validate(d); err != nil {
+		return status.Errorf(codes.InvalidArgument, "%v", err)
+	}
+	return nil
+}
+
+// lookup returns the entry for rel, consulting the disk when this process
+// has not indexed it (another process may have written it). The entry's
+// recency is refreshed, in memory and as the file's mtime; a file that has
+// vanished is dropped from the index and nil is returned.
+func (c *Cache) lookup(rel string, pin bool) *entry {
+	now := time.Now()
+	c.mu.Lock()
+	e := c.entries[rel]
+	if e != nil {
+		c.touchLocked(e, now)
+		if pin {
+			e.pins++
+		}
+	}
+	c.mu.Unlock()
+	path := filepath.Join(c.dir, rel)
+	if e != nil {
+		if err := os.Chtimes(path, now, now); err != nil && errors.Is(err, fs.ErrNotExist) {
+			c.mu.Lock()
+			if pin {
+				e.pins--
+			}
+			c.dropLocked(e)
+			c.mu.Unlock()
+			return nil
+		}
+		return e
+	}
+	// Not indexed: another process may have stored it.
+	if err := os.Chtimes(path, now, now); err != nil {
+		return nil
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e = c.entries[rel]; e == nil {
+		e = &entry{rel: rel, size: st.Blocks * 512}
+		c.addLocked(e)
+	}
+	c.touchLocked(e, now)
+	if pin {
+		e.pins++
+	}
+	return e
+}
+
+func (c *Cache) touchLocked(e *entry, now time.Time) {
+	e.atime = now.UnixNano()
+	if e.elem != nil {
+		c.lru.MoveToFront(e.elem)
+	}
+}
+
+func (c *Cache) addLocked(e *entry) {
+	c.entries[e.rel] = e
+	e.elem = c.lru.PushFront(e)
+	c.usage += e.size
+}
+
+// dropLocked forgets e (its file is gone or going).
+func (c *Cache) dropLocked(e *entry) {
+	if c.entries[e.rel] != e {
+		return
+	}
+	delete(c.entries, e.rel)
+	c.lru.Remove(e.elem)
+	e.elem = nil
+	c.usage -= e.size
+}
+
+func (c *Cache) unpin(e *entry) {
+	c.mu.Lock()
+	e.pins--
+	c.mu.Unlock()
+}
+
+// FindMissing returns the digests in ds that are not in the cache, and
+// refreshes the recency of those that are.
+func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	var missing []*repb.Digest
+	for _, d := range ds {
+		if err := ctx.Err(); err != nil {
+			return nil, status.FromContextError(err).Err()
+		}
+		if err := checkDigest(ns, d); err != nil {
+			return nil, fmt.Errorf("finding missing blobs: %w", err)
+		}
+		if c.lookup(casRel(ns.DigestFunction(), d), false) == nil {
+			missing = append(missing, d)
+		}
+	}
+	return missing, nil
+}
+
+// Read opens the blob d for streaming. A blob this process has not verified
+// is verified while streaming: a mismatch is an Internal error at the end of
+// the stream (and the file is removed) instead of io.EOF.
+func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
+	f, e, err := c.openFile(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	c.unpin(e)
+	c.mu.Lock()
+	verified := e.verified
+	c.mu.Unlock()
+	if verified {
+		return f, nil
+	}
+	vr, err := cache.NewVerifyingReader(f, ns.DigestFunction(), d)
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &checkedReader{ReadCloser: vr, c: c, e: e, f: f}, nil
+}
+
+// checkedReader records the outcome of a streaming verification.
+type checkedReader struct {
+	io.ReadCloser
+	c *Cache
+	e *entry
+	f *os.File
+}
+
+func (r *checkedReader) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	switch {
+	case err == io.EOF:
+		r.c.mu.Lock()
+		r.e.verified = true
+		r.c.mu.Unlock()
+	case cache.IsCorrupt(err):
+		r.c.removeCorrupt(r.e, r.f)
+	}
+	return n, err
+}
+
+// openFile opens d's file with its entry pinned; the caller unpins.
+func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest) (*os.File, *entry, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, status.FromContextError(err).Err()
+	}
+	if err := checkDigest(ns, d); err != nil {
+		return nil, nil, fmt.Errorf("reading blob: %w", err)
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	e := c.lookup(rel, true)
+	if e == nil {
+		return nil, nil, cache.NotFoundf("blob %s not in local cache", digest.String(d))
+	}
+	f, err := os.Open(filepath.Join(c.dir, rel))
+	if err != nil {
+		c.mu.Lock()
+		e.pins--
+		if errors.Is(err, fs.ErrNotExist) {
+			c.dropLocked(e)
+		}
+		c.mu.Unlock()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil, cache.NotFoundf("blob %s not in local cache (evicted)", digest.String(d))
+		}
+		return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
+	}
+	return f, e, nil
+}
+
+// removeCorrupt drops e and removes its file if it is still the file f.
+func (c *Cache) removeCorrupt(e *entry, f *os.File) {
+	c.mu.Lock()
+	c.dropLocked(e)
+	c.mu.Unlock()
+	path := filepath.Join(c.dir, e.rel)
+	fi, err1 := f.Stat()
+	pi, err2 := os.Stat(path)
+	if err1 == nil && err2 == nil && os.SameFile(fi, pi) {
+		os.Remove(path)
+	}
+}
+
+// Open opens the blob d for random reads; the entry is pinned against
+// eviction until the Blob is closed. A blob this process has not verified is
+// hashed before Open returns; a mismatch removes it and is an Internal error.
+func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
+	f, e, err := c.openFile(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	verified := e.verified
+	c.mu.Unlock()
+	if !verified {
+		v, err := digest.NewVerifier(ns.DigestFunction(), d)
+		if err == nil {
+			_, err = io.Copy(v, io.NewSectionReader(f, 0, 1<<62))
+			if err == nil {
+				if cerr := v.Check(); cerr != nil {
+					c.unpin(e)
+					c.removeCorrupt(e, f)
+					f.Close()
+					return nil, cache.Corruptf("corrupt blob %s in local cache: %v", digest.String(d), cerr)
+				}
+			}
+		}
+		if err != nil {
+			c.unpin(e)
+			f.Close()
+			return nil, status.Errorf(codes.Internal, "verifying blob %s: %v", digest.String(d), err)
+		}
+		c.mu.Lock()
+		e.verified = true
+		c.mu.Unlock()
+	}
+	return &blob{f: f, size: d.SizeBytes, c: c, e: e}, nil
+}
+
+type blob struct {
+	f    *os.File
+	size int64
+	c    *Cache
+	e    *entry
+	once sync.Once
+}
+
+func (b *blob) ReadAt(p []byte, off int64) (int, error) { return b.f.ReadAt(p, off) }
+func (b *blob) Size() int64                             { return b.size }
+func (b *blob) Close() error {
+	var err error
+	b.once.Do(func() {
+		b.c.unpin(b.e)
+		err = b.f.Close()
+	})
+	return err
+}
+
+// Write stores the blob d read from r. The content is verified while it is
+// written to a temporary file; on a mismatch nothing is stored and the error
+// is InvalidArgument naming d. An error from r keeps its status code. A blob
+// already present and verified is not rewritten (r is not read).
+func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	if err := checkDigest(ns, d); err != nil {
+		return fmt.Errorf("writing blob: %w", err)
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	if e := c.lookup(rel, false); e != nil {
+		c.mu.Lock()
+		ok := e.verified
+		c.mu.Unlock()
+		if ok {
+			return nil
+		}
+	}
+	v, err := digest.NewVerifier(ns.DigestFunction(), d)
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "writing blob %s: %v", digest.String(d), err)
+	}
+	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
+		if _, err := copySparse(ctx, f, io.TeeReader(r, v), d.SizeBytes); err != nil {
+			return err
+		}
+		if cerr := v.Check(); cerr != nil {
+			return status.Errorf(codes.InvalidArgument, "content does not match digest: %v", cerr)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+	}
+	c.stored(rel, size, true)
+	return nil
+}
+
+// copySparse copies r to f, leaving page-sized zero runs as holes. It reads
+// at most limit+1 bytes so that an over-long stream is noticed without
+// reading it all.
+func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int64, error) {
+	buf := make([]byte, 1<<20)
+	var off int64
+	r = io.LimitReader(r, limit+1)
+	for {
+		if err := ctx.Err(); err != nil {
+			return off, status.FromContextError(err).Err()
+		}
+		n, rerr := io.ReadFull(r, buf)
+		chunk := buf[:n]
+		for len(chunk) > 0 {
+			p := chunk[:min(pageSize, len(chunk))]
+			if !digest.IsZero(p) {
+				if _, err := f.WriteAt(p, off); err != nil {
+					return off, status.Errorf(codes.Internal, "writing at offset %d: %v", off, err)
+				}
+			}
+			off += int64(len(p))
+			chunk = chunk[len(p):]
+		}
+		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
+			break
+		}
+		if rerr != nil {
+			return off, fmt.Errorf("reading content at offset %d: %w", off, rerr)
+		}
+	}
+	if err := f.Truncate(off); err != nil {
+		return off, status.Errorf(codes.Internal, "truncating to %d: %v", off, err)
+	}
+	return off, nil
+}
+
+// writeFile writes a temporary file with fill and renames it to rel. It
+// returns the file's disk usage. The temporary file is removed on failure.
+func (c *Cache) writeFile(ctx context.Context, rel string, fill func(*os.File) error) (int64, error) {
+	var rnd [8]byte
+	rand.Read(rnd[:])
+	tmp := filepath.Join(c.dir, tmpDir, hex.EncodeToString(rnd[:])+".tmp")
+	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return 0, status.Errorf(codes.Internal, "creating temporary file: %v", err)
+	}
+	// The lock tells other processes cleaning tmp/ that this file is live.
+	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(tmp)
+		}
+	}()
+	if err := fill(f); err != nil {
+		return 0, err
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return 0, status.Errorf(codes.Internal, "stat %s: %v", tmp, err)
+	}
+	dst := filepath.Join(c.dir, rel)
+	if err := os.Rename(tmp, dst); err != nil {
+		if !errors.Is(err, fs.ErrNotExist) {
+			return 0, status.Errorf(codes.Internal, "renaming into %s: %v", rel, err)
+		}
+		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+			return 0, status.Errorf(codes.Internal, "creating %s: %v", filepath.Dir(rel), err)
+		}
+		if err := os.Rename(tmp, dst); err != nil {
+			return 0, status.Errorf(codes.Internal, "renaming into %s: %v", rel, err)
+		}
+	}
+	ok = true
+	f.Close()
+	return st.Blocks * 512, nil
+}
+
+// stored indexes a file this process just wrote, then evicts (and rescans
+// when due).
+func (c *Cache) stored(rel string, size int64, verified bool) {
+	now := time.Now()
+	c.mu.Lock()
+	e := c.entries[rel]
+	if e == nil {
+		e = &entry{rel: rel, size: size}
+		c.addLocked(e)
+	} else {
+		c.usage += size - e.size
+		e.size = size
+	}
+	e.verified = verified
+	c.touchLocked(e, now)
+	c.sinceScan += size
+	due := !c.scanning && (c.sinceScan >= c.opts.RescanBytes || now.Sub(c.lastScan) >= c.opts.RescanInterval)
+	var victims []string
+	if !due {
+		victims = c.evictLocked(e)
+	}
+	c.mu.Unlock()
+	c.remove(victims)
+	if due {
+		c.Rescan(context.Background())
+	}
+}
+
+// evictLocked unindexes least recently used unpinned entries (never keep)
+// until usage is under the bound and returns their paths for removal.
+func (c *Cache) evictLocked(keep *entry) []string {
+	var victims []string
+	for el := c.lru.Back(); el != nil && c.usage > c.opts.MaxBytes; {
+		e := el.Value.(*entry)
+		prev := el.Prev()
+		if e.pins == 0 && e != keep {
+			c.dropLocked(e)
+			victims = append(victims, e.rel)
+		}
+		el = prev
+	}
+	return victims
+}
+
+func (c *Cache) remove(rels []string) {
+	for _, rel := range rels {
+		os.Remove(filepath.Join(c.dir, rel))
+	}
+}
+
+// cleanTemp removes temporary files whose writer is gone (no lock held).
+func (c *Cache) cleanTemp() {
+	ents, _ := os.ReadDir(filepath.Join(c.dir, tmpDir))
+	for _, de := range ents {
+		p := filepath.Join(c.dir, tmpDir, de.Name())
+		f, err := os.Open(p)
+		if err != nil {
+			continue
+		}
+		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+			os.Remove(p)
+		}
+		f.Close()
+	}
+}
+
+type scanned struct {
+	size  int64
+	mtime int64
+}
+
+// Rescan walks the directory, indexing entries other processes stored,
+// forgetting those they removed, re-ordering the LRU by the recency recorded
+// in mtimes, and evicting down to the bound.
+func (c *Cache) Rescan(ctx context.Context) error {
+	c.mu.Lock()
+	if c.scanning {
+		c.mu.Unlock()
+		return nil
+	}
+	c.scanning = true
+	c.mu.Unlock()
+	start := time.Now()
+	found := map[string]scanned{}
+	var walkErr error
+	for _, top := range []string{casDir, acDir} {
+		err := filepath.WalkDir(filepath.Join(c.dir, top), func(p string, de fs.DirEntry, err error) error {
+			if err != nil {
+				if errors.Is(err, fs.ErrNotExist) {
+					return nil
+				}
+				return err
+			}
+			if cerr := ctx.Err(); cerr != nil {
+				return cerr
+			}
+			if de.IsDir() || !validEntryName(de.Name()) {
+				return nil
+			}
+			var st unix.Stat_t
+			if err := unix.Lstat(p, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+				return nil
+			}
+			rel, _ := filepath.Rel(c.dir, p)
+			found[rel] = scanned{size: st.Blocks * 512, mtime: st.Mtim.Nano()}
+			return nil
+		})
+		if err != nil && walkErr == nil {
+			walkErr = err
+		}
+	}
+	c.mu.Lock()
+	if walkErr != nil {
+		c.scanning = false
+		c.mu.Unlock()
+		return fmt.Errorf("scanning local cache %s: %w", c.dir, walkErr)
+	}
+	for rel, e := range c.entries {
+		s, ok := found[rel]
+		if !ok {
+			if e.atime < start.UnixNano() {
+				c.dropLocked(e) // removed by another process
+			}
+			continue
+		}
+		c.usage += s.size - e.size
+		e.size = s.size
+		e.atime = max(e.atime, s.mtime)
+	}
+	for rel, s := range found {
+		if c.entries[rel] == nil {
+			c.addLocked(&entry{rel: rel, size: s.size, atime: s.mtime})
+		}
+	}
+	all := make([]*entry, 0, len(c.entries))
+	for _, e := range c.entries {
+		all = append(all, e)
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i].atime > all[j].atime })
+	c.lru.Init()
+	for _, e := range all {
+		e.elem = c.lru.PushBack(e)
+	}
+	c.sinceScan = 0
+	c.lastScan = time.Now()
+	victims := c.evictLocked(nil)
+	c.scanning = false
+	c.mu.Unlock()
+	c.remove(victims)
+	return nil
+}
+
+// validEntryName matches "<64 hex>-<size>".
+func validEntryName(name string) bool {
+	h, s, ok := strings.Cut(name, "-")
+	if !ok || len(h) != digest.HashLen {
+		return false
+	}
+	if _, err := strconv.ParseUint(s, 10, 63); err != nil {
+		return false
+	}
+	_, err := hex.DecodeString(h)
+	return err == nil && strings.ToLower(h) == h
+}
+
+// GetActionResult returns the action-cache entry under key in ns's group,
+// instance and digest function; NotFound when absent. An entry that does not
+// parse is removed and is an Internal error.
+func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
+	if err := checkDigest(ns, key); err != nil {
+		return nil, fmt.Errorf("getting action result: %w", err)
+	}
+	rel, err := acRel(ns, key)
+	if err != nil {
+		return nil, fmt.Errorf("getting action result %s: %w", digest.String(key), err)
+	}
+	e := c.lookup(rel, false)
+	if e == nil {
+		return nil, cache.NotFoundf("action result %s not in local cache", digest.String(key))
+	}
+	b, err := os.ReadFile(filepath.Join(c.dir, rel))
+	if err != nil {
+		c.mu.Lock()
+		c.dropLocked(e)
+		c.mu.Unlock()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, cache.NotFoundf("action result %s not in local cache (evicted)", digest.String(key))
+		}
+		return nil, status.Errorf(codes.Internal, "reading action result %s: %v", digest.String(key), err)
+	}
+	ar := &repb.ActionResult{}
+	if err := proto.Unmarshal(b, ar); err != nil {
+		c.mu.Lock()
+		c.dropLocked(e)
+		c.mu.Unlock()
+		os.Remove(filepath.Join(c.dir, rel))
+		return nil, cache.Corruptf("corrupt action result %s in local cache: %v", digest.String(key), err)
+	}
+	return ar, nil
+}
+
+// UpdateActionResult stores ar under key, atomically replacing any entry.
+func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest, ar *repb.ActionResult) error {
+	if err := checkDigest(ns, key); err != nil {
+		return fmt.Errorf("updating action result: %w", err)
+	}
+	rel, err := acRel(ns, key)
+	if err != nil {
+		return fmt.Errorf("updating action result %s: %w", digest.String(key), err)
+	}
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(ar)
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "encoding action result %s: %v", digest.String(key), err)
+	}
+	instRel, _ := acInstRel(ns)
+	instPath := filepath.Join(c.dir, instRel, instFile)
+	if _, err := os.Stat(instPath); err != nil {
+		if err := os.MkdirAll(filepath.Dir(instPath), 0o755); err != nil {
+			return status.Errorf(codes.Internal, "updating action result %s: %v", digest.String(key), err)
+		}
+		if _, err := c.writeFile(ctx, filepath.Join(instRel, instFile), func(f *os.File) error {
+			_, err := f.WriteString(ns.Instance)
+			return err
+		}); err != nil {
+			return fmt.Errorf("updating action result %s: recording instance: %w", digest.String(key), err)
+		}
+	}
+	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
+		if _, err := f.Write(b); err != nil {
+			return status.Errorf(codes.Internal, "writing: %v", err)
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("updating action result %s: %w", digest.String(key), err)
+	}
+	c.stored(rel, size, true)
+	return nil
+}
+
+// ACEntry is one action-cache entry, as listed by ListActionResults.
+type ACEntry struct {
+	Namespace cache.Namespace
+	Key       *repb.Digest
+	Result    *repb.ActionResult
+	ModTime   time.Time // last use
+}
+
+// ListActionResults lists the action-cache entries of group, across
+// instances and digest functions, without refreshing their recency. Entries
+// that vanish or fail to parse while listing are skipped.
+func (c *Cache) ListActionResults(ctx context.Context, group string) ([]ACEntry, error) {
+	g, err := groupDir(group)
+	if err != nil {
+		return nil, fmt.Errorf("listing action results: %w", err)
+	}
+	groupPath := filepath.Join(c.dir, acDir, g)
+	insts, err := os.ReadDir(groupPath)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, status.Errorf(codes.Internal, "listing action results of group %q: %v", group, err)
+	}
+	var out []ACEntry
+	for _, inst := range insts {
+		name, err := os.ReadFile(filepath.Join(groupPath, inst.Name(), instFile))
+		if err != nil || instanceDir(string(name)) != inst.Name() {
+			continue
+		}
+		fns, _ := os.ReadDir(filepath.Join(groupPath, inst.Name()))
+		for _, fnd := range fns {
+			if !fnd.IsDir() {
+				continue
+			}
+			fn, err := digest.ParseFunction(fnd.Name())
+			if err != nil || digest.FunctionName(fn) != fnd.Name() {
+				continue
+			}
+			err = filepath.WalkDir(filepath.Join(groupPath, inst.Name(), fnd.Name()), func(p string, de fs.DirEntry, err error) error {
+				if err != nil {
+					return nil
+				}
+				if cerr := ctx.Err(); cerr != nil {
+					return cerr
+				}
+				if de.IsDir() || !validEntryName(de.Name()) {
+					return nil
+				}
+				h, s, _ := strings.Cut(de.Name(), "-")
+				size, _ := strconv.ParseInt(s, 10, 64)
+				b, err := os.ReadFile(p)
+				if err != nil {
+					return nil
+				}
+				ar := &repb.ActionResult{}
+				if proto.Unmarshal(b, ar) != nil {
+					return nil
+				}
+				fi, err := os.Stat(p)
+				if err != nil {
+					return nil
+				}
+				out = append(out, ACEntry{
+					Namespace: cache.Namespace{Group: group, Instance: string(name), Function: fn},
+					Key:       &repb.Digest{Hash: h, SizeBytes: size},
+					Result:    ar,
+					ModTime:   fi.ModTime(),
+				})
+				return nil
+			})
+			if err != nil {
+				return nil, status.FromContextError(err).Err()
+			}
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ModTime.After(out[j].ModTime) })
+	return out, nil
+}
+
+// pinSet is one Pin call's hold.
+type pinSet struct{ entries []*entry }
+
+// Pin protects the blobs ds that are present against eviction by this
+// process until release is called (release is idempotent). Blobs not
+// present are ignored; lookups refresh recency.
+func (c *Cache) Pin(ns cache.Namespace, ds []*repb.Digest) (release func()) {
+	ps := &pinSet{}
+	for _, d := range ds {
+		if checkDigest(ns, d) != nil {
+			continue
+		}
+		if e := c.lookup(casRel(ns.DigestFunction(), d), true); e != nil {
+			ps.entries = append(ps.entries, e)
+		}
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			c.mu.Lock()
+			for _, e := range ps.entries {
+				e.pins--
+			}
+			c.mu.Unlock()
+		})
+	}
+}

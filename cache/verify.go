@@ -1,0 +1,98 @@
+package cache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/digest"
+)
+
+// DigestFunction is ns.Function, or digest.Default when it is unset.
+func (ns Namespace) DigestFunction() digest.Function {
+	if ns.Function == repb.DigestFunction_UNKNOWN {
+		return digest.Default
+	}
+	return ns.Function
+}
+
+// Corruptf returns an Internal error: data that failed digest verification.
+func Corruptf(format string, args ...any) error {
+	return status.Error(codes.Internal, fmt.Sprintf(format, args...))
+}
+
+// IsCorrupt reports whether err means "data failed digest verification".
+func IsCorrupt(err error) bool { return status.Code(err) == codes.Internal }
+
+// NewVerifyingReader returns a reader over rc that hashes the bytes as they
+// pass. At the end of the stream it returns an Internal error naming d
+// instead of io.EOF when the content or the length does not match d; it
+// fails as soon as rc yields more bytes than d's size. Close closes rc.
+func NewVerifyingReader(rc io.ReadCloser, fn digest.Function, d *repb.Digest) (io.ReadCloser, error) {
+	v, err := digest.NewVerifier(fn, d)
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "verifying blob %s: %v", digest.String(d), err)
+	}
+	return &verifyingReader{rc: rc, v: v, d: d}, nil
+}
+
+type verifyingReader struct {
+	rc  io.ReadCloser
+	v   *digest.Verifier
+	d   *repb.Digest
+	n   int64
+	err error // sticky terminal error
+}
+
+func (r *verifyingReader) Read(p []byte) (int, error) {
+	if r.err != nil {
+		return 0, r.err
+	}
+	n, err := r.rc.Read(p)
+	if n > 0 {
+		r.v.Write(p[:n])
+		r.n += int64(n)
+		if r.n > r.d.SizeBytes {
+			r.err = Corruptf("corrupt blob %s: more than %d bytes", digest.String(r.d), r.d.SizeBytes)
+			return 0, r.err
+		}
+	}
+	if errors.Is(err, io.EOF) {
+		if cerr := r.v.Check(); cerr != nil {
+			r.err = Corruptf("corrupt blob %s: %v", digest.String(r.d), cerr)
+			// The bytes of this call are suspect too: withhold them.
+			return 0, r.err
+		}
+		r.err = io.EOF
+	} else if err != nil {
+		r.err = err
+	}
+	return n, err
+}
+
+func (r *verifyingReader) Close() error { return r.rc.Close() }
+
+// Verifying returns a Cache whose Read verifies the blob while streaming:
+// at the end of the stream a content or length mismatch is an Internal
+// error naming the digest instead of io.EOF. Other methods pass through.
+func Verifying(c Cache) Cache { return verifying{c} }
+
+type verifying struct{ Cache }
+
+func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
+	rc, err := v.Cache.Read(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	vr, err := NewVerifyingReader(rc, ns.DigestFunction(), d)
+	if err != nil {
+		rc.Close()
+		return nil, err
+	}
+	return vr, nil
+}
