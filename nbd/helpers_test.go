@@ -11,7 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"sync"
+
 	"sync/atomic"
 	"testing"
 	"time"
@@ -308,8 +308,6 @@ func wait(t testing.TB, what string, fn func()) {
 		t.Fatalf("%s did not finish", what)
 	}
 }
-
-var _ sync.Locker // keep sync imported for tests that need it
 
 // isHole reports whether [off, off+n) of the file at path is unallocated.
 func isHole(path string, off, n int64) (bool, error) {
