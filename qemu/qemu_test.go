@@ -366,8 +366,18 @@ func TestSnapshotRestore(t *testing.T) {
 	}
 	bootSerial, _ := os.ReadFile(filepath.Join(dir, "serial-boot.log"))
 
-	for _, share := range []bool{true, false} {
-		t.Run(fmt.Sprintf("share=%v", share), func(t *testing.T) {
+	modes := []struct {
+		name  string
+		share bool // memory file mapped shared (writes return) or private
+		nbd   bool // disk served over NBD by qemu-nbd rather than a file
+	}{
+		{"file-disk/share=on", true, false},
+		{"file-disk/share=off", false, false},
+		{"nbd-disk/share=on", true, true},
+	}
+	for _, mode := range modes {
+		share := mode.share
+		t.Run(mode.name, func(t *testing.T) {
 			// Restore only from copies: the snapshot is state.bin + mem + disk.
 			rdir := t.TempDir()
 			mem, disk := filepath.Join(rdir, "mem"), filepath.Join(rdir, "disk.img")
@@ -379,6 +389,11 @@ func TestSnapshotRestore(t *testing.T) {
 			cfg.MemoryBytes = testMemory
 			cfg.MemPath, cfg.MemShare = mem, share
 			cfg.Disks = []Disk{{Path: disk}}
+			stopNBD := func() {}
+			if mode.nbd {
+				cfg.Disks[0].Path, stopNBD = serveNBD(t, disk, "root")
+				defer stopNBD()
+			}
 			cfg.SerialLog = filepath.Join(rdir, "serial.log")
 			cfg.QMPSocket = filepath.Join(rdir, "qmp.sock")
 			start := time.Now()
@@ -403,6 +418,7 @@ func TestSnapshotRestore(t *testing.T) {
 				t.Fatal(err)
 			}
 
+			stopNBD() // flushes the served disk
 			restoredSerial, err := os.ReadFile(cfg.SerialLog)
 			if err != nil {
 				t.Fatal(err)
@@ -436,6 +452,39 @@ func TestSnapshotRestore(t *testing.T) {
 			}
 		})
 	}
+}
+
+// serveNBD exports the raw image at path over NBD on a unix socket with
+// qemu-nbd and returns the QEMU block URL and a stop function (idempotent).
+func serveNBD(t testing.TB, path, export string) (string, func()) {
+	t.Helper()
+	bin := testutil.LookPath(t, "qemu-nbd")
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	cmd := exec.Command(bin, "--format=raw", "--persistent", "--export-name="+export, "--socket="+sock, path)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting qemu-nbd: %v", err)
+	}
+	for i := 0; ; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		if i == 500 {
+			cmd.Process.Kill()
+			cmd.Wait()
+			t.Fatalf("qemu-nbd created no socket %s: %s", sock, stderr.String())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	var once sync.Once
+	stop := func() {
+		once.Do(func() {
+			cmd.Process.Signal(syscall.SIGTERM)
+			cmd.Wait()
+		})
+	}
+	return "nbd:unix:" + sock + ":exportname=" + export, stop
 }
 
 func TestBuildTestGuestIsCached(t *testing.T) {
