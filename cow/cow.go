@@ -1,0 +1,696 @@
+// Package cow implements snaploader's copy-on-write chunked store: a huge
+// file (guest memory, a disk) seen as fixed-size chunks addressed by digest.
+//
+// A Store opened from a ChunkedFile is lazy: no chunk is read until it is
+// touched. A clean chunk is read straight from the blob its Source opened
+// (nothing is copied); the first write to a chunk copies it into a private,
+// sparse overlay file, so the cached blob is never modified. All-zero chunks
+// are holes: they are not listed, not stored and read as zeros. Save hashes
+// the dirty chunks and stores only blobs the Sink is missing; FromFile does
+// the same for every chunk of an existing file (the first save).
+//
+// Touching a chunk schedules the next chunks for background opening
+// (read-ahead); Prefetch uses the same queue for a recorded working set.
+package cow
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"slices"
+	"sync"
+	"sync/atomic"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
+)
+
+const (
+	// DefaultChunkSize is the default chunk size: 1000 pages.
+	DefaultChunkSize = 4096000
+	// PageSize is the unit chunk sizes are multiples of.
+	PageSize = 4096
+	// MaxChunkSize is the largest accepted chunk size.
+	MaxChunkSize = 1 << 30
+	// MaxSize is the largest accepted file size (1 PiB).
+	MaxSize = 1 << 50
+	// DefaultReadAhead is how many chunks after a touched one are scheduled
+	// for background opening.
+	DefaultReadAhead = 32
+	// DefaultPrefetchConcurrency bounds concurrent background opens.
+	DefaultPrefetchConcurrency = 4
+)
+
+// Source opens the blobs of clean chunks. cache.Opener satisfies it.
+type Source interface {
+	Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error)
+}
+
+// Sink stores chunk blobs. cache.Cache satisfies it.
+type Sink interface {
+	FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error)
+	Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error
+}
+
+// Options configures a Store. The zero value gives the defaults.
+type Options struct {
+	// Namespace is passed to the Source and Sink; its Function is the digest
+	// function of the chunks (BLAKE3 when unset).
+	Namespace cache.Namespace
+	// ChunkSize is the chunk size FromFile splits with (Open takes it from
+	// the ChunkedFile). Default DefaultChunkSize; must be a multiple of
+	// PageSize and at most MaxChunkSize.
+	ChunkSize int64
+	// ReadAhead is how many chunks after a touched one are opened in the
+	// background. Default DefaultReadAhead; negative disables read-ahead.
+	ReadAhead int
+	// PrefetchConcurrency bounds concurrent background opens. Default
+	// DefaultPrefetchConcurrency.
+	PrefetchConcurrency int
+	// Parallelism bounds concurrent hashing, reading and uploading in Save
+	// and FromFile. Default max(8, NumCPU).
+	Parallelism int
+	// TempDir is where the overlay file holding dirty chunks is created.
+	// Default os.TempDir().
+	TempDir string
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.Namespace.Function == repb.DigestFunction_UNKNOWN {
+		o.Namespace.Function = digest.Default
+	}
+	if _, err := digest.New(o.Namespace.Function); err != nil {
+		return o, status.Errorf(codes.InvalidArgument, "cow options: %v", err)
+	}
+	if o.ChunkSize == 0 {
+		o.ChunkSize = DefaultChunkSize
+	}
+	if err := checkChunkSize(o.ChunkSize); err != nil {
+		return o, status.Errorf(codes.InvalidArgument, "cow options: %v", err)
+	}
+	if o.ReadAhead == 0 {
+		o.ReadAhead = DefaultReadAhead
+	}
+	if o.PrefetchConcurrency <= 0 {
+		o.PrefetchConcurrency = DefaultPrefetchConcurrency
+	}
+	if o.Parallelism <= 0 {
+		o.Parallelism = max(8, runtime.NumCPU())
+	}
+	if o.TempDir == "" {
+		o.TempDir = os.TempDir()
+	}
+	return o, nil
+}
+
+func checkChunkSize(cs int64) error {
+	switch {
+	case cs <= 0:
+		return fmt.Errorf("chunk size %d is not positive", cs)
+	case cs%PageSize != 0:
+		return fmt.Errorf("chunk size %d is not a multiple of %d", cs, PageSize)
+	case cs > MaxChunkSize:
+		return fmt.Errorf("chunk size %d exceeds %d", cs, MaxChunkSize)
+	}
+	return nil
+}
+
+// chunk is the state of one non-hole (or once-written) chunk. Its zero value
+// past the off field is a hole.
+type chunk struct {
+	off int64 // immutable
+
+	mu sync.RWMutex
+	// d is the digest of the chunk's last clean content (loaded or saved);
+	// nil for a hole. A dirty chunk keeps its last clean digest here.
+	d *repb.Digest
+	// blob is the source blob of a clean chunk once opened.
+	blob cache.Blob
+	// overlay: the chunk's current content is in the overlay file.
+	overlay bool
+	// dirty: written since the last clean state.
+	dirty bool
+	// gen counts writes, so that Save can tell whether a chunk changed
+	// while it was being saved.
+	gen uint64
+
+	settled atomic.Bool // needs no fetch: open, in the overlay or a hole
+	touched atomic.Bool // accessed by a read or write
+	queued  atomic.Bool // in the prefetch queue
+}
+
+// Store is a lazy copy-on-write chunked file. It is safe for concurrent use.
+type Store struct {
+	name string
+	src  Source
+	opts Options
+	ns   cache.Namespace
+	cs   int64
+
+	ctx    context.Context // cancelled by Close
+	cancel context.CancelFunc
+	closed atomic.Bool
+
+	saveMu sync.Mutex // serialises Save and Resize
+
+	mu        sync.RWMutex
+	size      int64
+	chunks    map[int64]*chunk // by index; absent = hole
+	cleanSize int64            // size of the last clean state
+
+	ovMu    sync.Mutex
+	overlay *os.File
+
+	touchMu sync.Mutex
+	touched []int64
+
+	pq prefetchQueue
+
+	bufs sync.Pool // *[]byte of chunk size
+
+	dirty        atomic.Int64
+	fetched      atomic.Int64
+	fetchedBytes atomic.Int64
+	fetchErrors  atomic.Int64
+	fgFetches    atomic.Int64
+	prefetched   atomic.Int64
+	queuedTotal  atomic.Int64
+}
+
+// Stats are a Store's counters.
+type Stats struct {
+	Size              int64 // current size
+	ChunksListed      int   // chunks that are not holes
+	Dirty             int   // dirty chunks
+	Touched           int   // chunks read or written at least once
+	Fetched           int64 // blobs opened from the source (any reason)
+	FetchedBytes      int64 // total size of those blobs
+	FetchErrors       int64 // failed opens
+	ForegroundFetches int64 // opens a ReadAt or WriteAt waited for
+	Prefetched        int64 // opens done by read-ahead or Prefetch
+	PrefetchQueued    int64 // chunks ever put in the prefetch queue
+}
+
+// Open returns a lazy Store over cf: nothing is read until a chunk is
+// touched. cf is validated with ValidateChunkedFile; its chunk size wins over
+// opts.ChunkSize. src opens clean chunks on first access.
+func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*Store, error) {
+	if err := ValidateChunkedFile(cf); err != nil {
+		return nil, err
+	}
+	if name == "" {
+		name = cf.GetName()
+	}
+	opts.ChunkSize = cf.GetChunkSize()
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if src == nil && len(cf.GetChunks()) > 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "opening chunked file %q: no source for its %d chunks", name, len(cf.GetChunks()))
+	}
+	s := &Store{
+		name:      name,
+		src:       src,
+		opts:      opts,
+		ns:        opts.Namespace,
+		cs:        opts.ChunkSize,
+		size:      cf.GetSize(),
+		cleanSize: cf.GetSize(),
+		chunks:    make(map[int64]*chunk, len(cf.GetChunks())),
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	s.pq.max = opts.PrefetchConcurrency
+	for _, c := range cf.GetChunks() {
+		s.chunks[c.GetOffset()/s.cs] = &chunk{off: c.GetOffset(), d: c.GetDigest()}
+	}
+	return s, nil
+}
+
+// Name is the chunked file's name.
+func (s *Store) Name() string { return s.name }
+
+// ChunkSize is the chunk size.
+func (s *Store) ChunkSize() int64 { return s.cs }
+
+// Size is the current size.
+func (s *Store) Size() int64 {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.size
+}
+
+func (s *Store) chunkLen(idx, size int64) int64 {
+	return min(s.cs, size-idx*s.cs)
+}
+
+func (s *Store) lookup(idx int64) *chunk {
+	s.mu.RLock()
+	c := s.chunks[idx]
+	s.mu.RUnlock()
+	return c
+}
+
+func (s *Store) lookupOrCreate(idx int64) *chunk {
+	if c := s.lookup(idx); c != nil {
+		return c
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	c := s.chunks[idx]
+	if c == nil {
+		c = &chunk{off: idx * s.cs}
+		c.settled.Store(true)
+		s.chunks[idx] = c
+	}
+	return c
+}
+
+func (s *Store) errClosed(op string, off int64) error {
+	return status.Errorf(codes.FailedPrecondition, "%s chunked file %q at offset %d: store is closed", op, s.name, off)
+}
+
+// ReadAt reads len(p) bytes at off, following io.ReaderAt: a read that
+// reaches the end returns the bytes before it and io.EOF; a read starting at
+// Size returns 0, io.EOF; one starting beyond it is an error.
+func (s *Store) ReadAt(p []byte, off int64) (int, error) {
+	if s.closed.Load() {
+		return 0, s.errClosed("reading", off)
+	}
+	size := s.Size()
+	if off < 0 || off > size {
+		return 0, status.Errorf(codes.InvalidArgument, "reading chunked file %q: offset %d is outside its size %d", s.name, off, size)
+	}
+	want := len(p)
+	if int64(want) > size-off {
+		p = p[:size-off]
+	}
+	n := 0
+	for n < len(p) {
+		o := off + int64(n)
+		idx := o / s.cs
+		in := o - idx*s.cs
+		l := int(min(int64(len(p)-n), s.chunkLen(idx, size)-in))
+		c := s.lookup(idx)
+		if c == nil {
+			clear(p[n : n+l])
+		} else {
+			s.touch(c, idx)
+			if err := s.readChunk(c, p[n:n+l], in); err != nil {
+				return n, err
+			}
+		}
+		n += l
+	}
+	if n < want {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
+	for {
+		c.mu.RLock()
+		switch {
+		case c.overlay:
+			err := s.readOverlay(p, c.off+in)
+			c.mu.RUnlock()
+			if err != nil {
+				return fmt.Errorf("reading chunked file %q at offset %d from its overlay: %w", s.name, c.off+in, err)
+			}
+			return nil
+		case c.d == nil:
+			c.mu.RUnlock()
+			clear(p)
+			return nil
+		case c.blob != nil:
+			n, err := c.blob.ReadAt(p, in)
+			d := c.d
+			c.mu.RUnlock()
+			if n == len(p) {
+				return nil
+			}
+			if err == nil || errors.Is(err, io.EOF) {
+				err = status.Errorf(codes.Internal, "blob is shorter than %d bytes", in+int64(len(p)))
+			}
+			return fmt.Errorf("reading chunked file %q at offset %d (chunk %d, digest %s): %w", s.name, c.off+in, c.off, digest.String(d), err)
+		}
+		c.mu.RUnlock()
+		if err := s.fetch(c, true); err != nil {
+			return err
+		}
+	}
+}
+
+// fetch opens c's blob unless it needs none.
+func (s *Store) fetch(c *chunk, foreground bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.overlay || c.d == nil || c.blob != nil {
+		return nil
+	}
+	return s.openLocked(c, foreground)
+}
+
+func (s *Store) openLocked(c *chunk, foreground bool) error {
+	if s.closed.Load() {
+		return s.errClosed("fetching chunk of", c.off)
+	}
+	b, err := s.src.Open(s.ctx, s.ns, c.d)
+	if err == nil && b.Size() != c.d.SizeBytes {
+		b.Close()
+		err = status.Errorf(codes.Internal, "source blob has %d bytes", b.Size())
+	}
+	if err != nil {
+		s.fetchErrors.Add(1)
+		return fmt.Errorf("fetching chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)
+	}
+	if s.closed.Load() {
+		b.Close()
+		return s.errClosed("fetching chunk of", c.off)
+	}
+	c.blob = b
+	c.settled.Store(true)
+	s.fetched.Add(1)
+	s.fetchedBytes.Add(c.d.SizeBytes)
+	if foreground {
+		s.fgFetches.Add(1)
+	} else {
+		s.prefetched.Add(1)
+	}
+	return nil
+}
+
+// touch records the first access of c and schedules read-ahead.
+func (s *Store) touch(c *chunk, idx int64) {
+	if c.touched.Load() || c.touched.Swap(true) {
+		return
+	}
+	s.touchMu.Lock()
+	s.touched = append(s.touched, c.off)
+	s.touchMu.Unlock()
+	if s.opts.ReadAhead > 0 {
+		s.readAhead(idx)
+	}
+}
+
+// WriteAt writes p at off. Writing beyond Size is an error and writes
+// nothing.
+func (s *Store) WriteAt(p []byte, off int64) (int, error) {
+	if s.closed.Load() {
+		return 0, s.errClosed("writing", off)
+	}
+	size := s.Size()
+	if off < 0 || off > size || int64(len(p)) > size-off {
+		return 0, status.Errorf(codes.InvalidArgument, "writing %d bytes to chunked file %q at offset %d: beyond its size %d", len(p), s.name, off, size)
+	}
+	n := 0
+	for n < len(p) {
+		o := off + int64(n)
+		idx := o / s.cs
+		in := o - idx*s.cs
+		clen := s.chunkLen(idx, size)
+		l := int(min(int64(len(p)-n), clen-in))
+		c := s.lookupOrCreate(idx)
+		s.touch(c, idx)
+		if err := s.writeChunk(c, p[n:n+l], in, clen); err != nil {
+			return n, err
+		}
+		n += l
+	}
+	return n, nil
+}
+
+func (s *Store) writeChunk(c *chunk, p []byte, in, clen int64) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if err := s.makeDirtyLocked(c, in == 0 && int64(len(p)) == clen); err != nil {
+		return err
+	}
+	ov, err := s.overlayFile()
+	if err == nil {
+		_, err = ov.WriteAt(p, c.off+in)
+	}
+	if err != nil {
+		return fmt.Errorf("writing chunked file %q at offset %d to its overlay: %w", s.name, c.off+in, err)
+	}
+	c.gen++
+	return nil
+}
+
+// makeDirtyLocked gives c a private copy in the overlay. Unless overwrite
+// says the caller replaces the whole chunk, its current content is copied in.
+func (s *Store) makeDirtyLocked(c *chunk, overwrite bool) error {
+	if c.dirty {
+		return nil
+	}
+	if !c.overlay && c.d != nil && !overwrite {
+		if c.blob == nil {
+			if err := s.openLocked(c, true); err != nil {
+				return err
+			}
+		}
+		if err := s.copyToOverlay(c); err != nil {
+			return err
+		}
+	}
+	if c.blob != nil {
+		c.blob.Close()
+		c.blob = nil
+	}
+	c.overlay = true
+	c.dirty = true
+	c.settled.Store(true)
+	s.dirty.Add(1)
+	return nil
+}
+
+func (s *Store) copyToOverlay(c *chunk) error {
+	n := c.d.SizeBytes
+	bp := s.getBuf()
+	defer s.bufs.Put(bp)
+	buf := (*bp)[:n]
+	m, err := c.blob.ReadAt(buf, 0)
+	if int64(m) == n {
+		err = nil
+	} else if err == nil || errors.Is(err, io.EOF) {
+		err = status.Errorf(codes.Internal, "blob is shorter than its digest says")
+	}
+	if err != nil {
+		return fmt.Errorf("copying chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)
+	}
+	ov, err := s.overlayFile()
+	if err == nil {
+		_, err = ov.WriteAt(buf, c.off)
+	}
+	if err != nil {
+		return fmt.Errorf("copying chunk at offset %d of chunked file %q to its overlay: %w", c.off, s.name, err)
+	}
+	return nil
+}
+
+func (s *Store) getBuf() *[]byte {
+	if bp, ok := s.bufs.Get().(*[]byte); ok {
+		return bp
+	}
+	b := make([]byte, s.cs)
+	return &b
+}
+
+// overlayFile returns the overlay, creating it on first use. It is unlinked
+// at once, so nothing is left behind even if the process dies.
+func (s *Store) overlayFile() (*os.File, error) {
+	s.ovMu.Lock()
+	defer s.ovMu.Unlock()
+	if s.overlay != nil {
+		return s.overlay, nil
+	}
+	if s.closed.Load() {
+		return nil, s.errClosed("creating overlay of", 0)
+	}
+	f, err := os.CreateTemp(s.opts.TempDir, "cow-overlay-*")
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "creating overlay file: %v", err)
+	}
+	if err := os.Remove(f.Name()); err != nil {
+		f.Close()
+		return nil, status.Errorf(codes.Unavailable, "unlinking overlay file: %v", err)
+	}
+	s.overlay = f
+	return f, nil
+}
+
+// readOverlay reads p at off from the overlay; bytes past its end are zeros.
+func (s *Store) readOverlay(p []byte, off int64) error {
+	ov, err := s.overlayFile()
+	if err != nil {
+		return err
+	}
+	n, err := ov.ReadAt(p, off)
+	if errors.Is(err, io.EOF) {
+		clear(p[n:])
+		err = nil
+	}
+	return err
+}
+
+func (s *Store) punchOverlay(off, n int64) {
+	s.ovMu.Lock()
+	ov := s.overlay
+	s.ovMu.Unlock()
+	if ov != nil {
+		// Best effort: the range is zeros either way.
+		_ = unix.Fallocate(int(ov.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	}
+}
+
+// Resize grows the store to n bytes; the new area reads as zeros. Shrinking
+// is an InvalidArgument error.
+func (s *Store) Resize(n int64) error {
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	size := s.Size()
+	if n < size || n > MaxSize {
+		return status.Errorf(codes.InvalidArgument, "resizing chunked file %q from %d to %d bytes: a store can only grow, up to %d", s.name, size, n, int64(MaxSize))
+	}
+	if n == size {
+		return nil
+	}
+	// A short last chunk that grows no longer matches its digest: give it a
+	// private copy so the next Save stores it at its new length.
+	if last := (size - 1) / s.cs; size > 0 && size%s.cs != 0 {
+		if c := s.lookup(last); c != nil {
+			var err error
+			c.mu.Lock()
+			if c.d != nil {
+				err = s.makeDirtyLocked(c, false)
+				c.gen++
+			}
+			c.mu.Unlock()
+			if err != nil {
+				return fmt.Errorf("resizing chunked file %q: %w", s.name, err)
+			}
+		}
+	}
+	s.mu.Lock()
+	s.size = n
+	s.mu.Unlock()
+	return nil
+}
+
+// Dirty returns the offsets of the dirty chunks, ascending.
+func (s *Store) Dirty() []int64 {
+	var out []int64
+	for _, c := range s.snapshotChunks() {
+		c.mu.RLock()
+		if c.dirty {
+			out = append(out, c.off)
+		}
+		c.mu.RUnlock()
+	}
+	return out
+}
+
+// snapshotChunks returns the chunk entries sorted by offset.
+func (s *Store) snapshotChunks() []*chunk {
+	s.mu.RLock()
+	cs := make([]*chunk, 0, len(s.chunks))
+	for _, c := range s.chunks {
+		cs = append(cs, c)
+	}
+	s.mu.RUnlock()
+	slices.SortFunc(cs, func(a, b *chunk) int { return cmp.Compare(a.off, b.off) })
+	return cs
+}
+
+// ChunkedFile describes the last clean state: the one the store was opened
+// from or last saved, ignoring writes since.
+func (s *Store) ChunkedFile() *snapshotpb.ChunkedFile {
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	s.mu.RLock()
+	size := s.cleanSize
+	s.mu.RUnlock()
+	cf := &snapshotpb.ChunkedFile{Name: s.name, Size: size, ChunkSize: s.cs}
+	for _, c := range s.snapshotChunks() {
+		c.mu.RLock()
+		d := c.d
+		c.mu.RUnlock()
+		if d != nil && c.off < size {
+			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: c.off, Digest: d})
+		}
+	}
+	return cf
+}
+
+// Touched returns the offsets of the non-hole chunks read or written so
+// far, in order of first access: the working set to Prefetch next time.
+func (s *Store) Touched() []int64 {
+	s.touchMu.Lock()
+	defer s.touchMu.Unlock()
+	return slices.Clone(s.touched)
+}
+
+// Stats returns the store's counters.
+func (s *Store) Stats() Stats {
+	st := Stats{
+		Size:              s.Size(),
+		Dirty:             int(s.dirty.Load()),
+		Fetched:           s.fetched.Load(),
+		FetchedBytes:      s.fetchedBytes.Load(),
+		FetchErrors:       s.fetchErrors.Load(),
+		ForegroundFetches: s.fgFetches.Load(),
+		Prefetched:        s.prefetched.Load(),
+		PrefetchQueued:    s.queuedTotal.Load(),
+	}
+	for _, c := range s.snapshotChunks() {
+		c.mu.RLock()
+		if c.d != nil || c.dirty {
+			st.ChunksListed++
+		}
+		c.mu.RUnlock()
+	}
+	s.touchMu.Lock()
+	st.Touched = len(s.touched)
+	s.touchMu.Unlock()
+	return st
+}
+
+// Close stops read-ahead, releases the source blobs and removes the overlay.
+// Later reads and writes fail with FailedPrecondition.
+func (s *Store) Close() error {
+	if s.closed.Swap(true) {
+		return nil
+	}
+	s.cancel()
+	s.pq.stop()
+	var errs []error
+	for _, c := range s.snapshotChunks() {
+		c.mu.Lock()
+		if c.blob != nil {
+			if err := c.blob.Close(); err != nil {
+				errs = append(errs, fmt.Errorf("closing chunk at offset %d of %q: %w", c.off, s.name, err))
+			}
+			c.blob = nil
+		}
+		c.mu.Unlock()
+	}
+	s.ovMu.Lock()
+	if s.overlay != nil {
+		if err := s.overlay.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing overlay of %q: %w", s.name, err))
+		}
+	}
+	s.ovMu.Unlock()
+	return errors.Join(errs...)
+}

@@ -1,0 +1,119 @@
+package cow
+
+import (
+	"context"
+	"sync"
+)
+
+// prefetchItem is one queued background open.
+type prefetchItem struct {
+	c   *chunk
+	ctx context.Context // nil for read-ahead
+}
+
+// prefetchQueue is a LIFO of chunks to open in the background, served by at
+// most max goroutines that exist only while there is work.
+type prefetchQueue struct {
+	mu      sync.Mutex
+	stack   []prefetchItem
+	running int
+	max     int
+	stopped bool
+	wg      sync.WaitGroup
+}
+
+func (q *prefetchQueue) stop() {
+	q.mu.Lock()
+	q.stopped = true
+	for _, it := range q.stack {
+		it.c.queued.Store(false)
+	}
+	q.stack = nil
+	q.mu.Unlock()
+	q.wg.Wait()
+}
+
+// push adds items so that the last one is served first. It never blocks on
+// a fetch.
+func (s *Store) push(items []prefetchItem) {
+	q := &s.pq
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.stopped {
+		return
+	}
+	for _, it := range items {
+		if it.c.settled.Load() || it.c.queued.Swap(true) {
+			continue
+		}
+		q.stack = append(q.stack, it)
+		s.queuedTotal.Add(1)
+	}
+	for q.running < q.max && q.running < len(q.stack) {
+		q.running++
+		q.wg.Add(1)
+		go s.prefetchWorker()
+	}
+}
+
+func (s *Store) prefetchWorker() {
+	q := &s.pq
+	defer q.wg.Done()
+	for {
+		q.mu.Lock()
+		if q.stopped || len(q.stack) == 0 {
+			q.running--
+			q.mu.Unlock()
+			return
+		}
+		it := q.stack[len(q.stack)-1]
+		q.stack[len(q.stack)-1] = prefetchItem{}
+		q.stack = q.stack[:len(q.stack)-1]
+		q.mu.Unlock()
+		it.c.queued.Store(false)
+		if it.ctx != nil && it.ctx.Err() != nil {
+			continue
+		}
+		// Errors are left for the foreground access to report.
+		_ = s.fetch(it.c, false)
+	}
+}
+
+// readAhead schedules the chunks after idx, nearest served first.
+func (s *Store) readAhead(idx int64) {
+	n := int64(s.opts.ReadAhead)
+	items := make([]prefetchItem, 0, n)
+	s.mu.RLock()
+	last := (s.size - 1) / s.cs
+	for i := min(idx+n, last); i > idx; i-- {
+		if c := s.chunks[i]; c != nil && !c.settled.Load() && !c.queued.Load() {
+			items = append(items, prefetchItem{c: c})
+		}
+	}
+	s.mu.RUnlock()
+	if len(items) > 0 {
+		s.push(items)
+	}
+}
+
+// Prefetch schedules the chunks at offsets (e.g. a previous run's Touched)
+// for background opening, the first offset served first, ahead of earlier
+// requests. It returns at once; items still queued when ctx is done are
+// skipped. Offsets of holes and of chunks already open are ignored.
+func (s *Store) Prefetch(ctx context.Context, offsets []int64) {
+	items := make([]prefetchItem, 0, len(offsets))
+	s.mu.RLock()
+	for i := len(offsets) - 1; i >= 0; i-- {
+		off := offsets[i]
+		if off < 0 || off >= s.size {
+			continue
+		}
+		if c := s.chunks[off/s.cs]; c != nil && !c.settled.Load() {
+			items = append(items, prefetchItem{c: c, ctx: ctx})
+		}
+	}
+	s.mu.RUnlock()
+	if len(items) > 0 {
+		s.push(items)
+	}
+}
