@@ -1,0 +1,131 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+)
+
+// FindMissingBlobs reports which of the digests the backend lacks. The empty
+// blob is always present.
+func (s *Server) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (_ *repb.FindMissingBlobsResponse, err error) {
+	defer s.m.observe("FindMissingBlobs", time.Now(), &err)
+	ns, _, err := s.namespace(ctx, req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	ds := make([]*repb.Digest, 0, len(req.BlobDigests))
+	for _, d := range req.BlobDigests {
+		if err := checkDigest(d); err != nil {
+			return nil, err
+		}
+		if d.SizeBytes > 0 {
+			ds = append(ds, d)
+		}
+	}
+	missing, err := s.backend.FindMissing(ctx, ns, ds)
+	if err != nil {
+		return nil, fmt.Errorf("finding missing blobs among %d: %w", len(ds), err)
+	}
+	return &repb.FindMissingBlobsResponse{MissingBlobDigests: missing}, nil
+}
+
+func rpcStatus(err error) *spb.Status {
+	if err == nil {
+		return &spb.Status{}
+	}
+	return &spb.Status{Code: int32(status.Code(err)), Message: err.Error()}
+}
+
+// BatchUpdateBlobs verifies and stores small blobs.
+func (s *Server) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (_ *repb.BatchUpdateBlobsResponse, err error) {
+	defer s.m.observe("BatchUpdateBlobs", time.Now(), &err)
+	ns, c, err := s.namespace(ctx, req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.checkWrite("updating blobs"); err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, r := range req.Requests {
+		total += int64(len(r.Data))
+	}
+	if total > s.opts.MaxBatchBytes {
+		return nil, status.Errorf(codes.InvalidArgument, "batch of %d bytes exceeds the limit of %d", total, s.opts.MaxBatchBytes)
+	}
+	s.m.in(int(total))
+	resp := &repb.BatchUpdateBlobsResponse{}
+	for _, r := range req.Requests {
+		resp.Responses = append(resp.Responses, &repb.BatchUpdateBlobsResponse_Response{
+			Digest: r.Digest,
+			Status: rpcStatus(s.storeSmall(ctx, ns, r)),
+		})
+	}
+	return resp, nil
+}
+
+func (s *Server) storeSmall(ctx context.Context, ns cache.Namespace, r *repb.BatchUpdateBlobsRequest_Request) error {
+	if err := checkDigest(r.Digest); err != nil {
+		return err
+	}
+	if r.Compressor != repb.Compressor_IDENTITY {
+		return status.Errorf(codes.InvalidArgument, "blob %s: compressor %v is not supported in batches", digest.String(r.Digest), r.Compressor)
+	}
+	if got := digest.Compute(ns.Function, r.Data); !digest.Equal(got, r.Digest) {
+		return status.Errorf(codes.InvalidArgument, "blob %s: data is %s", digest.String(r.Digest), digest.String(got))
+	}
+	if r.Digest.SizeBytes == 0 {
+		return nil
+	}
+	if err := s.backend.Write(ctx, ns, r.Digest, bytes.NewReader(r.Data)); err != nil {
+		return fmt.Errorf("storing blob %s: %w", digest.String(r.Digest), err)
+	}
+	return nil
+}
+
+// BatchReadBlobs returns small blobs; a missing one has a NotFound status.
+func (s *Server) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (_ *repb.BatchReadBlobsResponse, err error) {
+	defer s.m.observe("BatchReadBlobs", time.Now(), &err)
+	ns, _, err := s.namespace(ctx, req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, d := range req.Digests {
+		if err := checkDigest(d); err != nil {
+			return nil, err
+		}
+		total += d.SizeBytes
+		if total > s.opts.MaxBatchBytes {
+			return nil, status.Errorf(codes.InvalidArgument, "batch read of more than %d bytes (limit %d): use ByteStream", total, s.opts.MaxBatchBytes)
+		}
+	}
+	resp := &repb.BatchReadBlobsResponse{}
+	for _, d := range req.Digests {
+		r := &repb.BatchReadBlobsResponse_Response{Digest: d, Compressor: repb.Compressor_IDENTITY}
+		var err error
+		if d.SizeBytes > 0 {
+			r.Data, err = cache.ReadAll(ctx, s.backend, ns, d)
+			if err == nil && int64(len(r.Data)) != d.SizeBytes {
+				err = status.Errorf(codes.Internal, "blob %s: backend returned %d bytes", digest.String(d), len(r.Data))
+			}
+		}
+		if err != nil {
+			r.Data = nil
+		}
+		s.m.out(len(r.Data))
+		r.Status = rpcStatus(err)
+		resp.Responses = append(resp.Responses, r)
+	}
+	return resp, nil
+}

@@ -1,0 +1,302 @@
+// Package server is an REAPI v2 cache server (Capabilities, ActionCache,
+// ContentAddressableStorage and ByteStream, including zstd compressed-blobs)
+// over any cache.Cache backend.
+//
+// API keys map requests to groups (cache.Namespace.Group), so tenants never
+// see each other's action-cache entries; a key may be read-only. Every blob
+// written is verified against its digest before the backend keeps it, and an
+// action-cache entry is only returned while every blob it references (output
+// files, stdout/stderr, output directory trees and every file in them) is
+// still present. Requests, bytes, latencies and action-cache hits are
+// exported as Prometheus metrics.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	smpb "github.com/bazelbuild/remote-apis/build/bazel/semver"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+)
+
+// APIKey is what an API key grants.
+type APIKey struct {
+	// Group is the tenant the key's requests act for.
+	Group string
+	// ReadOnly keys may read but every write is PermissionDenied.
+	ReadOnly bool
+}
+
+// DefaultMaxBatchBytes is the default limit on the blob bytes of one batch
+// request or response; it leaves room for the envelope under gRPC's default
+// 4 MiB message limit.
+const DefaultMaxBatchBytes = 4<<20 - 64<<10
+
+// Options configures a Server.
+type Options struct {
+	// APIKeys maps API keys to what they grant. When empty, every request is
+	// anonymous (group "") with full access; otherwise a request without a
+	// known key is Unauthenticated.
+	APIKeys map[string]APIKey
+	// APIKeyHeader is the metadata key carrying the API key (default
+	// "x-api-key"). "authorization: Bearer KEY" is accepted as well.
+	APIKeyHeader string
+	// Registry receives the server's metrics; nil means a private registry.
+	Registry prometheus.Registerer
+	// Gatherer serves /metrics; nil means Registry when it is a Gatherer,
+	// else the private registry.
+	Gatherer prometheus.Gatherer
+	// MaxBatchBytes bounds the blob bytes of one batch call (default
+	// DefaultMaxBatchBytes). Serve raises gRPC's message limit to fit.
+	MaxBatchBytes int64
+	// DigestFunctions offered (default BLAKE3 and SHA-256).
+	DigestFunctions []digest.Function
+	// TempDir holds partial ByteStream uploads (default os.TempDir()).
+	TempDir string
+	// UploadTTL is how long an interrupted upload may be resumed (default
+	// 15 minutes).
+	UploadTTL time.Duration
+}
+
+// Server implements the REAPI cache services over a cache.Cache.
+type Server struct {
+	backend  cache.Cache
+	opts     Options
+	fns      map[digest.Function]bool
+	m        *metrics
+	gatherer prometheus.Gatherer
+	uploads  *uploads
+
+	repb.UnimplementedCapabilitiesServer
+	repb.UnimplementedActionCacheServer
+	repb.UnimplementedContentAddressableStorageServer
+	bspb.UnimplementedByteStreamServer
+}
+
+// New returns a Server over backend.
+func New(backend cache.Cache, opts Options) (*Server, error) {
+	if backend == nil {
+		return nil, fmt.Errorf("server: nil backend")
+	}
+	if opts.APIKeyHeader == "" {
+		opts.APIKeyHeader = "x-api-key"
+	}
+	opts.APIKeyHeader = strings.ToLower(opts.APIKeyHeader)
+	if opts.MaxBatchBytes <= 0 {
+		opts.MaxBatchBytes = DefaultMaxBatchBytes
+	}
+	if len(opts.DigestFunctions) == 0 {
+		opts.DigestFunctions = []digest.Function{digest.BLAKE3, digest.SHA256}
+	}
+	if opts.TempDir == "" {
+		opts.TempDir = os.TempDir()
+	}
+	if opts.UploadTTL <= 0 {
+		opts.UploadTTL = 15 * time.Minute
+	}
+	s := &Server{backend: backend, opts: opts, fns: map[digest.Function]bool{}}
+	for _, fn := range opts.DigestFunctions {
+		if _, err := digest.New(fn); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		s.fns[fn] = true
+	}
+	for k, v := range opts.APIKeys {
+		if k == "" {
+			return nil, fmt.Errorf("server: empty API key (group %q)", v.Group)
+		}
+	}
+	reg := opts.Registry
+	s.gatherer = opts.Gatherer
+	if reg == nil {
+		r := prometheus.NewRegistry()
+		reg = r
+		if s.gatherer == nil {
+			s.gatherer = r
+		}
+	}
+	if s.gatherer == nil {
+		if g, ok := reg.(prometheus.Gatherer); ok {
+			s.gatherer = g
+		} else {
+			s.gatherer = prometheus.DefaultGatherer
+		}
+	}
+	m, err := newMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
+	s.uploads = newUploads(opts.TempDir, opts.UploadTTL)
+	return s, nil
+}
+
+// Register adds the Capabilities, ActionCache, ContentAddressableStorage
+// and ByteStream services to gs. gs should accept messages of at least
+// MaxBatchBytes plus 64 KiB (grpc.MaxRecvMsgSize); Serve does that.
+func (s *Server) Register(gs *grpc.Server) {
+	repb.RegisterCapabilitiesServer(gs, s)
+	repb.RegisterActionCacheServer(gs, s)
+	repb.RegisterContentAddressableStorageServer(gs, s)
+	bspb.RegisterByteStreamServer(gs, s)
+}
+
+// MetricsHandler serves the metrics in the Prometheus text format.
+func (s *Server) MetricsHandler() http.Handler {
+	return promhttp.HandlerFor(s.gatherer, promhttp.HandlerOpts{})
+}
+
+// GRPCServerOptions are the options a grpc.Server hosting s needs.
+func (s *Server) GRPCServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.opts.MaxBatchBytes) + 1<<20)}
+}
+
+// Serve serves the REAPI services on lis until ctx is done, then stops
+// gracefully. extra options (e.g. grpc.Creds for TLS) are added to
+// GRPCServerOptions.
+func (s *Server) Serve(ctx context.Context, lis net.Listener, extra ...grpc.ServerOption) error {
+	gs := grpc.NewServer(append(s.GRPCServerOptions(), extra...)...)
+	s.Register(gs)
+	stopped := make(chan struct{})
+	go func() {
+		select {
+		case <-ctx.Done():
+			gs.GracefulStop()
+		case <-stopped:
+		}
+	}()
+	err := gs.Serve(lis)
+	close(stopped)
+	s.uploads.closeAll()
+	if ctx.Err() != nil {
+		return nil
+	}
+	return err
+}
+
+// ServeMetrics serves MetricsHandler at /metrics on lis until ctx is done.
+func (s *Server) ServeMetrics(ctx context.Context, lis net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", s.MetricsHandler())
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		hs.Close()
+	}()
+	err := hs.Serve(lis)
+	if ctx.Err() != nil || errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// caller is the authenticated principal of a request.
+type caller struct {
+	group    string
+	readOnly bool
+}
+
+// authenticate maps the request's credentials to a caller.
+func (s *Server) authenticate(ctx context.Context) (caller, error) {
+	if len(s.opts.APIKeys) == 0 {
+		return caller{}, nil
+	}
+	md, _ := metadata.FromIncomingContext(ctx)
+	var keys []string
+	keys = append(keys, md.Get(s.opts.APIKeyHeader)...)
+	for _, v := range md.Get("authorization") {
+		if tok, ok := strings.CutPrefix(v, "Bearer "); ok {
+			keys = append(keys, strings.TrimSpace(tok))
+		}
+	}
+	if len(keys) == 0 {
+		return caller{}, status.Error(codes.Unauthenticated, "no API key: send it in the "+s.opts.APIKeyHeader+" header or as a bearer token")
+	}
+	for _, k := range keys {
+		if g, ok := s.opts.APIKeys[k]; ok {
+			return caller{group: g.Group, readOnly: g.ReadOnly}, nil
+		}
+	}
+	return caller{}, status.Error(codes.Unauthenticated, "unknown API key")
+}
+
+func (c caller) checkWrite(what string) error {
+	if c.readOnly {
+		return status.Errorf(codes.PermissionDenied, "%s: the API key is read-only", what)
+	}
+	return nil
+}
+
+// function resolves a request's digest function (unset means SHA-256).
+func (s *Server) function(fn digest.Function) (digest.Function, error) {
+	if fn == repb.DigestFunction_UNKNOWN {
+		fn = digest.SHA256
+	}
+	if !s.fns[fn] {
+		return fn, status.Errorf(codes.InvalidArgument, "digest function %v is not supported", fn)
+	}
+	return fn, nil
+}
+
+// namespace authenticates ctx and builds the namespace of a request.
+func (s *Server) namespace(ctx context.Context, instance string, fn digest.Function) (cache.Namespace, caller, error) {
+	c, err := s.authenticate(ctx)
+	if err != nil {
+		return cache.Namespace{}, c, err
+	}
+	if err := checkInstance(instance); err != nil {
+		return cache.Namespace{}, c, status.Error(codes.InvalidArgument, err.Error())
+	}
+	fn, err = s.function(fn)
+	if err != nil {
+		return cache.Namespace{}, c, err
+	}
+	return cache.Namespace{Group: c.group, Instance: instance, Function: fn}, c, nil
+}
+
+func checkDigest(d *repb.Digest) error {
+	if err := digest.Validate(d); err != nil {
+		return status.Error(codes.InvalidArgument, err.Error())
+	}
+	return nil
+}
+
+// GetCapabilities describes what the server offers.
+func (s *Server) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesRequest) (_ *repb.ServerCapabilities, err error) {
+	defer s.m.observe("GetCapabilities", time.Now(), &err)
+	c, err := s.authenticate(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkInstance(req.InstanceName); err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
+	return &repb.ServerCapabilities{
+		CacheCapabilities: &repb.CacheCapabilities{
+			DigestFunctions:                 s.opts.DigestFunctions,
+			ActionCacheUpdateCapabilities:   &repb.ActionCacheUpdateCapabilities{UpdateEnabled: !c.readOnly},
+			MaxBatchTotalSizeBytes:          s.opts.MaxBatchBytes,
+			SymlinkAbsolutePathStrategy:     repb.SymlinkAbsolutePathStrategy_DISALLOWED,
+			SupportedCompressors:            []repb.Compressor_Value{repb.Compressor_ZSTD},
+			SupportedBatchUpdateCompressors: nil,
+		},
+		LowApiVersion:  &smpb.SemVer{Major: 2},
+		HighApiVersion: &smpb.SemVer{Major: 2, Minor: 3},
+	}, nil
+}
