@@ -21,6 +21,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
@@ -814,5 +815,100 @@ func TestCloseReleases(t *testing.T) {
 	}
 	if _, err := s.ReadAt(make([]byte, 1), 0); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("read after Close: %v", err)
+	}
+}
+
+func TestWithLocalCache(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	lc, err := localcache.New(dir, localcache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lc.Close()
+	path, want := layout(t, t.TempDir(), "ddhdzdd", 1234)
+	opts := testOpts(t)
+	s, st, err := FromFile(ctx, "mem", path, lc, lc, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if st.ChunksWritten != 6 || st.ChunksTotal != 6 {
+		t.Fatalf("FromFile stats %+v; want 6 blobs", st)
+	}
+	if got := readAll(t, s); !bytes.Equal(got, want) {
+		t.Fatal("content read through the local cache differs")
+	}
+	for _, off := range []int64{5, 3*testCS + 1} {
+		p := randBytes(uint64(off), 64)
+		if _, err := s.WriteAt(p, off); err != nil {
+			t.Fatal(err)
+		}
+		copy(want[off:], p)
+	}
+	cf, st, err := s.Save(ctx, lc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ChunksWritten != 2 || st.ChunksDirty != 2 || st.ChunksTotal != 6 {
+		t.Fatalf("Save stats %+v; want 2 of 6 chunks written", st)
+	}
+	// A fresh cache instance over the same directory (as after a restart).
+	lc2, err := localcache.New(dir, localcache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lc2.Close()
+	s2, err := Open("mem", cf, lc2, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := readAll(t, s2); !bytes.Equal(got, want) {
+		t.Fatal("saved content differs after reopening the cache")
+	}
+	s2.Close()
+
+	// Corrupt chunk 1 and remove chunk 5; a fresh instance verifies blobs
+	// it did not write.
+	ns := opts.Namespace
+	ns.Function = digest.BLAKE3
+	d1, d5 := cf.Chunks[1].Digest, cf.Chunks[3].Digest
+	if cf.Chunks[3].Offset != 5*testCS {
+		t.Fatalf("unexpected layout %v", cf.Chunks)
+	}
+	b, err := os.ReadFile(lc.Path(ns, d1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[100] ^= 0xff
+	os.Chmod(lc.Path(ns, d1), 0o644)
+	if err := os.WriteFile(lc.Path(ns, d1), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(lc.Path(ns, d5)); err != nil {
+		t.Fatal(err)
+	}
+	lc3, err := localcache.New(dir, localcache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lc3.Close()
+	s3, err := Open("mem", cf, lc3, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	for _, tc := range []struct {
+		off  int64
+		d    *repb.Digest
+		code codes.Code
+	}{{testCS, d1, codes.Internal}, {5 * testCS, d5, codes.NotFound}} {
+		_, err := s3.ReadAt(make([]byte, 10), tc.off+3)
+		if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.d.Hash) || !strings.Contains(err.Error(), fmt.Sprint(tc.off)) {
+			t.Fatalf("read at %d: err = %v; want %v naming offset and digest", tc.off, err, tc.code)
+		}
+	}
+	if _, err := s3.ReadAt(make([]byte, 10), 0); err != nil {
+		t.Fatalf("intact chunk: %v", err)
 	}
 }
