@@ -51,12 +51,14 @@ func (c *Counting) Stats() CountingStats {
 	}
 }
 
+// FindMissing counts the call and the digests asked about.
 func (c *Counting) FindMissing(ctx context.Context, ns Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	c.findMissing.Add(1)
 	c.findMissingDigests.Add(int64(len(ds)))
 	return c.c.FindMissing(ctx, ns, ds)
 }
 
+// Read counts the call and the bytes read from the returned reader.
 func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	c.reads.Add(1)
 	rc, err := c.c.Read(ctx, ns, d)
@@ -66,16 +68,19 @@ func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 	return countingReader{rc, &c.readBytes}, nil
 }
 
+// Write counts the call and the bytes consumed from r.
 func (c *Counting) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
 	c.writes.Add(1)
 	return c.c.Write(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
 }
 
+// GetActionResult counts the call.
 func (c *Counting) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	c.acGets.Add(1)
 	return c.c.GetActionResult(ctx, ns, key)
 }
 
+// UpdateActionResult counts the call.
 func (c *Counting) UpdateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) error {
 	c.acPuts.Add(1)
 	return c.c.UpdateActionResult(ctx, ns, key, ar)

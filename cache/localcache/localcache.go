@@ -105,6 +105,8 @@ const (
 	pageSize   = 4096
 )
 
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 1<<20); return &b }}
+
 var groupRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}$`)
 
 // entry is one indexed file.
@@ -447,7 +449,9 @@ func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (c
 	if !verified {
 		v, err := digest.NewVerifier(ns.DigestFunction(), d)
 		if err == nil {
-			_, err = io.Copy(v, io.NewSectionReader(f, 0, 1<<62))
+			bp := copyBufs.Get().(*[]byte)
+			_, err = io.CopyBuffer(v, io.NewSectionReader(f, 0, 1<<62), *bp)
+			copyBufs.Put(bp)
 			if err == nil {
 				if cerr := v.Check(); cerr != nil {
 					c.unpin(e)
@@ -529,7 +533,9 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 // at most limit+1 bytes so that an over-long stream is noticed without
 // reading it all.
 func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int64, error) {
-	buf := make([]byte, 1<<20)
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
 	var off int64
 	r = io.LimitReader(r, limit+1)
 	for {
@@ -537,17 +543,26 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 			return off, status.FromContextError(err).Err()
 		}
 		n, rerr := io.ReadFull(r, buf)
+		// Write each run of non-zero pages with one call; skip zero pages.
 		chunk := buf[:n]
-		for len(chunk) > 0 {
-			p := chunk[:min(pageSize, len(chunk))]
-			if !digest.IsZero(p) {
-				if _, err := f.WriteAt(p, off); err != nil {
-					return off, status.Errorf(codes.Internal, "writing at offset %d: %v", off, err)
+		run := 0 // start of the pending non-zero run in chunk
+		for i := 0; ; i += pageSize {
+			i = min(i, len(chunk))
+			end := min(i+pageSize, len(chunk))
+			if i < len(chunk) && !digest.IsZero(chunk[i:end]) {
+				continue
+			}
+			if run < i {
+				if _, err := f.WriteAt(chunk[run:i], off+int64(run)); err != nil {
+					return off, status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
 				}
 			}
-			off += int64(len(p))
-			chunk = chunk[len(p):]
+			if i == len(chunk) {
+				break
+			}
+			run = end
 		}
+		off += int64(n)
 		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
 			break
 		}

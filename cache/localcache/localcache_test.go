@@ -109,6 +109,9 @@ func TestRoundTrip(t *testing.T) {
 		{"odd size", digest.SHA256, content(2, 3*mib+17)},
 		{"default chunk, mostly zero pages", digest.BLAKE3, zeroHeavy},
 		{"all zero", digest.BLAKE3, make([]byte, 2*mib)},
+		{"zero pages then short tail", digest.BLAKE3, append(make([]byte, 3*4096), content(10, 100)...)},
+		{"data then partial zero tail", digest.BLAKE3, append(content(11, 4096+7), make([]byte, 5000)...)},
+		{"data across the copy buffer", digest.BLAKE3, append(append(make([]byte, mib-4096), content(12, 8192)...), make([]byte, 4096)...)},
 		{"unset function means BLAKE3", digest.Function(0), content(4, 5000)},
 	}
 	for _, tt := range tests {
