@@ -1,0 +1,168 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/snapshot"
+)
+
+// getFlags choose how a snapshot is looked up.
+type getFlags struct {
+	policy   string
+	maxStale string
+}
+
+func (f *getFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.policy, "read-policy", "local-first", "newest, local-first or local-only")
+	cmd.Flags().StringVar(&f.maxStale, "max-stale", "24h", "maximum age of a fallback key's local snapshot (Go duration or days, e.g. 1d)")
+}
+
+func (f *getFlags) options() (snapshot.GetOptions, error) {
+	p, err := snapshot.ParseReadPolicy(f.policy)
+	if err != nil {
+		return snapshot.GetOptions{}, err
+	}
+	d, err := parseDuration(f.maxStale)
+	if err != nil {
+		return snapshot.GetOptions{}, fmt.Errorf("--max-stale: %w", err)
+	}
+	return snapshot.GetOptions{ReadPolicy: p, MaxStaleFallbackAge: d}, nil
+}
+
+func newRestoreCmd() *cobra.Command {
+	var (
+		cf     cacheFlags
+		kf     keyFlags
+		gf     getFlags
+		out    string
+		id     string
+		asJSON bool
+	)
+	cmd := &cobra.Command{
+		Use:   "restore",
+		Short: "Restore the newest usable snapshot of the task's key set into a directory",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			start := time.Now()
+			if out == "" {
+				return fmt.Errorf("--out is required")
+			}
+			opts, err := gf.options()
+			if err != nil {
+				return err
+			}
+			e, err := cf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			var snap *snapshot.Snapshot
+			if id != "" {
+				snap, err = e.loader.GetSnapshotByID(ctx, kf.instance, id, opts)
+			} else {
+				keys, kerr := kf.keySet(ctx, e)
+				if kerr != nil {
+					return kerr
+				}
+				snap, err = e.loader.GetSnapshot(ctx, keys, opts)
+			}
+			if err != nil {
+				return err
+			}
+			rep, err := restoreTo(ctx, e, snap, out, !asJSON && stderrIsTerminal())
+			if err != nil {
+				return err
+			}
+			rep.DurationMS = time.Since(start).Milliseconds()
+			if asJSON {
+				return printJSON(os.Stdout, rep)
+			}
+			fmt.Printf("restored snapshot %s from the %s cache (key ref %q, fallback %d) into %s in %s\n",
+				rep.SnapshotID, rep.Source, snap.Key.GetRef(), rep.FallbackIndex, out, time.Duration(rep.DurationMS)*time.Millisecond)
+			return nil
+		},
+	}
+	cf.register(cmd)
+	kf.register(cmd)
+	gf.register(cmd)
+	cmd.Flags().StringVar(&out, "out", "", "directory to write the snapshot's files into")
+	cmd.Flags().StringVar(&id, "snapshot-id", "", "restore this exact snapshot instead of the key set's newest")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
+	return cmd
+}
+
+// restoreTo unpacks snap into out and writes every chunked file as a
+// regular file (sparse where holes), reading through the lazy store.
+func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, progress bool) (*report, error) {
+	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{})
+	if err != nil {
+		return nil, err
+	}
+	defer u.Close()
+	rep := &report{
+		SnapshotID:     snap.Manifest.GetVmMetadata().GetSnapshotId(),
+		Key:            keyJSON(snap.Key),
+		ManifestDigest: snap.ManifestKey.GetHash(),
+		Source:         string(snap.Source),
+		FallbackIndex:  snap.FallbackIndex,
+		Files:          u.Files,
+	}
+	var total int64
+	for _, cf := range snap.Manifest.GetChunkedFiles() {
+		for _, c := range cf.GetChunks() {
+			total += c.GetDigest().GetSizeBytes()
+		}
+	}
+	bar := newProgress(progress, total, "restoring")
+	defer bar.Finish()
+	for _, cf := range snap.Manifest.GetChunkedFiles() {
+		s := u.Stores[cf.GetName()]
+		path := filepath.Join(out, cf.GetName())
+		if err := writeStore(ctx, s, path, bar.Add); err != nil {
+			return nil, fmt.Errorf("writing chunked file %q: %w", cf.GetName(), err)
+		}
+		rep.Files[cf.GetName()] = path
+		rep.ChunkSize = cf.GetChunkSize()
+		rep.ChunksTotal += len(cf.GetChunks())
+	}
+	return rep, nil
+}
+
+// writeStore copies a store into a sparse regular file, skipping holes.
+func writeStore(ctx context.Context, s *cow.Store, path string, progress func(int64)) error {
+	tmp := path + ".partial"
+	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp)
+	defer f.Close()
+	if err := f.Truncate(s.Size()); err != nil {
+		return err
+	}
+	buf := make([]byte, s.ChunkSize())
+	for _, c := range s.ChunkedFile().GetChunks() {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := c.GetDigest().GetSizeBytes()
+		if _, err := s.ReadAt(buf[:n], c.GetOffset()); err != nil {
+			return err
+		}
+		if _, err := f.WriteAt(buf[:n], c.GetOffset()); err != nil {
+			return err
+		}
+		progress(n)
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}

@@ -1,0 +1,186 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/snapshot"
+)
+
+// DefaultCacheBytes bounds the local cache when --cache-max-bytes is unset.
+const DefaultCacheBytes = 20 << 30
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "snaploader",
+		Short:         "Save and restore microVM snapshots through content-addressed caches",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd())
+	return root
+}
+
+// cacheFlags select and configure the caches.
+type cacheFlags struct {
+	dir      string
+	maxBytes int64
+	group    string
+	function string
+	verbose  bool
+}
+
+func (f *cacheFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.dir, "cache-dir", "", "local cache directory (default: the user cache directory's snaploader/)")
+	cmd.Flags().Int64Var(&f.maxBytes, "cache-max-bytes", DefaultCacheBytes, "bound of the local cache in bytes of disk usage")
+	cmd.Flags().StringVar(&f.group, "group", "", "tenant owning local manifests (default anonymous)")
+	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256")
+	cmd.Flags().BoolVarP(&f.verbose, "verbose", "v", false, "log debug messages to stderr")
+}
+
+func defaultCacheDir() (string, error) {
+	d, err := os.UserCacheDir()
+	if err != nil {
+		return "", fmt.Errorf("finding the user cache directory (pass --cache-dir): %w", err)
+	}
+	return filepath.Join(d, "snaploader"), nil
+}
+
+// env is what a command needs: the caches and the loader over them.
+type env struct {
+	local  *localcache.Cache
+	remote cache.Cache
+	loader *snapshot.Loader
+	log    *slog.Logger
+}
+
+func (f *cacheFlags) open(ctx context.Context) (*env, error) {
+	dir := f.dir
+	if dir == "" {
+		var err error
+		if dir, err = defaultCacheDir(); err != nil {
+			return nil, err
+		}
+	}
+	fn, err := digest.ParseFunction(f.function)
+	if err != nil {
+		return nil, err
+	}
+	level := slog.LevelWarn
+	if f.verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes})
+	if err != nil {
+		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+	}
+	l, err := snapshot.New(local, nil, snapshot.Options{Group: f.group, Function: fn, Logger: log})
+	if err != nil {
+		local.Close()
+		return nil, err
+	}
+	return &env{local: local, loader: l, log: log}, nil
+}
+
+func (e *env) Close() error { return e.local.Close() }
+
+// keyFlags identify a snapshot key set.
+type keyFlags struct {
+	instance   string
+	platform   []string
+	configHash string
+	ref        string
+	baseRef    string
+	defaultRef string
+	runner     string
+	universal  string
+}
+
+func (f *keyFlags) register(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.instance, "instance", "", "REAPI instance name")
+	fl.StringSliceVar(&f.platform, "platform", nil, "platform properties KEY=VAL,... the VM was created with")
+	fl.StringVar(&f.configHash, "config-hash", "", "hash of the VM configuration")
+	fl.StringVar(&f.ref, "ref", os.Getenv(snapshot.EnvBranch), "git branch of the task (default $GIT_BRANCH)")
+	fl.StringVar(&f.baseRef, "base-ref", os.Getenv(snapshot.EnvBaseBranch), "base branch, first fallback (default $GIT_BASE_BRANCH)")
+	fl.StringVar(&f.defaultRef, "default-ref", os.Getenv(snapshot.EnvDefaultBranch), "repository default branch, last fallback (default $GIT_REPO_DEFAULT_BRANCH)")
+	fl.StringVar(&f.runner, "runner", "", "runner id, when snapshots are not shared between runners")
+	fl.StringVar(&f.universal, "universal-ref", "", "optional last fallback ref any branch also publishes under")
+}
+
+func (f *keyFlags) task() (snapshot.Task, error) {
+	props := map[string]string{}
+	for _, p := range f.platform {
+		k, v, ok := strings.Cut(p, "=")
+		if !ok || k == "" {
+			return snapshot.Task{}, fmt.Errorf("--platform %q: want KEY=VAL", p)
+		}
+		props[k] = v
+	}
+	ph, err := snapshot.PlatformHash(props)
+	if err != nil {
+		return snapshot.Task{}, err
+	}
+	if f.configHash == "" {
+		return snapshot.Task{}, fmt.Errorf("--config-hash is required")
+	}
+	return snapshot.Task{
+		InstanceName:      f.instance,
+		PlatformHash:      ph,
+		ConfigurationHash: f.configHash,
+		RunnerID:          f.runner,
+		Env: map[string]string{
+			snapshot.EnvBranch:        f.ref,
+			snapshot.EnvBaseBranch:    f.baseRef,
+			snapshot.EnvDefaultBranch: f.defaultRef,
+		},
+	}, nil
+}
+
+func (f *keyFlags) keySet(ctx context.Context, e *env) (*snapshotpb.SnapshotKeySet, error) {
+	t, err := f.task()
+	if err != nil {
+		return nil, err
+	}
+	return e.loader.KeySet(ctx, t, snapshot.KeySetOptions{UniversalRef: f.universal, Logger: e.log})
+}
+
+// parseDuration accepts Go durations plus a day suffix ("1d", "1.5d").
+func parseDuration(s string) (time.Duration, error) {
+	if d, ok := strings.CutSuffix(s, "d"); ok {
+		var days float64
+		if _, err := fmt.Sscanf(d, "%g", &days); err != nil || days < 0 {
+			return 0, fmt.Errorf("invalid duration %q", s)
+		}
+		return time.Duration(days * float64(24*time.Hour)), nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, fmt.Errorf("invalid duration %q: %w", s, err)
+	}
+	return v, nil
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// stderrIsTerminal reports whether progress bars may be drawn.
+func stderrIsTerminal() bool { return term.IsTerminal(int(os.Stderr.Fd())) }

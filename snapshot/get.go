@@ -1,0 +1,250 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
+)
+
+// Source names the tier a manifest came from.
+type Source string
+
+const (
+	SourceLocal  Source = "local"
+	SourceRemote Source = "remote"
+)
+
+// Snapshot is a loaded manifest.
+type Snapshot struct {
+	// Key is the key the manifest was found under.
+	Key *snapshotpb.SnapshotKey
+	// FallbackIndex is 0 for the branch key, i for the i-th fallback key.
+	FallbackIndex int
+	// Source is the tier the manifest came from.
+	Source Source
+	// ManifestKey is the action-cache key the manifest was read from.
+	ManifestKey *repb.Digest
+	// Manifest is the decoded, validated manifest.
+	Manifest *snapshotpb.SnapshotManifest
+	// Function is the digest function of every blob of the snapshot.
+	Function digest.Function
+	// RemoteChunks is true when some blobs are only in the remote tier.
+	RemoteChunks bool
+
+	result *repb.ActionResult // the manifest as stored
+}
+
+// GetOptions configure GetSnapshot.
+type GetOptions struct {
+	// ReadPolicy is required.
+	ReadPolicy ReadPolicy
+	// MaxStaleFallbackAge bounds the age of a fallback key's local manifest
+	// (default DefaultMaxStaleFallbackAge). The branch key is never subject
+	// to it.
+	MaxStaleFallbackAge time.Duration
+}
+
+// GetSnapshot finds the first usable manifest of the key set (SPEC §5).
+func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySet, opts GetOptions) (*Snapshot, error) {
+	if keys.GetBranchKey() == nil {
+		return nil, invalidf("key set has no branch key")
+	}
+	if opts.ReadPolicy == ReadPolicyUnset {
+		return nil, invalidf("a read policy is required")
+	}
+	if opts.MaxStaleFallbackAge <= 0 {
+		opts.MaxStaleFallbackAge = DefaultMaxStaleFallbackAge
+	}
+	var last error
+	for i, key := range AllKeys(keys) {
+		snap, err := l.getKey(ctx, key, i, opts)
+		if err == nil {
+			return snap, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		l.opts.Logger.Debug("no usable snapshot under key", "key", keyString(key), "fallback_index", i, "err", err)
+		last = errorsJoinLast(last, err)
+	}
+	return nil, fmt.Errorf("no snapshot for %s or its %d fallbacks: %w", keyString(keys.GetBranchKey()), len(keys.GetFallbackKeys()), last)
+}
+
+// GetSnapshotByID fetches one exact snapshot by id.
+func (l *Loader) GetSnapshotByID(ctx context.Context, instance, snapshotID string, opts GetOptions) (*Snapshot, error) {
+	if snapshotID == "" {
+		return nil, invalidf("snapshot id is empty")
+	}
+	return l.getKey(ctx, SnapshotIDKey(instance, snapshotID), 0, opts)
+}
+
+func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
+	useRemote := l.remote != nil && opts.ReadPolicy != LocalOnly
+	snap, localErr := l.getLocal(ctx, key, idx, opts, useRemote)
+	if localErr == nil {
+		return snap, nil
+	}
+	if !useRemote {
+		return nil, localErr
+	}
+	snap, err := l.getRemote(ctx, key, idx)
+	if err != nil {
+		if status.Code(err) == codes.NotFound && status.Code(localErr) != codes.NotFound {
+			return nil, fmt.Errorf("%w (local manifest: %v)", err, localErr)
+		}
+		return nil, err
+	}
+	if opts.ReadPolicy == LocalFirst {
+		// Pin it so later runs on this host reuse the chunks they already have.
+		lk, err := LocalManifestKey(l.opts.Group, key)
+		if err == nil {
+			err = l.local.UpdateActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), lk, snap.result)
+		}
+		if err != nil {
+			l.opts.Logger.Warn("pinning remote manifest locally", "key", keyString(key), "err", err)
+		}
+	}
+	return snap, nil
+}
+
+// getLocal reads and checks the local manifest of key.
+func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions, remoteChunks bool) (*Snapshot, error) {
+	mk, err := LocalManifestKey(l.opts.Group, key)
+	if err != nil {
+		return nil, err
+	}
+	ns := l.ns(key.GetInstanceName(), l.opts.Function)
+	ar, err := l.local.GetActionResult(ctx, ns, mk)
+	if err != nil {
+		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
+	}
+	var blobTier cache.Cache
+	if remoteChunks {
+		blobTier = l.remote
+	}
+	m, fn, onlyRemote, err := l.resolve(ctx, key.GetInstanceName(), ar, l.local, blobTier)
+	if err != nil {
+		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
+	}
+	if idx > 0 && key.GetSnapshotId() == "" {
+		done := m.GetVmMetadata().GetLastExecutedTask().GetCompletedTimestamp()
+		if done == nil {
+			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s has no completion time; treated as stale", keyString(key))
+		}
+		if age := l.opts.Now().Sub(done.AsTime()); age > opts.MaxStaleFallbackAge {
+			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s is stale: last task completed %s ago (limit %s)", keyString(key), age.Round(time.Second), opts.MaxStaleFallbackAge)
+		}
+	}
+	return &Snapshot{Key: key, FallbackIndex: idx, Source: SourceLocal, ManifestKey: mk, Manifest: m, Function: fn, RemoteChunks: onlyRemote}, nil
+}
+
+// getRemote reads the remote manifest of key and confirms every blob it
+// references exists remotely.
+func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx int) (*Snapshot, error) {
+	mk, err := RemoteManifestKey(key)
+	if err != nil {
+		return nil, err
+	}
+	ns := l.ns(key.GetInstanceName(), l.opts.Function)
+	ar, err := l.remote.GetActionResult(ctx, ns, mk)
+	if err != nil {
+		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
+	}
+	m, fn, _, err := l.resolve(ctx, key.GetInstanceName(), ar, l.remote, nil)
+	if err != nil {
+		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
+	}
+	return &Snapshot{Key: key, FallbackIndex: idx, Source: SourceRemote, ManifestKey: mk, Manifest: m, Function: fn, RemoteChunks: true, result: ar}, nil
+}
+
+// resolve decodes a manifest, reads its trees and checks that every blob it
+// names is in primary, or else confirmed present in secondary by one
+// FindMissing call. Lookups refresh LRU recency in the local cache.
+func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionResult, primary, secondary cache.Cache) (*snapshotpb.SnapshotManifest, digest.Function, bool, error) {
+	dm, err := decodeManifest(ar)
+	if err != nil {
+		return nil, 0, false, err
+	}
+	ns := l.ns(instance, dm.function)
+	m := &snapshotpb.SnapshotManifest{VmConfiguration: dm.config, VmMetadata: dm.metadata, Files: dm.files}
+	var blobs []*repb.Digest
+	for _, f := range dm.files {
+		blobs = append(blobs, f.GetDigest())
+	}
+	for _, d := range dm.trees {
+		b, err := l.readTree(ctx, ns, d.GetTreeDigest(), primary != l.local || secondary != nil)
+		if err != nil {
+			return nil, 0, false, fmt.Errorf("reading tree of chunked file %q: %w", d.GetPath(), err)
+		}
+		cf, err := decodeTree(d.GetPath(), b)
+		if err != nil {
+			return nil, 0, false, err
+		}
+		m.ChunkedFiles = append(m.ChunkedFiles, cf)
+		blobs = append(blobs, d.GetTreeDigest())
+		for _, c := range cf.GetChunks() {
+			blobs = append(blobs, c.GetDigest())
+		}
+	}
+	missing, err := primary.FindMissing(ctx, ns, blobs)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("checking %d blobs: %w", len(blobs), err)
+	}
+	if len(missing) == 0 {
+		return m, dm.function, false, nil
+	}
+	if secondary == nil {
+		return nil, 0, false, status.Errorf(codes.NotFound, "%d of %d referenced blobs are missing, e.g. %s", len(missing), len(blobs), describeBlob(m, missing[0]))
+	}
+	still, err := secondary.FindMissing(ctx, ns, missing)
+	if err != nil {
+		return nil, 0, false, fmt.Errorf("checking %d blobs missing locally against the remote: %w", len(missing), err)
+	}
+	if len(still) > 0 {
+		return nil, 0, false, status.Errorf(codes.NotFound, "%d referenced blobs are in neither tier, e.g. %s", len(still), describeBlob(m, still[0]))
+	}
+	return m, dm.function, true, nil
+}
+
+// readTree reads a tree blob from the local cache, else (when allowed) from
+// the remote, keeping a local copy: trees are small and every later lookup
+// of the snapshot needs them.
+func (l *Loader) readTree(ctx context.Context, ns cache.Namespace, d *repb.Digest, remoteOK bool) ([]byte, error) {
+	b, err := cache.ReadAll(ctx, l.local, ns, d)
+	if err == nil || !remoteOK || l.remote == nil {
+		return b, err
+	}
+	b, rerr := cache.ReadAll(ctx, l.remote, ns, d)
+	if rerr != nil {
+		return nil, errorsJoinLast(err, rerr)
+	}
+	if werr := l.local.Write(ctx, ns, d, bytesReader(b)); werr != nil {
+		return nil, fmt.Errorf("keeping a local copy of tree %s: %w", digest.String(d), werr)
+	}
+	return b, nil
+}
+
+// describeBlob names where a digest is used in a manifest.
+func describeBlob(m *snapshotpb.SnapshotManifest, d *repb.Digest) string {
+	for _, f := range m.GetFiles() {
+		if digest.Equal(f.GetDigest(), d) {
+			return fmt.Sprintf("artifact file %q (blob %s)", f.GetPath(), digest.String(d))
+		}
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		for _, c := range cf.GetChunks() {
+			if digest.Equal(c.GetDigest(), d) {
+				return fmt.Sprintf("chunk of %q at offset %d (blob %s)", cf.GetName(), c.GetOffset(), digest.String(d))
+			}
+		}
+	}
+	return "blob " + digest.String(d)
+}

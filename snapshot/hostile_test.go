@@ -1,0 +1,136 @@
+package snapshot
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/snaploader/snaploader/digest"
+)
+
+func TestHostileManifestsRejected(t *testing.T) {
+	ctx := context.Background()
+	h := newHost(t, nil, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 31, 1<<20)
+	ks := h.keys(t, taskOn("main", "", ""))
+	key := ks.GetBranchKey()
+	h.save(t, key, mem, files, false)
+	ns := h.loader.Namespace(key)
+	mk, err := LocalManifestKey("", key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	good, err := h.local.GetActionResult(ctx, ns, mk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	goodTree := &repb.Tree{}
+	b, err := os.ReadFile(h.local.Path(ns, good.GetOutputDirectories()[0].GetTreeDigest()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := proto.Unmarshal(b, goodTree); err != nil {
+		t.Fatal(err)
+	}
+	// withTree stores a modified tree and points the manifest at it.
+	withTree := func(mod func(*repb.Tree)) func(*repb.ActionResult) {
+		return func(ar *repb.ActionResult) {
+			tr := proto.Clone(goodTree).(*repb.Tree)
+			mod(tr)
+			tb, err := proto.Marshal(tr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			d := digest.Compute(ns.Function, tb)
+			if err := h.local.Write(ctx, ns, d, strings.NewReader(string(tb))); err != nil {
+				t.Fatal(err)
+			}
+			ar.OutputDirectories[0].TreeDigest = d
+		}
+	}
+	setProp := func(name, value string) func(*repb.Tree) {
+		return func(tr *repb.Tree) {
+			for _, p := range tr.Root.NodeProperties.Properties {
+				if p.Name == name {
+					p.Value = value
+				}
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		mod  func(*repb.ActionResult)
+		want string
+	}{
+		{"file name with slash", func(ar *repb.ActionResult) { ar.OutputFiles[0].Path = "a/b" }, "path separator"},
+		{"file name dot-dot", func(ar *repb.ActionResult) { ar.OutputFiles[0].Path = ".." }, "not a file name"},
+		{"absolute file name", func(ar *repb.ActionResult) { ar.OutputFiles[0].Path = "/etc/passwd" }, "path separator"},
+		{"traversal in chunked name", func(ar *repb.ActionResult) { ar.OutputDirectories[0].Path = "../../x" }, "path separator"},
+		{"negative file size", func(ar *repb.ActionResult) { ar.OutputFiles[0].Digest.SizeBytes = -1 }, "negative size"},
+		{"absurd file size", func(ar *repb.ActionResult) { ar.OutputFiles[0].Digest.SizeBytes = 1 << 60 }, "absurd size"},
+		{"duplicate names", func(ar *repb.ActionResult) { ar.OutputDirectories[0].Path = ar.OutputFiles[0].Path }, "duplicate file name"},
+		{"missing metadata", func(ar *repb.ActionResult) { ar.ExecutionMetadata = nil }, "lacks the VM configuration"},
+		{"tree without properties", withTree(func(tr *repb.Tree) { tr.Root.NodeProperties = nil }), "lacks the"},
+		{"negative size", withTree(setProp(propSize, "-5")), "lacks the"},
+		{"absurd size", withTree(setProp(propSize, "1152921504606846976")), "out of range"},
+		{"chunk size not page multiple", withTree(setProp(propChunkSize, "1000")), "multiple of 4096"},
+		{"unaligned offset", withTree(func(tr *repb.Tree) { tr.Root.Files[0].Name = "4096" }), "not a multiple of chunk size"},
+		{"offset beyond size", withTree(func(tr *repb.Tree) { tr.Root.Files[0].Name = "1099511627776" }), "outside"},
+		{"duplicate offsets", withTree(func(tr *repb.Tree) { tr.Root.Files[1].Name = tr.Root.Files[0].Name }), "duplicate chunk offset"},
+		{"non-decimal offset", withTree(func(tr *repb.Tree) { tr.Root.Files[0].Name = "0x10" }), "not a decimal offset"},
+		{"chunk digest size wrong", withTree(func(tr *repb.Tree) { tr.Root.Files[0].Digest.SizeBytes = 5 }), "want 65536"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ar := proto.Clone(good).(*repb.ActionResult)
+			tc.mod(ar)
+			if err := h.local.UpdateActionResult(ctx, ns, mk, ar); err != nil {
+				t.Fatal(err)
+			}
+			_, err := h.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+			if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("got %v, want InvalidArgument containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestCorruptChunkDetected(t *testing.T) {
+	ctx := context.Background()
+	h := newHost(t, nil, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 32, 1<<20)
+	ks := h.keys(t, taskOn("main", "", ""))
+	res := h.save(t, ks.GetBranchKey(), mem, files, false)
+	ns := h.loader.Namespace(ks.GetBranchKey())
+	c := res.Manifest.GetChunkedFiles()[0].GetChunks()[0]
+	p := h.local.Path(ns, c.GetDigest())
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[100] ^= 0xff
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// A fresh process's view of the cache (entries it did not write).
+	h2 := reopen(t, h)
+	snap, err := h2.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := h2.loader.UnpackSnapshot(ctx, snap, t.TempDir(), UnpackOptions{ReadAhead: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	buf := make([]byte, 10)
+	_, err = u.Stores["memory.img"].ReadAt(buf, c.GetOffset())
+	if err == nil || !strings.Contains(err.Error(), c.GetDigest().GetHash()) {
+		t.Errorf("reading a corrupt chunk: got %v, want an error naming digest %s", err, c.GetDigest().GetHash())
+	}
+}

@@ -1,0 +1,240 @@
+package snapshot
+
+import (
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
+)
+
+// Tree node property names of a chunked file's root directory.
+const (
+	propSize      = "size"
+	propChunkSize = "chunk_size"
+)
+
+// maxFileSize bounds sizes a manifest may claim (1 PiB).
+const maxFileSize = 1 << 50
+
+func invalidf(format string, args ...any) error {
+	return status.Error(codes.InvalidArgument, fmt.Sprintf(format, args...))
+}
+
+// ValidateName checks that a file name from a manifest is a plain base name
+// that cannot escape the directory it is unpacked into.
+func ValidateName(name string) error {
+	switch {
+	case name == "", name == ".", name == "..":
+		return invalidf("file name %q is not a file name", name)
+	case strings.ContainsAny(name, "/\\\x00"):
+		return invalidf("file name %q contains a path separator or NUL", name)
+	case filepath.IsAbs(name), filepath.Base(name) != name:
+		return invalidf("file name %q is not a base name", name)
+	}
+	return nil
+}
+
+// ChunkedFileTree encodes a chunked file as a REAPI Tree: root directory with
+// node properties size and chunk_size, one file per stored chunk named by
+// its decimal offset.
+func ChunkedFileTree(cf *snapshotpb.ChunkedFile) *repb.Tree {
+	dir := &repb.Directory{
+		NodeProperties: &repb.NodeProperties{Properties: []*repb.NodeProperty{
+			{Name: propChunkSize, Value: strconv.FormatInt(cf.GetChunkSize(), 10)},
+			{Name: propSize, Value: strconv.FormatInt(cf.GetSize(), 10)},
+		}},
+	}
+	for _, c := range cf.GetChunks() {
+		dir.Files = append(dir.Files, &repb.FileNode{Name: strconv.FormatInt(c.GetOffset(), 10), Digest: c.GetDigest()})
+	}
+	return &repb.Tree{Root: dir}
+}
+
+// ChunkedFileFromTree decodes and validates the Tree of chunked file name.
+func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, error) {
+	root := t.GetRoot()
+	if root == nil {
+		return nil, invalidf("chunked file %q: tree has no root directory", name)
+	}
+	cf := &snapshotpb.ChunkedFile{Name: name, Size: -1, ChunkSize: -1}
+	for _, p := range root.GetNodeProperties().GetProperties() {
+		v, err := strconv.ParseInt(p.GetValue(), 10, 64)
+		if err != nil {
+			return nil, invalidf("chunked file %q: property %s=%q is not an integer", name, p.GetName(), p.GetValue())
+		}
+		switch p.GetName() {
+		case propSize:
+			cf.Size = v
+		case propChunkSize:
+			cf.ChunkSize = v
+		}
+	}
+	if cf.Size < 0 || cf.ChunkSize < 0 {
+		return nil, invalidf("chunked file %q: tree lacks the %q and %q properties or they are negative", name, propSize, propChunkSize)
+	}
+	for _, f := range root.GetFiles() {
+		off, err := strconv.ParseInt(f.GetName(), 10, 64)
+		if err != nil || strconv.FormatInt(off, 10) != f.GetName() {
+			return nil, invalidf("chunked file %q: chunk name %q is not a decimal offset", name, f.GetName())
+		}
+		cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: off, Digest: f.GetDigest()})
+	}
+	if err := ValidateChunkedFile(cf); err != nil {
+		return nil, err
+	}
+	return cf, nil
+}
+
+// ValidateChunkedFile rejects hostile chunked-file descriptions: bad names,
+// absurd sizes, misaligned, out-of-range or duplicate offsets, and chunk
+// digests whose size disagrees with the chunk's extent.
+func ValidateChunkedFile(cf *snapshotpb.ChunkedFile) error {
+	name := cf.GetName()
+	if err := ValidateName(name); err != nil {
+		return fmt.Errorf("chunked file: %w", err)
+	}
+	size, cs := cf.GetSize(), cf.GetChunkSize()
+	if size < 0 || size > maxFileSize {
+		return invalidf("chunked file %q: size %d out of range [0, %d]", name, size, int64(maxFileSize))
+	}
+	if cs <= 0 || cs%4096 != 0 || cs > 1<<30 {
+		return invalidf("chunked file %q: chunk size %d is not a positive multiple of 4096 up to 1 GiB", name, cs)
+	}
+	seen := make(map[int64]bool, len(cf.GetChunks()))
+	for _, c := range cf.GetChunks() {
+		off := c.GetOffset()
+		switch {
+		case off < 0 || off >= size:
+			return invalidf("chunked file %q: chunk offset %d outside [0, %d)", name, off, size)
+		case off%cs != 0:
+			return invalidf("chunked file %q: chunk offset %d is not a multiple of chunk size %d", name, off, cs)
+		case seen[off]:
+			return invalidf("chunked file %q: duplicate chunk offset %d", name, off)
+		}
+		seen[off] = true
+		if err := digest.Validate(c.GetDigest()); err != nil {
+			return invalidf("chunked file %q: chunk at offset %d: %v", name, off, err)
+		}
+		if want := min(cs, size-off); c.GetDigest().GetSizeBytes() != want {
+			return invalidf("chunked file %q: chunk at offset %d has %d bytes, want %d", name, off, c.GetDigest().GetSizeBytes(), want)
+		}
+	}
+	return nil
+}
+
+// ManifestActionResult encodes a manifest as an ActionResult: auxiliary
+// metadata = [VM configuration, VM metadata]; output files = artifact files;
+// output directories = chunked files (path = name, tree digest).
+// treeDigests maps chunked file names to their stored tree digests.
+func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string]*repb.Digest) (*repb.ActionResult, error) {
+	cfg, err := anypb.New(m.GetVmConfiguration())
+	if err != nil {
+		return nil, fmt.Errorf("encoding VM configuration: %w", err)
+	}
+	md, err := anypb.New(m.GetVmMetadata())
+	if err != nil {
+		return nil, fmt.Errorf("encoding VM metadata: %w", err)
+	}
+	ar := &repb.ActionResult{
+		OutputFiles:       m.GetFiles(),
+		ExecutionMetadata: &repb.ExecutedActionMetadata{AuxiliaryMetadata: []*anypb.Any{cfg, md}},
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		td, ok := treeDigests[cf.GetName()]
+		if !ok {
+			return nil, fmt.Errorf("chunked file %q has no stored tree", cf.GetName())
+		}
+		ar.OutputDirectories = append(ar.OutputDirectories, &repb.OutputDirectory{Path: cf.GetName(), TreeDigest: td})
+	}
+	return ar, nil
+}
+
+// decodedManifest is a manifest ActionResult whose trees are not yet read.
+type decodedManifest struct {
+	config   *snapshotpb.VMConfiguration
+	metadata *snapshotpb.VMMetadata
+	files    []*repb.OutputFile
+	trees    []*repb.OutputDirectory
+	function digest.Function
+}
+
+// decodeManifest validates a manifest ActionResult's own fields.
+func decodeManifest(ar *repb.ActionResult) (*decodedManifest, error) {
+	aux := ar.GetExecutionMetadata().GetAuxiliaryMetadata()
+	dm := &decodedManifest{config: &snapshotpb.VMConfiguration{}, metadata: &snapshotpb.VMMetadata{}}
+	var haveCfg, haveMD bool
+	for _, a := range aux {
+		switch {
+		case a.MessageIs(dm.config):
+			if err := a.UnmarshalTo(dm.config); err != nil {
+				return nil, invalidf("manifest: decoding VM configuration: %v", err)
+			}
+			haveCfg = true
+		case a.MessageIs(dm.metadata):
+			if err := a.UnmarshalTo(dm.metadata); err != nil {
+				return nil, invalidf("manifest: decoding VM metadata: %v", err)
+			}
+			haveMD = true
+		}
+	}
+	if !haveCfg || !haveMD {
+		return nil, invalidf("manifest: auxiliary metadata lacks the VM configuration or metadata")
+	}
+	fn, err := digest.ParseFunction(dm.metadata.GetDigestFunction())
+	if err != nil {
+		return nil, invalidf("manifest: %v", err)
+	}
+	dm.function = fn
+	names := map[string]bool{}
+	for _, f := range ar.GetOutputFiles() {
+		if err := ValidateName(f.GetPath()); err != nil {
+			return nil, fmt.Errorf("manifest artifact file: %w", err)
+		}
+		if err := digest.Validate(f.GetDigest()); err != nil {
+			return nil, invalidf("manifest artifact file %q: %v", f.GetPath(), err)
+		}
+		if f.GetDigest().GetSizeBytes() > maxFileSize {
+			return nil, invalidf("manifest artifact file %q: absurd size %d", f.GetPath(), f.GetDigest().GetSizeBytes())
+		}
+		if names[f.GetPath()] {
+			return nil, invalidf("manifest: duplicate file name %q", f.GetPath())
+		}
+		names[f.GetPath()] = true
+		dm.files = append(dm.files, f)
+	}
+	for _, d := range ar.GetOutputDirectories() {
+		if err := ValidateName(d.GetPath()); err != nil {
+			return nil, fmt.Errorf("manifest chunked file: %w", err)
+		}
+		if err := digest.Validate(d.GetTreeDigest()); err != nil {
+			return nil, invalidf("manifest chunked file %q: tree %v", d.GetPath(), err)
+		}
+		if d.GetTreeDigest().GetSizeBytes() > 256<<20 {
+			return nil, invalidf("manifest chunked file %q: tree of %d bytes is absurd", d.GetPath(), d.GetTreeDigest().GetSizeBytes())
+		}
+		if names[d.GetPath()] {
+			return nil, invalidf("manifest: duplicate file name %q", d.GetPath())
+		}
+		names[d.GetPath()] = true
+		dm.trees = append(dm.trees, d)
+	}
+	return dm, nil
+}
+
+// decodeTree parses a stored tree blob.
+func decodeTree(name string, b []byte) (*snapshotpb.ChunkedFile, error) {
+	t := &repb.Tree{}
+	if err := proto.Unmarshal(b, t); err != nil {
+		return nil, invalidf("chunked file %q: decoding tree: %v", name, err)
+	}
+	return ChunkedFileFromTree(name, t)
+}

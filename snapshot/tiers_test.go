@@ -1,0 +1,150 @@
+package snapshot
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+)
+
+// A third cache directory is a real second tier shared by hosts A and B.
+func TestSecondTierReadPolicies(t *testing.T) {
+	ctx := context.Background()
+	shared := newHost(t, nil, Options{}).local
+	a := newHost(t, shared, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 11, 2<<20)
+	a.save(t, a.keys(t, taskOn("main", "", "main")).GetWriteKey(), mem, files, true)
+	want := mustRead(t, mem)
+
+	t.Run("local-only never reads the remote manifest", func(t *testing.T) {
+		remote := cache.NewCounting(shared)
+		b := newHost(t, remote, Options{})
+		_, err := b.loader.GetSnapshot(ctx, b.keys(t, taskOn("main", "", "main")), GetOptions{ReadPolicy: LocalOnly})
+		if status.Code(err) != codes.NotFound {
+			t.Errorf("got %v, want NotFound", err)
+		}
+		// Only the (authoritative) version entry was read remotely.
+		if st := remote.Stats(); st.ACGets != 1 {
+			t.Errorf("remote action-cache reads = %d, want 1 (the version)", st.ACGets)
+		}
+	})
+
+	t.Run("newest never pins the remote manifest", func(t *testing.T) {
+		b := newHost(t, shared, Options{})
+		ks := b.keys(t, taskOn("main", "", "main"))
+		snap, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: Newest})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if snap.Source != SourceRemote {
+			t.Errorf("source %s, want remote", snap.Source)
+		}
+		if _, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly}); status.Code(err) != codes.NotFound {
+			t.Errorf("after a newest read, the local manifest: got %v, want NotFound", err)
+		}
+	})
+
+	t.Run("local-first pins the remote manifest and fetches only touched chunks", func(t *testing.T) {
+		remote := cache.NewCounting(shared)
+		b := newHost(t, remote, Options{})
+		ks := b.keys(t, taskOn("main", "", "main"))
+		snap, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalFirst})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if snap.Source != SourceRemote {
+			t.Fatalf("source %s, want remote", snap.Source)
+		}
+		u, err := b.loader.UnpackSnapshot(ctx, snap, t.TempDir(), UnpackOptions{ReadAhead: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		readsBefore := remote.Stats().Reads
+		s := u.Stores["memory.img"]
+		got := make([]byte, 3*testChunk)
+		if _, err := s.ReadAt(got, 4*testChunk); err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, want[4*testChunk:7*testChunk]) {
+			t.Error("lazily read bytes differ")
+		}
+		stored := 0
+		for _, c := range snap.Manifest.GetChunkedFiles()[0].GetChunks() {
+			if c.GetOffset() >= 4*testChunk && c.GetOffset() < 7*testChunk {
+				stored++
+			}
+		}
+		if n := remote.Stats().Reads - readsBefore; n != int64(stored) {
+			t.Errorf("remote chunk reads = %d, want %d (the stored chunks among the 3 touched)", n, stored)
+		}
+		u.Close()
+
+		// Now the local manifest is used; its missing chunks are confirmed
+		// present remotely with one FindMissing call.
+		fmBefore := remote.Stats().FindMissing
+		snap2, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalFirst})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if snap2.Source != SourceLocal || !snap2.RemoteChunks {
+			t.Errorf("second read: source %s remoteChunks %v, want local manifest with remote chunks", snap2.Source, snap2.RemoteChunks)
+		}
+		if n := remote.Stats().FindMissing - fmBefore; n != 1 {
+			t.Errorf("FindMissing calls on the remote = %d, want 1", n)
+		}
+		full, _ := b.restoreBytes(t, snap2)
+		if !bytes.Equal(full, want) {
+			t.Error("restore through the second tier differs")
+		}
+		// Under local-only the pinned manifest is usable only if every blob is
+		// local: after the full read above, it is.
+		if _, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly}); err != nil {
+			t.Errorf("local-only after all chunks were fetched: %v", err)
+		}
+	})
+}
+
+func TestEvictedChunksFallThrough(t *testing.T) {
+	ctx := context.Background()
+	h := newHost(t, nil, Options{})
+	memMain, files := vmFiles(t, t.TempDir(), 21, 1<<20)
+	memFeat, _ := vmFiles(t, t.TempDir(), 22, 1<<20)
+	h.save(t, h.keys(t, taskOn("main", "", "main")).GetWriteKey(), memMain, files, false)
+	feat := h.keys(t, taskOn("feat", "", "main"))
+	res := h.save(t, feat.GetWriteKey(), memFeat, files, false)
+
+	// Evict one chunk only feat's snapshot has.
+	ns := h.loader.Namespace(feat.GetWriteKey())
+	var victim int64 = -1
+	for _, c := range res.Manifest.GetChunkedFiles()[0].GetChunks() {
+		if err := os.Remove(h.local.Path(ns, c.GetDigest())); err == nil {
+			victim = c.GetOffset()
+			break
+		}
+	}
+	if victim < 0 {
+		t.Fatal("no chunk file to remove")
+	}
+	if err := h.local.Rescan(ctx); err != nil {
+		t.Fatal(err)
+	}
+	snap, err := h.loader.GetSnapshot(ctx, feat, GetOptions{ReadPolicy: LocalFirst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.FallbackIndex != 1 || snap.Key.GetRef() != "main" {
+		t.Errorf("got fallback %d ref %q, want the main fallback", snap.FallbackIndex, snap.Key.GetRef())
+	}
+	// With nothing else to serve, the error names the missing chunk.
+	alone := h.keys(t, taskOn("feat", "", ""))
+	_, err = h.loader.GetSnapshot(ctx, alone, GetOptions{ReadPolicy: LocalFirst})
+	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), `chunk of "memory.img" at offset`) {
+		t.Errorf("got %v, want NotFound naming the missing chunk", err)
+	}
+}

@@ -1,0 +1,140 @@
+package snapshot
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cow"
+)
+
+// UnpackOptions configure UnpackSnapshot.
+type UnpackOptions struct {
+	// ReadAhead is how many following chunks a touch schedules for
+	// background fetch (0 = the store's default, negative = off).
+	ReadAhead int
+	// PrefetchWorkingSet prefetches the chunks the VM touched after its
+	// previous restore, recorded in the manifest.
+	PrefetchWorkingSet bool
+}
+
+// Unpacked is a restored snapshot: artifact files on disk and a lazy
+// copy-on-write store per chunked file.
+type Unpacked struct {
+	Dir string
+	// Files maps artifact file names to their paths in Dir.
+	Files map[string]string
+	// Stores maps chunked file names to their lazy stores.
+	Stores map[string]*cow.Store
+
+	release func()
+}
+
+// Close closes every store and releases the blobs pinned for them.
+func (u *Unpacked) Close() error {
+	var first error
+	for _, s := range u.Stores {
+		if err := s.Close(); err != nil && first == nil {
+			first = err
+		}
+	}
+	if u.release != nil {
+		u.release()
+	}
+	return first
+}
+
+// UnpackSnapshot writes snap's artifact files into dir and opens a lazy
+// store per chunked file; no chunk is read until touched. Every blob of
+// the snapshot stays pinned in the local cache until Close.
+func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string, opts UnpackOptions) (*Unpacked, error) {
+	m := snap.Manifest
+	ns := l.ns(snap.Key.GetInstanceName(), snap.Function)
+	var all []*repb.Digest
+	for _, f := range m.GetFiles() {
+		all = append(all, f.GetDigest())
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		for _, c := range cf.GetChunks() {
+			all = append(all, c.GetDigest())
+		}
+	}
+	u := &Unpacked{Dir: dir, Files: map[string]string{}, Stores: map[string]*cow.Store{}, release: l.local.Pin(ns, all)}
+	fail := func(err error) (*Unpacked, error) {
+		u.Close()
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fail(fmt.Errorf("unpacking snapshot %s: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err))
+	}
+	src := cache.NewReadThrough(l.local, l.remote)
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(l.opts.Parallelism)
+	paths := make([]string, len(m.GetFiles()))
+	for i, f := range m.GetFiles() {
+		if err := ValidateName(f.GetPath()); err != nil {
+			return fail(err)
+		}
+		paths[i] = filepath.Join(dir, f.GetPath())
+		g.Go(func() error {
+			if err := copyBlob(gctx, src, ns, f.GetDigest(), paths[i]); err != nil {
+				return fmt.Errorf("unpacking artifact file %q: %w", f.GetPath(), err)
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return fail(err)
+	}
+	for i, f := range m.GetFiles() {
+		u.Files[f.GetPath()] = paths[i]
+	}
+	ws := map[string][]int64{}
+	for _, w := range m.GetVmMetadata().GetWorkingSets() {
+		ws[w.GetFileName()] = w.GetOffsets()
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		s, err := cow.Open(cf.GetName(), cf, src, cow.Options{
+			Namespace: ns,
+			ChunkSize: cf.GetChunkSize(),
+			ReadAhead: opts.ReadAhead,
+			TempDir:   l.local.TempDir(),
+		})
+		if err != nil {
+			return fail(fmt.Errorf("opening chunked file %q: %w", cf.GetName(), err))
+		}
+		u.Stores[cf.GetName()] = s
+		if opts.PrefetchWorkingSet && len(ws[cf.GetName()]) > 0 {
+			s.Prefetch(ctx, ws[cf.GetName()])
+		}
+	}
+	return u, nil
+}
+
+// copyBlob writes a blob to path atomically (temp file + rename).
+func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d *repb.Digest, path string) error {
+	b, err := src.Open(ctx, ns, d)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".unpack-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, io.NewSectionReader(b, 0, b.Size())); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
