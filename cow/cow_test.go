@@ -35,6 +35,9 @@ type dirCAS struct {
 	writes    atomic.Int64
 	openDelay time.Duration
 	openErr   func(d *repb.Digest) error // injected failure, may be nil
+
+	mu    sync.Mutex
+	order []string // hashes in order of Open calls
 }
 
 func newDirCAS(t testing.TB) *dirCAS {
@@ -82,6 +85,9 @@ func (b *fileBlob) Close() error {
 }
 
 func (c *dirCAS) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
+	c.mu.Lock()
+	c.order = append(c.order, d.Hash)
+	c.mu.Unlock()
 	c.opens.Add(1)
 	if c.openDelay > 0 {
 		time.Sleep(c.openDelay)
@@ -910,5 +916,30 @@ func TestWithLocalCache(t *testing.T) {
 	}
 	if _, err := s3.ReadAt(make([]byte, 10), 0); err != nil {
 		t.Fatalf("intact chunk: %v", err)
+	}
+}
+
+func TestPrefetchNewestFirst(t *testing.T) {
+	opts := testOpts(t)
+	opts.PrefetchConcurrency = 1
+	s, cas, _ := newStore(t, "dddddddd", 0, opts)
+	cas.openDelay = 30 * time.Millisecond
+	hashAt := map[string]int64{}
+	for _, c := range s.ChunkedFile().Chunks {
+		hashAt[c.Digest.Hash] = c.Offset / testCS
+	}
+	s.Prefetch(context.Background(), []int64{0})
+	waitFor(t, "the first prefetch to start", func() bool { return cas.opens.Load() == 1 })
+	s.Prefetch(context.Background(), []int64{testCS, 2 * testCS})
+	s.Prefetch(context.Background(), []int64{5 * testCS, 6 * testCS})
+	waitFor(t, "all prefetches", func() bool { return s.Stats().Prefetched == 5 })
+	cas.mu.Lock()
+	var got []int64
+	for _, h := range cas.order {
+		got = append(got, hashAt[h])
+	}
+	cas.mu.Unlock()
+	if fmt.Sprint(got) != "[0 5 6 1 2]" {
+		t.Fatalf("chunks opened in order %v; want [0 5 6 1 2] (newest request first, each in its given order)", got)
 	}
 }
