@@ -370,7 +370,9 @@ func (g *Guest) Snapshot(ctx context.Context, stateFile string) (SnapshotStats, 
 // the snapshot's memory file contents (a copy, or a lazily served file):
 // with MemShare the restored guest writes back into it; without, it is
 // mapped copy-on-write, read only where the guest touches it and never
-// modified. ctx bounds the restore only.
+// modified. ctx bounds the restore only. A state file that does not load
+// (corrupt, truncated, or from a different machine) is an Internal error
+// carrying QEMU's message.
 func Restore(ctx context.Context, cfg Config, stateFile string) (*Guest, error) {
 	if _, err := os.Stat(stateFile); err != nil {
 		return nil, status.Errorf(codes.NotFound, "restoring from state file %s: %v", stateFile, err)
@@ -381,7 +383,22 @@ func Restore(ctx context.Context, cfg Config, stateFile string) (*Guest, error) 
 		return nil, fmt.Errorf("restoring from state file %s: %w", stateFile, err)
 	}
 	fail := func(what string, err error) (*Guest, error) {
+		// QEMU exits when the state does not load (corrupt or truncated
+		// file, a machine that differs); that is the error to report.
+		select {
+		case <-g.exited:
+		case <-time.After(time.Second):
+		}
+		exited := false
+		select {
+		case <-g.exited:
+			exited = true
+		default:
+		}
 		g.Close()
+		if exited {
+			return nil, status.Errorf(codes.Internal, "restoring from state file %s: qemu exited while %s (%v): %s", stateFile, what, g.waitErr, strings.TrimSpace(g.Stderr()))
+		}
 		return nil, fmt.Errorf("restoring from state file %s: %s: %w (qemu: %s)", stateFile, what, err, strings.TrimSpace(g.Stderr()))
 	}
 	if err := g.QMP.MigrateSetCapabilities(ctx, migrationCaps()); err != nil {
@@ -392,7 +409,7 @@ func Restore(ctx context.Context, cfg Config, stateFile string) (*Guest, error) 
 	}
 	st, err := g.QMP.WaitStatus(ctx, "paused", "running")
 	if err != nil {
-		return fail("waiting for the state to load", err)
+		return fail("loading the state", err)
 	}
 	if st.Status == "paused" {
 		if err := g.QMP.Cont(ctx); err != nil {

@@ -366,6 +366,8 @@ func TestSnapshotRestore(t *testing.T) {
 	}
 	bootSerial, _ := os.ReadFile(filepath.Join(dir, "serial-boot.log"))
 
+	t.Run("broken", func(t *testing.T) { checkRestoreFailures(ctx, t, tg, dir) })
+
 	modes := []struct {
 		name  string
 		share bool // memory file mapped shared (writes return) or private
@@ -485,6 +487,53 @@ func serveNBD(t testing.TB, path, export string) (string, func()) {
 		})
 	}
 	return "nbd:unix:" + sock + ":exportname=" + export, stop
+}
+
+// checkRestoreFailures restores the snapshot in dir with broken inputs and
+// expects an error and no QEMU left running.
+func checkRestoreFailures(ctx context.Context, t *testing.T, tg *TestGuest, dir string) {
+	state, err := os.ReadFile(filepath.Join(dir, "state.bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name   string
+		state  []byte
+		memory int64
+	}{
+		{"truncated state", state[:len(state)/2], testMemory},
+		{"garbage state", bytes.Repeat([]byte{0x5a}, 4096), testMemory},
+		{"memory size differs", state, testMemory / 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			rdir := t.TempDir()
+			stateFile := filepath.Join(rdir, "state.bin")
+			if err := os.WriteFile(stateFile, tt.state, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			disk := filepath.Join(rdir, "disk.img")
+			copySparse(t, filepath.Join(dir, "disk.img"), disk)
+			cfg := tg.Config()
+			cfg.MemoryBytes = tt.memory
+			cfg.MemPath, cfg.MemShare = filepath.Join(rdir, "mem"), false
+			cfg.Disks = []Disk{{Path: disk}}
+			cfg.SerialLog = filepath.Join(rdir, "serial.log")
+			cfg.QMPSocket = filepath.Join(rdir, "qmp.sock")
+			g, err := Restore(ctx, cfg, stateFile)
+			if err == nil {
+				g.Close()
+				t.Fatal("Restore succeeded, want an error")
+			}
+			if status.Code(err) != codes.Internal {
+				t.Errorf("error %v: code %v, want Internal", err, status.Code(err))
+			}
+			if !regexp.MustCompile(regexp.QuoteMeta(stateFile)).MatchString(err.Error()) {
+				t.Errorf("error %q does not name the state file", err)
+			}
+			t.Logf("error: %v", err)
+		})
+	}
 }
 
 func TestBuildTestGuestIsCached(t *testing.T) {
