@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/bits"
 	"net"
 	"os"
@@ -70,6 +71,7 @@ func readHandshake(ctx context.Context, conn *net.UnixConn, timeout time.Duratio
 	}()
 	for {
 		n, oobn, flags, _, rerr := conn.ReadMsgUnix(buf, oob)
+		n, oobn = max(n, 0), max(oobn, 0)
 		if oobn > 0 {
 			got, perr := parseRights(oob[:oobn])
 			fds = append(fds, got...)
@@ -87,6 +89,12 @@ func readHandshake(ctx context.Context, conn *net.UnixConn, timeout time.Duratio
 		if len(data) > 0 && json.Valid(data) {
 			return data, fds, nil
 		}
+		if errors.Is(rerr, io.EOF) || (rerr == nil && n == 0 && oobn == 0) {
+			if len(data) == 0 {
+				return nil, fds, invalidf("VMM closed the connection without sending a handshake")
+			}
+			return nil, fds, invalidf("handshake is not valid JSON (%d bytes)", len(data))
+		}
 		if rerr != nil {
 			if ctx.Err() != nil {
 				return nil, fds, fmt.Errorf("reading VMM handshake: %w", ctx.Err())
@@ -96,12 +104,6 @@ func readHandshake(ctx context.Context, conn *net.UnixConn, timeout time.Duratio
 				return nil, fds, invalidf("handshake is not valid JSON (%d bytes)", len(data))
 			}
 			return nil, fds, status.Errorf(codes.Unavailable, "reading VMM handshake (%d bytes so far): %v", len(data), rerr)
-		}
-		if n == 0 && oobn == 0 { // EOF
-			if len(data) == 0 {
-				return nil, fds, invalidf("VMM closed the connection without sending a handshake")
-			}
-			return nil, fds, invalidf("handshake is not valid JSON (%d bytes)", len(data))
 		}
 		// Partial message: the rest must follow promptly.
 		if d := time.Now().Add(continuationWait); d.Before(deadline) {

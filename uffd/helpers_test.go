@@ -99,7 +99,7 @@ func openMem(t testing.TB, path string) *fileMem {
 }
 
 func (m *fileMem) ReadAt(p []byte, off int64) (int, error) { return m.f.ReadAt(p, off) }
-func (m *fileMem) Size() int64                              { return m.size }
+func (m *fileMem) Size() int64                             { return m.size }
 
 // holeMem adds HoleChecker over chunk-granular holes.
 type holeMem struct {
