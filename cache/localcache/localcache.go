@@ -197,8 +197,11 @@ func (c *Cache) Close() error {
 // Path is where the blob d lives (whether or not it is present). Callers may
 // hard-link or read it but must never modify it: entries are immutable and
 // shared. A hard link keeps the data alive after eviction but is not counted
-// in Usage.
+// in Usage. Path is "" for a malformed digest.
 func (c *Cache) Path(ns cache.Namespace, d *repb.Digest) string {
+	if digest.Validate(d) != nil {
+		return ""
+	}
 	return filepath.Join(c.dir, casRel(ns.DigestFunction(), d))
 }
 

@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sys/unix"
@@ -254,7 +253,7 @@ func TestWriteIsIdempotent(t *testing.T) {
 	}
 }
 
-// mb1 returns n distinct 1 MiB blobs' data.
+// blobs returns n distinct 1 MiB blobs' data.
 func blobs(n int, seed uint64) [][]byte {
 	out := make([][]byte, n)
 	for i := range out {
@@ -642,6 +641,9 @@ func TestHostileNames(t *testing.T) {
 	if _, err := c.GetActionResult(ctx, ns, &repb.Digest{Hash: "../../../../etc/passwd", SizeBytes: 1}); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("hostile key hash: %v", err)
 	}
+	if p := c.Path(ns, &repb.Digest{Hash: "../x"}); p != "" {
+		t.Errorf("Path of a hostile digest = %q", p)
+	}
 	if _, err := c.Read(ctx, cache.Namespace{Function: digest.Function(99)}, key); status.Code(err) != codes.InvalidArgument {
 		t.Errorf("unknown digest function: %v", err)
 	}
@@ -649,7 +651,7 @@ func TestHostileNames(t *testing.T) {
 
 func TestStaleTempFilesAreCleaned(t *testing.T) {
 	dir := t.TempDir()
-	c := newCache(t, dir, Options{})
+	newCache(t, dir, Options{}) // creates the layout
 	stale := filepath.Join(dir, tmpDir, "stale.tmp")
 	live := filepath.Join(dir, tmpDir, "live.tmp")
 	os.WriteFile(stale, []byte("x"), 0o644)
@@ -662,7 +664,6 @@ func TestStaleTempFilesAreCleaned(t *testing.T) {
 	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
 		t.Fatal(err)
 	}
-	_ = c
 	newCache(t, dir, Options{})
 	if _, err := os.Stat(stale); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("stale temp file kept: %v", err)
@@ -742,5 +743,4 @@ func TestConcurrentUse(t *testing.T) {
 	if c.Usage() > 6*mib || diskUsage(t, c.Dir()) > 6*mib {
 		t.Errorf("usage %d / disk %d over bound", c.Usage(), diskUsage(t, c.Dir()))
 	}
-	_ = time.Now
 }

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"math/rand/v2"
-	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -19,92 +17,6 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-const mib = 1 << 20
-
-var ns = cache.Namespace{Instance: "ci", Function: digest.BLAKE3}
-
-func randBytes(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 3))
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(r.Uint32())
-	}
-	return b
-}
-
-func newLocal(t testing.TB, dir string) *localcache.Cache {
-	t.Helper()
-	if dir == "" {
-		dir = t.TempDir()
-	}
-	c, err := localcache.New(dir, localcache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
-}
-
-func put(t testing.TB, c cache.Cache, data []byte) *repb.Digest {
-	t.Helper()
-	d := digest.Compute(digest.BLAKE3, data)
-	if err := c.Write(context.Background(), ns, d, bytes.NewReader(data)); err != nil {
-		t.Fatal(err)
-	}
-	return d
-}
-
-func damage(t *testing.T, path string, how string) {
-	t.Helper()
-	switch how {
-	case "flip":
-		f, err := os.OpenFile(path, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b := []byte{0}
-		f.ReadAt(b, 100)
-		b[0] ^= 1
-		f.WriteAt(b, 100)
-		f.Close()
-	case "truncate":
-		os.Truncate(path, 1000)
-	case "extend":
-		os.Truncate(path, 2*mib)
-	}
-}
-
-func TestVerifying(t *testing.T) {
-	ctx := context.Background()
-	for _, how := range []string{"intact", "flip", "truncate", "extend"} {
-		t.Run(how, func(t *testing.T) {
-			// The writing instance trusts its own blobs, so the damage
-			// reaches the wrapper.
-			c := newLocal(t, "")
-			data := randBytes(1, mib)
-			d := put(t, c, data)
-			damage(t, c.Path(ns, d), how)
-			got, err := cache.ReadAll(ctx, cache.Verifying(c), ns, d)
-			if how == "intact" {
-				if err != nil || !bytes.Equal(got, data) {
-					t.Fatalf("ReadAll: %v", err)
-				}
-				return
-			}
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
-				t.Fatalf("ReadAll: %v, want Internal naming the digest", err)
-			}
-		})
-	}
-	t.Run("errors pass through", func(t *testing.T) {
-		c := newLocal(t, "")
-		d := digest.Compute(digest.BLAKE3, []byte("absent"))
-		if _, err := cache.Verifying(c).Read(ctx, ns, d); !cache.IsNotFound(err) {
-			t.Errorf("Read: %v, want NotFound", err)
-		}
-	})
-}
-
-// down is a remote whose reads fail as a tier that is down would.
 type down struct{ cache.Cache }
 
 func (down) Read(context.Context, cache.Namespace, *repb.Digest) (io.ReadCloser, error) {
@@ -260,38 +172,5 @@ func TestReadThroughCanceledCaller(t *testing.T) {
 	cancel()
 	if _, err := rt.Open(ctx, ns, d); status.Code(err) != codes.Canceled {
 		t.Errorf("Open with canceled ctx: %v", err)
-	}
-}
-
-func TestCounting(t *testing.T) {
-	ctx := context.Background()
-	c := cache.NewCounting(newLocal(t, ""))
-	data := randBytes(30, mib)
-	d := put(t, c, data)
-	put(t, c, data) // present: not consumed again
-	if _, err := cache.ReadAll(ctx, c, ns, d); err != nil {
-		t.Fatal(err)
-	}
-	absent := digest.Compute(digest.BLAKE3, []byte("x"))
-	if _, err := c.Read(ctx, ns, absent); !cache.IsNotFound(err) {
-		t.Fatal(err)
-	}
-	if _, err := c.FindMissing(ctx, ns, []*repb.Digest{d, absent}); err != nil {
-		t.Fatal(err)
-	}
-	if err := c.UpdateActionResult(ctx, ns, absent, &repb.ActionResult{}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.GetActionResult(ctx, ns, absent); err != nil {
-		t.Fatal(err)
-	}
-	want := cache.CountingStats{
-		FindMissing: 1, FindMissingDigests: 2,
-		Reads: 2, ReadBytes: mib,
-		Writes: 2, WriteBytes: mib,
-		ACGets: 1, ACPuts: 1,
-	}
-	if got := c.Stats(); got != want {
-		t.Errorf("Stats = %+v\nwant    %+v", got, want)
 	}
 }
