@@ -18,6 +18,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -53,6 +54,11 @@ type Options struct {
 	// MaxWrite is the largest READ/WRITE request the kernel sends, capped
 	// by the kernel at 1 MiB. Default 1 MiB.
 	MaxWrite int
+	// ReadAhead is the kernel's read-ahead window for the mount, in
+	// bytes. Default MaxWrite; negative keeps the kernel's default
+	// (128 KiB). It is set through /sys/class/bdi, which needs root;
+	// without it the kernel's default stays.
+	ReadAhead int
 	// Name is shown as the file system source in /proc/mounts. Default
 	// "snaploader".
 	Name string
@@ -111,6 +117,9 @@ func Mount(ctx context.Context, dir string, files map[string]File, opts Options)
 		FsName:        opts.Name,
 		Name:          "snaploader",
 		DisableXAttrs: true,
+		// Replies carry bytes, never file descriptors: splicing only
+		// adds pipe set-up to every READ.
+		DisableSplice: true,
 	}
 	if os.Geteuid() == 0 {
 		mopts.DirectMountStrict = true
@@ -129,6 +138,14 @@ func Mount(ctx context.Context, dir string, files map[string]File, opts Options)
 		return nil, fmt.Errorf("mounting files on %s: %w", dir, err)
 	}
 	m.server, m.mounted = server, true
+	if opts.ReadAhead == 0 {
+		opts.ReadAhead = opts.MaxWrite
+	}
+	if opts.ReadAhead > 0 {
+		if err := setReadAhead(dir, opts.ReadAhead); err != nil {
+			log.Debug("fusefs: keeping the default read-ahead", "dir", dir, "err", err)
+		}
+	}
 	m.stop = context.AfterFunc(ctx, func() {
 		if err := m.unmount(); err != nil {
 			log.Warn("fusefs: unmounting after the context ended", "dir", dir, "err", err)
@@ -308,3 +325,13 @@ func (n *fileNode) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) sy
 
 // Flush is called on close(2); data is already with the File.
 func (n *fileNode) Flush(ctx context.Context, fh fs.FileHandle) syscall.Errno { return 0 }
+
+// setReadAhead sets the read-ahead window of the mount's backing device.
+func setReadAhead(dir string, bytes int) error {
+	var st unix.Stat_t
+	if err := unix.Stat(dir, &st); err != nil {
+		return err
+	}
+	p := fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev))
+	return os.WriteFile(p, []byte(strconv.Itoa((bytes+1023)/1024)), 0)
+}

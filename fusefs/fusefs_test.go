@@ -236,6 +236,14 @@ func TestReadWholeFiles(t *testing.T) {
 			t.Errorf("%s: read %d bytes differing from the %d-byte source", name, len(got), len(want))
 		}
 	}
+	var st unix.Stat_t
+	if err := unix.Stat(s.Dir(), &st); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(st.Dev), unix.Minor(st.Dev)))
+	if err == nil && strings.TrimSpace(string(ra)) != "1024" {
+		t.Errorf("read-ahead of the mount is %s KiB, want 1024", ra)
+	}
 	if _, err := os.Stat(filepath.Join(s.Dir(), "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("stat of a missing name: %v", err)
 	}
