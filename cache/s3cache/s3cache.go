@@ -150,7 +150,7 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 	if opts.Endpoint == "" {
 		return nil, status.Errorf(codes.InvalidArgument, "s3 cache: no endpoint")
 	}
-	if err := s3utils.CheckValidBucketName(opts.Bucket); err != nil {
+	if err := s3utils.CheckValidBucketNameStrict(opts.Bucket); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "s3 cache: bucket %q: %v", opts.Bucket, err)
 	}
 	prefix, err := cleanPrefix(opts.Prefix)
@@ -434,57 +434,35 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 		return nil, status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
 			digest.String(d), key, c.opts.Bucket, info.Size)
 	}
-	v, err := digest.NewVerifier(fn, d)
+	// The bucket is not trusted: the stream is checked against d.
+	rc, err := cache.NewVerifyingReader(&objectReader{c: c, obj: obj, d: d, key: key}, fn, d)
 	if err != nil {
 		obj.Close()
-		return nil, status.Errorf(codes.InvalidArgument, "s3 cache: reading blob %s: %v", digest.String(d), err)
+		return nil, err
 	}
-	return &verifyingReader{c: c, obj: obj, v: v, d: d, key: key}, nil
+	return rc, nil
 }
 
-// verifyingReader streams an object and checks it against its digest.
-type verifyingReader struct {
+// objectReader streams an object, naming the blob, key and offset in any
+// transport error.
+type objectReader struct {
 	c   *Cache
 	obj *minio.Object
-	v   *digest.Verifier
 	d   *repb.Digest
 	key string
 	n   int64
-	err error // sticky terminal error
 }
 
-func (r *verifyingReader) Read(p []byte) (int, error) {
-	if r.err != nil {
-		return 0, r.err
-	}
+func (r *objectReader) Read(p []byte) (int, error) {
 	n, err := r.obj.Read(p)
-	if n > 0 {
-		r.v.Write(p[:n])
-		r.n += int64(n)
-		if r.n > r.d.SizeBytes {
-			r.err = status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): more than %d bytes",
-				digest.String(r.d), r.key, r.c.opts.Bucket, r.d.SizeBytes)
-			return 0, r.err
-		}
+	r.n += int64(n)
+	if err != nil && !errors.Is(err, io.EOF) {
+		err = r.c.errorf(err, "reading blob %s at %s at offset %d", digest.String(r.d), r.key, r.n)
 	}
-	switch {
-	case errors.Is(err, io.EOF):
-		if cerr := r.v.Check(); cerr != nil {
-			r.err = status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): %v",
-				digest.String(r.d), r.key, r.c.opts.Bucket, cerr)
-			// The bytes of this call are suspect too: withhold them.
-			return 0, r.err
-		}
-		r.err = io.EOF
-		return n, io.EOF
-	case err != nil:
-		r.err = r.c.errorf(err, "reading blob %s at %s at offset %d", digest.String(r.d), r.key, r.n)
-		return n, r.err
-	}
-	return n, nil
+	return n, err
 }
 
-func (r *verifyingReader) Close() error { return r.obj.Close() }
+func (r *objectReader) Close() error { return r.obj.Close() }
 
 // Write stores the blob d read from r. r must yield exactly the content d
 // names, else the error is InvalidArgument and nothing is stored. When the

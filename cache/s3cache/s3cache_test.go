@@ -708,3 +708,51 @@ func TestCode(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkUpload and BenchmarkDownload move 4,096,000-byte chunks (the
+// default chunk size) to and from a local MinIO; MB/s is per chunk byte.
+func BenchmarkUpload(b *testing.B) {
+	m := testutil.StartMinIO(b)
+	c := newCache(b, m, m.NewBucket(b), nil)
+	ctx := context.Background()
+	data := randomBytes(b, 4096000)
+	b.SetBytes(int64(len(data)))
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		// A distinct blob each time, so each Write uploads.
+		data[0], data[1], data[2], data[3] = byte(i), byte(i>>8), byte(i>>16), byte(i>>24)
+		d := digest.Compute(digest.BLAKE3, data)
+		if err := c.Write(ctx, cache.Namespace{}, d, bytes.NewReader(data)); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkDownload(b *testing.B) {
+	m := testutil.StartMinIO(b)
+	c := newCache(b, m, m.NewBucket(b), nil)
+	ctx := context.Background()
+	var ds []*repb.Digest
+	for range 8 {
+		data := randomBytes(b, 4096000)
+		d := digest.Compute(digest.BLAKE3, data)
+		if err := c.Write(ctx, cache.Namespace{}, d, bytes.NewReader(data)); err != nil {
+			b.Fatal(err)
+		}
+		ds = append(ds, d)
+	}
+	buf := make([]byte, 1<<20)
+	b.SetBytes(4096000)
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		rc, err := c.Read(ctx, cache.Namespace{}, ds[i%len(ds)])
+		if err != nil {
+			b.Fatal(err)
+		}
+		n, err := io.CopyBuffer(io.Discard, rc, buf)
+		rc.Close()
+		if err != nil || n != 4096000 {
+			b.Fatalf("read %d bytes: %v", n, err)
+		}
+	}
+}
