@@ -51,11 +51,7 @@ func (s *Server) Serve(ctx context.Context, lis *net.UnixListener) error {
 		return err
 	}
 	defer p.close()
-	ss, err := newSession(s, p)
-	if err != nil {
-		return err
-	}
-	return ss.run(ctx, conn)
+	return newSession(s, p).run(ctx, conn)
 }
 
 func accept(ctx context.Context, lis *net.UnixListener) (*net.UnixConn, error) {
@@ -118,7 +114,7 @@ type session struct {
 	p       *peer
 	regions []*region
 	sysPage uint64
-	evfd    int
+	wake    chan struct{} // fatal error or VMM gone
 
 	mu          sync.Mutex
 	inflight    map[blockKey]*fetch
@@ -135,16 +131,12 @@ type session struct {
 	bufs sync.Pool
 }
 
-func newSession(s *Server, p *peer) (*session, error) {
-	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "creating eventfd: %v", err)
-	}
+func newSession(s *Server, p *peer) *session {
 	ss := &session{
 		s:        s,
 		p:        p,
 		sysPage:  uint64(os.Getpagesize()),
-		evfd:     evfd,
+		wake:     make(chan struct{}, 1),
 		inflight: make(map[blockKey]*fetch),
 		sem:      make(chan struct{}, s.opts.Parallelism),
 		done:     make(chan struct{}),
@@ -162,7 +154,7 @@ func newSession(s *Server, p *peer) (*session, error) {
 			populated: newBitset(n), removed: newBitset(n),
 		})
 	}
-	return ss, nil
+	return ss
 }
 
 func (ss *session) regionOf(addr uint64) *region {
@@ -198,105 +190,144 @@ func (ss *session) state() (bool, error) {
 }
 
 func (ss *session) notify() {
-	var one [8]byte
-	one[0] = 1
-	unix.Write(ss.evfd, one[:])
+	select {
+	case ss.wake <- struct{}{}:
+	default:
+	}
 }
 
-// run is the event loop; it returns when the VMM is gone, on a fatal
-// error or when ctx ends, after tearing the session down.
+// run serves events until the VMM is gone, a fatal error occurs or ctx
+// ends, then tears the session down. The userfaultfd and the pidfd are
+// waited on through the runtime's poller, so a fault wakes a goroutine
+// without handing a blocked thread's P around.
 func (ss *session) run(ctx context.Context, conn *net.UnixConn) error {
-	stop := context.AfterFunc(ctx, ss.notify)
-	defer stop()
-	err := ss.loop(ctx, conn)
+	uf := os.NewFile(uintptr(ss.p.uffd), "userfaultfd")
+	defer func() { uf.Close(); ss.p.uffd = -1 }()
+	events := make(chan error, 1)
+	go func() { events <- ss.readEvents(uf) }()
+
+	exited := make(chan error, 1)
+	var stopExit func()
+	if ss.p.pidfd >= 0 {
+		unix.SetNonblock(ss.p.pidfd, true)
+		pf := os.NewFile(uintptr(ss.p.pidfd), "pidfd")
+		defer func() { pf.Close(); ss.p.pidfd = -1 }()
+		go func() { exited <- waitReadable(pf) }()
+		stopExit = func() { pf.SetReadDeadline(time.Unix(1, 0)) }
+	} else {
+		// No pidfd: the socket's hang-up marks the VMM's exit.
+		go func() { _, err := io.Copy(io.Discard, conn); exited <- err }()
+		stopExit = func() { conn.SetReadDeadline(time.Unix(1, 0)) }
+	}
+
+	var err error
+	eventsDone, exitDone := false, false
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+			break loop
+		case <-exited:
+			exitDone = true
+			break loop
+		case err = <-events:
+			eventsDone = true
+			break loop
+		case <-ss.wake:
+			gone, ferr := ss.state()
+			if ferr != nil {
+				err = ferr
+				break loop
+			}
+			if gone {
+				break loop
+			}
+		}
+	}
+	if err == nil {
+		if _, ferr := ss.state(); ferr != nil {
+			err = ferr
+		}
+	}
 	if err != nil {
 		ss.killVMM(err)
 	}
+	if !eventsDone {
+		uf.SetReadDeadline(time.Unix(1, 0))
+		if rerr := <-events; err == nil {
+			err = rerr
+		}
+	}
+	if !exitDone {
+		stopExit()
+		<-exited
+	}
 	close(ss.done)
 	ss.wg.Wait()
-	unix.Close(ss.evfd)
 	return err
 }
 
-func (ss *session) loop(ctx context.Context, conn *net.UnixConn) error {
-	fds := []unix.PollFd{
-		{Fd: int32(ss.p.uffd), Events: unix.POLLIN},
-		{Fd: int32(ss.evfd), Events: unix.POLLIN},
+// waitReadable returns when f becomes readable (a pidfd: the process
+// exited) or its read deadline passes.
+func waitReadable(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
 	}
-	connFd := -1
-	if ss.p.pidfd >= 0 {
-		fds = append(fds, unix.PollFd{Fd: int32(ss.p.pidfd), Events: unix.POLLIN})
-	} else if rc, err := conn.SyscallConn(); err == nil {
-		rc.Control(func(fd uintptr) { connFd = int(fd) })
-		fds = append(fds, unix.PollFd{Fd: int32(connFd), Events: unix.POLLIN | unix.POLLRDHUP})
-	}
-	buf := make([]byte, 128*uffdio.MsgSize)
-	for {
-		if _, err := unix.Poll(fds, -1); err != nil && err != unix.EINTR {
-			return status.Errorf(codes.Internal, "polling userfaultfd: %v", err)
-		}
-		if gone, err := ss.state(); err != nil {
-			return err
-		} else if gone {
-			return nil
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if fds[1].Revents != 0 {
-			var b [8]byte
-			unix.Read(ss.evfd, b[:])
-		}
-		if len(fds) > 2 && fds[2].Revents != 0 {
-			if ss.p.pidfd >= 0 {
-				return nil // the VMM process exited
-			}
-			if fds[2].Revents&(unix.POLLHUP|unix.POLLRDHUP|unix.POLLERR) != 0 {
-				return nil
-			}
-			var b [256]byte
-			if n, _ := unix.Read(connFd, b[:]); n == 0 {
-				return nil
-			}
-		}
-		if fds[0].Revents&(unix.POLLERR|unix.POLLHUP|unix.POLLNVAL) != 0 {
-			return nil
-		}
-		if fds[0].Revents&unix.POLLIN != 0 {
-			if err := ss.drain(buf); err != nil {
-				return err
-			}
-		}
-	}
+	return rc.Read(func(fd uintptr) bool {
+		p := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, _ := unix.Poll(p, 0)
+		return n > 0
+	})
 }
 
-// drain reads and dispatches every queued userfaultfd event.
-func (ss *session) drain(buf []byte) error {
-	for {
-		n, err := unix.Read(ss.p.uffd, buf)
-		if err == unix.EAGAIN || err == unix.EINTR {
-			return nil
-		}
-		if err != nil {
-			return status.Errorf(codes.Internal, "reading userfaultfd events: %v", err)
-		}
-		if n == 0 {
-			return nil
-		}
-		now := time.Now()
-		for off := 0; off+uffdio.MsgSize <= n; off += uffdio.MsgSize {
-			m := uffdio.ParseMsg(buf[off : off+uffdio.MsgSize])
-			switch m.Event {
-			case uffdio.EventPagefault:
-				ss.s.c.faults.Add(1)
-				if err := ss.onFault(m.Address, now); err != nil {
-					return err
+// readEvents reads and dispatches userfaultfd events until a fatal error
+// or until uf's read deadline passes (returning nil).
+func (ss *session) readEvents(uf *os.File) error {
+	rc, err := uf.SyscallConn()
+	if err != nil {
+		return status.Errorf(codes.Internal, "waiting on userfaultfd: %v", err)
+	}
+	buf := make([]byte, 128*uffdio.MsgSize)
+	var ferr error
+	rerr := rc.Read(func(fd uintptr) bool {
+		for {
+			n, err := unix.Read(int(fd), buf)
+			switch {
+			case err == unix.EAGAIN:
+				return false
+			case err == unix.EINTR:
+				continue
+			case err != nil:
+				ferr = status.Errorf(codes.Internal, "reading userfaultfd events: %v", err)
+				return true
+			case n == 0:
+				return false
+			}
+			now := time.Now()
+			for off := 0; off+uffdio.MsgSize <= n; off += uffdio.MsgSize {
+				m := uffdio.ParseMsg(buf[off : off+uffdio.MsgSize])
+				switch m.Event {
+				case uffdio.EventPagefault:
+					ss.s.c.faults.Add(1)
+					if err := ss.onFault(m.Address, now); err != nil {
+						ferr = err
+						return true
+					}
+				case uffdio.EventRemove:
+					ss.onRemove(m.Start, m.End)
 				}
-			case uffdio.EventRemove:
-				ss.onRemove(m.Start, m.End)
 			}
 		}
+	})
+	if ferr != nil {
+		return ferr
 	}
+	if rerr != nil && !errors.Is(rerr, os.ErrDeadlineExceeded) {
+		return status.Errorf(codes.Internal, "waiting on userfaultfd: %v", rerr)
+	}
+	return nil
 }
 
 // onFault starts (or joins) the fetch of the block containing addr.
