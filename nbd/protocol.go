@@ -33,15 +33,13 @@ const (
 	optStructuredReply = 8
 
 	// Option reply types.
-	repAck         = 1
-	repServer      = 2
-	repInfo        = 3
-	repFlagError   = 1 << 31
-	repErrUnsup    = repFlagError | 1
-	repErrInvalid  = repFlagError | 3
-	repErrUnknown  = repFlagError | 6
-	repErrTooBig   = repFlagError | 9
-	repErrShutdown = repFlagError | 7
+	repAck        = 1
+	repServer     = 2
+	repInfo       = 3
+	repFlagError  = 1 << 31
+	repErrUnsup   = repFlagError | 1
+	repErrInvalid = repFlagError | 3
+	repErrUnknown = repFlagError | 6
 
 	// Info types.
 	infoExport    = 0
@@ -60,13 +58,12 @@ const (
 	cmdFlagFUA = 1 << 0
 
 	// Error values in simple replies.
-	errPerm     = 1
-	errIO       = 5
-	errNoMem    = 12
-	errInval    = 22
-	errNoSpc    = 28
-	errNotSup   = 95
-	errShutdown = 108
+	errPerm   = 1
+	errIO     = 5
+	errNoMem  = 12
+	errInval  = 22
+	errNoSpc  = 28
+	errNotSup = 95
 )
 
 // MaxPayload is the largest READ or WRITE request the server accepts. A

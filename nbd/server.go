@@ -239,7 +239,6 @@ type conn struct {
 	s    *Server
 	nc   net.Conn
 	exp  *export
-	size int64
 	done chan struct{} // closed when the connection's goroutines have ended
 
 	wmu  sync.Mutex // serializes replies
@@ -381,9 +380,8 @@ func (s *Server) handshake(br *bufio.Reader, nc net.Conn, c *conn) (*export, err
 			if e == nil || !e.attach(c) {
 				return nil, fmt.Errorf("client asked for unknown export %q", data)
 			}
-			c.size = e.dev.Size()
 			out := make([]byte, 10, 10+124)
-			binary.BigEndian.PutUint64(out[0:], uint64(c.size))
+			binary.BigEndian.PutUint64(out[0:], uint64(e.dev.Size()))
 			binary.BigEndian.PutUint16(out[8:], e.transmissionFlags())
 			if !noZeroes {
 				out = out[:10+124]
@@ -448,7 +446,6 @@ func (s *Server) handshake(br *bufio.Reader, nc net.Conn, c *conn) (*export, err
 					e.detach(c)
 					return nil, fmt.Errorf("sending export %q: %w", e.name, err)
 				}
-				c.size = size
 				return e, nil
 			}
 		default: // including NBD_OPT_STRUCTURED_REPLY and NBD_OPT_STARTTLS
