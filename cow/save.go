@@ -65,6 +65,7 @@ type saver struct {
 	sink Sink
 	opts Options
 	cs   int64
+	pool *sync.Pool // of *[]byte of length cs
 
 	written      atomic.Int64
 	bytesWritten atomic.Int64
@@ -82,9 +83,25 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 	nbuf := max(1, min(3*par, len(jobs), int(maxSaveBuffer/sv.cs)))
 	free := make(chan *[]byte, nbuf)
 	for range nbuf {
+		if bp, ok := sv.pool.Get().(*[]byte); ok {
+			free <- bp
+			continue
+		}
 		b := make([]byte, sv.cs)
 		free <- &b
 	}
+	defer func() {
+		// Keep the buffers for the next Save; any still in flight after
+		// an error are left to the garbage collector.
+		for {
+			select {
+			case bp := <-free:
+				sv.pool.Put(bp)
+			default:
+				return
+			}
+		}
+	}()
 	release := func(b *[]byte) { free <- b }
 
 	hashedCh := make(chan hashed, nbuf)
@@ -257,7 +274,7 @@ func (s *Store) Save(ctx context.Context, sink Sink) (*snapshotpb.ChunkedFile, S
 		jobs = append(jobs, j)
 		jobOf[c] = j
 	}
-	sv := &saver{name: s.name, sink: sink, opts: s.opts, cs: s.cs}
+	sv := &saver{name: s.name, sink: sink, opts: s.opts, cs: s.cs, pool: &s.bufs}
 	if err := sv.run(ctx, jobs); err != nil {
 		return nil, SaveStats{}, fmt.Errorf("saving chunked file %q: %w", s.name, err)
 	}
@@ -348,7 +365,7 @@ func FromFile(ctx context.Context, name, path string, src Source, sink Sink, opt
 		}
 		jobs[i] = j
 	}
-	sv := &saver{name: name, sink: sink, opts: opts, cs: cs}
+	sv := &saver{name: name, sink: sink, opts: opts, cs: cs, pool: &sync.Pool{}}
 	if err := sv.run(ctx, jobs); err != nil {
 		return nil, SaveStats{}, fmt.Errorf("splitting file %s into chunked file %q: %w", path, name, err)
 	}
