@@ -477,3 +477,28 @@ func TestHandshakeTimeout(t *testing.T) {
 	}
 	checkStillServing(t, sock, data)
 }
+
+type panicDevice struct{ *fileDevice }
+
+func (d panicDevice) ReadAt(p []byte, off int64) (int, error) {
+	if off == 0 {
+		panic("device bug")
+	}
+	return d.fileDevice.ReadAt(p, off)
+}
+
+func TestDevicePanicIsEIO(t *testing.T) {
+	src, data := sourceFile(t, t.TempDir(), testSize)
+	srv := NewServer(Options{})
+	srv.AddExport("disk", panicDevice{newFileDevice(t, src, testSize)}, true)
+	c := dial(t, "unix", serve(t, srv))
+	c.goExport("disk")
+	c.request(cmdRead, 0, 1, 0, 4096, nil)
+	if _, errno, _ := c.reply(nil); errno != errIO {
+		t.Fatalf("errno %d, want EIO", errno)
+	}
+	c.request(cmdRead, 0, 2, 4096, 4096, nil)
+	if _, errno, got := c.reply(map[uint64]int{2: 4096}); errno != 0 || !bytes.Equal(got, data[4096:8192]) {
+		t.Fatalf("read after a panic: errno %d", errno)
+	}
+}

@@ -579,8 +579,15 @@ func (c *conn) serve(r request) {
 
 // execute performs r on the device and returns the NBD error number; for a
 // successful READ it sets *payload to a pooled buffer holding the data.
-func (c *conn) execute(r *request, payload *[]byte) uint32 {
+func (c *conn) execute(r *request, payload *[]byte) (errno uint32) {
 	s, e := c.s, c.exp
+	defer func() {
+		if v := recover(); v != nil {
+			s.log.Error("nbd: device panicked", "export", e.name, "command", r.typ, "offset", r.off, "length", r.length, "panic", v)
+			*payload = nil
+			errno = errIO
+		}
+	}()
 	fail := func(op string, errno uint32, err error) uint32 {
 		s.log.Warn("nbd: request failed", "export", e.name, "op", op, "offset", r.off, "length", r.length, "errno", errno, "err", err)
 		return errno
