@@ -81,7 +81,9 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	t := time.Now()
 	files := map[string]string{"vmstate.snap": filepath.Join(vm, "vmstate.snap"), "vmlinux": filepath.Join(vm, "vmlinux")}
 	mem, disk := filepath.Join(vm, "memory.img"), filepath.Join(vm, "rootfs.img")
-	rng := rand.New(rand.NewPCG(1, 2))
+	// A fresh seed per run, so a reused cache does not already hold the data.
+	seed := uint64(time.Now().UnixNano())
+	rng := rand.New(rand.NewPCG(seed, seed>>7))
 	if err := writeSynthetic(mem, f.memMiB<<20, 0.30, 0.10, rng); err != nil {
 		return err
 	}
@@ -108,12 +110,16 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	cpTook := time.Since(t)
 	step("baseline: cp memory+disk", total, "", cpTook, "reference for ratios")
 
-	// Host A: the embedded default cache.
+	// Host A: the embedded default cache, which also serves as the shared
+	// tier host B reads from (as `snaploader serve` over it would).
 	a, err := f.cf.open(ctx)
 	if err != nil {
 		return err
 	}
 	defer a.Close()
+	if a.loader, err = snapshot.New(a.local, a.local, snapshot.Options{Group: f.cf.group, Logger: a.log}); err != nil {
+		return err
+	}
 	cfg := &snapshotpb.VMConfiguration{Vcpus: 2, MemoryBytes: f.memMiB << 20, Vmm: "demo", Disks: []*snapshotpb.Disk{{Name: "rootfs.img", SizeBytes: f.diskMiB << 20}}}
 	ch, err := snapshot.ConfigurationHash(cfg)
 	if err != nil {
@@ -151,7 +157,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 		split.BytesWritten += st.BytesWritten
 		split.BytesSkippedZero += st.BytesSkippedZero
 	}
-	_, err = a.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: keys.GetWriteKey(), Config: cfg, Files: files, Chunked: stores, Local: true, LocalManifest: true})
+	_, err = a.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: keys.GetWriteKey(), Config: cfg, Files: files, Chunked: stores, Local: true, Remote: true, LocalManifest: true})
 	if err != nil {
 		return err
 	}
@@ -180,7 +186,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 
 	// 4. Incremental save: only the dirtied chunks are stored.
 	t = time.Now()
-	inc, err := a.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: keys.GetWriteKey(), Config: cfg, Files: files, Chunked: stores, Local: true, LocalManifest: true})
+	inc, err := a.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: keys.GetWriteKey(), Config: cfg, Files: files, Chunked: stores, Local: true, Remote: true, LocalManifest: true})
 	if err != nil {
 		return err
 	}
@@ -246,9 +252,9 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.step, humanBytes(r.bytes), r.chunks, r.took.Round(time.Millisecond), r.note)
 	}
 	w.Flush()
-	dedup := float64(total) / float64(max(1, split.BytesWritten))
-	fmt.Printf("\nmemory %d MiB + disk %d MiB stored as %s (%.2fx smaller: zero chunks skipped, identical chunks stored once); cache %s\n",
-		f.memMiB, f.diskMiB, humanBytes(split.BytesWritten), dedup, a.local.Dir())
+	fmt.Printf("\nmemory %d MiB + disk %d MiB stored as %s: %s of zero chunks skipped, %s of identical chunks stored once; cache %s\n",
+		f.memMiB, f.diskMiB, humanBytes(split.BytesWritten), humanBytes(split.BytesSkippedZero),
+		humanBytes(max(0, total-split.BytesSkippedZero-split.BytesWritten)), a.local.Dir())
 	return nil
 }
 
@@ -272,7 +278,7 @@ func writeSynthetic(path string, size int64, zeroShare, repeatShare float64, rng
 		return err
 	}
 	const page = 4096
-	const run = 256 // pages per run: whole runs are zero, repeated or random
+	const run = 1000 // pages per run (one default chunk): whole runs are zero, repeated or random
 	buf := make([]byte, page*run)
 	repeat := make([]byte, page*run)
 	fillRandom(repeat, rng)

@@ -31,7 +31,7 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd())
+	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd())
 	return root
 }
 
@@ -42,14 +42,19 @@ type cacheFlags struct {
 	group    string
 	function string
 	verbose  bool
+	remote   remoteFlags
+
+	functionSet bool
 }
 
 func (f *cacheFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.dir, "cache-dir", "", "local cache directory (default: the user cache directory's snaploader/)")
 	cmd.Flags().Int64Var(&f.maxBytes, "cache-max-bytes", DefaultCacheBytes, "bound of the local cache in bytes of disk usage")
 	cmd.Flags().StringVar(&f.group, "group", "", "tenant owning local manifests (default anonymous)")
-	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256")
+	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256 (with a REAPI remote, default: what the server offers, BLAKE3 first)")
+	cmd.PreRun = func(cmd *cobra.Command, _ []string) { f.functionSet = cmd.Flags().Changed("digest-function") }
 	cmd.Flags().BoolVarP(&f.verbose, "verbose", "v", false, "log debug messages to stderr")
+	f.remote.register(cmd)
 }
 
 func defaultCacheDir() (string, error) {
@@ -66,6 +71,7 @@ type env struct {
 	remote cache.Cache
 	loader *snapshot.Loader
 	log    *slog.Logger
+	closer io.Closer
 }
 
 func (f *cacheFlags) open(ctx context.Context) (*env, error) {
@@ -85,19 +91,35 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
-	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes})
-	if err != nil {
-		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+	if f.remote.apiKey == "" {
+		f.remote.apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
-	l, err := snapshot.New(local, nil, snapshot.Options{Group: f.group, Function: fn, Logger: log})
+	rc, fn, closer, err := f.remote.open(ctx, fn, f.functionSet)
 	if err != nil {
-		local.Close()
 		return nil, err
 	}
-	return &env{local: local, loader: l, log: log}, nil
+	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes})
+	if err != nil {
+		if closer != nil {
+			closer.Close()
+		}
+		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+	}
+	e := &env{local: local, remote: rc, log: log, closer: closer}
+	e.loader, err = snapshot.New(local, rc, snapshot.Options{Group: f.group, Function: fn, Logger: log, RemoteReadOnly: f.remote.readOnly})
+	if err != nil {
+		e.Close()
+		return nil, err
+	}
+	return e, nil
 }
 
-func (e *env) Close() error { return e.local.Close() }
+func (e *env) Close() error {
+	if e.closer != nil {
+		e.closer.Close()
+	}
+	return e.local.Close()
+}
 
 // keyFlags identify a snapshot key set.
 type keyFlags struct {

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/snaploader/snaploader/cow"
@@ -72,6 +74,8 @@ func newSaveCmd() *cobra.Command {
 		asJSON    bool
 		vcpus     int64
 		memBytes  int64
+		policy    string
+		gf        getFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "save",
@@ -101,7 +105,26 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			res, err := saveFiles(ctx, e, keys, fileMap, chunkMap, chunkOrder, chunkSize, &snapshotpb.VMConfiguration{Vcpus: vcpus, MemoryBytes: memBytes}, !asJSON && stderrIsTerminal())
+			sp, err := snapshot.ParseSavePolicy(policy)
+			if err != nil {
+				return err
+			}
+			gopts, err := gf.options()
+			if err != nil {
+				return err
+			}
+			pub := publishPlan{local: true, localManifest: true}
+			if e.remote != nil && !cf.remote.readOnly {
+				// What this run would have started from decides whether it
+				// publishes (SPEC §4).
+				loaded, err := e.loader.GetSnapshot(ctx, keys, gopts)
+				if err != nil && status.Code(err) != codes.NotFound {
+					e.log.Warn("looking up the current snapshot before saving", "err", err)
+				}
+				pub.remote = snapshot.ShouldPublishRemote(sp, keys.GetWriteKey().GetRef(), kf.defaultRef, loaded)
+				pub.localManifest = !(pub.remote && gopts.ReadPolicy == snapshot.Newest)
+			}
+			res, err := saveFiles(ctx, e, keys, fileMap, chunkMap, chunkOrder, chunkSize, &snapshotpb.VMConfiguration{Vcpus: vcpus, MemoryBytes: memBytes}, pub)
 			if err != nil {
 				return err
 			}
@@ -139,12 +162,17 @@ func newSaveCmd() *cobra.Command {
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object")
 	fl.Int64Var(&vcpus, "vcpus", 0, "VM configuration: vCPUs (recorded in the manifest)")
 	fl.Int64Var(&memBytes, "memory-bytes", 0, "VM configuration: memory size (recorded in the manifest)")
+	fl.StringVar(&policy, "save-policy", "first-non-default-ref", "when a run on a non-default ref publishes to the remote: always, first-non-default-ref or none-available")
+	gf.register(cmd)
 	return cmd
 }
 
 // saveFiles splits the chunked files into the local cache and saves a
 // snapshot under the key set's write key.
-func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, progress bool) (*snapshot.SaveResult, error) {
+// publishPlan says where a save goes.
+type publishPlan struct{ local, remote, localManifest bool }
+
+func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan) (*snapshot.SaveResult, error) {
 	ns := e.loader.Namespace(keys.GetWriteKey())
 	var stores []*cow.Store
 	defer func() {
@@ -170,8 +198,9 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 		Config:        cfg,
 		Files:         files,
 		Chunked:       stores,
-		Local:         true,
-		LocalManifest: true,
+		Local:         pub.local,
+		Remote:        pub.remote,
+		LocalManifest: pub.localManifest,
 	})
 	if err != nil {
 		return nil, err

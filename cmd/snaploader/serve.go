@@ -1,0 +1,114 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"strings"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/cache/s3cache"
+	"github.com/snaploader/snaploader/server"
+)
+
+func newServeCmd() *cobra.Command {
+	var (
+		listen      string
+		cacheDir    string
+		maxBytes    int64
+		s3URL       string
+		apiKeys     []string
+		metricsAddr string
+	)
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run an REAPI cache server (CAS, ActionCache, ByteStream) over a local disk cache or an S3 bucket",
+		Long: `serve runs a Remote Execution API cache so a fleet can share snapshots with nothing else installed.
+Backed by --cache-dir (a byte-bounded local cache) or by --s3 (stateless: several servers over one
+bucket serve the same data). With --api-key, every request must carry a known key (x-api-key header
+or "authorization: Bearer KEY"); each key maps to a group, whose action-cache entries no other group
+sees, and may be read-only.`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			keys := map[string]server.APIKey{}
+			for _, k := range apiKeys {
+				key, rest, ok := strings.Cut(k, "=")
+				if !ok || key == "" {
+					return fmt.Errorf("--api-key %q: want KEY=GROUP[:ro]", k)
+				}
+				group, mode, _ := strings.Cut(rest, ":")
+				if mode != "" && mode != "ro" && mode != "rw" {
+					return fmt.Errorf("--api-key %q: mode must be ro or rw", k)
+				}
+				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
+			}
+			var backend cache.Cache
+			var where string
+			switch {
+			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
+				return fmt.Errorf("give either --cache-dir or --s3, not both")
+			case s3URL != "":
+				opts, err := s3cache.ParseURL(s3URL)
+				if err != nil {
+					return err
+				}
+				opts.CreateBucket = true
+				c, err := s3cache.New(ctx, opts)
+				if err != nil {
+					return err
+				}
+				backend, where = c, "bucket "+opts.Bucket
+			default:
+				dir := cacheDir
+				if dir == "" {
+					var err error
+					if dir, err = defaultCacheDir(); err != nil {
+						return err
+					}
+					dir += "-server"
+				}
+				c, err := localcache.New(dir, localcache.Options{MaxBytes: maxBytes})
+				if err != nil {
+					return fmt.Errorf("opening cache %s: %w", dir, err)
+				}
+				defer c.Close()
+				backend, where = c, "directory "+dir
+			}
+			srv, err := server.New(backend, server.Options{APIKeys: keys})
+			if err != nil {
+				return err
+			}
+			lis, err := net.Listen("tcp", listen)
+			if err != nil {
+				return fmt.Errorf("listening on %s: %w", listen, err)
+			}
+			g, gctx := errgroup.WithContext(ctx)
+			g.Go(func() error { return srv.Serve(gctx, lis) })
+			if metricsAddr != "" {
+				ml, err := net.Listen("tcp", metricsAddr)
+				if err != nil {
+					lis.Close()
+					return fmt.Errorf("listening on %s: %w", metricsAddr, err)
+				}
+				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
+				log.Info("serving metrics", "addr", ml.Addr().String())
+			}
+			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "backend", where, "api_keys", len(keys))
+			return g.Wait()
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address")
+	fl.StringVar(&cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
+	fl.Int64Var(&maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend in bytes")
+	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
+	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
+	return cmd
+}
