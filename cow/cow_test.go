@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -941,5 +942,68 @@ func TestPrefetchNewestFirst(t *testing.T) {
 	cas.mu.Unlock()
 	if fmt.Sprint(got) != "[0 5 6 1 2]" {
 		t.Fatalf("chunks opened in order %v; want [0 5 6 1 2] (newest request first, each in its given order)", got)
+	}
+}
+
+// hookSink runs a hook on the first FindMissing.
+type hookSink struct {
+	*dirCAS
+	once sync.Once
+	hook func()
+}
+
+func (h *hookSink) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	h.once.Do(h.hook)
+	return h.dirCAS.FindMissing(ctx, ns, ds)
+}
+
+func TestWriteDuringSaveStaysDirty(t *testing.T) {
+	s, cas, want := newStore(t, "ddd", 0, testOpts(t))
+	first := randBytes(1000, 64)
+	s.WriteAt(first, 0)
+	snap := slices.Clone(want)
+	copy(snap, first)
+	second := randBytes(2000, 64)
+	// FindMissing runs after chunk 0 was hashed: the hook writes to it and
+	// to the clean chunk 1 while the Save is in flight.
+	sink := &hookSink{dirCAS: cas, hook: func() {
+		for _, off := range []int64{0, testCS} {
+			if _, err := s.WriteAt(second, off); err != nil {
+				t.Error(err)
+			}
+		}
+	}}
+	cf, st, err := s.Save(context.Background(), sink)
+	if err != nil || st.ChunksWritten != 1 {
+		t.Fatalf("Save = %+v, %v", st, err)
+	}
+	if got := s.Dirty(); fmt.Sprint(got) != fmt.Sprint([]int64{0, testCS}) {
+		t.Fatalf("Dirty = %v; want [0 %d], the chunks written during Save", got, testCS)
+	}
+	s2, err := Open("mem", cf, cas, testOpts(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if got := readAll(t, s2); !bytes.Equal(got, snap) {
+		t.Fatal("the saved snapshot is not the content as of the Save")
+	}
+	copy(want, snap)
+	copy(want, second)
+	copy(want[testCS:], second)
+	if got := readAll(t, s); !bytes.Equal(got, want) {
+		t.Fatal("the store lost the writes made during Save")
+	}
+	cf2, st, err := s.Save(context.Background(), cas)
+	if err != nil || st.ChunksWritten != 2 || len(s.Dirty()) != 0 {
+		t.Fatalf("second Save = %+v, %v", st, err)
+	}
+	s3, err := Open("mem", cf2, cas, testOpts(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s3.Close()
+	if got := readAll(t, s3); !bytes.Equal(got, want) {
+		t.Fatal("second snapshot content differs")
 	}
 }
