@@ -27,10 +27,12 @@ import (
 //
 // MinIO's single-drive layout under DataDir is DataDir/BUCKET/KEY/xl.meta,
 // where small objects are stored inline inside xl.meta and larger ones in
-// DataDir/BUCKET/KEY/<data-dir-uuid>/part.N. Tests that need a corrupt
-// object should use PutRaw, which replaces an object's bytes through the S3
-// API and so bypasses every check of the code under test, rather than edit
-// those files.
+// DataDir/BUCKET/KEY/<data-dir-uuid>/part.N; a part file is larger than
+// the object (a 3 MiB object gives a 3 MiB + 96 byte part.1) because MinIO
+// interleaves its own block checksums, so a byte flipped on disk is caught
+// by MinIO rather than by the code under test. Tests that need a corrupt
+// object therefore use PutRaw, which replaces an object's bytes through the
+// S3 API and so bypasses every check of the code under test.
 type MinIO struct {
 	// Endpoint is "127.0.0.1:PORT".
 	Endpoint string
