@@ -532,9 +532,14 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return nil
 }
 
-// copySparse copies r to f, leaving page-sized zero runs as holes. It reads
-// at most limit+1 bytes so that an over-long stream is noticed without
-// reading it all.
+// holeMin is the shortest run of zeros left as a hole: shorter runs are
+// written as data, since a write per short run costs more than the disk it
+// saves.
+const holeMin = 64 << 10
+
+// copySparse copies r to f, leaving page-aligned zero runs of at least
+// holeMin bytes as holes. It reads at most limit+1 bytes so that an
+// over-long stream is noticed without reading it all.
 func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int64, error) {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
@@ -546,24 +551,8 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 			return off, status.FromContextError(err).Err()
 		}
 		n, rerr := io.ReadFull(r, buf)
-		// Write each run of non-zero pages with one call; skip zero pages.
-		chunk := buf[:n]
-		run := 0 // start of the pending non-zero run in chunk
-		for i := 0; ; i += pageSize {
-			i = min(i, len(chunk))
-			end := min(i+pageSize, len(chunk))
-			if i < len(chunk) && !digest.IsZero(chunk[i:end]) {
-				continue
-			}
-			if run < i {
-				if _, err := f.WriteAt(chunk[run:i], off+int64(run)); err != nil {
-					return off, status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
-				}
-			}
-			if i == len(chunk) {
-				break
-			}
-			run = end
+		if err := writeSparse(f, buf[:n], off); err != nil {
+			return off, err
 		}
 		off += int64(n)
 		if rerr == io.EOF || rerr == io.ErrUnexpectedEOF {
@@ -577,6 +566,71 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 		return off, status.Errorf(codes.Internal, "truncating to %d: %v", off, err)
 	}
 	return off, nil
+}
+
+// writeSparse writes b at off, skipping page-aligned zero runs of at least
+// holeMin bytes, with one write per data run.
+func writeSparse(f *os.File, b []byte, off int64) error {
+	run := 0 // start of the pending data run
+	for i := 0; i < len(b); {
+		if i+holeMin > len(b) || !digest.IsZero(b[i:i+pageSize]) {
+			i += pageSize
+			continue
+		}
+		// Measure the zero run starting at page i.
+		z := i
+		for z < len(b) && digest.IsZero(b[z:min(z+pageSize, len(b))]) {
+			z = min(z+pageSize, len(b))
+		}
+		if z-i < holeMin {
+			i = z
+			continue
+		}
+		if run < i {
+			if _, err := f.WriteAt(b[run:i], off+int64(run)); err != nil {
+				return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
+			}
+		}
+		i, run = z, z
+	}
+	if run < len(b) {
+		if _, err := f.WriteAt(b[run:], off+int64(run)); err != nil {
+			return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
+		}
+	}
+	return nil
+}
+
+// PutHashed stores data under d, which the caller has just computed from
+// these very bytes (as the copy-on-write store does when it saves), so the
+// content is not hashed a second time. Its size is still checked.
+func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	if err := checkDigest(ns, d); err != nil {
+		return fmt.Errorf("writing blob: %w", err)
+	}
+	if int64(len(data)) != d.SizeBytes {
+		return status.Errorf(codes.InvalidArgument, "writing blob %s: got %d bytes", digest.String(d), len(data))
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	if e := c.lookup(rel, false); e != nil {
+		c.mu.Lock()
+		ok := e.verified
+		c.mu.Unlock()
+		if ok {
+			return nil
+		}
+	}
+	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
+		if err := writeSparse(f, data, 0); err != nil {
+			return err
+		}
+		return f.Truncate(int64(len(data)))
+	})
+	if err != nil {
+		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+	}
+	c.stored(rel, size, true)
+	return nil
 }
 
 // writeFile writes a temporary file with fill and renames it to rel. It
