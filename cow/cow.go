@@ -62,6 +62,12 @@ type Sink interface {
 	Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error
 }
 
+// hashedSink is a Sink that can store bytes whose digest the caller has
+// just computed from them without hashing them again (the local cache).
+type hashedSink interface {
+	PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error
+}
+
 // Options configures a Store. The zero value gives the defaults.
 type Options struct {
 	// Namespace is passed to the Source and Sink; its Function is the digest

@@ -217,11 +217,18 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 		}
 	})
 
+	put := func(d *repb.Digest, b []byte) error {
+		return sv.sink.Write(ctx, sv.opts.Namespace, d, bytes.NewReader(b))
+	}
+	if hs, ok := sv.sink.(hashedSink); ok {
+		// The digest was computed from these very bytes just now.
+		put = func(d *repb.Digest, b []byte) error { return hs.PutHashed(ctx, sv.opts.Namespace, d, b) }
+	}
 	for range par {
 		g.Go(func() error {
 			for h := range uploadCh {
 				j := h.j
-				err := sv.sink.Write(ctx, sv.opts.Namespace, j.d, bytes.NewReader((*h.buf)[:j.length]))
+				err := put(j.d, (*h.buf)[:j.length])
 				release(h.buf)
 				if err != nil {
 					return fmt.Errorf("storing chunk at offset %d (digest %s) of %q: %w", j.off, digest.String(j.d), sv.name, err)
