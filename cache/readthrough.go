@@ -21,6 +21,16 @@ type LocalTier interface {
 	Opener
 }
 
+// hashedPutter stores bytes already verified against their digest without
+// hashing them again (the local cache offers it).
+type hashedPutter interface {
+	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
+}
+
+// maxBufferedFetch is the largest blob fetched into memory to be verified
+// once; larger blobs stream and are verified by both tiers.
+const maxBufferedFetch = 64 << 20
+
 // ReadThrough serves blobs from a local tier, filling it from a remote tier
 // on a miss. A blob fetched from the remote is verified against its digest
 // while streaming, written into the local tier (which verifies again) and
@@ -121,6 +131,20 @@ func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest) 
 	// work; a corrupt local copy is removed by this Open.
 	if b, err := rt.local.Open(ctx, ns, d); err == nil {
 		return b.Close()
+	}
+	if hs, ok := rt.local.(hashedPutter); ok && d.GetSizeBytes() <= maxBufferedFetch {
+		// Verify once while reading, then store without hashing again.
+		b, err := ReadAll(ctx, Verifying(rt.remote), ns, d)
+		if err == nil {
+			err = hs.PutHashed(ctx, ns, d, b)
+		}
+		if err != nil {
+			rt.remoteErrors.Add(1)
+			return fmt.Errorf("fetching blob %s from remote: %w", digest.String(d), err)
+		}
+		rt.remoteFetches.Add(1)
+		rt.remoteBytes.Add(d.GetSizeBytes())
+		return nil
 	}
 	rc, err := Verifying(rt.remote).Read(ctx, ns, d)
 	if err != nil {
