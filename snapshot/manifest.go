@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
@@ -88,47 +89,10 @@ func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, er
 		}
 		cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: off, Digest: f.GetDigest()})
 	}
-	if err := ValidateChunkedFile(cf); err != nil {
+	if err := cow.ValidateChunkedFile(cf); err != nil {
 		return nil, err
 	}
 	return cf, nil
-}
-
-// ValidateChunkedFile rejects hostile chunked-file descriptions: bad names,
-// absurd sizes, misaligned, out-of-range or duplicate offsets, and chunk
-// digests whose size disagrees with the chunk's extent.
-func ValidateChunkedFile(cf *snapshotpb.ChunkedFile) error {
-	name := cf.GetName()
-	if err := ValidateName(name); err != nil {
-		return fmt.Errorf("chunked file: %w", err)
-	}
-	size, cs := cf.GetSize(), cf.GetChunkSize()
-	if size < 0 || size > maxFileSize {
-		return invalidf("chunked file %q: size %d out of range [0, %d]", name, size, int64(maxFileSize))
-	}
-	if cs <= 0 || cs%4096 != 0 || cs > 1<<30 {
-		return invalidf("chunked file %q: chunk size %d is not a positive multiple of 4096 up to 1 GiB", name, cs)
-	}
-	seen := make(map[int64]bool, len(cf.GetChunks()))
-	for _, c := range cf.GetChunks() {
-		off := c.GetOffset()
-		switch {
-		case off < 0 || off >= size:
-			return invalidf("chunked file %q: chunk offset %d outside [0, %d)", name, off, size)
-		case off%cs != 0:
-			return invalidf("chunked file %q: chunk offset %d is not a multiple of chunk size %d", name, off, cs)
-		case seen[off]:
-			return invalidf("chunked file %q: duplicate chunk offset %d", name, off)
-		}
-		seen[off] = true
-		if err := digest.Validate(c.GetDigest()); err != nil {
-			return invalidf("chunked file %q: chunk at offset %d: %v", name, off, err)
-		}
-		if want := min(cs, size-off); c.GetDigest().GetSizeBytes() != want {
-			return invalidf("chunked file %q: chunk at offset %d has %d bytes, want %d", name, off, c.GetDigest().GetSizeBytes(), want)
-		}
-	}
-	return nil
 }
 
 // ManifestActionResult encodes a manifest as an ActionResult: auxiliary
