@@ -86,6 +86,9 @@ type Options struct {
 	// Parallelism bounds concurrent hashing, reading and uploading in Save
 	// and FromFile. Default max(8, NumCPU).
 	Parallelism int
+	// Progress, when set, is called with the byte count of each chunk a
+	// Save or FromFile has read and hashed (from several goroutines).
+	Progress func(bytes int64)
 	// TempDir is where the overlay file holding dirty chunks is created.
 	// Default os.TempDir().
 	TempDir string

@@ -133,6 +133,9 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 					return err
 				}
 				j.gen = gen
+				if sv.opts.Progress != nil {
+					sv.opts.Progress(j.length)
+				}
 				if digest.IsZero(buf) {
 					j.zero = true
 					release(bp)

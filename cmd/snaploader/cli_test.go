@@ -75,8 +75,11 @@ func TestSaveRestoreInspectVerify(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dir, "vmstate"), []byte("state"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, _ := run(t, false, append(keyArgs(cacheDir), "save", "--json", "--chunk-size", "65536",
+	out, stderr := run(t, false, append(keyArgs(cacheDir), "save", "--json", "--chunk-size", "65536",
 		"--file", "vmstate="+filepath.Join(dir, "vmstate"), "--chunked", "mem.img="+filepath.Join(dir, "mem.img"))...)
+	if stderr != "" {
+		t.Errorf("save --json with stderr piped wrote to stderr (no progress bar expected): %q", stderr)
+	}
 	var saved report
 	if err := json.Unmarshal([]byte(out), &saved); err != nil {
 		t.Fatalf("save --json output %q: %v", out, err)

@@ -113,7 +113,7 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pub := publishPlan{local: true, localManifest: true}
+			pub := publishPlan{local: true, localManifest: true, progress: !asJSON && stderrIsTerminal()}
 			if e.remote != nil && !cf.remote.readOnly {
 				// What this run would have started from decides whether it
 				// publishes (SPEC §4).
@@ -170,7 +170,7 @@ func newSaveCmd() *cobra.Command {
 // saveFiles splits the chunked files into the local cache and saves a
 // snapshot under the key set's write key.
 // publishPlan says where a save goes.
-type publishPlan struct{ local, remote, localManifest bool }
+type publishPlan struct{ local, remote, localManifest, progress bool }
 
 func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan) (*snapshot.SaveResult, error) {
 	ns := e.loader.Namespace(keys.GetWriteKey())
@@ -181,11 +181,20 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 		}
 	}()
 	var split []cow.SaveStats
+	var total int64
+	for _, name := range order {
+		if fi, err := os.Stat(chunked[name]); err == nil {
+			total += fi.Size()
+		}
+	}
+	bar := newProgress(pub.progress, total, "saving")
+	defer bar.Finish()
 	for _, name := range order {
 		s, st, err := cow.FromFile(ctx, name, chunked[name], e.local, e.local, cow.Options{
 			Namespace: ns,
 			ChunkSize: chunkSize,
 			TempDir:   e.local.TempDir(),
+			Progress:  bar.Add,
 		})
 		if err != nil {
 			return nil, fmt.Errorf("splitting %s: %w", chunked[name], err)
