@@ -154,7 +154,7 @@ func TestSaveRestoreInspectVerify(t *testing.T) {
 
 	// Invalidation: nothing is returned any more.
 	run(t, false, append(keyArgs(cacheDir), "invalidate")...)
-	_, stderr := run(t, true, append(keyArgs(cacheDir), "restore", "--out", filepath.Join(dir, "out3"))...)
+	_, stderr = run(t, true, append(keyArgs(cacheDir), "restore", "--out", filepath.Join(dir, "out3"))...)
 	if !strings.Contains(stderr, "NotFound") {
 		t.Errorf("restore after invalidate: stderr %q, want a NotFound error", stderr)
 	}
