@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -248,6 +249,7 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 			return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 		}
 		u.size += int64(len(req.Data))
+		u.seen.Store(u.size)
 		s.m.in(len(req.Data))
 		if req.FinishWrite {
 			break
@@ -377,9 +379,10 @@ type uploadKey struct{ group, name string }
 type upload struct {
 	mu   sync.Mutex // held by the Write call using it
 	f    *os.File
-	size int64
+	size int64        // bytes in f; written under mu
+	seen atomic.Int64 // size, for QueryWriteStatus without waiting for mu
 	used time.Time
-	gone bool
+	gone atomic.Bool
 }
 
 func (u *upload) truncate(n int64) error {
@@ -390,6 +393,7 @@ func (u *upload) truncate(n int64) error {
 		return err
 	}
 	u.size = n
+	u.seen.Store(n)
 	return nil
 }
 
@@ -423,7 +427,7 @@ func (us *uploads) get(key uploadKey, id string) (*upload, error) {
 		u.used = time.Now()
 		us.mu.Unlock()
 		u.mu.Lock()
-		if !u.gone {
+		if !u.gone.Load() {
 			return u, nil
 		}
 		u.mu.Unlock()
@@ -437,9 +441,7 @@ func (us *uploads) committed(key uploadKey) (int64, bool) {
 	if u == nil {
 		return 0, false
 	}
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.size, !u.gone
+	return u.seen.Load(), !u.gone.Load()
 }
 
 // drop removes u (whose lock the caller holds).
@@ -449,7 +451,7 @@ func (us *uploads) drop(key uploadKey, u *upload) {
 		delete(us.m, key)
 	}
 	us.mu.Unlock()
-	u.gone = true
+	u.gone.Store(true)
 	u.f.Close()
 	os.Remove(u.f.Name())
 }
@@ -459,7 +461,7 @@ func (us *uploads) expireLocked() {
 	for k, u := range us.m {
 		if now.Sub(u.used) > us.ttl && u.mu.TryLock() {
 			delete(us.m, k)
-			u.gone = true
+			u.gone.Store(true)
 			u.f.Close()
 			os.Remove(u.f.Name())
 			u.mu.Unlock()
@@ -473,7 +475,7 @@ func (us *uploads) closeAll() {
 	for k, u := range us.m {
 		if u.mu.TryLock() {
 			delete(us.m, k)
-			u.gone = true
+			u.gone.Store(true)
 			u.f.Close()
 			os.Remove(u.f.Name())
 			u.mu.Unlock()

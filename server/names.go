@@ -110,6 +110,9 @@ func badName(name string, err error) error {
 // "compressed-blobs/..." tail.
 func parseBlob(inst, tail []string, metaAllowed bool) (*resource, error) {
 	r := &resource{instance: strings.Join(inst, "/")}
+	if len(inst) > 0 && r.instance == "" {
+		return nil, fmt.Errorf("leading slash")
+	}
 	if err := checkInstance(r.instance); err != nil {
 		return nil, err
 	}
