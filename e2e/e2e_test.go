@@ -36,7 +36,7 @@ func TestMain(m *testing.M) {
 }
 
 // freePort returns a free 127.0.0.1 port.
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -56,7 +56,7 @@ type server struct {
 }
 
 // startServe starts `snaploader serve` on a free port with extra args.
-func startServe(t *testing.T, env []string, args ...string) *server {
+func startServe(t testing.TB, env []string, args ...string) *server {
 	t.Helper()
 	s := &server{addr: fmt.Sprintf("127.0.0.1:%d", freePort(t)), args: args, env: env}
 	s.start(t)
@@ -64,7 +64,7 @@ func startServe(t *testing.T, env []string, args ...string) *server {
 	return s
 }
 
-func (s *server) start(t *testing.T) {
+func (s *server) start(t testing.TB) {
 	t.Helper()
 	s.log = &strings.Builder{}
 	cmd := exec.Command(binary, append([]string{"serve", "--listen", s.addr}, s.args...)...)
@@ -106,7 +106,7 @@ func (s *server) stop() {
 func (s *server) url() string { return "grpc://" + s.addr }
 
 // writeVM writes a VM-like file of size bytes (a quarter zero chunks).
-func writeVM(t *testing.T, path string, size int, seed uint64) []byte {
+func writeVM(t testing.TB, path string, size int, seed uint64) []byte {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 3))
 	b := make([]byte, size)
@@ -124,7 +124,7 @@ func writeVM(t *testing.T, path string, size int, seed uint64) []byte {
 	return b
 }
 
-func ctxT(t *testing.T) context.Context {
+func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	t.Cleanup(cancel)
 	return ctx

@@ -52,9 +52,9 @@ func newHost(t *testing.T, rc cache.Cache) *host {
 	return h
 }
 
-func dial(t *testing.T, url string) *remote.Client {
+func dial(t testing.TB, url string) *remote.Client {
 	t.Helper()
-	c, err := remote.Dial(ctxT(t), url, remote.Options{MaxRetries: 1})
+	c, err := remote.Dial(ctxT(t), url, remote.Options{MaxRetries: 1, DisableCompression: os.Getenv("SNAPLOADER_ZSTD") == ""})
 	if err != nil {
 		t.Fatal(err)
 	}
