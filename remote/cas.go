@@ -8,6 +8,7 @@ import (
 	"io"
 	"strconv"
 	"sync"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
@@ -90,6 +91,13 @@ func checkDigest(d *repb.Digest) error {
 		return status.Error(codes.InvalidArgument, err.Error())
 	}
 	return nil
+}
+
+// streamTimeout is the deadline of one ByteStream call moving n bytes:
+// CallTimeout plus a second per 8 MiB, so that large blobs on slow links
+// are not cut off.
+func (c *Client) streamTimeout(n int64) time.Duration {
+	return c.opts.CallTimeout + time.Duration(n>>23)*time.Second
 }
 
 // batchable reports whether a blob of n bytes goes through a batch call.
@@ -218,6 +226,7 @@ type streamReader struct {
 	stream  bspb.ByteStream_ReadClient
 	buf     []byte // received, not yet consumed raw bytes
 	rawErr  error  // last stream error, seen through the decoder
+	openErr error  // the last open failed
 	dec     *zstd.Decoder
 	off     int64 // content bytes delivered
 	retries int
@@ -249,12 +258,13 @@ func (r *streamReader) open() error {
 	if r.cancel != nil {
 		r.cancel()
 	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.c.opts.CallTimeout)
+	ctx, cancel := context.WithTimeout(r.ctx, r.c.streamTimeout(r.d.SizeBytes-r.off))
 	r.cancel = cancel
-	r.buf, r.rawErr = nil, nil
+	r.buf, r.rawErr, r.openErr = nil, nil, nil
 	name := ReadResourceName(r.inst, r.fn, r.d, r.compressed)
 	stream, err := r.c.bs.Read(ctx, &bspb.ReadRequest{ResourceName: name, ReadOffset: r.off})
 	if err != nil {
+		r.openErr = err
 		return err
 	}
 	r.stream = stream
@@ -266,7 +276,8 @@ func (r *streamReader) open() error {
 			err = r.dec.Reset(raw)
 		}
 		if err != nil {
-			return status.Errorf(codes.Internal, "zstd: %v", err)
+			r.openErr = status.Errorf(codes.Internal, "zstd: %v", err)
+			return r.openErr
 		}
 	}
 	return nil
@@ -298,7 +309,9 @@ func (r *streamReader) Read(p []byte) (int, error) {
 		}
 		var n int
 		var err error
-		if r.compressed {
+		if r.openErr != nil {
+			err = r.openErr
+		} else if r.compressed {
 			n, err = r.dec.Read(p)
 			if err != nil && !errors.Is(err, io.EOF) && r.rawErr != nil {
 				err = r.rawErr
@@ -329,9 +342,7 @@ func (r *streamReader) Read(p []byte) (int, error) {
 				r.err = berr
 				continue
 			}
-			if oerr := r.open(); oerr != nil && !retryable(oerr) {
-				r.err = fmt.Errorf("reading blob %s from %s at offset %d: %w", digest.String(r.d), r.c.target, r.off, oerr)
-			}
+			r.open() // a failure is seen by the next read
 		case err != nil:
 			if status.Code(err) == codes.Unknown {
 				err = status.Errorf(codes.Internal, "decompressing: %v", err)
@@ -492,7 +503,7 @@ func (c *Client) writeStream(ctx context.Context, inst string, fn digest.Functio
 
 // writeOnce sends u from off in one Write call.
 func (c *Client) writeOnce(ctx context.Context, name string, d *repb.Digest, u *upload, off int64) error {
-	ctx, cancel := context.WithTimeout(ctx, c.opts.CallTimeout)
+	ctx, cancel := context.WithTimeout(ctx, c.streamTimeout(u.total-off))
 	defer cancel()
 	if u.rs != nil {
 		if _, err := u.rs.Seek(u.base+off, io.SeekStart); err != nil {
@@ -504,13 +515,18 @@ func (c *Client) writeOnce(ctx context.Context, name string, d *repb.Digest, u *
 		return err
 	}
 	pos := off
+	var buf []byte
+	if u.data == nil {
+		// Reused: gRPC encodes a message before Send returns.
+		buf = make([]byte, min(u.total, chunkBytes))
+	}
 	for first := true; pos < u.total || first; first = false {
 		n := min(u.total-pos, chunkBytes)
 		var chunk []byte
 		if u.data != nil {
 			chunk = u.data[pos : pos+n]
 		} else {
-			chunk = make([]byte, n)
+			chunk = buf[:n]
 			src := u.r
 			if u.rs != nil {
 				src = u.rs

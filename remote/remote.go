@@ -46,7 +46,8 @@ type Options struct {
 	// CAFile is a PEM file of CAs trusted for grpcs:// targets instead of
 	// the system roots.
 	CAFile string
-	// CallTimeout bounds each RPC attempt (default 60s).
+	// CallTimeout bounds each RPC attempt (default 60s); a ByteStream
+	// transfer gets an extra second per 8 MiB it moves.
 	CallTimeout time.Duration
 	// MaxRetries is how many times an UNAVAILABLE or RESOURCE_EXHAUSTED
 	// call is retried (default 4; negative means none).

@@ -182,6 +182,11 @@ func TestRoundTrip(t *testing.T) {
 				if got := readAll(t, c, ns, d); !bytes.Equal(got, data) {
 					t.Fatalf("%d bytes: read back %d different bytes", n, len(got))
 				}
+				// Uploading stored data again succeeds (the server ends
+				// the upload early).
+				if err := c.Write(ctx, ns, d, bytes.NewReader(data)); err != nil {
+					t.Fatalf("second write of %d bytes: %v", n, err)
+				}
 				// The server stored it under the chosen function.
 				if n > 0 {
 					if _, err := os.Stat(e.lc.Path(cache.Namespace{Function: want}, d)); err != nil {
@@ -194,7 +199,7 @@ func TestRoundTrip(t *testing.T) {
 				t.Fatalf("FindMissing after writes = %v, %v", missing, err)
 			}
 			// Large blobs went over ByteStream, small ones in batches.
-			if e.calls("Write") != 1 || e.calls("Read") != 1 || e.calls("BatchUpdateBlobs") != 1 || e.calls("BatchReadBlobs") != 1 {
+			if e.calls("Write") != 2 || e.calls("Read") != 1 || e.calls("BatchUpdateBlobs") != 2 || e.calls("BatchReadBlobs") != 1 {
 				t.Fatalf("calls: Write %d Read %d BatchUpdate %d BatchRead %d", e.calls("Write"), e.calls("Read"), e.calls("BatchUpdateBlobs"), e.calls("BatchReadBlobs"))
 			}
 			// Compressed transfers move fewer bytes than the blob.

@@ -85,15 +85,38 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 			err = out.flush()
 		}
 	} else {
-		_, err = copyBuffered(out, src)
-		if err == nil {
-			err = out.flush()
-		}
+		err = sendChunks(stream, src, s.m)
 	}
 	if err != nil {
 		return fmt.Errorf("reading blob %s at offset %d: %w", digest.String(d), req.ReadOffset, err)
 	}
 	return nil
+}
+
+// sendChunks sends src in messages of up to chunkBytes, read straight into
+// a reused buffer: gRPC encodes a message before Send returns.
+func sendChunks(stream bspb.ByteStream_ReadServer, src io.Reader, m *metrics) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	// A small first message gets the first bytes to the reader sooner.
+	first := 64 << 10
+	for {
+		n, err := io.ReadFull(src, buf[:min(first, len(buf))])
+		first = len(buf)
+		if n > 0 {
+			if serr := stream.Send(&bspb.ReadResponse{Data: buf[:n]}); serr != nil {
+				return serr
+			}
+			m.out(n)
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
 }
 
 type eofReader struct{}
