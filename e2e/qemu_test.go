@@ -443,3 +443,85 @@ func BenchmarkQEMURestoreWorkingSet(b *testing.B) {
 		}
 	}
 }
+
+// startCLI starts the snaploader binary; the returned function sends
+// SIGINT, waits for it to exit and returns its stdout.
+func startCLI(t *testing.T, args ...string) (*exec.Cmd, func() string) {
+	t.Helper()
+	cmd := exec.Command(binary, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return cmd, func() string {
+		cmd.Process.Signal(os.Interrupt)
+		if err := cmd.Wait(); err != nil {
+			t.Fatalf("snaploader %v: %v\nstdout:\n%s\nstderr:\n%s", args, err, stdout.String(), stderr.String())
+		}
+		return stdout.String()
+	}
+}
+
+// waitSerial waits for a COUNTER >= min in a serial log written by another
+// process.
+func waitSerial(ctx context.Context, t *testing.T, path string, min int) int {
+	t.Helper()
+	c := qemu.NewConsole(path)
+	for {
+		m, err := c.WaitFor(ctx, qemu.CounterPattern())
+		if err != nil {
+			out, _ := os.ReadFile(path)
+			t.Fatalf("waiting for COUNTER >= %d in %s: %v\n%s", min, path, err, out)
+		}
+		if n, _ := strconv.Atoi(m[1]); n >= min {
+			return n
+		}
+	}
+}
+
+// TestQEMUCLIBootSaveRestore drives `snaploader qemu boot --save-on-exit`
+// on host A and `snaploader qemu restore --save-on-exit` on host B with an
+// empty cache: interrupted, each saves the guest, and the restored guest
+// continues counting where the booted one stopped.
+func TestQEMUCLIBootSaveRestore(t *testing.T) {
+	tg := needGuest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	url := serveProc(t)
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "disk.img")
+	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+		t.Fatal(err)
+	}
+	key := []string{"--remote", url, "--instance", "vms", "--platform", "arch=x86_64", "--config-hash", "cli", "--ref", "main"}
+
+	serialA := filepath.Join(dir, "serial-a.log")
+	_, stopA := startCLI(t, append([]string{"qemu", "boot", "--cache-dir", filepath.Join(dir, "cache-a"), "--dir", filepath.Join(dir, "vm-a"),
+		"--serial-log", serialA, "--memory-bytes", strconv.Itoa(vmMemory), "--kernel", tg.Kernel, "--initrd", tg.Initrd, "--append", tg.Append,
+		"--disk", "root=" + disk, "--chunk-size", strconv.Itoa(vmChunkSize), "--save-on-exit"}, key...)...)
+	waitSerial(ctx, t, serialA, 3)
+	outA := stopA()
+	if !bytes.Contains([]byte(outA), []byte("saved snapshot")) || !bytes.Contains([]byte(outA), []byte("remote: true")) {
+		t.Fatalf("qemu boot did not save remotely:\n%s", outA)
+	}
+	before := qemu.ParseCounters(readFile(t, serialA))
+	last := before[len(before)-1]
+
+	serialB := filepath.Join(dir, "serial-b.log")
+	_, stopB := startCLI(t, append([]string{"qemu", "restore", "--cache-dir", filepath.Join(dir, "cache-b"), "--dir", filepath.Join(dir, "vm-b"),
+		"--serial-log", serialB, "--read-policy", "newest", "--save-on-exit"}, key...)...)
+	first := waitSerial(ctx, t, serialB, 1)
+	if first != last+1 && first != last+2 {
+		t.Errorf("restored guest's first counter is %d, want %d (or %d)", first, last+1, last+2)
+	}
+	waitSerial(ctx, t, serialB, last+3)
+	outB := stopB()
+	t.Logf("qemu boot:\n%s\nqemu restore:\n%s", outA, outB)
+	if !bytes.Contains([]byte(outB), []byte("saved snapshot")) {
+		t.Fatalf("qemu restore did not save on interrupt:\n%s", outB)
+	}
+	all := qemu.ParseCounters(append(readFile(t, serialA), readFile(t, serialB)...))
+	contiguous(t, "serial across the CLI restore", all)
+}

@@ -1,0 +1,307 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/snaploader/snaploader/snapshot"
+	"github.com/snaploader/snaploader/vmm"
+)
+
+// qemuFlags configure the emulator.
+type qemuFlags struct {
+	accel     string
+	qemuPath  string
+	chunkSize int64
+}
+
+func (f *qemuFlags) register(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.accel, "accel", "tcg", "QEMU accelerator: tcg or kvm")
+	cmd.Flags().StringVar(&f.qemuPath, "qemu", "", "QEMU binary (default qemu-system-x86_64 from PATH)")
+	cmd.Flags().Int64Var(&f.chunkSize, "chunk-size", 0, "chunk size of a first save in bytes, a multiple of 4096 (default 4096000)")
+}
+
+func (f *qemuFlags) host(e *env) (*vmm.Host, error) {
+	return vmm.NewHost(vmm.Options{Loader: e.loader, Local: e.local, QEMUPath: f.qemuPath, Accel: f.accel, ChunkSize: f.chunkSize, Logger: e.log})
+}
+
+// machineFlags describe a guest for boot and save.
+type machineFlags struct {
+	memory                 int64
+	kernel, initrd, append string
+	disks                  []string
+}
+
+func (f *machineFlags) register(cmd *cobra.Command, withMemory bool) {
+	fl := cmd.Flags()
+	if withMemory {
+		fl.Int64Var(&f.memory, "memory-bytes", 256<<20, "guest RAM in bytes, a whole number of MiB")
+	}
+	fl.StringVar(&f.kernel, "kernel", "", "direct-boot kernel image (saved with the snapshot)")
+	fl.StringVar(&f.initrd, "initrd", "", "initramfs (saved with the snapshot)")
+	fl.StringVar(&f.append, "append", "", "kernel command line")
+	fl.StringArrayVar(&f.disks, "disk", nil, "raw disk image NAME=PATH, attached in order (repeatable)")
+}
+
+func (f *machineFlags) machine() (vmm.Machine, error) {
+	m := vmm.Machine{MemoryBytes: f.memory, Kernel: f.kernel, Initrd: f.initrd, Append: f.append}
+	disks, order, err := parseNamed("disk", f.disks)
+	if err != nil {
+		return m, err
+	}
+	for _, name := range order {
+		m.Disks = append(m.Disks, vmm.Disk{Name: name, Path: disks[name]})
+	}
+	return m, nil
+}
+
+func newQemuCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "qemu",
+		Short: "Run QEMU guests from snapshots: restore lazily, boot, save",
+	}
+	cmd.AddCommand(newQemuRestoreCmd(), newQemuBootCmd(), newQemuSaveCmd())
+	return cmd
+}
+
+// saveTarget decides where a guest's snapshot is published.
+func saveTarget(ctx context.Context, e *env, kf *keyFlags, cf *cacheFlags) (vmm.SaveOptions, error) {
+	keys, err := kf.keySet(ctx, e)
+	if err != nil {
+		return vmm.SaveOptions{}, err
+	}
+	return vmm.SaveOptions{Key: keys.GetWriteKey(), Local: true, LocalManifest: true, Remote: e.remote != nil && !cf.remote.readOnly}, nil
+}
+
+// runGuest waits until the guest exits or the command is interrupted; an
+// interrupted guest is saved when save is set, else stopped.
+func runGuest(ctx context.Context, v *vmm.VM, save bool, target func(context.Context) (vmm.SaveOptions, error)) error {
+	defer v.Close()
+	select {
+	case <-v.Guest().Exited():
+		fmt.Println("guest exited")
+		return v.Guest().Wait(context.Background())
+	case <-ctx.Done():
+	}
+	if !save {
+		fmt.Println("interrupted: guest stopped without saving")
+		return nil
+	}
+	// The command's context is done; the save gets its own.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Minute)
+	defer cancel()
+	return saveGuest(sctx, v, target)
+}
+
+func saveGuest(ctx context.Context, v *vmm.VM, target func(context.Context) (vmm.SaveOptions, error)) error {
+	opts, err := target(ctx)
+	if err != nil {
+		return err
+	}
+	st, err := v.Save(ctx, opts)
+	if err != nil {
+		return err
+	}
+	for _, f := range st.Result.Files {
+		fmt.Printf("  %s: %d chunks, %d dirty, %d written (%s), %d uploaded\n", f.Name, f.ChunksTotal, f.ChunksDirty, f.ChunksWritten, humanBytes(f.BytesWritten), f.RemoteChunksWritten)
+	}
+	fmt.Printf("saved snapshot %s under ref %q (remote: %v): guest paused to exited %s, device state %s, saved in %s\n",
+		st.Result.SnapshotID, opts.Key.GetRef(), st.Result.PublishedRemote, st.Snapshot.Total.Round(time.Millisecond), humanBytes(st.Snapshot.StateBytes), st.Save.Round(time.Millisecond))
+	return nil
+}
+
+func newQemuRestoreCmd() *cobra.Command {
+	var (
+		cf         cacheFlags
+		kf         keyFlags
+		gf         getFlags
+		qf         qemuFlags
+		dir        string
+		serial     string
+		id         string
+		saveOnExit bool
+		prefetch   bool
+		readAhead  int
+	)
+	cmd := &cobra.Command{
+		Use:   "restore",
+		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			opts, err := gf.options()
+			if err != nil {
+				return err
+			}
+			e, err := cf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			var snap *snapshot.Snapshot
+			if id != "" {
+				snap, err = e.loader.GetSnapshotByID(ctx, kf.instance, id, opts)
+			} else {
+				keys, kerr := kf.keySet(ctx, e)
+				if kerr != nil {
+					return kerr
+				}
+				snap, err = e.loader.GetSnapshot(ctx, keys, opts)
+			}
+			if err != nil {
+				return err
+			}
+			h, err := qf.host(e)
+			if err != nil {
+				return err
+			}
+			if dir == "" {
+				if dir, err = os.MkdirTemp("", "snaploader-vm-"); err != nil {
+					return err
+				}
+				defer os.RemoveAll(dir)
+			}
+			v, err := h.Restore(ctx, snap, vmm.RestoreOptions{Dir: dir, SerialLog: serial,
+				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch}})
+			if err != nil {
+				return err
+			}
+			rs := v.RestoreStats()
+			fmt.Printf("restored snapshot %s from the %s cache; guest running after %s (unpack %s, resume %s); serial log %s\n",
+				snap.Manifest.GetVmMetadata().GetSnapshotId(), snap.Source, rs.Total.Round(time.Millisecond),
+				rs.Unpack.Round(time.Millisecond), rs.Resume.Round(time.Millisecond), v.Guest().Config().SerialLog)
+			return runGuest(ctx, v, saveOnExit, func(ctx context.Context) (vmm.SaveOptions, error) {
+				return saveTarget(ctx, e, &kf, &cf)
+			})
+		},
+	}
+	cf.register(cmd)
+	kf.register(cmd)
+	gf.register(cmd)
+	qf.register(cmd)
+	fl := cmd.Flags()
+	fl.StringVar(&dir, "dir", "", "work directory: unpacked files, memory mount point, NBD socket (default a temporary one)")
+	fl.StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
+	fl.StringVar(&id, "snapshot-id", "", "restore this exact snapshot instead of the key set's newest")
+	fl.BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it incrementally under the write key")
+	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
+	fl.IntVar(&readAhead, "read-ahead", 0, "chunks after a touched one fetched in the background (0 = default, negative = off)")
+	return cmd
+}
+
+func newQemuBootCmd() *cobra.Command {
+	var (
+		cf         cacheFlags
+		kf         keyFlags
+		qf         qemuFlags
+		mf         machineFlags
+		dir        string
+		serial     string
+		saveOnExit bool
+	)
+	cmd := &cobra.Command{
+		Use:   "boot",
+		Short: "Boot a QEMU guest with its RAM in a shared memory file and run it until it exits or is interrupted",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			if dir == "" {
+				return fmt.Errorf("--dir is required")
+			}
+			m, err := mf.machine()
+			if err != nil {
+				return err
+			}
+			e, err := cf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			h, err := qf.host(e)
+			if err != nil {
+				return err
+			}
+			v, err := h.Boot(ctx, m, vmm.BootOptions{Dir: dir, SerialLog: serial})
+			if err != nil {
+				return err
+			}
+			fmt.Printf("guest running, memory file %s, serial log %s\n", filepath.Join(dir, vmm.MemoryFile), v.Guest().Config().SerialLog)
+			return runGuest(ctx, v, saveOnExit, func(ctx context.Context) (vmm.SaveOptions, error) {
+				return saveTarget(ctx, e, &kf, &cf)
+			})
+		},
+	}
+	cf.register(cmd)
+	kf.register(cmd)
+	qf.register(cmd)
+	mf.register(cmd, true)
+	cmd.Flags().StringVar(&dir, "dir", "", "directory for the memory file, state files and QMP socket")
+	cmd.Flags().StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
+	cmd.Flags().BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it under the write key")
+	return cmd
+}
+
+func newQemuSaveCmd() *cobra.Command {
+	var (
+		cf      cacheFlags
+		kf      keyFlags
+		qf      qemuFlags
+		mf      machineFlags
+		qmpSock string
+		memFile string
+		dir     string
+	)
+	cmd := &cobra.Command{
+		Use:   "save",
+		Short: "Snapshot a running QEMU started with a shared file memory backend (it exits) and save it",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			if qmpSock == "" || memFile == "" {
+				return fmt.Errorf("--qmp and --mem-file are required")
+			}
+			fi, err := os.Stat(memFile)
+			if err != nil {
+				return err
+			}
+			mf.memory = fi.Size()
+			m, err := mf.machine()
+			if err != nil {
+				return err
+			}
+			e, err := cf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			h, err := qf.host(e)
+			if err != nil {
+				return err
+			}
+			if dir == "" {
+				if dir, err = os.MkdirTemp("", "snaploader-vm-"); err != nil {
+					return err
+				}
+				defer os.RemoveAll(dir)
+			}
+			v, err := h.Attach(m, memFile, qmpSock, dir)
+			if err != nil {
+				return err
+			}
+			defer v.Close()
+			return saveGuest(ctx, v, func(ctx context.Context) (vmm.SaveOptions, error) {
+				return saveTarget(ctx, e, &kf, &cf)
+			})
+		},
+	}
+	cf.register(cmd)
+	kf.register(cmd)
+	qf.register(cmd)
+	mf.register(cmd, false)
+	cmd.Flags().StringVar(&qmpSock, "qmp", "", "QMP unix socket of the running QEMU")
+	cmd.Flags().StringVar(&memFile, "mem-file", "", "the guest's memory file (memory-backend-file mem-path, share=on); its size is the RAM size")
+	cmd.Flags().StringVar(&dir, "dir", "", "directory for the device state file (default a temporary one)")
+	return cmd
+}
