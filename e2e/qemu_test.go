@@ -525,3 +525,54 @@ func TestQEMUCLIBootSaveRestore(t *testing.T) {
 	all := qemu.ParseCounters(append(readFile(t, serialA), readFile(t, serialB)...))
 	contiguous(t, "serial across the CLI restore", all)
 }
+
+// TestQEMUCLISaveAttached snapshots a QEMU this test started with
+// `snaploader qemu save --qmp`, then restores it with the vmm API on
+// another host.
+func TestQEMUCLISaveAttached(t *testing.T) {
+	tg := needGuest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	url := serveProc(t)
+	dir := t.TempDir()
+	disk := filepath.Join(dir, "disk.img")
+	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+		t.Fatal(err)
+	}
+	cfg := tg.Config()
+	cfg.MemoryBytes, cfg.MemPath, cfg.MemShare = vmMemory, filepath.Join(dir, "mem"), true
+	cfg.Disks = []qemu.Disk{{Path: disk}}
+	cfg.SerialLog, cfg.QMPSocket = filepath.Join(dir, "serial.log"), filepath.Join(dir, "qmp.sock")
+	g, err := qemu.Start(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.Close()
+	nextCounter(ctx, t, g, 3)
+	g.QMP.Close() // QEMU serves one QMP client at a time
+	out := cli(t, nil, "qemu", "save", "--cache-dir", filepath.Join(dir, "cache-a"), "--qmp", cfg.QMPSocket, "--mem-file", cfg.MemPath,
+		"--kernel", tg.Kernel, "--initrd", tg.Initrd, "--append", tg.Append, "--disk", "root="+disk, "--chunk-size", strconv.Itoa(vmChunkSize),
+		"--remote", url, "--instance", vmTask.InstanceName, "--platform", "arch=x86_64", "--config-hash", "attached", "--ref", "main")
+	if err := g.Wait(ctx); err != nil {
+		t.Fatalf("qemu after save: %v", err)
+	}
+	before := qemu.ParseCounters(readFile(t, cfg.SerialLog))
+	last := before[len(before)-1]
+
+	b := newVMHost(t, url)
+	task := vmTask
+	task.PlatformHash, _ = snapshot.PlatformHash(map[string]string{"arch": "x86_64"})
+	task.ConfigurationHash = "attached"
+	ks, err := b.loader.KeySet(ctx, task, snapshot.KeySetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := b.loader.GetSnapshot(ctx, ks, snapshot.GetOptions{ReadPolicy: snapshot.Newest})
+	if err != nil {
+		t.Fatalf("%v\nsave output:\n%s", err, out)
+	}
+	r := restoreLazily(ctx, t, b, snap, snapshot.UnpackOptions{})
+	if r.first != last+1 && r.first != last+2 {
+		t.Errorf("first counter after restore is %d, want %d (or %d)", r.first, last+1, last+2)
+	}
+}
