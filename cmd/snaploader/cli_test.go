@@ -12,23 +12,21 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
 
 var binary string
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "snaploader-cli-test-")
+	bin, cleanup, err := testutil.BuildMain(".", "snaploader")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	binary = filepath.Join(dir, "snaploader")
-	if out, err := exec.Command("go", "build", "-o", binary, ".").CombinedOutput(); err != nil {
-		fmt.Fprintf(os.Stderr, "building snaploader: %v\n%s", err, out)
-		os.Exit(1)
-	}
+	binary = bin
 	code := m.Run()
-	os.RemoveAll(dir)
+	cleanup()
 	os.Exit(code)
 }
 

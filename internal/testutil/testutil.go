@@ -2,8 +2,10 @@
 package testutil
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 )
 
@@ -50,4 +52,21 @@ func RequireDevice(t testing.TB, path string) {
 		return
 	}
 	f.Close()
+}
+
+// BuildMain builds the main package at pkgDir (a path relative to the
+// calling test's package, e.g. "." or "../cmd/snaploader") into a fresh
+// temporary directory and returns the binary's path and a cleanup func.
+// It is meant for TestMain, so it reports errors instead of failing a test.
+func BuildMain(pkgDir, name string) (string, func(), error) {
+	dir, err := os.MkdirTemp("", "snaploader-bin-")
+	if err != nil {
+		return "", nil, err
+	}
+	bin := filepath.Join(dir, name)
+	if out, err := exec.Command("go", "build", "-o", bin, pkgDir).CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
+		return "", nil, fmt.Errorf("building %s: %v\n%s", pkgDir, err, out)
+	}
+	return bin, func() { os.RemoveAll(dir) }, nil
 }
