@@ -49,6 +49,9 @@ const (
 	DefaultReadAhead = 32
 	// DefaultPrefetchConcurrency bounds concurrent background opens.
 	DefaultPrefetchConcurrency = 4
+	// DefaultPrefetchRate bounds the bytes per second background opens
+	// start, so prefetch cannot saturate a link the VM's own reads need.
+	DefaultPrefetchRate = 1 << 30
 )
 
 // Source opens the blobs of clean chunks. cache.Opener satisfies it.
@@ -83,6 +86,9 @@ type Options struct {
 	// PrefetchConcurrency bounds concurrent background opens. Default
 	// DefaultPrefetchConcurrency.
 	PrefetchConcurrency int
+	// PrefetchRate bounds the bytes per second of chunks background opens
+	// start. Default DefaultPrefetchRate; negative means unbounded.
+	PrefetchRate int64
 	// Parallelism bounds concurrent hashing, reading and uploading in Save
 	// and FromFile. Default max(8, NumCPU).
 	Parallelism int
@@ -109,6 +115,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.ReadAhead == 0 {
 		o.ReadAhead = DefaultReadAhead
+	}
+	if o.PrefetchRate == 0 {
+		o.PrefetchRate = DefaultPrefetchRate
 	}
 	if o.PrefetchConcurrency <= 0 {
 		o.PrefetchConcurrency = DefaultPrefetchConcurrency
@@ -240,6 +249,7 @@ func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*S
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	s.pq.max = opts.PrefetchConcurrency
+	s.pq.rate = opts.PrefetchRate
 	for _, c := range cf.GetChunks() {
 		s.chunks[c.GetOffset()/s.cs] = &chunk{off: c.GetOffset(), d: c.GetDigest()}
 	}

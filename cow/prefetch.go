@@ -3,6 +3,7 @@ package cow
 import (
 	"context"
 	"sync"
+	"time"
 )
 
 // prefetchItem is one queued background open.
@@ -20,6 +21,25 @@ type prefetchQueue struct {
 	max     int
 	stopped bool
 	wg      sync.WaitGroup
+	rate    int64     // bytes per second; <= 0 unbounded
+	next    time.Time // when the next background open may start
+}
+
+// pace reserves n bytes of the prefetch rate and returns how long to wait
+// before starting them.
+func (q *prefetchQueue) pace(n int64) time.Duration {
+	if q.rate <= 0 {
+		return 0
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	now := time.Now()
+	if q.next.Before(now) {
+		q.next = now
+	}
+	wait := q.next.Sub(now)
+	q.next = q.next.Add(time.Duration(float64(n) / float64(q.rate) * float64(time.Second)))
+	return wait
 }
 
 func (q *prefetchQueue) stop() {
@@ -73,6 +93,9 @@ func (s *Store) prefetchWorker() {
 		it.c.queued.Store(false)
 		if it.ctx != nil && it.ctx.Err() != nil {
 			continue
+		}
+		if wait := q.pace(s.cs); wait > 0 {
+			time.Sleep(wait)
 		}
 		// Errors are left for the foreground access to report.
 		_ = s.fetch(it.c, false)
