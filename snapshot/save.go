@@ -41,6 +41,9 @@ type SaveRequest struct {
 	Local, Remote bool
 	// LocalManifest writes the manifest to the local cache too.
 	LocalManifest bool
+	// AlsoKeys are further keys the manifest is published under, e.g. the
+	// universal ref any branch may publish to (KeySetOptions.UniversalRef).
+	AlsoKeys []*snapshotpb.SnapshotKey
 }
 
 // FileStats describes what saving one chunked file stored.
@@ -204,8 +207,9 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		return nil, err
 	}
 	idKey := SnapshotIDKey(req.Key.GetInstanceName(), md.SnapshotId)
+	keys := append([]*snapshotpb.SnapshotKey{req.Key, idKey}, req.AlsoKeys...)
 	if req.Remote {
-		for _, k := range []*snapshotpb.SnapshotKey{req.Key, idKey} {
+		for _, k := range keys {
 			mk, err := RemoteManifestKey(k)
 			if err != nil {
 				return nil, err
@@ -225,7 +229,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 			// unless the reader may fetch them; they are confirmed on read.
 			l.opts.Logger.Debug("local manifest names remote-only blobs", "key", keyString(req.Key))
 		}
-		for _, k := range []*snapshotpb.SnapshotKey{req.Key, idKey} {
+		for _, k := range keys {
 			mk, err := LocalManifestKey(l.opts.Group, k)
 			if err != nil {
 				return nil, err

@@ -10,7 +10,11 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
 // A third cache directory is a real second tier shared by hosts A and B.
@@ -146,5 +150,47 @@ func TestEvictedChunksFallThrough(t *testing.T) {
 	_, err = h.loader.GetSnapshot(ctx, alone, GetOptions{ReadPolicy: LocalFirst})
 	if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), `chunk of "memory.img" at offset`) {
 		t.Errorf("got %v, want NotFound naming the missing chunk", err)
+	}
+}
+
+func TestUniversalRef(t *testing.T) {
+	ctx := context.Background()
+	h := newHost(t, nil, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 51, 1<<20)
+	opts := KeySetOptions{UniversalRef: "__universal"}
+	feat, err := h.loader.KeySet(ctx, taskOn("feat", "", "main"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	universal := proto.Clone(feat.GetWriteKey()).(*snapshotpb.SnapshotKey)
+	universal.Ref = "__universal"
+	s, _, err := cow.FromFile(ctx, "memory.img", mem, h.local, h.local, cow.Options{Namespace: h.loader.Namespace(universal), ChunkSize: testChunk, TempDir: h.local.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	res, err := h.loader.CacheSnapshot(ctx, &SaveRequest{Key: feat.GetWriteKey(), Files: files, Chunked: []*cow.Store{s}, Local: true, LocalManifest: true, AlsoKeys: []*snapshotpb.SnapshotKey{universal}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A branch whose repository never ran on main still starts warm.
+	other, err := h.loader.KeySet(ctx, taskOn("other", "", "main"), opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap, err := h.loader.GetSnapshot(ctx, other, GetOptions{ReadPolicy: LocalFirst})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if snap.Key.GetRef() != "__universal" || snap.FallbackIndex != 2 || snap.Manifest.GetVmMetadata().GetSnapshotId() != res.SnapshotID {
+		t.Errorf("got ref %q fallback %d, want the universal ref's snapshot as fallback 2", snap.Key.GetRef(), snap.FallbackIndex)
+	}
+	// Without the option nobody sees it.
+	plain, err := h.loader.KeySet(ctx, taskOn("other", "", "main"), KeySetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.loader.GetSnapshot(ctx, plain, GetOptions{ReadPolicy: LocalFirst}); status.Code(err) != codes.NotFound {
+		t.Errorf("without a universal ref: got %v, want NotFound", err)
 	}
 }

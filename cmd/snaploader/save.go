@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -124,6 +125,11 @@ func newSaveCmd() *cobra.Command {
 				pub.remote = snapshot.ShouldPublishRemote(sp, keys.GetWriteKey().GetRef(), kf.defaultRef, loaded)
 				pub.localManifest = !(pub.remote && gopts.ReadPolicy == snapshot.Newest)
 			}
+			if kf.universal != "" && keys.GetWriteKey().GetRef() != "" && keys.GetWriteKey().GetRef() != kf.universal {
+				u := proto.Clone(keys.GetWriteKey()).(*snapshotpb.SnapshotKey)
+				u.Ref = kf.universal
+				pub.alsoKeys = append(pub.alsoKeys, u)
+			}
 			res, err := saveFiles(ctx, e, keys, fileMap, chunkMap, chunkOrder, chunkSize, &snapshotpb.VMConfiguration{Vcpus: vcpus, MemoryBytes: memBytes}, pub)
 			if err != nil {
 				return err
@@ -170,7 +176,10 @@ func newSaveCmd() *cobra.Command {
 // saveFiles splits the chunked files into the local cache and saves a
 // snapshot under the key set's write key.
 // publishPlan says where a save goes.
-type publishPlan struct{ local, remote, localManifest, progress bool }
+type publishPlan struct {
+	local, remote, localManifest, progress bool
+	alsoKeys                               []*snapshotpb.SnapshotKey
+}
 
 func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan) (*snapshot.SaveResult, error) {
 	ns := e.loader.Namespace(keys.GetWriteKey())
@@ -210,6 +219,7 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 		Local:         pub.local,
 		Remote:        pub.remote,
 		LocalManifest: pub.localManifest,
+		AlsoKeys:      pub.alsoKeys,
 	})
 	if err != nil {
 		return nil, err
