@@ -1,6 +1,7 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"time"
@@ -226,7 +227,7 @@ func (l *Loader) readTree(ctx context.Context, ns cache.Namespace, d *repb.Diges
 	if rerr != nil {
 		return nil, errorsJoinLast(err, rerr)
 	}
-	if werr := l.local.Write(ctx, ns, d, bytesReader(b)); werr != nil {
+	if werr := l.local.Write(ctx, ns, d, bytes.NewReader(b)); werr != nil {
 		return nil, fmt.Errorf("keeping a local copy of tree %s: %w", digest.String(d), werr)
 	}
 	return b, nil

@@ -1,9 +1,11 @@
 package snapshot
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"os"
+	"sort"
 	"sync"
 	"time"
 
@@ -143,7 +145,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		}
 		names = append(names, name)
 	}
-	sortStrings(names)
+	sort.Strings(names)
 	files := make([]*repb.OutputFile, len(names))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(l.opts.Parallelism)
@@ -282,7 +284,7 @@ func writeIfMissing(ctx context.Context, c cache.Cache, ns cache.Namespace, d *r
 	if err != nil || len(missing) == 0 {
 		return err
 	}
-	return c.Write(ctx, ns, d, bytesReader(b))
+	return c.Write(ctx, ns, d, bytes.NewReader(b))
 }
 
 // copyMissing copies the chunks of cf that dst lacks from src, with bounded
