@@ -6,7 +6,6 @@ package snapshot
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"runtime"
@@ -260,8 +259,6 @@ func errorsJoinLast(prev, next error) error {
 	}
 	return next
 }
-
-var errNoManifest = errors.New("no manifest")
 
 // Namespace is the cache namespace a snapshot saved under key uses.
 func (l *Loader) Namespace(key *snapshotpb.SnapshotKey) cache.Namespace {

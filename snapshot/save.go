@@ -226,11 +226,6 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		res.PublishedRemote = true
 	}
 	if req.LocalManifest {
-		if !req.Local {
-			// The local manifest must not name blobs only the remote has
-			// unless the reader may fetch them; they are confirmed on read.
-			l.opts.Logger.Debug("local manifest names remote-only blobs", "key", keyString(req.Key))
-		}
 		for _, k := range keys {
 			mk, err := LocalManifestKey(l.opts.Group, k)
 			if err != nil {
