@@ -133,25 +133,12 @@ func newQemuRestoreCmd() *cobra.Command {
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			opts, err := gf.options()
-			if err != nil {
-				return err
-			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			var snap *snapshot.Snapshot
-			if id != "" {
-				snap, err = e.loader.GetSnapshotByID(ctx, kf.instance, id, opts)
-			} else {
-				keys, kerr := kf.keySet(ctx, e)
-				if kerr != nil {
-					return kerr
-				}
-				snap, err = e.loader.GetSnapshot(ctx, keys, opts)
-			}
+			snap, err := lookup(ctx, e, &kf, &gf, id)
 			if err != nil {
 				return err
 			}

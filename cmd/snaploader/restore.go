@@ -54,25 +54,12 @@ func newRestoreCmd() *cobra.Command {
 			if out == "" {
 				return fmt.Errorf("--out is required")
 			}
-			opts, err := gf.options()
-			if err != nil {
-				return err
-			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			var snap *snapshot.Snapshot
-			if id != "" {
-				snap, err = e.loader.GetSnapshotByID(ctx, kf.instance, id, opts)
-			} else {
-				keys, kerr := kf.keySet(ctx, e)
-				if kerr != nil {
-					return kerr
-				}
-				snap, err = e.loader.GetSnapshot(ctx, keys, opts)
-			}
+			snap, err := lookup(ctx, e, &kf, &gf, id)
 			if err != nil {
 				return err
 			}
