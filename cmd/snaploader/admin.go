@@ -139,7 +139,7 @@ func newVerifyCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "verify",
-		Short: "Re-hash every blob a snapshot needs; exit non-zero on any mismatch or missing blob",
+		Short: "Re-hash every blob a snapshot needs (local cache, else the remote); exit non-zero on any mismatch or missing blob",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			e, err := cf.open(ctx)
@@ -155,6 +155,9 @@ func newVerifyCmd() *cobra.Command {
 			ns := cache.Namespace{Group: cf.group, Instance: snap.Key.GetInstanceName(), Function: snap.Function}
 			check := func(what string, d *repb.Digest) {
 				rc, err := e.local.Read(ctx, ns, d)
+				if cache.IsNotFound(err) && e.remote != nil {
+					rc, err = e.remote.Read(ctx, ns, d)
+				}
 				if err == nil {
 					var got *repb.Digest
 					got, err = digest.ComputeReader(snap.Function, rc)
