@@ -99,6 +99,10 @@ func BenchmarkTimeToFirstByte(b *testing.B) {
 						b.Fatal(err)
 					}
 					lat = append(lat, time.Since(t0))
+					// Drain, so the server is idle before the next read.
+					if _, err := io.Copy(io.Discard, rc); err != nil {
+						b.Fatal(err)
+					}
 					rc.Close()
 				}
 			}

@@ -125,10 +125,6 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	dopts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
-		grpc.WithReadBufferSize(1 << 20),
-		grpc.WithWriteBufferSize(1 << 20),
-		grpc.WithInitialWindowSize(8 << 20),
-		grpc.WithInitialConnWindowSize(16 << 20),
 	}
 	if len(md) > 0 {
 		dopts = append(dopts,

@@ -75,7 +75,17 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 	if r.compressed {
 		enc := encPool.Get().(*zstd.Encoder)
 		enc.Reset(out)
-		_, err = copyBuffered(enc, src)
+		// Compress and send a small first part before the bulk.
+		_, err = io.CopyN(enc, src, 128<<10)
+		if err == nil {
+			err = enc.Flush()
+		}
+		if err == nil {
+			err = out.flush()
+		}
+		if err == nil || errors.Is(err, io.EOF) {
+			_, err = copyBuffered(enc, src)
+		}
 		if cerr := enc.Close(); err == nil {
 			err = cerr
 		}
@@ -156,10 +166,12 @@ func (s *Server) open(ctx context.Context, ns cache.Namespace, r *resource, off 
 }
 
 // chunkSender turns writes into ReadResponses of at most chunkBytes.
+// The first message is small so that the reader gets going sooner.
 type chunkSender struct {
 	stream bspb.ByteStream_ReadServer
 	m      *metrics
 	buf    []byte
+	sent   bool
 }
 
 func (c *chunkSender) Write(p []byte) (int, error) {
@@ -168,10 +180,14 @@ func (c *chunkSender) Write(p []byte) (int, error) {
 		if c.buf == nil {
 			c.buf = make([]byte, 0, chunkBytes)
 		}
-		k := min(len(p), chunkBytes-len(c.buf))
+		limit := chunkBytes
+		if !c.sent {
+			limit = 64 << 10
+		}
+		k := min(len(p), limit-len(c.buf))
 		c.buf = append(c.buf, p[:k]...)
 		p = p[k:]
-		if len(c.buf) == chunkBytes {
+		if len(c.buf) == limit {
 			if err := c.flush(); err != nil {
 				return 0, err
 			}
@@ -185,6 +201,7 @@ func (c *chunkSender) flush() error {
 		return nil
 	}
 	err := c.stream.Send(&bspb.ReadResponse{Data: c.buf})
+	c.sent = true
 	c.m.out(len(c.buf))
 	c.buf = c.buf[:0]
 	return err
