@@ -566,3 +566,30 @@ func (c *Client) writeOnce(ctx context.Context, name string, d *repb.Digest, u *
 	}
 	return nil
 }
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, chunkBytes); return &b }}
+
+// WriteTo copies the rest of the blob to w in large pieces (io.Copy uses
+// it), which keeps hashing and copying efficient whatever w is.
+func (r *streamReader) WriteTo(w io.Writer) (int64, error) {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
+	var total int64
+	for {
+		n, err := r.Read(buf)
+		if n > 0 {
+			k, werr := w.Write(buf[:n])
+			total += int64(k)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+}

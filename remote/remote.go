@@ -125,6 +125,8 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	dopts := []grpc.DialOption{
 		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
+		grpc.WithReadBufferSize(256 << 10),
+		grpc.WithWriteBufferSize(256 << 10),
 	}
 	if len(md) > 0 {
 		dopts = append(dopts,

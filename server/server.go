@@ -164,7 +164,12 @@ func (s *Server) MetricsHandler() http.Handler {
 
 // GRPCServerOptions are the options a grpc.Server hosting s needs.
 func (s *Server) GRPCServerOptions() []grpc.ServerOption {
-	return []grpc.ServerOption{grpc.MaxRecvMsgSize(int(s.opts.MaxBatchBytes) + 1<<20)}
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(int(s.opts.MaxBatchBytes) + 1<<20),
+		// Fewer, larger socket reads and writes for blob streams.
+		grpc.ReadBufferSize(256 << 10),
+		grpc.WriteBufferSize(256 << 10),
+	}
 }
 
 // Serve serves the REAPI services on lis until ctx is done, then stops
