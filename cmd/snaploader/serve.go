@@ -49,7 +49,7 @@ sees, and may be read-only.`,
 				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
 			}
 			var backend cache.Cache
-			var where string
+			var where, tempDir string
 			switch {
 			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
 				return fmt.Errorf("give either --cache-dir or --s3, not both")
@@ -78,9 +78,9 @@ sees, and may be read-only.`,
 					return fmt.Errorf("opening cache %s: %w", dir, err)
 				}
 				defer c.Close()
-				backend, where = c, "directory "+dir
+				backend, where, tempDir = c, "directory "+dir, c.TempDir()
 			}
-			srv, err := server.New(backend, server.Options{APIKeys: keys})
+			srv, err := server.New(backend, server.Options{APIKeys: keys, TempDir: tempDir})
 			if err != nil {
 				return err
 			}
