@@ -89,6 +89,9 @@ var _ cache.Cache = (*Client)(nil)
 
 const defaultMaxBatch = 4<<20 - 64<<10
 
+// flowWindow is the HTTP/2 flow-control window of each stream.
+const flowWindow = 16 << 20
+
 // Dial connects to target ("grpc://HOST:PORT", "grpcs://HOST:PORT" or
 // "unix:///PATH") and reads the server's capabilities.
 func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
@@ -127,6 +130,10 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64 << 20)),
 		grpc.WithReadBufferSize(256 << 10),
 		grpc.WithWriteBufferSize(256 << 10),
+		// Windows large enough for several 4 MB chunks in flight: the
+		// defaults stall a blob stream on every 64 KiB round trip.
+		grpc.WithInitialWindowSize(flowWindow),
+		grpc.WithInitialConnWindowSize(4 * flowWindow),
 	}
 	if len(md) > 0 {
 		dopts = append(dopts,

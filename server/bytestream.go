@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -277,6 +278,27 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 			}
 		}
 	}
+	// A fresh, uncompressed upload of a blob that fits in memory is kept
+	// there; only an interrupted one is spilled to its file, to be resumed.
+	var mem []byte
+	if !r.compressed && u.size == 0 && d.SizeBytes <= maxBufferedCommit {
+		mem = make([]byte, 0, d.SizeBytes)
+	}
+	spill := func() error {
+		if mem == nil {
+			return nil
+		}
+		_, err := u.f.Write(mem)
+		mem = nil
+		return err
+	}
+	defer func() {
+		if keep {
+			if err := spill(); err != nil {
+				keep = false
+			}
+		}
+	}()
 	for {
 		if req.WriteOffset != u.size {
 			keep = !r.compressed
@@ -285,7 +307,9 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 		if u.size+int64(len(req.Data)) > limit {
 			return status.Errorf(codes.InvalidArgument, "blob %s: more than %d bytes sent", digest.String(d), limit)
 		}
-		if _, err := u.f.Write(req.Data); err != nil {
+		if mem != nil {
+			mem = append(mem, req.Data...)
+		} else if _, err := u.f.Write(req.Data); err != nil {
 			return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 		}
 		u.size += int64(len(req.Data))
@@ -306,7 +330,12 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 			return status.Errorf(codes.InvalidArgument, "blob %s: resource name changed mid-stream", digest.String(d))
 		}
 	}
-	if err := s.commit(ctx, ns, r, u); err != nil {
+	if mem != nil {
+		err = s.commitBytes(ctx, ns, d, mem)
+	} else {
+		err = s.commit(ctx, ns, r, u)
+	}
+	if err != nil {
 		return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 	}
 	cs := d.SizeBytes
@@ -314,6 +343,18 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 		cs = u.size
 	}
 	return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: cs})
+}
+
+// commitBytes verifies an upload held in memory and hands it to the
+// backend.
+func (s *Server) commitBytes(ctx context.Context, ns cache.Namespace, d *repb.Digest, b []byte) error {
+	if got := digest.Compute(ns.Function, b); !digest.Equal(got, d) {
+		return status.Errorf(codes.InvalidArgument, "data does not match its digest: got %s", digest.String(got))
+	}
+	if hp, ok := s.backend.(hashedPutter); ok {
+		return hp.PutHashed(ctx, ns, d, b)
+	}
+	return s.backend.Write(ctx, ns, d, bytes.NewReader(b))
 }
 
 // commit verifies the upload and hands it to the backend.
@@ -334,6 +375,17 @@ func (s *Server) commit(ctx context.Context, ns cache.Namespace, r *resource, u 
 	if err != nil {
 		return err
 	}
+	if hp, ok := s.backend.(hashedPutter); ok && r.d.SizeBytes <= maxBufferedCommit {
+		// Verify once here, then store without the backend hashing again.
+		b := make([]byte, r.d.SizeBytes)
+		if _, err := io.ReadFull(v, b); err != nil {
+			return err
+		}
+		if err := checkVerifiedEnd(v); err != nil {
+			return err
+		}
+		return hp.PutHashed(ctx, ns, r.d, b)
+	}
 	if err := s.backend.Write(ctx, ns, r.d, v); err != nil {
 		if v.err != nil {
 			return v.err
@@ -341,6 +393,28 @@ func (s *Server) commit(ctx context.Context, ns cache.Namespace, r *resource, u 
 		return err
 	}
 	return v.err
+}
+
+// hashedPutter is a backend that stores bytes already verified against
+// their digest without hashing them again (the local cache).
+type hashedPutter interface {
+	PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error
+}
+
+// maxBufferedCommit is the largest upload committed from memory.
+const maxBufferedCommit = 64 << 20
+
+// checkVerifiedEnd reads v to its end so that its digest check runs.
+func checkVerifiedEnd(v *verifyingReader) error {
+	var one [1]byte
+	n, err := v.Read(one[:])
+	if n > 0 {
+		return status.Errorf(codes.InvalidArgument, "blob %s: more data than its size", digest.String(v.d))
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
 }
 
 // verifyingReader yields at most the digest's size and, at the end, an

@@ -87,7 +87,12 @@ func (s *Server) storeSmall(ctx context.Context, ns cache.Namespace, r *repb.Bat
 	if r.Digest.SizeBytes == 0 {
 		return nil
 	}
-	if err := s.backend.Write(ctx, ns, r.Digest, bytes.NewReader(r.Data)); err != nil {
+	put := func() error { return s.backend.Write(ctx, ns, r.Digest, bytes.NewReader(r.Data)) }
+	if hp, ok := s.backend.(hashedPutter); ok {
+		// Just verified above: store without hashing again.
+		put = func() error { return hp.PutHashed(ctx, ns, r.Digest, r.Data) }
+	}
+	if err := put(); err != nil {
 		return fmt.Errorf("storing blob %s: %w", digest.String(r.Digest), err)
 	}
 	return nil

@@ -169,6 +169,9 @@ func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 		// Fewer, larger socket reads and writes for blob streams.
 		grpc.ReadBufferSize(256 << 10),
 		grpc.WriteBufferSize(256 << 10),
+		// Large flow-control windows keep blob uploads streaming.
+		grpc.InitialWindowSize(16 << 20),
+		grpc.InitialConnWindowSize(64 << 20),
 	}
 }
 
