@@ -1,11 +1,16 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
+	"net/http/pprof"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
@@ -24,6 +29,7 @@ func newServeCmd() *cobra.Command {
 		s3URL       string
 		apiKeys     []string
 		metricsAddr string
+		debugAddr   string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -99,6 +105,14 @@ sees, and may be read-only.`,
 				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
 				log.Info("serving metrics", "addr", ml.Addr().String())
 			}
+			if debugAddr != "" {
+				dl, err := net.Listen("tcp", debugAddr)
+				if err != nil {
+					lis.Close()
+					return fmt.Errorf("listening on %s: %w", debugAddr, err)
+				}
+				g.Go(func() error { return serveDebug(gctx, dl) })
+			}
 			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "backend", where, "api_keys", len(keys))
 			return g.Wait()
 		},
@@ -110,5 +124,23 @@ sees, and may be read-only.`,
 	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
 	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
 	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
+	fl.StringVar(&debugAddr, "debug-addr", "", "serve Go profiles at http://ADDR/debug/pprof/ (keep it on loopback)")
 	return cmd
+}
+
+// serveDebug serves net/http/pprof on lis until ctx is done.
+func serveDebug(ctx context.Context, lis net.Listener) error {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		hs.Close()
+	}()
+	if err := hs.Serve(lis); err != nil && ctx.Err() == nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
