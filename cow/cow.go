@@ -280,6 +280,22 @@ func (s *Store) lookup(idx int64) *chunk {
 	return c
 }
 
+// IsHole reports whether the chunk holding off is a hole that no write has
+// touched, so it reads as zeros without any fetch (a page server answers
+// such faults with zero pages). It is cheap and safe for concurrent use.
+func (s *Store) IsHole(off int64) bool {
+	if off < 0 || off >= s.Size() {
+		return false
+	}
+	c := s.lookup(off / s.cs)
+	if c == nil {
+		return true
+	}
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	return c.d == nil && !c.overlay
+}
+
 func (s *Store) lookupOrCreate(idx int64) *chunk {
 	if c := s.lookup(idx); c != nil {
 		return c
