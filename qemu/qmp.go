@@ -245,6 +245,10 @@ func (q *QMP) Execute(ctx context.Context, cmd string, args any) (json.RawMessag
 		Arguments any    `json:"arguments,omitempty"`
 		ID        uint64 `json:"id"`
 	}{Execute: cmd, Arguments: args}
+	if err := ctx.Err(); err != nil {
+		// Never send a command whose caller has already given up on it.
+		return nil, fmt.Errorf("qmp command %q on %s: %w", cmd, q.path, status.FromContextError(err).Err())
+	}
 	ch := make(chan qmpReply, 1)
 	q.mu.Lock()
 	if q.readErr != nil {
