@@ -14,6 +14,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/snapshot"
 )
 
@@ -49,43 +50,60 @@ func newInvalidateCmd() *cobra.Command {
 	return cmd
 }
 
-// lookup finds a snapshot by --snapshot-id or by the key flags.
-func lookup(ctx context.Context, e *env, kf *keyFlags, gf *getFlags, id string) (*snapshot.Snapshot, error) {
-	opts, err := gf.options()
+// snapshotFlags select one snapshot: the key set's newest usable one, or
+// an exact one by --snapshot-id.
+type snapshotFlags struct {
+	cf cacheFlags
+	kf keyFlags
+	gf getFlags
+	id string
+}
+
+func (f *snapshotFlags) register(cmd *cobra.Command, idHelp string) {
+	f.cf.register(cmd)
+	f.kf.register(cmd)
+	f.gf.register(cmd)
+	cmd.Flags().StringVar(&f.id, "snapshot-id", "", idHelp)
+}
+
+// open opens the caches and finds the snapshot; the caller closes the env.
+func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, error) {
+	opts, err := f.gf.options()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if id != "" {
-		return e.loader.GetSnapshotByID(ctx, kf.instance, id, opts)
-	}
-	keys, err := kf.keySet(ctx, e)
+	e, err := f.cf.open(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	return e.loader.GetSnapshot(ctx, keys, opts)
+	var snap *snapshot.Snapshot
+	if f.id != "" {
+		snap, err = e.loader.GetSnapshotByID(ctx, f.kf.instance, f.id, opts)
+	} else {
+		var keys *snapshotpb.SnapshotKeySet
+		if keys, err = f.kf.keySet(ctx, e); err == nil {
+			snap, err = e.loader.GetSnapshot(ctx, keys, opts)
+		}
+	}
+	if err != nil {
+		e.Close()
+		return nil, nil, err
+	}
+	return e, snap, nil
 }
 
 func newInspectCmd() *cobra.Command {
-	var (
-		cf cacheFlags
-		kf keyFlags
-		gf getFlags
-		id string
-	)
+	var sf snapshotFlags
 	cmd := &cobra.Command{
 		Use:   "inspect",
 		Short: "Print a snapshot's manifest as JSON",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			e, err := cf.open(ctx)
+			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			snap, err := lookup(ctx, e, &kf, &gf, id)
-			if err != nil {
-				return err
-			}
 			b, err := protojson.MarshalOptions{Multiline: true, UseProtoNames: true}.Marshal(snap.Manifest)
 			if err != nil {
 				return err
@@ -94,10 +112,7 @@ func newInspectCmd() *cobra.Command {
 			return err
 		},
 	}
-	cf.register(cmd)
-	kf.register(cmd)
-	gf.register(cmd)
-	cmd.Flags().StringVar(&id, "snapshot-id", "", "inspect this exact snapshot")
+	sf.register(cmd, "inspect this exact snapshot")
 	return cmd
 }
 
@@ -131,28 +146,19 @@ func newLsCmd() *cobra.Command {
 }
 
 func newVerifyCmd() *cobra.Command {
-	var (
-		cf cacheFlags
-		kf keyFlags
-		gf getFlags
-		id string
-	)
+	var sf snapshotFlags
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Re-hash every blob a snapshot needs (local cache, else the remote); exit non-zero on any mismatch or missing blob",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			e, err := cf.open(ctx)
+			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			snap, err := lookup(ctx, e, &kf, &gf, id)
-			if err != nil {
-				return err
-			}
 			bad := 0
-			ns := cache.Namespace{Group: cf.group, Instance: snap.Key.GetInstanceName(), Function: snap.Function}
+			ns := cache.Namespace{Group: sf.cf.group, Instance: snap.Key.GetInstanceName(), Function: snap.Function}
 			check := func(what string, d *repb.Digest) {
 				rc, err := e.local.Read(ctx, ns, d)
 				if cache.IsNotFound(err) && e.remote != nil {
@@ -189,9 +195,6 @@ func newVerifyCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cf.register(cmd)
-	kf.register(cmd)
-	gf.register(cmd)
-	cmd.Flags().StringVar(&id, "snapshot-id", "", "verify this exact snapshot")
+	sf.register(cmd, "verify this exact snapshot")
 	return cmd
 }

@@ -117,13 +117,10 @@ func saveGuest(ctx context.Context, v *vmm.VM, target func(context.Context) (vmm
 
 func newQemuRestoreCmd() *cobra.Command {
 	var (
-		cf         cacheFlags
-		kf         keyFlags
-		gf         getFlags
+		sf         snapshotFlags
 		qf         qemuFlags
 		dir        string
 		serial     string
-		id         string
 		saveOnExit bool
 		prefetch   bool
 		readAhead  int
@@ -133,15 +130,11 @@ func newQemuRestoreCmd() *cobra.Command {
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			e, err := cf.open(ctx)
+			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			snap, err := lookup(ctx, e, &kf, &gf, id)
-			if err != nil {
-				return err
-			}
 			h, err := qf.host(e)
 			if err != nil {
 				return err
@@ -162,18 +155,15 @@ func newQemuRestoreCmd() *cobra.Command {
 				snap.Manifest.GetVmMetadata().GetSnapshotId(), snap.Source, rs.Total.Round(time.Millisecond),
 				rs.Unpack.Round(time.Millisecond), rs.Resume.Round(time.Millisecond), v.Guest().Config().SerialLog)
 			return runGuest(ctx, v, saveOnExit, func(ctx context.Context) (vmm.SaveOptions, error) {
-				return saveTarget(ctx, e, &kf, &cf)
+				return saveTarget(ctx, e, &sf.kf, &sf.cf)
 			})
 		},
 	}
-	cf.register(cmd)
-	kf.register(cmd)
-	gf.register(cmd)
+	sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
 	qf.register(cmd)
 	fl := cmd.Flags()
 	fl.StringVar(&dir, "dir", "", "work directory: unpacked files, memory mount point, NBD socket (default a temporary one)")
 	fl.StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
-	fl.StringVar(&id, "snapshot-id", "", "restore this exact snapshot instead of the key set's newest")
 	fl.BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it incrementally under the write key")
 	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
 	fl.IntVar(&readAhead, "read-ahead", 0, "chunks after a touched one fetched in the background (0 = default, negative = off)")

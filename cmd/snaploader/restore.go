@@ -38,11 +38,8 @@ func (f *getFlags) options() (snapshot.GetOptions, error) {
 
 func newRestoreCmd() *cobra.Command {
 	var (
-		cf     cacheFlags
-		kf     keyFlags
-		gf     getFlags
+		sf     snapshotFlags
 		out    string
-		id     string
 		asJSON bool
 	)
 	cmd := &cobra.Command{
@@ -54,15 +51,11 @@ func newRestoreCmd() *cobra.Command {
 			if out == "" {
 				return fmt.Errorf("--out is required")
 			}
-			e, err := cf.open(ctx)
+			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			snap, err := lookup(ctx, e, &kf, &gf, id)
-			if err != nil {
-				return err
-			}
 			rep, err := restoreTo(ctx, e, snap, out, !asJSON && stderrIsTerminal())
 			if err != nil {
 				return err
@@ -76,11 +69,8 @@ func newRestoreCmd() *cobra.Command {
 			return nil
 		},
 	}
-	cf.register(cmd)
-	kf.register(cmd)
-	gf.register(cmd)
+	sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
 	cmd.Flags().StringVar(&out, "out", "", "directory to write the snapshot's files into")
-	cmd.Flags().StringVar(&id, "snapshot-id", "", "restore this exact snapshot instead of the key set's newest")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
 	return cmd
 }
