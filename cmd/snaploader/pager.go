@@ -1,0 +1,113 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/snaploader/snaploader/snapshot"
+	"github.com/snaploader/snaploader/uffd"
+)
+
+// pagerReport is the --json output of pager.
+type pagerReport struct {
+	SnapshotID   string            `json:"snapshot_id"`
+	Source       string            `json:"source"`
+	Socket       string            `json:"socket"`
+	Files        map[string]string `json:"files"`
+	Faults       uint64            `json:"faults"`
+	PagesCopied  uint64            `json:"pages_copied"`
+	ZeroPages    uint64            `json:"zero_pages"`
+	ChunkFetches int64             `json:"chunk_fetches"`
+	FetchedBytes int64             `json:"fetched_bytes"`
+	LatencyP50US int64             `json:"fault_latency_p50_us"`
+	LatencyP99US int64             `json:"fault_latency_p99_us"`
+	DurationMS   int64             `json:"duration_ms"`
+}
+
+func newPagerCmd() *cobra.Command {
+	var (
+		sf       snapshotFlags
+		dir      string
+		socket   string
+		memName  string
+		asJSON   bool
+		prefetch bool
+	)
+	cmd := &cobra.Command{
+		Use:   "pager",
+		Short: "Restore a snapshot and serve its guest memory lazily to one Firecracker-style VMM over userfaultfd",
+		Long: `pager unpacks the snapshot's artifact files (VM state, kernel, ...) into --dir, then listens on
+--socket for one VMM speaking Firecracker's page-fault handler handshake (Firecracker: mem_backend
+{"backend_type": "Uffd", "backend_path": SOCKET}). Guest memory pages are served from the chunked
+file --memory-file as the guest faults them in, fetching chunks from the local cache or the remote.
+It exits when the VMM does, printing the fault statistics.`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			start := time.Now()
+			if dir == "" || socket == "" {
+				return fmt.Errorf("--dir and --socket are required")
+			}
+			e, snap, err := sf.open(ctx)
+			if err != nil {
+				return err
+			}
+			defer e.Close()
+			u, err := e.loader.UnpackSnapshot(ctx, snap, dir, snapshot.UnpackOptions{PrefetchWorkingSet: prefetch})
+			if err != nil {
+				return err
+			}
+			defer u.Close()
+			mem, ok := u.Stores[memName]
+			if !ok {
+				return fmt.Errorf("snapshot %s has no chunked file %q", snap.Manifest.GetVmMetadata().GetSnapshotId(), memName)
+			}
+			os.Remove(socket)
+			lis, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
+			if err != nil {
+				return fmt.Errorf("listening on %s: %w", socket, err)
+			}
+			defer lis.Close()
+			if !asJSON {
+				fmt.Fprintf(os.Stderr, "serving guest memory %q of snapshot %s on %s\n", memName, snap.Manifest.GetVmMetadata().GetSnapshotId(), socket)
+			}
+			srv := uffd.NewServer(mem, uffd.Options{ChunkSize: mem.ChunkSize()})
+			serr := srv.Serve(ctx, lis)
+			st, ms := srv.Stats(), mem.Stats()
+			rep := pagerReport{
+				SnapshotID:   snap.Manifest.GetVmMetadata().GetSnapshotId(),
+				Source:       string(snap.Source),
+				Socket:       socket,
+				Files:        u.Files,
+				Faults:       st.Faults,
+				PagesCopied:  st.PagesCopied,
+				ZeroPages:    st.ZeroPages,
+				ChunkFetches: ms.Fetched,
+				FetchedBytes: ms.FetchedBytes,
+				LatencyP50US: st.LatencyP50.Microseconds(),
+				LatencyP99US: st.LatencyP99.Microseconds(),
+				DurationMS:   time.Since(start).Milliseconds(),
+			}
+			if asJSON {
+				if err := printJSON(os.Stdout, rep); err != nil {
+					return err
+				}
+			} else {
+				fmt.Printf("served %d faults (%d pages copied, %d zero pages), %d chunks fetched (%s); fault latency p50 %dµs p99 %dµs\n",
+					rep.Faults, rep.PagesCopied, rep.ZeroPages, rep.ChunkFetches, humanBytes(rep.FetchedBytes), rep.LatencyP50US, rep.LatencyP99US)
+			}
+			return serr
+		},
+	}
+	sf.register(cmd, "serve this exact snapshot instead of the key set's newest")
+	fl := cmd.Flags()
+	fl.StringVar(&dir, "dir", "", "directory to unpack the snapshot's artifact files into")
+	fl.StringVar(&socket, "socket", "", "Unix socket the VMM connects to")
+	fl.StringVar(&memName, "memory-file", "memory", "name of the chunked file holding guest memory")
+	fl.BoolVar(&asJSON, "json", false, "print one JSON object when the VMM exits")
+	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
+	return cmd
+}
