@@ -77,12 +77,28 @@ func (r *verifyingReader) Read(p []byte) (int, error) {
 
 func (r *verifyingReader) Close() error { return r.rc.Close() }
 
+// ReadVerifier is implemented by caches whose Read already verifies every
+// blob against its digest (the REAPI and S3 clients, and Verifying's own
+// result), so that Verifying does not hash the same bytes again.
+type ReadVerifier interface {
+	VerifiesReads()
+}
+
 // Verifying returns a Cache whose Read verifies the blob while streaming:
 // at the end of the stream a content or length mismatch is an Internal
 // error naming the digest instead of io.EOF. Other methods pass through.
-func Verifying(c Cache) Cache { return verifying{c} }
+// A cache that already verifies its reads is returned as it is.
+func Verifying(c Cache) Cache {
+	if _, ok := c.(ReadVerifier); ok {
+		return c
+	}
+	return verifying{c}
+}
 
 type verifying struct{ Cache }
+
+// VerifiesReads marks the result as verifying.
+func (verifying) VerifiesReads() {}
 
 func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	rc, err := v.Cache.Read(ctx, ns, d)

@@ -66,3 +66,14 @@ func TestVerifying(t *testing.T) {
 }
 
 // down is a remote whose reads fail as a tier that is down would.
+
+func TestVerifyingIsIdempotent(t *testing.T) {
+	lc := newLocal(t, t.TempDir())
+	once := cache.Verifying(lc)
+	if twice := cache.Verifying(once); twice != once {
+		t.Error("Verifying of a verifying cache wrapped it again")
+	}
+	if _, ok := once.(cache.ReadVerifier); !ok {
+		t.Error("Verifying's result does not declare that it verifies")
+	}
+}

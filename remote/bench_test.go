@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"os"
 	"slices"
 	"testing"
 	"time"
@@ -22,7 +23,7 @@ const benchBlob = 4_096_000 // the default chunk size
 // below them).
 func benchClient(b *testing.B, zstd bool) (*env, *remote.Client) {
 	e := start(b, server.Options{})
-	return e, e.dial(b, remote.Options{MaxBatchBytes: 1 << 20, DisableCompression: !zstd})
+	return e, e.dial(b, remote.Options{MaxBatchBytes: batchLimit(), DisableCompression: !zstd})
 }
 
 func BenchmarkByteStreamUpload(b *testing.B) {
@@ -111,4 +112,11 @@ func BenchmarkTimeToFirstByte(b *testing.B) {
 			b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds()), "p99-µs")
 		})
 	}
+}
+
+func batchLimit() int64 {
+	if os.Getenv("BENCH_BATCH") != "" {
+		return 0
+	}
+	return 1 << 20
 }
