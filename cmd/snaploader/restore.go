@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/snapshot"
@@ -112,7 +114,8 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 	return rep, nil
 }
 
-// writeStore copies a store into a sparse regular file, skipping holes.
+// writeStore copies a store into a sparse regular file, skipping holes,
+// with a few chunks in flight so fetching and writing overlap.
 func writeStore(ctx context.Context, s *cow.Store, path string, progress func(int64)) error {
 	tmp := path + ".partial"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
@@ -124,22 +127,35 @@ func writeStore(ctx context.Context, s *cow.Store, path string, progress func(in
 	if err := f.Truncate(s.Size()); err != nil {
 		return err
 	}
-	buf := make([]byte, s.ChunkSize())
+	g, gctx := errgroup.WithContext(ctx)
+	g.SetLimit(writeParallelism)
+	bufs := sync.Pool{New: func() any { b := make([]byte, s.ChunkSize()); return &b }}
 	for _, c := range s.ChunkedFile().GetChunks() {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		n := c.GetDigest().GetSizeBytes()
-		if _, err := s.ReadAt(buf[:n], c.GetOffset()); err != nil {
-			return err
-		}
-		if _, err := f.WriteAt(buf[:n], c.GetOffset()); err != nil {
-			return err
-		}
-		progress(n)
+		g.Go(func() error {
+			if err := gctx.Err(); err != nil {
+				return err
+			}
+			bp := bufs.Get().(*[]byte)
+			defer bufs.Put(bp)
+			n := c.GetDigest().GetSizeBytes()
+			if _, err := s.ReadAt((*bp)[:n], c.GetOffset()); err != nil {
+				return err
+			}
+			if _, err := f.WriteAt((*bp)[:n], c.GetOffset()); err != nil {
+				return err
+			}
+			progress(n)
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	if err := f.Close(); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)
 }
+
+// writeParallelism is how many chunks writeStore has in flight.
+const writeParallelism = 4
