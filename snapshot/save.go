@@ -108,9 +108,9 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		tiers = append(tiers, l.remote)
 	}
 
-	md := proto.Clone(req.Metadata).(*snapshotpb.VMMetadata)
-	if req.Metadata == nil {
-		md = &snapshotpb.VMMetadata{}
+	md := &snapshotpb.VMMetadata{}
+	if req.Metadata != nil {
+		md = proto.Clone(req.Metadata).(*snapshotpb.VMMetadata)
 	}
 	md.SnapshotId = NewSnapshotID()
 	md.SnapshotKey = req.Key
