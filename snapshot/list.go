@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 )
 
@@ -14,7 +15,8 @@ type Listing struct {
 	Instance     string
 	Files        int
 	ChunkedFiles int
-	// Bytes is the logical size of every file of the snapshot.
+	// Bytes is the logical size of every file of the snapshot (chunked
+	// files whose tree is not in the local cache count as 0).
 	Bytes     int64
 	Completed time.Time
 }
@@ -48,6 +50,14 @@ func ListLocal(ctx context.Context, local *localcache.Cache, group string) ([]Li
 		}
 		for _, f := range dm.files {
 			l.Bytes += f.GetDigest().GetSizeBytes()
+		}
+		ns := cache.Namespace{Group: group, Instance: e.Namespace.Instance, Function: dm.function}
+		for _, d := range dm.trees {
+			if b, err := cache.ReadAll(ctx, local, ns, d.GetTreeDigest()); err == nil {
+				if cf, err := decodeTree(d.GetPath(), b); err == nil {
+					l.Bytes += cf.GetSize()
+				}
+			}
 		}
 		out = append(out, l)
 	}

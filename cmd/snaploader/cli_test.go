@@ -116,8 +116,8 @@ func TestSaveRestoreInspectVerify(t *testing.T) {
 		t.Errorf("inspect output lacks the snapshot: %s", out)
 	}
 	out, _ = run(t, false, "ls", "--cache-dir", cacheDir)
-	if !strings.Contains(out, saved.SnapshotID) || !strings.Contains(out, again.SnapshotID) {
-		t.Errorf("ls output lacks the snapshots: %s", out)
+	if !strings.Contains(out, saved.SnapshotID) || !strings.Contains(out, again.SnapshotID) || !strings.Contains(out, "3.0 MiB") {
+		t.Errorf("ls output lacks the snapshots or their 3 MiB size: %s", out)
 	}
 	run(t, false, append(keyArgs(cacheDir), "verify")...)
 
