@@ -36,6 +36,7 @@ func (s *Server) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlob
 	if err != nil {
 		return nil, fmt.Errorf("finding missing blobs among %d: %w", len(ds), err)
 	}
+	s.m.lookups(len(ds), len(missing))
 	return &repb.FindMissingBlobsResponse{MissingBlobDigests: missing}, nil
 }
 

@@ -13,9 +13,13 @@ type metrics struct {
 	latency  *prometheus.HistogramVec
 	bytes    *prometheus.CounterVec
 	ac       *prometheus.CounterVec
+	cas      *prometheus.CounterVec
 }
 
-func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+// evictionCounter is a backend that counts its evictions (the local cache).
+type evictionCounter interface{ Evictions() int64 }
+
+func newMetrics(reg prometheus.Registerer, backend any) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "snaploader_server_requests_total",
@@ -34,8 +38,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "snaploader_server_action_cache_lookups_total",
 			Help: "Action-cache lookups by result (hit or miss).",
 		}, []string{"result"}),
+		cas: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "snaploader_server_cas_lookups_total",
+			Help: "Blobs asked for by FindMissingBlobs, by result (hit = present, miss = missing).",
+		}, []string{"result"}),
 	}
-	for _, c := range []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac} {
+	collectors := []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac, m.cas}
+	if ec, ok := backend.(evictionCounter); ok {
+		collectors = append(collectors, prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "snaploader_server_evictions_total",
+			Help: "Entries the backing cache evicted to stay under its bound.",
+		}, func() float64 { return float64(ec.Evictions()) }))
+	}
+	for _, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("server: registering metrics: %w", err)
 		}
@@ -45,6 +60,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	for _, r := range []string{"hit", "miss"} {
 		m.ac.WithLabelValues(r)
+		m.cas.WithLabelValues(r)
 	}
 	return m, nil
 }
@@ -54,6 +70,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 func (m *metrics) observe(method string, start time.Time, err *error) {
 	m.requests.WithLabelValues(method, status.Code(*err).String()).Inc()
 	m.latency.WithLabelValues(method).Observe(time.Since(start).Seconds())
+}
+
+// lookups records a FindMissingBlobs outcome.
+func (m *metrics) lookups(asked, missing int) {
+	m.cas.WithLabelValues("hit").Add(float64(asked - missing))
+	m.cas.WithLabelValues("miss").Add(float64(missing))
 }
 
 func (m *metrics) in(n int)  { m.bytes.WithLabelValues("in").Add(float64(n)) }

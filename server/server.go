@@ -138,7 +138,7 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 			s.gatherer = prometheus.DefaultGatherer
 		}
 	}
-	m, err := newMetrics(reg)
+	m, err := newMetrics(reg, backend)
 	if err != nil {
 		return nil, err
 	}

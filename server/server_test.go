@@ -430,6 +430,9 @@ func TestMetricsHandler(t *testing.T) {
 	e.ac.GetActionResult(ctx, &repb.GetActionResultRequest{ActionDigest: key})
 	b := data(1 << 20)
 	e.write(ctx, &bspb.WriteRequest{ResourceName: uploadName(sha(b), "m"), Data: b, FinishWrite: true})
+	if _, err := e.cas.FindMissingBlobs(ctx, &repb.FindMissingBlobsRequest{BlobDigests: []*repb.Digest{sha(b), sha([]byte("absent"))}}); err != nil {
+		t.Fatal(err)
+	}
 	rec := httptest.NewRecorder()
 	e.srv.MetricsHandler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
 	body := rec.Body.String()
@@ -441,6 +444,9 @@ func TestMetricsHandler(t *testing.T) {
 		`snaploader_server_action_cache_lookups_total{result="miss"} 1`,
 		`snaploader_server_blob_bytes_total{direction="in"} 1.048576e+06`,
 		`snaploader_server_request_duration_seconds_count{method="Write"} 1`,
+		`snaploader_server_cas_lookups_total{result="hit"} 1`,
+		`snaploader_server_cas_lookups_total{result="miss"} 1`,
+		`snaploader_server_evictions_total 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("metrics lack %q", want)

@@ -63,6 +63,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -132,6 +133,8 @@ type Cache struct {
 	sinceScan int64
 	lastScan  time.Time
 	scanning  bool
+
+	evictions atomic.Int64
 }
 
 var (
@@ -720,7 +723,11 @@ func (c *Cache) evictLocked(keep *entry) []string {
 	return victims
 }
 
+// Evictions is how many entries this Cache has evicted since New.
+func (c *Cache) Evictions() int64 { return c.evictions.Load() }
+
 func (c *Cache) remove(rels []string) {
+	c.evictions.Add(int64(len(rels)))
 	for _, rel := range rels {
 		os.Remove(filepath.Join(c.dir, rel))
 	}

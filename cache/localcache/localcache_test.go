@@ -744,3 +744,20 @@ func TestConcurrentUse(t *testing.T) {
 		t.Errorf("usage %d / disk %d over bound", c.Usage(), diskUsage(t, c.Dir()))
 	}
 }
+
+func TestEvictionsCounted(t *testing.T) {
+	c := newCache(t, t.TempDir(), Options{MaxBytes: 256 << 10})
+	var ds []*repb.Digest
+	for i := 0; i < 8; i++ {
+		ds = append(ds, put(t, c, cache.Namespace{}, content(uint64(100+i), 64<<10)))
+	}
+	gone := 0
+	for _, p := range present(t, c, ds...) {
+		if !p {
+			gone++
+		}
+	}
+	if gone == 0 || c.Evictions() != int64(gone) {
+		t.Errorf("Evictions() = %d, want the %d blobs no longer present (> 0)", c.Evictions(), gone)
+	}
+}
