@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -321,5 +322,30 @@ func TestCLIAgainstServeWithAPIKeys(t *testing.T) {
 	cmd = exec.Command(binary, append([]string{"restore", "--api-key", "k-other", "--cache-dir", filepath.Join(dir, "c"), "--out", filepath.Join(dir, "out2")}, key...)...)
 	if out, err := cmd.CombinedOutput(); err == nil || !strings.Contains(string(out), "NotFound") {
 		t.Errorf("restore by another group: err %v, output %s; want NotFound", err, out)
+	}
+}
+
+func TestServeMetricsEndpoint(t *testing.T) {
+	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	srv := startServe(t, nil, "--cache-dir", t.TempDir(), "--metrics-addr", metrics)
+	dir := t.TempDir()
+	writeVM(t, filepath.Join(dir, "mem.img"), 1<<20, 8)
+	cli(t, nil, "save", "--remote", srv.url(), "--cache-dir", filepath.Join(dir, "a"), "--instance", "ci", "--platform", "os=linux",
+		"--config-hash", "c1", "--ref", "main", "--chunk-size", "65536", "--chunked", "mem.img="+filepath.Join(dir, "mem.img"))
+	resp, err := http.Get("http://" + metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, want := range []string{
+		`snaploader_server_requests_total{code="OK",method="UpdateActionResult"}`,
+		`snaploader_server_cas_lookups_total{result="miss"}`,
+		`snaploader_server_evictions_total 0`,
+		`snaploader_server_blob_bytes_total{direction="in"}`,
+	} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
 	}
 }
