@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -21,10 +22,9 @@ type remoteFlags struct {
 	bearer     string
 	caFile     string
 	readOnly   bool
-	savePolicy string
-	remoteOnly bool
 	noCompress bool
 	apiKeyHdr  string
+	timeout    time.Duration
 }
 
 func (f *remoteFlags) register(cmd *cobra.Command) {
@@ -36,6 +36,7 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.caFile, "ca-file", "", "PEM CA bundle trusted for grpcs:// instead of the system roots")
 	fl.BoolVar(&f.readOnly, "remote-read-only", false, "load from the remote but never publish to it")
 	fl.BoolVar(&f.noCompress, "no-compression", false, "do not use zstd compressed-blobs with the REAPI remote")
+	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
 }
 
 // openRemote opens the tier named by --remote; nil when none.
@@ -44,7 +45,7 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool) 
 	case f.url == "":
 		return nil, fn, nil, nil
 	case strings.HasPrefix(f.url, "grpc://"), strings.HasPrefix(f.url, "grpcs://"), strings.HasPrefix(f.url, "unix://"):
-		opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress}
+		opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
 		if fnSet {
 			opts.DigestFunction = fn
 		}
