@@ -12,7 +12,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -347,5 +349,38 @@ func TestServeMetricsEndpoint(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
+	}
+}
+
+// TestSlowRemote: a server that stops answering (SIGSTOP) makes a read of an
+// unfetched chunk fail at the per-call deadline with an error naming the
+// chunk, instead of hanging the VM forever; once it answers again, reads work.
+func TestSlowRemote(t *testing.T) {
+	srv := startServe(t, nil, "--cache-dir", t.TempDir())
+	dir := t.TempDir()
+	want := writeVM(t, filepath.Join(dir, "mem.img"), 1<<20, 12)
+	a := newHost(t, dial(t, srv.url()))
+	a.saveFile(t, filepath.Join(dir, "mem.img"))
+
+	c, err := remote.Dial(ctxT(t), srv.url(), remote.Options{CallTimeout: 2 * time.Second, MaxRetries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	b := newHost(t, c)
+	snap, s := b.unpack(t)
+	victim := snap.Manifest.GetChunkedFiles()[0].GetChunks()[2]
+
+	if err := srv.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 64)
+	_, err = s.ReadAt(buf, victim.GetOffset())
+	srv.cmd.Process.Signal(syscall.SIGCONT)
+	if code := status.Code(err); (code != codes.DeadlineExceeded && code != codes.Unavailable) || !strings.Contains(err.Error(), victim.GetDigest().GetHash()) {
+		t.Fatalf("read with the remote stalled: %v (code %v), want DeadlineExceeded or Unavailable naming %s", err, status.Code(err), victim.GetDigest().GetHash())
+	}
+	if _, err := s.ReadAt(buf, victim.GetOffset()); err != nil || !bytes.Equal(buf, want[victim.GetOffset():victim.GetOffset()+64]) {
+		t.Errorf("read after the remote recovered: %v", err)
 	}
 }
