@@ -135,11 +135,15 @@ func newSaveCmd() *cobra.Command {
 				return err
 			}
 			t := res.Totals()
+			source := "local" // the tier manifest_digest names
+			if !res.PublishedLocal {
+				source = "remote"
+			}
 			rep := report{
 				SnapshotID:          res.SnapshotID,
 				Key:                 keyJSON(res.Key),
 				ManifestDigest:      res.ManifestKey.GetHash(),
-				Source:              "local",
+				Source:              source,
 				ChunkSize:           chunkSize,
 				ChunksTotal:         t.ChunksTotal,
 				ChunksWritten:       t.ChunksWritten,
