@@ -63,11 +63,23 @@ func (s *Store) push(items []prefetchItem) {
 		return
 	}
 	for _, it := range items {
-		if it.c.settled.Load() || it.c.queued.Swap(true) {
+		if it.c.settled.Load() {
 			continue
 		}
+		if it.c.queued.Swap(true) {
+			// Already waiting: move it up, so that the newest request's
+			// order wins (a sequential reader's next chunks stay on top
+			// instead of sinking under ever farther read-ahead).
+			for i := range q.stack {
+				if q.stack[i].c == it.c {
+					q.stack = append(q.stack[:i], q.stack[i+1:]...)
+					break
+				}
+			}
+		} else {
+			s.queuedTotal.Add(1)
+		}
 		q.stack = append(q.stack, it)
-		s.queuedTotal.Add(1)
 	}
 	for q.running < q.max && q.running < len(q.stack) {
 		q.running++
@@ -109,7 +121,7 @@ func (s *Store) readAhead(idx int64) {
 	s.mu.RLock()
 	last := (s.size - 1) / s.cs
 	for i := min(idx+n, last); i > idx; i-- {
-		if c := s.chunks[i]; c != nil && !c.settled.Load() && !c.queued.Load() {
+		if c := s.chunks[i]; c != nil && !c.settled.Load() {
 			items = append(items, prefetchItem{c: c})
 		}
 	}

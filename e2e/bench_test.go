@@ -135,6 +135,9 @@ func BenchmarkRemoteTier(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+			st := s.Stats()
+			b.ReportMetric(float64(st.ForegroundFetches), "foreground-fetches")
+			b.ReportMetric(float64(st.Prefetched), "prefetched")
 			u.Close()
 		}
 	})
