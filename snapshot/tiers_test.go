@@ -3,9 +3,11 @@ package snapshot
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -192,5 +194,68 @@ func TestUniversalRef(t *testing.T) {
 	}
 	if _, err := h.loader.GetSnapshot(ctx, plain, GetOptions{ReadPolicy: LocalFirst}); status.Code(err) != codes.NotFound {
 		t.Errorf("without a universal ref: got %v, want NotFound", err)
+	}
+}
+
+// TestWorkingSetPrefetch: chunks a restored VM touched are recorded by the
+// next save and prefetched by the next restore, in place of blind
+// read-ahead.
+func TestWorkingSetPrefetch(t *testing.T) {
+	ctx := context.Background()
+	h := newHost(t, nil, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 71, 2<<20)
+	ks := h.keys(t, taskOn("main", "", ""))
+	h.save(t, ks.GetBranchKey(), mem, files, false)
+	snap, err := h.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// First restore: the VM touches two stored chunks, in this order.
+	var order []int64
+	for _, c := range snap.Manifest.GetChunkedFiles()[0].GetChunks()[3:5] {
+		order = append([]int64{c.GetOffset()}, order...)
+	}
+	u, err := h.loader.UnpackSnapshot(ctx, snap, t.TempDir(), UnpackOptions{ReadAhead: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := u.Stores["memory.img"]
+	buf := make([]byte, 10)
+	for _, off := range order {
+		if _, err := s.ReadAt(buf, off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := h.loader.CacheSnapshot(ctx, &SaveRequest{Key: ks.GetBranchKey(), Files: u.Files, Chunked: []*cow.Store{s}, Local: true, LocalManifest: true})
+	u.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws := res.Manifest.GetVmMetadata().GetWorkingSets()
+	if len(ws) != 1 || fmt.Sprint(ws[0].GetOffsets()) != fmt.Sprint(order) {
+		t.Fatalf("recorded working set %v, want memory.img %v", ws, order)
+	}
+
+	// Next restore prefetches exactly those chunks and reads ahead nothing.
+	snap2, err := h.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u2, err := h.loader.UnpackSnapshot(ctx, snap2, t.TempDir(), UnpackOptions{PrefetchWorkingSet: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u2.Close()
+	s2 := u2.Stores["memory.img"]
+	deadline := time.Now().Add(20 * time.Second)
+	for s2.Stats().Prefetched < 2 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	// A read of another stored chunk would schedule read-ahead if it were on.
+	if _, err := s2.ReadAt(buf, snap2.Manifest.GetChunkedFiles()[0].GetChunks()[0].GetOffset()); err != nil {
+		t.Fatal(err)
+	}
+	if st := s2.Stats(); st.Prefetched != 2 || st.PrefetchQueued != 2 {
+		t.Errorf("prefetched %d, queued %d; want exactly the 2 working-set chunks and no read-ahead", st.Prefetched, st.PrefetchQueued)
 	}
 }

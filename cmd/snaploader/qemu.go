@@ -166,7 +166,7 @@ func newQemuRestoreCmd() *cobra.Command {
 	fl.StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
 	fl.BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it incrementally under the write key")
 	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
-	fl.IntVar(&readAhead, "read-ahead", 0, "chunks after a touched one fetched in the background (0 = default, negative = off)")
+	fl.IntVar(&readAhead, "read-ahead", 0, "chunks after a touched one fetched in the background (0 = default: none for files whose working set is prefetched, else 32; negative = off)")
 	return cmd
 }
 
