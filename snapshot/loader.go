@@ -165,51 +165,68 @@ func (l *Loader) authoritative() cache.Cache {
 }
 
 // CurrentVersion returns the version id of the key's (instance, platform,
-// configuration), creating a fresh random one when none is stored (never
-// set, or expired: an expired entry must not resurrect an older snapshot).
+// configuration), read from the authoritative tier. When none is stored
+// (never set, or expired: an expired entry must not resurrect an older
+// snapshot) a fresh random one is written. A host whose remote is read-only
+// keeps such a fresh id in its local cache, so that its own local
+// snapshots are found again until the remote publishes a version.
 func (l *Loader) CurrentVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
 	if key == nil {
 		return "", invalidf("snapshot key is nil")
 	}
-	c := l.authoritative()
-	vk := VersionKey(key)
-	ns := l.ns(key.GetInstanceName(), l.opts.Function)
-	ar, err := c.GetActionResult(ctx, ns, vk)
-	if err == nil {
-		if v := versionFromResult(ar); v != "" {
-			return v, nil
-		}
-	} else if !cache.IsNotFound(err) {
-		return "", fmt.Errorf("reading version of key %s: %w", keyString(key), err)
+	v, err := l.readVersion(ctx, l.authoritative(), key)
+	if err != nil || v != "" {
+		return v, err
 	}
-	return l.writeVersion(ctx, key)
+	if l.remote != nil && l.opts.RemoteReadOnly {
+		if v, err := l.readVersion(ctx, l.local, key); err != nil || v != "" {
+			return v, err
+		}
+		return l.writeVersion(ctx, l.local, key)
+	}
+	return l.writeVersion(ctx, l.authoritative(), key)
 }
 
 // Invalidate writes a fresh version id for the key and returns it; every
-// snapshot saved under an older version is never returned again.
+// snapshot saved under an older version is never returned again. It needs
+// a writable authoritative tier.
 func (l *Loader) Invalidate(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
 	if key == nil {
 		return "", invalidf("snapshot key is nil")
 	}
-	return l.writeVersion(ctx, key)
+	if l.remote != nil && l.opts.RemoteReadOnly {
+		return "", status.Errorf(codes.FailedPrecondition, "invalidating %s: the remote holding version ids is read-only here", keyString(key))
+	}
+	return l.writeVersion(ctx, l.authoritative(), key)
 }
 
-func (l *Loader) writeVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
+// readVersion reads the version id stored in c; "" when there is none.
+func (l *Loader) readVersion(ctx context.Context, c cache.Cache, key *snapshotpb.SnapshotKey) (string, error) {
+	ar, err := c.GetActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), VersionKey(key))
+	if cache.IsNotFound(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading version of key %s: %w", keyString(key), err)
+	}
+	return versionFromResult(ar), nil
+}
+
+// writeVersion stores a fresh version id in c. When another host wrote one
+// at the same moment, the id stored last is the one everybody reads, so it
+// is read back and adopted.
+func (l *Loader) writeVersion(ctx context.Context, c cache.Cache, key *snapshotpb.SnapshotKey) (string, error) {
 	v := NewVersionID()
 	md, err := anypb.New(&snapshotpb.SnapshotVersionMetadata{VersionId: v})
 	if err != nil {
 		return "", err
 	}
 	ar := &repb.ActionResult{ExecutionMetadata: &repb.ExecutedActionMetadata{AuxiliaryMetadata: []*anypb.Any{md}}}
-	ns := l.ns(key.GetInstanceName(), l.opts.Function)
-	c := l.authoritative()
-	if l.remote != nil && l.opts.RemoteReadOnly {
-		// A read-only host cannot publish a version; snapshots it looks for
-		// under this fresh id simply do not exist yet.
-		return v, nil
-	}
-	if err := c.UpdateActionResult(ctx, ns, VersionKey(key), ar); err != nil {
+	if err := c.UpdateActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), VersionKey(key), ar); err != nil {
 		return "", fmt.Errorf("writing version of key %s: %w", keyString(key), err)
+	}
+	if stored, err := l.readVersion(ctx, c, key); err == nil && stored != "" {
+		return stored, nil
 	}
 	return v, nil
 }

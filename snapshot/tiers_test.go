@@ -259,3 +259,25 @@ func TestWorkingSetPrefetch(t *testing.T) {
 		t.Errorf("prefetched %d, queued %d; want exactly the 2 working-set chunks and no read-ahead", st.Prefetched, st.PrefetchQueued)
 	}
 }
+
+func TestReadOnlyRemoteVersions(t *testing.T) {
+	ctx := context.Background()
+	shared := newHost(t, nil, Options{}).local
+	ro := newHost(t, shared, Options{RemoteReadOnly: true})
+	// Nothing published: the read-only host keeps one version of its own.
+	v1 := ro.keys(t, taskOn("main", "", "")).GetBranchKey().GetVersionId()
+	v2 := ro.keys(t, taskOn("main", "", "")).GetBranchKey().GetVersionId()
+	if v1 == "" || v1 != v2 {
+		t.Errorf("read-only host versions %q then %q, want one stable id", v1, v2)
+	}
+	// It may not invalidate what it cannot write.
+	if _, err := ro.loader.Invalidate(ctx, ro.keys(t, taskOn("main", "", "")).GetBranchKey()); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("Invalidate on a read-only remote: %v, want FailedPrecondition", err)
+	}
+	// Once a writer publishes a version, the read-only host follows it.
+	w := newHost(t, shared, Options{})
+	pub := w.keys(t, taskOn("main", "", "")).GetBranchKey().GetVersionId()
+	if got := ro.keys(t, taskOn("main", "", "")).GetBranchKey().GetVersionId(); got != pub {
+		t.Errorf("read-only host version %q, want the published %q", got, pub)
+	}
+}
