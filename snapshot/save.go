@@ -11,6 +11,8 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
@@ -171,6 +173,9 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	// other tier lacks.
 	trees := map[string]*repb.Digest{}
 	for _, s := range req.Chunked {
+		if err := ValidateName(s.Name()); err != nil {
+			return nil, fmt.Errorf("saving %s: chunked file: %w", keyString(req.Key), err)
+		}
 		if _, dup := trees[s.Name()]; dup || req.Files[s.Name()] != "" {
 			return nil, invalidf("saving %s: duplicate file name %q", keyString(req.Key), s.Name())
 		}
@@ -179,14 +184,20 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 			return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), s.Name(), err)
 		}
 		fs := FileStats{Name: s.Name(), SaveStats: st}
-		if len(tiers) > 1 {
-			n, b, err := l.copyMissing(ctx, ns, cf, tiers[0], tiers[1])
+		if req.Remote {
+			// The remote must hold every chunk its manifest names, clean
+			// ones included; what it lacks comes from the local cache.
+			n, b, err := l.copyMissing(ctx, ns, cf, l.local, l.remote)
 			if err != nil {
 				return nil, fmt.Errorf("saving %s: uploading chunked file %q: %w", keyString(req.Key), s.Name(), err)
 			}
 			fs.RemoteChunksWritten, fs.RemoteBytesWritten = n, b
-		} else if req.Remote {
-			fs.RemoteChunksWritten, fs.RemoteBytesWritten = st.ChunksWritten, st.BytesWritten
+			if !req.Local {
+				fs.RemoteChunksWritten += st.ChunksWritten
+				fs.RemoteBytesWritten += st.BytesWritten
+			}
+		} else if err := l.checkAvailable(ctx, ns, cf); err != nil {
+			return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), s.Name(), err)
 		}
 		res.Files = append(res.Files, fs)
 		tb, err := proto.MarshalOptions{Deterministic: true}.Marshal(ChunkedFileTree(cf))
@@ -321,6 +332,27 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, cf *snapsh
 		return 0, 0, err
 	}
 	return len(missing), bytes, nil
+}
+
+// checkAvailable makes sure a local manifest will name only chunks that a
+// reader can get: each is in the local cache or, when there is a remote,
+// there. A chunk in neither fails the save before any manifest is written.
+func (l *Loader) checkAvailable(ctx context.Context, ns cache.Namespace, cf *snapshotpb.ChunkedFile) error {
+	ds := make([]*repb.Digest, 0, len(cf.GetChunks()))
+	for _, c := range cf.GetChunks() {
+		ds = append(ds, c.GetDigest())
+	}
+	missing, err := l.local.FindMissing(ctx, ns, ds)
+	if err != nil || len(missing) == 0 {
+		return err
+	}
+	if l.remote != nil {
+		if missing, err = l.remote.FindMissing(ctx, ns, missing); err != nil || len(missing) == 0 {
+			return err
+		}
+	}
+	m := &snapshotpb.SnapshotManifest{ChunkedFiles: []*snapshotpb.ChunkedFile{cf}}
+	return status.Errorf(codes.NotFound, "%d chunks are in no cache any more, e.g. %s", len(missing), describeBlob(m, missing[0]))
 }
 
 // ShouldPublishRemote applies the remote save policy (SPEC §4): runs on

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -280,4 +281,75 @@ func TestReadOnlyRemoteVersions(t *testing.T) {
 	if got := ro.keys(t, taskOn("main", "", "")).GetBranchKey().GetVersionId(); got != pub {
 		t.Errorf("read-only host version %q, want the published %q", got, pub)
 	}
+}
+
+// A save makes every chunk its manifest names present where readers of
+// that manifest look: clean chunks the remote lacks are uploaded, and a
+// chunk no tier has any more fails the save before the manifest.
+func TestSaveCompletesEveryTier(t *testing.T) {
+	ctx := context.Background()
+	shared := newHost(t, nil, Options{}).local
+	h := newHost(t, shared, Options{})
+	mem, files := vmFiles(t, t.TempDir(), 81, 2<<20)
+	ks := h.keys(t, taskOn("main", "", ""))
+	h.save(t, ks.GetBranchKey(), mem, files, false) // local only
+	snap, err := h.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("remote-only save uploads the clean chunks too", func(t *testing.T) {
+		u, err := h.loader.UnpackSnapshot(ctx, snap, t.TempDir(), UnpackOptions{ReadAhead: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		s := u.Stores["memory.img"]
+		if _, err := s.WriteAt([]byte("dirty"), 0); err != nil {
+			t.Fatal(err)
+		}
+		res, err := h.loader.CacheSnapshot(ctx, &SaveRequest{Key: ks.GetBranchKey(), Files: u.Files, Chunked: []*cow.Store{s}, Remote: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var ds []*repb.Digest
+		for _, c := range res.Manifest.GetChunkedFiles()[0].GetChunks() {
+			ds = append(ds, c.GetDigest())
+		}
+		if missing, err := shared.FindMissing(ctx, h.loader.Namespace(ks.GetBranchKey()), ds); err != nil || len(missing) != 0 {
+			t.Errorf("remote lacks %d of the %d chunks its manifest names (err %v)", len(missing), len(ds), err)
+		}
+	})
+
+	t.Run("a chunk in no tier fails the save", func(t *testing.T) {
+		alone := newHost(t, nil, Options{})
+		alone.save(t, ks.GetBranchKey(), mem, files, false)
+		snap, err := alone.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+		if err != nil {
+			t.Fatal(err)
+		}
+		u, err := alone.loader.UnpackSnapshot(ctx, snap, t.TempDir(), UnpackOptions{ReadAhead: -1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer u.Close()
+		chunks := snap.Manifest.GetChunkedFiles()[0].GetChunks()
+		ns := alone.loader.Namespace(ks.GetBranchKey())
+		if err := os.Remove(alone.local.Path(ns, chunks[len(chunks)-1].GetDigest())); err != nil {
+			t.Fatal(err)
+		}
+		alone.local.Rescan(ctx)
+		s := u.Stores["memory.img"]
+		if _, err := s.WriteAt([]byte("dirty"), chunks[0].GetOffset()); err != nil {
+			t.Fatal(err)
+		}
+		_, err = alone.loader.CacheSnapshot(ctx, &SaveRequest{Key: ks.GetBranchKey(), Files: u.Files, Chunked: []*cow.Store{s}, Local: true, LocalManifest: true})
+		if status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), "in no cache") {
+			t.Fatalf("save naming a lost chunk: %v, want NotFound", err)
+		}
+		again, err := alone.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
+		if err == nil && again.Manifest.GetVmMetadata().GetSnapshotId() != snap.Manifest.GetVmMetadata().GetSnapshotId() {
+			t.Error("a manifest was written by the failed save")
+		}
+	})
 }
