@@ -101,13 +101,16 @@ func (s *Store) prefetchWorker() {
 		it := q.stack[len(q.stack)-1]
 		q.stack[len(q.stack)-1] = prefetchItem{}
 		q.stack = q.stack[:len(q.stack)-1]
+		it.c.queued.Store(false) // under q.mu, so push sees stack and flag agree
 		q.mu.Unlock()
-		it.c.queued.Store(false)
-		if it.ctx != nil && it.ctx.Err() != nil {
+		if (it.ctx != nil && it.ctx.Err() != nil) || it.c.settled.Load() {
 			continue
 		}
 		if wait := q.pace(s.cs); wait > 0 {
-			time.Sleep(wait)
+			select {
+			case <-time.After(wait):
+			case <-s.ctx.Done(): // Close does not wait out the pacing
+			}
 		}
 		// Errors are left for the foreground access to report.
 		_ = s.fetch(it.c, false)

@@ -58,11 +58,9 @@ func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySe
 	if keys.GetBranchKey() == nil {
 		return nil, invalidf("key set has no branch key")
 	}
-	if opts.ReadPolicy == ReadPolicyUnset {
-		return nil, invalidf("a read policy is required")
-	}
-	if opts.MaxStaleFallbackAge <= 0 {
-		opts.MaxStaleFallbackAge = DefaultMaxStaleFallbackAge
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
 	}
 	var last error
 	for i, key := range AllKeys(keys) {
@@ -71,7 +69,7 @@ func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySe
 			return snap, nil
 		}
 		if ctx.Err() != nil {
-			return nil, ctx.Err()
+			return nil, fmt.Errorf("looking up %s: %w", keyString(key), status.FromContextError(ctx.Err()).Err())
 		}
 		l.opts.Logger.Debug("no usable snapshot under key", "key", keyString(key), "fallback_index", i, "err", err)
 		last = errorsJoinLast(last, err)
@@ -84,7 +82,22 @@ func (l *Loader) GetSnapshotByID(ctx context.Context, instance, snapshotID strin
 	if snapshotID == "" {
 		return nil, invalidf("snapshot id is empty")
 	}
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
 	return l.getKey(ctx, SnapshotIDKey(instance, snapshotID), 0, opts)
+}
+
+// withDefaults checks the options and fills in the defaults.
+func (o GetOptions) withDefaults() (GetOptions, error) {
+	if o.ReadPolicy == ReadPolicyUnset {
+		return o, invalidf("a read policy is required")
+	}
+	if o.MaxStaleFallbackAge <= 0 {
+		o.MaxStaleFallbackAge = DefaultMaxStaleFallbackAge
+	}
+	return o, nil
 }
 
 func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
@@ -127,6 +140,21 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 	if err != nil {
 		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
 	}
+	if idx > 0 && key.GetSnapshotId() == "" {
+		// Checked before any blob is looked up, so that a stale snapshot
+		// is neither fetched nor refreshed in the LRU.
+		dm, err := decodeManifest(ar)
+		if err != nil {
+			return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
+		}
+		done := dm.metadata.GetLastExecutedTask().GetCompletedTimestamp()
+		if done == nil {
+			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s has no completion time; treated as stale", keyString(key))
+		}
+		if age := l.opts.Now().Sub(done.AsTime()); age > opts.MaxStaleFallbackAge {
+			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s is stale: last task completed %s ago (limit %s)", keyString(key), age.Round(time.Second), opts.MaxStaleFallbackAge)
+		}
+	}
 	var blobTier cache.Cache
 	if remoteChunks {
 		blobTier = l.remote
@@ -134,15 +162,6 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 	m, fn, onlyRemote, err := l.resolve(ctx, key.GetInstanceName(), ar, l.local, blobTier)
 	if err != nil {
 		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
-	}
-	if idx > 0 && key.GetSnapshotId() == "" {
-		done := m.GetVmMetadata().GetLastExecutedTask().GetCompletedTimestamp()
-		if done == nil {
-			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s has no completion time; treated as stale", keyString(key))
-		}
-		if age := l.opts.Now().Sub(done.AsTime()); age > opts.MaxStaleFallbackAge {
-			return nil, status.Errorf(codes.NotFound, "local manifest for fallback %s is stale: last task completed %s ago (limit %s)", keyString(key), age.Round(time.Second), opts.MaxStaleFallbackAge)
-		}
 	}
 	return &Snapshot{Key: key, FallbackIndex: idx, Source: SourceLocal, ManifestKey: mk, Manifest: m, Function: fn, RemoteChunks: onlyRemote}, nil
 }
@@ -227,8 +246,13 @@ func (l *Loader) readTree(ctx context.Context, ns cache.Namespace, d *repb.Diges
 	if rerr != nil {
 		return nil, errorsJoinLast(err, rerr)
 	}
+	// The copy read from the remote is already verified; a local cache
+	// that cannot keep it (full disk) must not fail the load.
 	if werr := l.local.Write(ctx, ns, d, bytes.NewReader(b)); werr != nil {
-		return nil, fmt.Errorf("keeping a local copy of tree %s: %w", digest.String(d), werr)
+		if !digest.Equal(digest.Compute(ns.Function, b), d) {
+			return nil, cache.Corruptf("tree %s from the remote is corrupt: %v", digest.String(d), werr)
+		}
+		l.opts.Logger.Warn("keeping a local copy of a tree", "digest", digest.String(d), "err", werr)
 	}
 	return b, nil
 }

@@ -85,7 +85,12 @@ func writeRef(branch, defaultRef string, log *slog.Logger) string {
 		return branch
 	}
 	target, pr, ok := strings.Cut(rest, "/")
-	if !ok || target == "" || pr == "" || (defaultRef != "" && target != defaultRef) {
+	if defaultRef != "" {
+		// The default branch may itself contain slashes (release/v2).
+		pr, ok = strings.CutPrefix(rest, defaultRef+"/")
+		target = defaultRef
+	}
+	if !ok || target == "" || pr == "" {
 		if log == nil {
 			log = slog.Default()
 		}

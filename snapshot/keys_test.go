@@ -79,6 +79,7 @@ func TestKeySet(t *testing.T) {
 		{name: "empty base skipped", env: map[string]string{EnvBranch: "feat", EnvDefaultBranch: "main"}, wantBranch: "feat", wantFallbacks: []string{"main"}, wantWrite: "feat"},
 		{name: "universal ref last", env: map[string]string{EnvBranch: "feat", EnvDefaultBranch: "main"}, universal: "__universal", wantBranch: "feat", wantFallbacks: []string{"main", "__universal"}, wantWrite: "feat"},
 		{name: "merge queue writes to default", env: map[string]string{EnvBranch: "gh-readonly-queue/main/pr-12-abc", EnvBaseBranch: "main", EnvDefaultBranch: "main"}, wantBranch: "gh-readonly-queue/main/pr-12-abc", wantFallbacks: []string{"main"}, wantWrite: "main"},
+		{name: "merge queue into a default branch with a slash", env: map[string]string{EnvBranch: "gh-readonly-queue/release/v2/pr-7-abc", EnvDefaultBranch: "release/v2"}, wantBranch: "gh-readonly-queue/release/v2/pr-7-abc", wantFallbacks: []string{"release/v2"}, wantWrite: "release/v2"},
 		{name: "malformed merge queue: no pr", env: map[string]string{EnvBranch: "gh-readonly-queue/main", EnvDefaultBranch: "main"}, wantBranch: "gh-readonly-queue/main", wantFallbacks: []string{"main"}, wantWrite: "gh-readonly-queue/main", wantLoggedErr: true},
 		{name: "malformed merge queue: other target", env: map[string]string{EnvBranch: "gh-readonly-queue/dev/pr-1", EnvDefaultBranch: "main"}, wantBranch: "gh-readonly-queue/dev/pr-1", wantFallbacks: []string{"main"}, wantWrite: "gh-readonly-queue/dev/pr-1", wantLoggedErr: true},
 	} {

@@ -76,14 +76,16 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fail(fmt.Errorf("unpacking snapshot %s: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err))
 	}
+	for _, f := range m.GetFiles() {
+		if err := ValidateName(f.GetPath()); err != nil {
+			return fail(err)
+		}
+	}
 	src := cache.NewReadThrough(l.local, l.remote)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(l.opts.Parallelism)
 	paths := make([]string, len(m.GetFiles()))
 	for i, f := range m.GetFiles() {
-		if err := ValidateName(f.GetPath()); err != nil {
-			return fail(err)
-		}
 		paths[i] = filepath.Join(dir, f.GetPath())
 		g.Go(func() error {
 			if err := copyBlob(gctx, src, ns, f.GetDigest(), paths[i]); err != nil {
