@@ -138,6 +138,10 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 		return err
 	}
 	defer os.Remove(tmp.Name())
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return err
+	}
 	if _, err := io.Copy(tmp, io.NewSectionReader(b, 0, b.Size())); err != nil {
 		tmp.Close()
 		return err

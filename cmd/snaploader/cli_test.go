@@ -186,3 +186,27 @@ func TestKilledSaveLosesNothing(t *testing.T) {
 		run(t, false, append(keyArgs(cacheDir), "verify")...)
 	}
 }
+
+// Restoring a chunked file never clobbers an artifact file of the same
+// snapshot, whatever its name.
+func TestRestoreKeepsEveryFile(t *testing.T) {
+	dir := t.TempDir()
+	cacheDir := filepath.Join(dir, "cache")
+	mem := writeRandom(t, filepath.Join(dir, "mem"), 1<<20, 3)
+	if err := os.WriteFile(filepath.Join(dir, "state"), []byte("state"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	run(t, false, append(keyArgs(cacheDir), "save", "--chunk-size", "65536",
+		"--file", "mem.partial="+filepath.Join(dir, "state"), "--chunked", "mem="+filepath.Join(dir, "mem"))...)
+	out := filepath.Join(dir, "out")
+	run(t, false, append(keyArgs(cacheDir), "restore", "--out", out)...)
+	if b, err := os.ReadFile(filepath.Join(out, "mem.partial")); err != nil || string(b) != "state" {
+		t.Errorf("artifact file mem.partial: %q, %v", b, err)
+	}
+	if b, err := os.ReadFile(filepath.Join(out, "mem")); err != nil || !bytes.Equal(b, mem) {
+		t.Errorf("chunked file mem differs (err %v)", err)
+	}
+	if fi, err := os.Stat(filepath.Join(out, "mem")); err != nil || fi.Mode().Perm() != 0o644 {
+		t.Errorf("restored file mode %v, want 0644 (err %v)", fi.Mode(), err)
+	}
+}

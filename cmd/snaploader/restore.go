@@ -117,13 +117,18 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 // writeStore copies a store into a sparse regular file, skipping holes,
 // with a few chunks in flight so fetching and writing overlap.
 func writeStore(ctx context.Context, s *cow.Store, path string, progress func(int64)) error {
-	tmp := path + ".partial"
-	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
+	// A fresh temporary name: never a file the snapshot unpacked, nor a
+	// link planted at a predictable name.
+	f, err := os.CreateTemp(filepath.Dir(path), ".restore-*")
 	if err != nil {
 		return err
 	}
+	tmp := f.Name()
 	defer os.Remove(tmp)
 	defer f.Close()
+	if err := f.Chmod(0o644); err != nil {
+		return err
+	}
 	if err := f.Truncate(s.Size()); err != nil {
 		return err
 	}

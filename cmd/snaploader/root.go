@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -185,8 +186,8 @@ func (f *keyFlags) keySet(ctx context.Context, e *env) (*snapshotpb.SnapshotKeyS
 // parseDuration accepts Go durations plus a day suffix ("1d", "1.5d").
 func parseDuration(s string) (time.Duration, error) {
 	if d, ok := strings.CutSuffix(s, "d"); ok {
-		var days float64
-		if _, err := fmt.Sscanf(d, "%g", &days); err != nil || days < 0 {
+		days, err := strconv.ParseFloat(d, 64)
+		if err != nil || days < 0 {
 			return 0, fmt.Errorf("invalid duration %q", s)
 		}
 		return time.Duration(days * float64(24*time.Hour)), nil

@@ -18,6 +18,7 @@ func TestParseDuration(t *testing.T) {
 		{"0d", 0, true},
 		{"-1d", 0, false},
 		{"d", 0, false},
+		{"1.5xd", 0, false},
 		{"tomorrow", 0, false},
 	} {
 		got, err := parseDuration(tc.in)
