@@ -75,7 +75,10 @@ func saveTarget(ctx context.Context, e *env, kf *keyFlags, cf *cacheFlags) (vmm.
 	if err != nil {
 		return vmm.SaveOptions{}, err
 	}
-	return vmm.SaveOptions{Key: keys.GetWriteKey(), Local: true, LocalManifest: true, Remote: e.remote != nil && !cf.remote.readOnly}, nil
+	// The save policies of `snaploader save`, with their defaults.
+	remote, localManifest := decidePublish(ctx, e, keys, cf.remote.readOnly, snapshot.FirstNonDefaultRef,
+		snapshot.GetOptions{ReadPolicy: snapshot.LocalFirst}, kf.defaultRef)
+	return vmm.SaveOptions{Key: keys.GetWriteKey(), Local: true, LocalManifest: localManifest, Remote: remote}, nil
 }
 
 // runGuest waits until the guest exits or the command is interrupted; an

@@ -114,17 +114,8 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			pub := publishPlan{local: true, localManifest: true, progress: !asJSON && stderrIsTerminal()}
-			if e.remote != nil && !cf.remote.readOnly {
-				// What this run would have started from decides whether it
-				// publishes (SPEC §4).
-				loaded, err := e.loader.GetSnapshot(ctx, keys, gopts)
-				if err != nil && status.Code(err) != codes.NotFound {
-					e.log.Warn("looking up the current snapshot before saving", "err", err)
-				}
-				pub.remote = snapshot.ShouldPublishRemote(sp, keys.GetWriteKey().GetRef(), kf.defaultRef, loaded)
-				pub.localManifest = !(pub.remote && gopts.ReadPolicy == snapshot.Newest)
-			}
+			pub := publishPlan{local: true, progress: !asJSON && stderrIsTerminal()}
+			pub.remote, pub.localManifest = decidePublish(ctx, e, keys, cf.remote.readOnly, sp, gopts, kf.defaultRef)
 			if kf.universal != "" && keys.GetWriteKey().GetRef() != "" && keys.GetWriteKey().GetRef() != kf.universal {
 				u := proto.Clone(keys.GetWriteKey()).(*snapshotpb.SnapshotKey)
 				u.Ref = kf.universal
@@ -179,6 +170,22 @@ func newSaveCmd() *cobra.Command {
 
 // saveFiles splits the chunked files into the local cache and saves a
 // snapshot under the key set's write key.
+// decidePublish applies the save policies (SPEC §4): whether the remote
+// gets this snapshot, decided by what this run would have started from, and
+// whether a local manifest is written (not under newest when the snapshot
+// is published remotely).
+func decidePublish(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, readOnly bool, sp snapshot.SavePolicy, gopts snapshot.GetOptions, defaultRef string) (remote, localManifest bool) {
+	if e.remote == nil || readOnly {
+		return false, true
+	}
+	loaded, err := e.loader.GetSnapshot(ctx, keys, gopts)
+	if err != nil && status.Code(err) != codes.NotFound {
+		e.log.Warn("looking up the current snapshot before saving", "err", err)
+	}
+	remote = snapshot.ShouldPublishRemote(sp, keys.GetWriteKey().GetRef(), defaultRef, loaded)
+	return remote, !(remote && gopts.ReadPolicy == snapshot.Newest)
+}
+
 // publishPlan says where a save goes.
 type publishPlan struct {
 	local, remote, localManifest, progress bool
