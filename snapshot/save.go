@@ -260,7 +260,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 func storeFile(ctx context.Context, ns cache.Namespace, path string, tiers []cache.Cache) (*repb.Digest, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, status.Errorf(codes.InvalidArgument, "opening %s: %v", path, err)
 	}
 	defer f.Close()
 	d, err := digest.ComputeReader(ns.Function, f)

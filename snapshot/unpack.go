@@ -9,6 +9,8 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sync/errgroup"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
@@ -135,7 +137,7 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 	defer b.Close()
 	tmp, err := os.CreateTemp(filepath.Dir(path), ".unpack-*")
 	if err != nil {
-		return err
+		return status.Errorf(codes.Internal, "creating a file in %s: %v", filepath.Dir(path), err)
 	}
 	defer os.Remove(tmp.Name())
 	if err := tmp.Chmod(0o644); err != nil {
