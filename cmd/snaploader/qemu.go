@@ -69,6 +69,23 @@ func newQemuCmd() *cobra.Command {
 	return cmd
 }
 
+// hostIn returns the VM host and a work directory: dir, or a temporary one
+// that cleanup removes.
+func (f *qemuFlags) hostIn(e *env, dir string) (*vmm.Host, string, func(), error) {
+	h, err := f.host(e)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	if dir != "" {
+		return h, dir, func() {}, nil
+	}
+	tmp, err := os.MkdirTemp("", "snaploader-vm-")
+	if err != nil {
+		return nil, "", nil, err
+	}
+	return h, tmp, func() { os.RemoveAll(tmp) }, nil
+}
+
 // saveTarget decides where a guest's snapshot is published.
 func saveTarget(ctx context.Context, e *env, kf *keyFlags, cf *cacheFlags) (vmm.SaveOptions, error) {
 	keys, err := kf.keySet(ctx, e)
@@ -138,16 +155,12 @@ func newQemuRestoreCmd() *cobra.Command {
 				return err
 			}
 			defer e.Close()
-			h, err := qf.host(e)
+			h, workDir, cleanup, err := qf.hostIn(e, dir)
 			if err != nil {
 				return err
 			}
-			if dir == "" {
-				if dir, err = os.MkdirTemp("", "snaploader-vm-"); err != nil {
-					return err
-				}
-				defer os.RemoveAll(dir)
-			}
+			defer cleanup()
+			dir = workDir
 			v, err := h.Restore(ctx, snap, vmm.RestoreOptions{Dir: dir, SerialLog: serial,
 				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch}})
 			if err != nil {
@@ -256,16 +269,12 @@ func newQemuSaveCmd() *cobra.Command {
 				return err
 			}
 			defer e.Close()
-			h, err := qf.host(e)
+			h, workDir, cleanup, err := qf.hostIn(e, dir)
 			if err != nil {
 				return err
 			}
-			if dir == "" {
-				if dir, err = os.MkdirTemp("", "snaploader-vm-"); err != nil {
-					return err
-				}
-				defer os.RemoveAll(dir)
-			}
+			defer cleanup()
+			dir = workDir
 			v, err := h.Attach(m, memFile, qmpSock, dir)
 			if err != nil {
 				return err
