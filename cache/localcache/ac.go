@@ -1,9 +1,12 @@
 package localcache
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -11,6 +14,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -36,7 +41,7 @@ func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *re
 	if e == nil {
 		return nil, cache.NotFoundf("action result %s not in local cache", digest.String(key))
 	}
-	b, err := os.ReadFile(filepath.Join(c.dir, rel))
+	b, err := readEntryFile(filepath.Join(c.dir, rel))
 	if err != nil {
 		c.mu.Lock()
 		c.dropLocked(e)
@@ -44,15 +49,16 @@ func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *re
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, cache.NotFoundf("action result %s not in local cache (evicted)", digest.String(key))
 		}
-		return nil, status.Errorf(codes.Internal, "reading action result %s: %v", digest.String(key), err)
+		os.Remove(filepath.Join(c.dir, rel))
+		return nil, cache.Corruptf("unreadable action result %s in local cache (removed): %v", digest.String(key), err)
 	}
-	ar := &repb.ActionResult{}
-	if err := proto.Unmarshal(b, ar); err != nil {
+	ar, err := decodeEntry(b)
+	if err != nil {
 		c.mu.Lock()
 		c.dropLocked(e)
 		c.mu.Unlock()
 		os.Remove(filepath.Join(c.dir, rel))
-		return nil, cache.Corruptf("corrupt action result %s in local cache: %v", digest.String(key), err)
+		return nil, cache.Corruptf("corrupt action result %s in local cache (removed): %v", digest.String(key), err)
 	}
 	return ar, nil
 }
@@ -66,22 +72,12 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 	if err != nil {
 		return fmt.Errorf("updating action result %s: %w", digest.String(key), err)
 	}
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(ar)
+	b, err := encodeEntry(ar)
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "encoding action result %s: %v", digest.String(key), err)
 	}
-	instRel, _ := acInstRel(ns)
-	instPath := filepath.Join(c.dir, instRel, instFile)
-	if _, err := os.Stat(instPath); err != nil {
-		if err := os.MkdirAll(filepath.Dir(instPath), 0o755); err != nil {
-			return status.Errorf(codes.Internal, "updating action result %s: %v", digest.String(key), err)
-		}
-		if _, err := c.writeFile(ctx, filepath.Join(instRel, instFile), func(f *os.File) error {
-			_, err := f.WriteString(ns.Instance)
-			return err
-		}); err != nil {
-			return fmt.Errorf("updating action result %s: recording instance: %w", digest.String(key), err)
-		}
+	if err := c.recordInstance(ctx, ns); err != nil {
+		return fmt.Errorf("updating action result %s: %w", digest.String(key), err)
 	}
 	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
 		if _, err := f.Write(b); err != nil {
@@ -94,6 +90,100 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 	}
 	c.stored(rel, size, true)
 	return nil
+}
+
+// recordInstance writes the INSTANCE file of ns's instance directory once.
+func (c *Cache) recordInstance(ctx context.Context, ns cache.Namespace) error {
+	instRel, _ := acInstRel(ns)
+	instPath := filepath.Join(c.dir, instRel, instFile)
+	if _, err := os.Stat(instPath); err != nil {
+		if err := os.MkdirAll(filepath.Dir(instPath), 0o755); err != nil {
+			return status.Errorf(codes.Internal, "recording instance: %v", err)
+		}
+		if _, err := c.writeFile(ctx, filepath.Join(instRel, instFile), func(f *os.File) error {
+			_, err := f.WriteString(ns.Instance)
+			return err
+		}); err != nil {
+			return fmt.Errorf("recording instance: %w", err)
+		}
+	}
+	return nil
+}
+
+// CreateActionResult stores ar under key only if no entry is there, as one
+// atomic step across every process sharing the directory (a hard link of
+// a complete temporary file, which fails when the name exists). It returns
+// the entry that is stored afterwards: ar when it was created, else the
+// one found. A stored entry that is corrupt is replaced.
+func (c *Cache) CreateActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest, ar *repb.ActionResult) (*repb.ActionResult, bool, error) {
+	if err := checkDigest(ns, key); err != nil {
+		return nil, false, fmt.Errorf("creating action result: %w", err)
+	}
+	rel, err := acRel(ns, key)
+	if err != nil {
+		return nil, false, fmt.Errorf("creating action result %s: %w", digest.String(key), err)
+	}
+	b, err := encodeEntry(ar)
+	if err != nil {
+		return nil, false, status.Errorf(codes.InvalidArgument, "encoding action result %s: %v", digest.String(key), err)
+	}
+	if err := c.recordInstance(ctx, ns); err != nil {
+		return nil, false, fmt.Errorf("creating action result %s: %w", digest.String(key), err)
+	}
+	for attempt := 0; ; attempt++ {
+		if err := ctx.Err(); err != nil {
+			return nil, false, status.FromContextError(err).Err()
+		}
+		created, size, err := c.linkNew(rel, b)
+		if err != nil {
+			return nil, false, fmt.Errorf("creating action result %s: %w", digest.String(key), err)
+		}
+		if created {
+			c.stored(rel, size, true)
+			return ar, true, nil
+		}
+		c.stored(rel, size, false)
+		got, err := c.GetActionResult(ctx, ns, key)
+		if err == nil {
+			return got, false, nil
+		}
+		// Removed since (evicted, or corrupt and dropped): try again.
+		if attempt >= 3 {
+			return nil, false, fmt.Errorf("creating action result %s: %w", digest.String(key), err)
+		}
+	}
+}
+
+// linkNew writes b to a temporary file and links it to rel unless rel
+// exists. It reports whether it created rel, and rel's disk usage.
+func (c *Cache) linkNew(rel string, b []byte) (bool, int64, error) {
+	dst := filepath.Join(c.dir, rel)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		return false, 0, status.Errorf(codes.Internal, "creating %s: %v", filepath.Dir(rel), err)
+	}
+	f, err := os.CreateTemp(filepath.Join(c.dir, tmpDir), "ac-*.tmp")
+	if err != nil {
+		return false, 0, status.Errorf(codes.Internal, "creating temporary file: %v", err)
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	// The lock tells other processes cleaning tmp/ that this file is live.
+	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	if _, err := f.Write(b); err != nil {
+		return false, 0, status.Errorf(codes.Internal, "writing temporary file: %v", err)
+	}
+	created := true
+	if err := os.Link(f.Name(), dst); err != nil {
+		if !errors.Is(err, fs.ErrExist) {
+			return false, 0, status.Errorf(codes.Internal, "linking %s: %v", rel, err)
+		}
+		created = false
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(dst, &st); err != nil {
+		return created, 0, nil
+	}
+	return created, st.Blocks * 512, nil
 }
 
 // ACEntry is one action-cache entry, as listed by ListActionResults.
@@ -147,12 +237,12 @@ func (c *Cache) ListActionResults(ctx context.Context, group string) ([]ACEntry,
 				}
 				h, s, _ := strings.Cut(de.Name(), "-")
 				size, _ := strconv.ParseInt(s, 10, 64)
-				b, err := os.ReadFile(p)
+				b, err := readEntryFile(p)
 				if err != nil {
 					return nil
 				}
-				ar := &repb.ActionResult{}
-				if proto.Unmarshal(b, ar) != nil {
+				ar, err := decodeEntry(b)
+				if err != nil {
 					return nil
 				}
 				fi, err := os.Stat(p)
@@ -176,3 +266,63 @@ func (c *Cache) ListActionResults(ctx context.Context, group string) ([]ACEntry,
 	return out, nil
 }
 
+// An action-cache entry file is entryMagic, the SHA-256 of the encoded
+// ActionResult, then the encoded ActionResult, so that a flipped bit
+// anywhere in it is detected on read instead of changing a manifest.
+// Files without the magic are entries written before the check existed,
+// read as a bare ActionResult.
+const entryMagic = "SLAC1\n"
+
+// maxEntryBytes bounds an action-cache entry file (a manifest lists
+// artifact files and tree digests; trees hold the chunk lists).
+const maxEntryBytes = 64 << 20
+
+func encodeEntry(ar *repb.ActionResult) ([]byte, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(ar)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(b)
+	out := make([]byte, 0, len(entryMagic)+len(sum)+len(b))
+	out = append(append(append(out, entryMagic...), sum[:]...), b...)
+	return out, nil
+}
+
+func decodeEntry(b []byte) (*repb.ActionResult, error) {
+	payload := b
+	if rest, ok := bytes.CutPrefix(b, []byte(entryMagic)); ok {
+		if len(rest) < sha256.Size {
+			return nil, errors.New("entry is truncated")
+		}
+		payload = rest[sha256.Size:]
+		if sum := sha256.Sum256(payload); !bytes.Equal(sum[:], rest[:sha256.Size]) {
+			return nil, errors.New("entry checksum mismatch")
+		}
+	}
+	ar := &repb.ActionResult{}
+	if err := proto.Unmarshal(payload, ar); err != nil {
+		return nil, err
+	}
+	return ar, nil
+}
+
+// readEntryFile reads an entry file without blocking on a FIFO or reading
+// a device or an oversized file placed at its path.
+func readEntryFile(path string) ([]byte, error) {
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+	}
+	if fi.Size() > maxEntryBytes {
+		return nil, fmt.Errorf("%d bytes is larger than any entry", fi.Size())
+	}
+	return io.ReadAll(io.LimitReader(f, maxEntryBytes+1))
+}

@@ -330,7 +330,10 @@ type VMMetadata struct {
 	DigestFunction string `protobuf:"bytes,6,opt,name=digest_function,json=digestFunction,proto3" json:"digest_function,omitempty"`
 	// Chunks the VM touched after the previous restore, in order of first
 	// touch, per chunked file; used to prefetch the working set.
-	WorkingSets   []*WorkingSet `protobuf:"bytes,7,rep,name=working_sets,json=workingSets,proto3" json:"working_sets,omitempty"`
+	WorkingSets []*WorkingSet `protobuf:"bytes,7,rep,name=working_sets,json=workingSets,proto3" json:"working_sets,omitempty"`
+	// format is the manifest format: 0 for manifests written before seals,
+	// 2 for sealed manifests (ManifestSeal required).
+	Format        int32 `protobuf:"varint,8,opt,name=format,proto3" json:"format,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -412,6 +415,13 @@ func (x *VMMetadata) GetWorkingSets() []*WorkingSet {
 		return x.WorkingSets
 	}
 	return nil
+}
+
+func (x *VMMetadata) GetFormat() int32 {
+	if x != nil {
+		return x.Format
+	}
+	return 0
 }
 
 type VMTask struct {
@@ -719,8 +729,14 @@ func (x *SnapshotManifest) GetChunkedFiles() []*ChunkedFile {
 
 // SnapshotVersionMetadata holds the current version id of a key.
 type SnapshotVersionMetadata struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	VersionId     string                 `protobuf:"bytes,1,opt,name=version_id,json=versionId,proto3" json:"version_id,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	VersionId string                 `protobuf:"bytes,1,opt,name=version_id,json=versionId,proto3" json:"version_id,omitempty"`
+	// invalidation is true when the id was written by Invalidate, replacing
+	// an earlier one on purpose. An id written because none existed (a new
+	// key, or an expired entry) is not an invalidation: a save that raced
+	// with its creation republishes its manifest under it, so that no
+	// acknowledged save is lost to a concurrent first save.
+	Invalidation  bool `protobuf:"varint,2,opt,name=invalidation,proto3" json:"invalidation,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -762,6 +778,61 @@ func (x *SnapshotVersionMetadata) GetVersionId() string {
 	return ""
 }
 
+func (x *SnapshotVersionMetadata) GetInvalidation() bool {
+	if x != nil {
+		return x.Invalidation
+	}
+	return false
+}
+
+// ManifestSeal is the integrity check of a stored manifest: the SHA-256 of
+// a canonical encoding of everything else the manifest holds (see
+// snapshot.sealHash). It is the last auxiliary metadata entry; a manifest
+// whose VMMetadata.format is 2 or more must carry a matching seal.
+type ManifestSeal struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Sha256        string                 `protobuf:"bytes,1,opt,name=sha256,proto3" json:"sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ManifestSeal) Reset() {
+	*x = ManifestSeal{}
+	mi := &file_snapshot_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ManifestSeal) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ManifestSeal) ProtoMessage() {}
+
+func (x *ManifestSeal) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ManifestSeal.ProtoReflect.Descriptor instead.
+func (*ManifestSeal) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ManifestSeal) GetSha256() string {
+	if x != nil {
+		return x.Sha256
+	}
+	return ""
+}
+
 var File_snapshot_proto protoreflect.FileDescriptor
 
 const file_snapshot_proto_rawDesc = "" +
@@ -796,7 +867,7 @@ const file_snapshot_proto_rawDesc = "" +
 	"\x04Disk\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\x91\x03\n" +
+	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"\xa9\x03\n" +
 	"\n" +
 	"VMMetadata\x12\x13\n" +
 	"\x05vm_id\x18\x01 \x01(\tR\x04vmId\x12L\n" +
@@ -806,7 +877,8 @@ const file_snapshot_proto_rawDesc = "" +
 	"\fsnapshot_key\x18\x04 \x01(\v2#.snaploader.snapshot.v1.SnapshotKeyR\vsnapshotKey\x12G\n" +
 	"\x11created_timestamp\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x10createdTimestamp\x12'\n" +
 	"\x0fdigest_function\x18\x06 \x01(\tR\x0edigestFunction\x12E\n" +
-	"\fworking_sets\x18\a \x03(\v2\".snaploader.snapshot.v1.WorkingSetR\vworkingSets\"\x8f\x01\n" +
+	"\fworking_sets\x18\a \x03(\v2\".snaploader.snapshot.v1.WorkingSetR\vworkingSets\x12\x16\n" +
+	"\x06format\x18\b \x01(\x05R\x06format\"\x8f\x01\n" +
 	"\x06VMTask\x12\x17\n" +
 	"\atask_id\x18\x01 \x01(\tR\x06taskId\x12\x1f\n" +
 	"\vsnapshot_id\x18\x02 \x01(\tR\n" +
@@ -830,10 +902,13 @@ const file_snapshot_proto_rawDesc = "" +
 	"\vvm_metadata\x18\x02 \x01(\v2\".snaploader.snapshot.v1.VMMetadataR\n" +
 	"vmMetadata\x12A\n" +
 	"\x05files\x18\x03 \x03(\v2+.build.bazel.remote.execution.v2.OutputFileR\x05files\x12H\n" +
-	"\rchunked_files\x18\x04 \x03(\v2#.snaploader.snapshot.v1.ChunkedFileR\fchunkedFiles\"8\n" +
+	"\rchunked_files\x18\x04 \x03(\v2#.snaploader.snapshot.v1.ChunkedFileR\fchunkedFiles\"\\\n" +
 	"\x17SnapshotVersionMetadata\x12\x1d\n" +
 	"\n" +
-	"version_id\x18\x01 \x01(\tR\tversionIdB3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
+	"version_id\x18\x01 \x01(\tR\tversionId\x12\"\n" +
+	"\finvalidation\x18\x02 \x01(\bR\finvalidation\"&\n" +
+	"\fManifestSeal\x12\x16\n" +
+	"\x06sha256\x18\x01 \x01(\tR\x06sha256B3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
 
 var (
 	file_snapshot_proto_rawDescOnce sync.Once
@@ -847,7 +922,7 @@ func file_snapshot_proto_rawDescGZIP() []byte {
 	return file_snapshot_proto_rawDescData
 }
 
-var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_snapshot_proto_goTypes = []any{
 	(*SnapshotKey)(nil),             // 0: snaploader.snapshot.v1.SnapshotKey
 	(*SnapshotKeySet)(nil),          // 1: snaploader.snapshot.v1.SnapshotKeySet
@@ -860,27 +935,28 @@ var file_snapshot_proto_goTypes = []any{
 	(*Chunk)(nil),                   // 8: snaploader.snapshot.v1.Chunk
 	(*SnapshotManifest)(nil),        // 9: snaploader.snapshot.v1.SnapshotManifest
 	(*SnapshotVersionMetadata)(nil), // 10: snaploader.snapshot.v1.SnapshotVersionMetadata
-	nil,                             // 11: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
-	(*timestamppb.Timestamp)(nil),   // 12: google.protobuf.Timestamp
-	(*v2.Digest)(nil),               // 13: build.bazel.remote.execution.v2.Digest
-	(*v2.OutputFile)(nil),           // 14: build.bazel.remote.execution.v2.OutputFile
+	(*ManifestSeal)(nil),            // 11: snaploader.snapshot.v1.ManifestSeal
+	nil,                             // 12: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
+	(*v2.Digest)(nil),               // 14: build.bazel.remote.execution.v2.Digest
+	(*v2.OutputFile)(nil),           // 15: build.bazel.remote.execution.v2.OutputFile
 }
 var file_snapshot_proto_depIdxs = []int32{
 	0,  // 0: snaploader.snapshot.v1.SnapshotKeySet.branch_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 1: snaploader.snapshot.v1.SnapshotKeySet.fallback_keys:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 2: snaploader.snapshot.v1.SnapshotKeySet.write_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	3,  // 3: snaploader.snapshot.v1.VMConfiguration.disks:type_name -> snaploader.snapshot.v1.Disk
-	11, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	12, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
 	5,  // 5: snaploader.snapshot.v1.VMMetadata.last_executed_task:type_name -> snaploader.snapshot.v1.VMTask
 	0,  // 6: snaploader.snapshot.v1.VMMetadata.snapshot_key:type_name -> snaploader.snapshot.v1.SnapshotKey
-	12, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
+	13, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
 	6,  // 8: snaploader.snapshot.v1.VMMetadata.working_sets:type_name -> snaploader.snapshot.v1.WorkingSet
-	12, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
+	13, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
 	8,  // 10: snaploader.snapshot.v1.ChunkedFile.chunks:type_name -> snaploader.snapshot.v1.Chunk
-	13, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
+	14, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
 	2,  // 12: snaploader.snapshot.v1.SnapshotManifest.vm_configuration:type_name -> snaploader.snapshot.v1.VMConfiguration
 	4,  // 13: snaploader.snapshot.v1.SnapshotManifest.vm_metadata:type_name -> snaploader.snapshot.v1.VMMetadata
-	14, // 14: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
+	15, // 14: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
 	7,  // 15: snaploader.snapshot.v1.SnapshotManifest.chunked_files:type_name -> snaploader.snapshot.v1.ChunkedFile
 	16, // [16:16] is the sub-list for method output_type
 	16, // [16:16] is the sub-list for method input_type
@@ -900,7 +976,7 @@ func file_snapshot_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snapshot_proto_rawDesc), len(file_snapshot_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
