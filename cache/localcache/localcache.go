@@ -733,6 +733,10 @@ func (c *Cache) remove(rels []string) {
 }
 
 // cleanTemp removes temporary files whose writer is gone (no lock held).
+// tempGrace is how old an unlocked temporary file must be before another
+// process may remove it.
+const tempGrace = time.Minute
+
 func (c *Cache) cleanTemp() {
 	ents, _ := os.ReadDir(filepath.Join(c.dir, tmpDir))
 	for _, de := range ents {
@@ -741,7 +745,10 @@ func (c *Cache) cleanTemp() {
 		if err != nil {
 			continue
 		}
-		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+		// A file younger than tempGrace may be one another process has
+		// created and not yet locked.
+		if fi, err := f.Stat(); err == nil && time.Since(fi.ModTime()) > tempGrace &&
+			unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
 			os.Remove(p)
 		}
 		f.Close()

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sys/unix"
@@ -656,6 +657,11 @@ func TestStaleTempFilesAreCleaned(t *testing.T) {
 	live := filepath.Join(dir, tmpDir, "live.tmp")
 	os.WriteFile(stale, []byte("x"), 0o644)
 	os.WriteFile(live, []byte("y"), 0o644)
+	fresh := filepath.Join(dir, tmpDir, "fresh.tmp") // created, not yet locked
+	os.WriteFile(fresh, []byte("z"), 0o644)
+	old := time.Now().Add(-2 * tempGrace)
+	os.Chtimes(stale, old, old)
+	os.Chtimes(live, old, old)
 	f, err := os.Open(live)
 	if err != nil {
 		t.Fatal(err)
@@ -670,6 +676,9 @@ func TestStaleTempFilesAreCleaned(t *testing.T) {
 	}
 	if _, err := os.Stat(live); err != nil {
 		t.Errorf("a live writer's temp file was removed: %v", err)
+	}
+	if _, err := os.Stat(fresh); err != nil {
+		t.Errorf("a temp file younger than the grace period was removed: %v", err)
 	}
 }
 
