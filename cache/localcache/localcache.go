@@ -732,11 +732,11 @@ func (c *Cache) remove(rels []string) {
 	}
 }
 
-// cleanTemp removes temporary files whose writer is gone (no lock held).
 // tempGrace is how old an unlocked temporary file must be before another
 // process may remove it.
 const tempGrace = time.Minute
 
+// cleanTemp removes temporary files whose writer is gone (no lock held).
 func (c *Cache) cleanTemp() {
 	ents, _ := os.ReadDir(filepath.Join(c.dir, tmpDir))
 	for _, de := range ents {
