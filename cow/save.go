@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -337,17 +338,16 @@ func FromFile(ctx context.Context, name, path string, src Source, sink Sink, opt
 	if name == "" {
 		name = filepath.Base(path)
 	}
-	f, err := os.Open(path)
+	// Never block in open on a FIFO or a device: only a regular file is
+	// split.
+	f, err := fileio.OpenRegular(path)
 	if err != nil {
-		return nil, SaveStats{}, status.Errorf(codes.InvalidArgument, "splitting file %s into chunked file %q: %v", path, name, err)
+		return nil, SaveStats{}, status.Errorf(status.Code(err), "splitting file %s into chunked file %q: %v", path, name, status.Convert(err).Message())
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
 		return nil, SaveStats{}, fmt.Errorf("splitting file %s: %w", path, err)
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, SaveStats{}, status.Errorf(codes.InvalidArgument, "splitting file %s: not a regular file", path)
 	}
 	size := fi.Size()
 	if size > MaxSize {

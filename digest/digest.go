@@ -5,8 +5,10 @@ package digest
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -69,6 +71,33 @@ func ComputeReader(fn Function, r io.Reader) (*repb.Digest, error) {
 	n, err := io.Copy(h, r)
 	if err != nil {
 		return nil, fmt.Errorf("hashing: %w", err)
+	}
+	return &repb.Digest{Hash: hex.EncodeToString(h.Sum(nil)), SizeBytes: n}, nil
+}
+
+// ComputeReaderContext is ComputeReader that stops when ctx ends: ctx is
+// checked before every read of r (1 MiB at a time), so hashing a huge file
+// returns ctx's error promptly after a cancellation.
+func ComputeReaderContext(ctx context.Context, fn Function, r io.Reader) (*repb.Digest, error) {
+	h, err := New(fn)
+	if err != nil {
+		return nil, err
+	}
+	buf := make([]byte, 1<<20)
+	var n int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("hashing, stopped after %d bytes: %w", n, err)
+		}
+		k, err := r.Read(buf)
+		h.Write(buf[:k])
+		n += int64(k)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("hashing, at byte %d: %w", n, err)
+		}
 	}
 	return &repb.Digest{Hash: hex.EncodeToString(h.Sum(nil)), SizeBytes: n}, nil
 }

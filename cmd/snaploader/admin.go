@@ -166,13 +166,17 @@ func newVerifyCmd() *cobra.Command {
 				}
 				if err == nil {
 					var got *repb.Digest
-					got, err = digest.ComputeReader(snap.Function, rc)
+					// Stops at Ctrl-C even on a huge or endless blob.
+					got, err = digest.ComputeReaderContext(ctx, snap.Function, rc)
 					rc.Close()
 					if err == nil && !digest.Equal(got, d) {
 						err = fmt.Errorf("content hashes to %s", digest.String(got))
 					}
 				}
 				if err != nil {
+					if ctx.Err() != nil {
+						return
+					}
 					bad++
 					fmt.Printf("BAD  %s %s: %v\n", what, digest.String(d), err)
 				}
@@ -187,6 +191,9 @@ func newVerifyCmd() *cobra.Command {
 					check(fmt.Sprintf("chunk %q@%d", cfile.GetName(), c.GetOffset()), c.GetDigest())
 					n++
 				}
+			}
+			if err := ctx.Err(); err != nil {
+				return fmt.Errorf("verifying snapshot %s: interrupted: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err)
 			}
 			if bad > 0 {
 				return fmt.Errorf("snapshot %s: %d of %d blobs failed verification", snap.Manifest.GetVmMetadata().GetSnapshotId(), bad, n)
