@@ -10,8 +10,10 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
 func TestHostileManifestsRejected(t *testing.T) {
@@ -89,6 +91,7 @@ func TestHostileManifestsRejected(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ar := proto.Clone(good).(*repb.ActionResult)
 			tc.mod(ar)
+			reseal(t, ar) // a hostile writer can compute the seal too
 			if err := h.local.UpdateActionResult(ctx, ns, mk, ar); err != nil {
 				t.Fatal(err)
 			}
@@ -132,5 +135,124 @@ func TestCorruptChunkDetected(t *testing.T) {
 	_, err = u.Stores["memory.img"].ReadAt(buf, c.GetOffset())
 	if err == nil || !strings.Contains(err.Error(), c.GetDigest().GetHash()) {
 		t.Errorf("reading a corrupt chunk: got %v, want an error naming digest %s", err, c.GetDigest().GetHash())
+	}
+}
+
+// reseal replaces a manifest's seal with one matching its contents.
+func reseal(t *testing.T, ar *repb.ActionResult) {
+	t.Helper()
+	if ar.ExecutionMetadata == nil {
+		return
+	}
+	aux := ar.ExecutionMetadata.AuxiliaryMetadata[:0]
+	for _, a := range ar.ExecutionMetadata.AuxiliaryMetadata {
+		if !a.MessageIs((*snapshotpb.ManifestSeal)(nil)) {
+			aux = append(aux, a)
+		}
+	}
+	ar.ExecutionMetadata.AuxiliaryMetadata = aux
+	seal, err := anypb.New(&snapshotpb.ManifestSeal{Sha256: sealHash(ar)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ar.ExecutionMetadata.AuxiliaryMetadata = append(aux, seal)
+}
+
+// Every single-bit flip in an encoded manifest, wherever it is stored, is
+// either rejected or decodes to exactly the same manifest.
+func TestManifestBitFlipsAreDetected(t *testing.T) {
+	m := &snapshotpb.SnapshotManifest{
+		VmConfiguration: &snapshotpb.VMConfiguration{Vcpus: 2, MemoryBytes: 1 << 30},
+		VmMetadata:      &snapshotpb.VMMetadata{SnapshotId: "snap", DigestFunction: "blake3", LastExecutedTask: &snapshotpb.VMTask{TaskId: "t"}},
+		Files:           []*repb.OutputFile{{Path: "art", Digest: digest.Compute(digest.BLAKE3, []byte("art"))}},
+		ChunkedFiles:    []*snapshotpb.ChunkedFile{{Name: "mem", Size: 1 << 20, ChunkSize: 1 << 16}},
+	}
+	tree := digest.Compute(digest.BLAKE3, []byte("tree"))
+	ar, err := ManifestActionResult(m, map[string]*repb.Digest{"mem": tree})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := decodeManifest(ar)
+	if err != nil {
+		t.Fatal(err)
+	}
+	enc, err := proto.Marshal(ar)
+	if err != nil {
+		t.Fatal(err)
+	}
+	same := func(a, b *decodedManifest) bool {
+		if !proto.Equal(a.config, b.config) || !proto.Equal(a.metadata, b.metadata) || a.function != b.function || len(a.files) != len(b.files) || len(a.trees) != len(b.trees) {
+			return false
+		}
+		for i := range a.files {
+			if !proto.Equal(a.files[i], b.files[i]) {
+				return false
+			}
+		}
+		for i := range a.trees {
+			if !proto.Equal(a.trees[i], b.trees[i]) {
+				return false
+			}
+		}
+		return true
+	}
+	undetected := 0
+	for bit := 0; bit < len(enc)*8; bit++ {
+		b := append([]byte(nil), enc...)
+		b[bit/8] ^= 1 << (bit % 8)
+		got := &repb.ActionResult{}
+		if proto.Unmarshal(b, got) != nil {
+			continue
+		}
+		dm, err := decodeManifest(got)
+		if err == nil && !same(dm, want) {
+			undetected++
+			t.Errorf("bit %d flipped: decoded a different manifest without error", bit)
+		}
+	}
+	if undetected > 0 {
+		t.Fatalf("%d of %d bit flips changed the manifest undetected", undetected, len(enc)*8)
+	}
+}
+
+// A manifest without a seal, written before seals existed, still loads;
+// one that claims the sealed format and lacks a seal does not.
+func TestManifestSealFormats(t *testing.T) {
+	m := &snapshotpb.SnapshotManifest{VmConfiguration: &snapshotpb.VMConfiguration{}, VmMetadata: &snapshotpb.VMMetadata{DigestFunction: "blake3"}}
+	ar, err := ManifestActionResult(m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	strip := func(ar *repb.ActionResult) *repb.ActionResult {
+		ar = proto.Clone(ar).(*repb.ActionResult)
+		ar.ExecutionMetadata.AuxiliaryMetadata = ar.ExecutionMetadata.AuxiliaryMetadata[:2]
+		return ar
+	}
+	old := strip(ar)
+	md := &snapshotpb.VMMetadata{}
+	if err := old.ExecutionMetadata.AuxiliaryMetadata[1].UnmarshalTo(md); err != nil {
+		t.Fatal(err)
+	}
+	md.Format = 0
+	a, _ := anypb.New(md)
+	old.ExecutionMetadata.AuxiliaryMetadata[1] = a
+	for _, tc := range []struct {
+		name string
+		ar   *repb.ActionResult
+		ok   bool
+	}{
+		{"sealed", ar, true},
+		{"written before seals", old, true},
+		{"sealed format without its seal", strip(ar), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := decodeManifest(tc.ar)
+			if (err == nil) != tc.ok {
+				t.Fatalf("decodeManifest: %v, want ok=%v", err, tc.ok)
+			}
+			if err != nil && status.Code(err) != codes.Internal {
+				t.Fatalf("got %v, want Internal (corrupt)", err)
+			}
+		})
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -30,12 +31,20 @@ func invalidf(format string, args ...any) error {
 	return status.Error(codes.InvalidArgument, fmt.Sprintf(format, args...))
 }
 
+// MaxNameBytes bounds a snapshot file name, so that a name saved can always
+// be restored: NAME_MAX is 255 bytes, and restoring writes through a
+// temporary name that adds a suffix to it.
+const MaxNameBytes = 200
+
 // ValidateName checks that a file name from a manifest is a plain base name
-// that cannot escape the directory it is unpacked into.
+// that cannot escape the directory it is unpacked into and that any
+// filesystem can hold (at most MaxNameBytes bytes).
 func ValidateName(name string) error {
 	switch {
 	case name == "", name == ".", name == "..":
 		return invalidf("file name %q is not a file name", name)
+	case len(name) > MaxNameBytes:
+		return invalidf("file name %.40q... is %d bytes long; names are limited to %d bytes", name, len(name), MaxNameBytes)
 	case strings.ContainsAny(name, "/\\\x00"):
 		return invalidf("file name %q contains a path separator or NUL", name)
 	case filepath.IsAbs(name), filepath.Base(name) != name:
@@ -104,7 +113,9 @@ func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string
 	if err != nil {
 		return nil, fmt.Errorf("encoding VM configuration: %w", err)
 	}
-	md, err := anypb.New(m.GetVmMetadata())
+	vm := proto.Clone(m.GetVmMetadata()).(*snapshotpb.VMMetadata)
+	vm.Format = sealedFormat
+	md, err := anypb.New(vm)
 	if err != nil {
 		return nil, fmt.Errorf("encoding VM metadata: %w", err)
 	}
@@ -119,7 +130,64 @@ func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string
 		}
 		ar.OutputDirectories = append(ar.OutputDirectories, &repb.OutputDirectory{Path: cf.GetName(), TreeDigest: td})
 	}
+	seal, err := anypb.New(&snapshotpb.ManifestSeal{Sha256: sealHash(ar)})
+	if err != nil {
+		return nil, fmt.Errorf("encoding manifest seal: %w", err)
+	}
+	ar.ExecutionMetadata.AuxiliaryMetadata = append(ar.ExecutionMetadata.AuxiliaryMetadata, seal)
 	return ar, nil
+}
+
+// sealedFormat is VMMetadata.format of manifests that carry a ManifestSeal.
+const sealedFormat = 2
+
+// sealHash is the integrity hash of a manifest ActionResult: H over every
+// auxiliary metadata entry but the seal (type URL and value bytes, which
+// caches keep verbatim) and the path, digest and executable bit of every
+// output file and directory. It covers what a restore uses and nothing a
+// cache may legitimately add or re-encode.
+func sealHash(ar *repb.ActionResult) string {
+	parts := []string{"snaploader manifest seal v1"}
+	for _, a := range ar.GetExecutionMetadata().GetAuxiliaryMetadata() {
+		if a.MessageIs((*snapshotpb.ManifestSeal)(nil)) {
+			continue
+		}
+		parts = append(parts, "aux", a.GetTypeUrl(), string(a.GetValue()))
+	}
+	for _, f := range ar.GetOutputFiles() {
+		parts = append(parts, "file", f.GetPath(), digest.String(f.GetDigest()), strconv.FormatBool(f.GetIsExecutable()))
+	}
+	for _, d := range ar.GetOutputDirectories() {
+		parts = append(parts, "dir", d.GetPath(), digest.String(d.GetTreeDigest()))
+	}
+	return digest.StringListHash(parts...)
+}
+
+// checkSeal verifies a manifest's seal: a sealed manifest must match it, a
+// manifest whose metadata says it is sealed must carry one, and an older
+// manifest without one is accepted as it is.
+func checkSeal(ar *repb.ActionResult, md *snapshotpb.VMMetadata) error {
+	var seals []*snapshotpb.ManifestSeal
+	for _, a := range ar.GetExecutionMetadata().GetAuxiliaryMetadata() {
+		s := &snapshotpb.ManifestSeal{}
+		if a.MessageIs(s) {
+			if err := a.UnmarshalTo(s); err != nil {
+				return cache.Corruptf("manifest: decoding its seal: %v", err)
+			}
+			seals = append(seals, s)
+		}
+	}
+	switch {
+	case len(seals) > 1:
+		return cache.Corruptf("manifest has %d seals", len(seals))
+	case len(seals) == 0 && md.GetFormat() >= sealedFormat:
+		return cache.Corruptf("manifest of format %d has no seal: the entry was altered", md.GetFormat())
+	case len(seals) == 0:
+		return nil
+	case seals[0].GetSha256() != sealHash(ar):
+		return cache.Corruptf("manifest does not match its seal: the entry was altered or corrupted")
+	}
+	return nil
 }
 
 // decodedManifest is a manifest ActionResult whose trees are not yet read.
@@ -152,6 +220,9 @@ func decodeManifest(ar *repb.ActionResult) (*decodedManifest, error) {
 	}
 	if !haveCfg || !haveMD {
 		return nil, invalidf("manifest: auxiliary metadata lacks the VM configuration or metadata")
+	}
+	if err := checkSeal(ar, dm.metadata); err != nil {
+		return nil, err
 	}
 	fn, err := digest.ParseFunction(dm.metadata.GetDigestFunction())
 	if err != nil {
