@@ -14,6 +14,9 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
+	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
 // UnpackOptions configure UnpackSnapshot.
@@ -78,6 +81,7 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fail(fmt.Errorf("unpacking snapshot %s: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err))
 	}
+	l.removeStaleTemps(dir, m)
 	for _, f := range m.GetFiles() {
 		if err := ValidateName(f.GetPath()); err != nil {
 			return fail(err)
@@ -128,6 +132,27 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 	return u, nil
 }
 
+// removeStaleTemps removes the temporary files that an unpack or restore
+// killed while writing into dir left behind: those no live process holds
+// locked. Names the manifest lists are never removed. Failures are logged,
+// not fatal: a stale file only costs space.
+func (l *Loader) removeStaleTemps(dir string, m *snapshotpb.SnapshotManifest) {
+	keep := map[string]bool{}
+	for _, f := range m.GetFiles() {
+		keep[f.GetPath()] = true
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		keep[cf.GetName()] = true
+	}
+	removed, err := fileio.RemoveStaleTemps(dir, keep)
+	if err != nil {
+		l.opts.Logger.Warn("removing stale temporary files", "dir", dir, "err", err)
+	}
+	if len(removed) > 0 {
+		l.opts.Logger.Debug("removed stale temporary files", "dir", dir, "files", removed)
+	}
+}
+
 // copyBlob writes a blob to path atomically (temp file + rename).
 func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d *repb.Digest, path string) error {
 	b, err := src.Open(ctx, ns, d)
@@ -135,9 +160,11 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 		return err
 	}
 	defer b.Close()
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".unpack-*")
+	// Locked while written, so that a killed unpack's file is recognised
+	// as stale by the next one (removeStaleTemps).
+	tmp, err := fileio.CreateTemp(filepath.Dir(path))
 	if err != nil {
-		return status.Errorf(codes.Internal, "creating a file in %s: %v", filepath.Dir(path), err)
+		return status.Errorf(codes.Internal, "unpacking blob %s to %s: %v", digest.String(d), path, err)
 	}
 	defer os.Remove(tmp.Name())
 	if err := tmp.Chmod(0o644); err != nil {

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/snapshot"
 )
 
@@ -79,6 +80,10 @@ func newRestoreCmd() *cobra.Command {
 
 // restoreTo unpacks snap into out and writes every chunked file as a
 // regular file (sparse where holes), reading through the lazy store.
+// Unpacking first removes the temporary files that killed restores left in
+// out (those no live process holds locked); every file is written under a
+// temporary name of fileio.TempNameLen bytes whatever its own name, and
+// renamed into place when complete.
 func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, progress bool) (*report, error) {
 	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{})
 	if err != nil {
@@ -117,9 +122,11 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 // writeStore copies a store into a sparse regular file, skipping holes,
 // with a few chunks in flight so fetching and writing overlap.
 func writeStore(ctx context.Context, s *cow.Store, path string, progress func(int64)) error {
-	// A fresh temporary name: never a file the snapshot unpacked, nor a
-	// link planted at a predictable name.
-	f, err := os.CreateTemp(filepath.Dir(path), ".restore-*")
+	// A fresh temporary name (never a file the snapshot unpacked, nor a
+	// link planted at a predictable name), locked while this process
+	// writes it: if the process is killed, the next restore into the
+	// directory finds it unlocked and removes it.
+	f, err := fileio.CreateTemp(filepath.Dir(path))
 	if err != nil {
 		return err
 	}

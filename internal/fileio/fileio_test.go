@@ -183,7 +183,14 @@ func TestRemoveStaleTemps(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	removed, err := RemoveStaleTemps(dir)
+	// A stale-looking file the caller says to keep.
+	kept, err := CreateTemp(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept.Close()
+
+	removed, err := RemoveStaleTemps(dir, map[string]bool{filepath.Base(kept.Name()): true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,6 +202,9 @@ func TestRemoveStaleTemps(t *testing.T) {
 	}
 	if _, err := os.Stat(live.Name()); err != nil {
 		t.Fatalf("live temporary file removed: %v", err)
+	}
+	if _, err := os.Stat(kept.Name()); err != nil {
+		t.Fatalf("temporary file named in keep removed: %v", err)
 	}
 	for _, n := range others {
 		if _, err := os.Stat(filepath.Join(dir, n)); err != nil {
@@ -208,7 +218,7 @@ func TestRemoveStaleTemps(t *testing.T) {
 	if err := os.Rename(live.Name(), filepath.Join(dir, "done")); err != nil {
 		t.Fatal(err)
 	}
-	if removed, err := RemoveStaleTemps(filepath.Join(dir, "missing")); err != nil || len(removed) != 0 {
+	if removed, err := RemoveStaleTemps(filepath.Join(dir, "missing"), nil); err != nil || len(removed) != 0 {
 		t.Fatalf("missing directory: %v, %v", removed, err)
 	}
 }

@@ -69,10 +69,11 @@ func IsTempName(name string) bool {
 
 // RemoveStaleTemps removes the temporary files in dir that CreateTemp made
 // and no live process holds: each one whose lock can be taken without
-// waiting. Files another process still writes, files of any other name,
-// and anything that is not a regular file are left alone. It returns the
-// paths removed; a missing dir is not an error.
-func RemoveStaleTemps(dir string) ([]string, error) {
+// waiting. Files another process still writes, names in keep (which may be
+// nil), files of any other name, and anything that is not a regular file
+// are left alone. It returns the paths removed; a missing dir is not an
+// error.
+func RemoveStaleTemps(dir string, keep map[string]bool) ([]string, error) {
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
@@ -83,7 +84,7 @@ func RemoveStaleTemps(dir string) ([]string, error) {
 	var removed []string
 	var errs []error
 	for _, de := range ents {
-		if !IsTempName(de.Name()) || !de.Type().IsRegular() {
+		if !IsTempName(de.Name()) || !de.Type().IsRegular() || keep[de.Name()] {
 			continue
 		}
 		path := filepath.Join(dir, de.Name())
