@@ -101,8 +101,14 @@ func (o GetOptions) withDefaults() (GetOptions, error) {
 }
 
 func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
-	useRemote := l.remote != nil && opts.ReadPolicy != LocalOnly
+	useRemote := l.remoteUp() && opts.ReadPolicy != LocalOnly
 	snap, localErr := l.getLocal(ctx, key, idx, opts, useRemote)
+	if localErr != nil && useRemote && l.degraded(localErr) {
+		// The remote went down while confirming blobs this host lacks:
+		// the local manifest is still usable if the host has them all.
+		useRemote = false
+		snap, localErr = l.getLocal(ctx, key, idx, opts, false)
+	}
 	if localErr == nil {
 		return snap, nil
 	}
@@ -111,6 +117,7 @@ func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx in
 	}
 	snap, err := l.getRemote(ctx, key, idx)
 	if err != nil {
+		l.degraded(err)
 		if status.Code(err) == codes.NotFound && status.Code(localErr) != codes.NotFound {
 			return nil, fmt.Errorf("%w (local manifest: %v)", err, localErr)
 		}
@@ -120,7 +127,7 @@ func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx in
 		// Pin it so later runs on this host reuse the chunks they already have.
 		lk, err := LocalManifestKey(l.opts.Group, key)
 		if err == nil {
-			err = l.local.UpdateActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), lk, snap.result)
+			err = l.local.UpdateActionResult(ctx, l.entryNS(l.local, key.GetInstanceName()), lk, snap.result)
 		}
 		if err != nil {
 			l.opts.Logger.Warn("pinning remote manifest locally", "key", keyString(key), "err", err)
@@ -135,8 +142,7 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 	if err != nil {
 		return nil, err
 	}
-	ns := l.ns(key.GetInstanceName(), l.opts.Function)
-	ar, err := l.local.GetActionResult(ctx, ns, mk)
+	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
 	}
@@ -173,8 +179,7 @@ func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx
 	if err != nil {
 		return nil, err
 	}
-	ns := l.ns(key.GetInstanceName(), l.opts.Function)
-	ar, err := l.remote.GetActionResult(ctx, ns, mk)
+	ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"sync"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -115,6 +116,11 @@ type Options struct {
 	Logger *slog.Logger
 	// Now returns the current time (tests); nil = time.Now.
 	Now func() time.Time
+	// RemoteEntryFunction is the digest function the remote's
+	// action-cache entries are keyed under: BLAKE3 (the default), or
+	// SHA-256 for a remote that only speaks SHA-256. Snapshot data may use
+	// either function; entries have one namespace per tier.
+	RemoteEntryFunction digest.Function
 }
 
 // Loader saves and loads snapshots.
@@ -122,6 +128,9 @@ type Loader struct {
 	local  LocalCache
 	remote cache.Cache // nil when there is no remote tier
 	opts   Options
+
+	mu        sync.Mutex
+	remoteErr error // the outage the remote failed with, if it did
 }
 
 // New returns a Loader over local and an optional remote tier (nil for
@@ -156,89 +165,255 @@ func (l *Loader) ns(instance string, fn digest.Function) cache.Namespace {
 	return cache.Namespace{Group: l.opts.Group, Instance: instance, Function: fn}
 }
 
-// authoritative is the tier version ids are read from.
-func (l *Loader) authoritative() cache.Cache {
-	if l.remote != nil {
-		return l.remote
+// entryNS is the namespace action-cache entries (versions and manifests)
+// live under in tier c, whatever digest function the snapshot's data uses
+// (SPEC §2): BLAKE3, or SHA-256 on a remote that only speaks SHA-256. So
+// every host sees the same version and manifests of a key.
+func (l *Loader) entryNS(c cache.Cache, instance string) cache.Namespace {
+	if c != l.local && l.opts.RemoteEntryFunction != repb.DigestFunction_UNKNOWN {
+		return l.ns(instance, l.opts.RemoteEntryFunction)
 	}
-	return l.local
+	return l.ns(instance, digest.BLAKE3)
+}
+
+// getEntry reads an action-cache entry of tier c. Entries written before
+// entries had one namespace live under the writer's digest function; a
+// miss is looked up there too.
+func (l *Loader) getEntry(ctx context.Context, c cache.Cache, instance string, key *repb.Digest) (*repb.ActionResult, error) {
+	ns := l.entryNS(c, instance)
+	ar, err := c.GetActionResult(ctx, ns, key)
+	if cache.IsNotFound(err) && l.opts.Function != ns.Function {
+		if old, oerr := c.GetActionResult(ctx, l.ns(instance, l.opts.Function), key); oerr == nil {
+			return old, nil
+		}
+	}
+	return ar, err
+}
+
+// remoteUp reports whether the remote tier may be used: configured and not
+// known to be down.
+func (l *Loader) remoteUp() bool {
+	return l.remote != nil && cache.TierDown(l.remote) == nil
+}
+
+// RemoteDown returns the error that made the remote tier unusable during
+// this loader's work (it degraded to the local tier), nil when it was fine
+// or there is none.
+func (l *Loader) RemoteDown() error {
+	if l.remote == nil {
+		return nil
+	}
+	if err := cache.TierDown(l.remote); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.remoteErr
+}
+
+// degraded records that the remote tier failed with an outage and work
+// goes on with the local tier; it reports whether err was such an outage.
+func (l *Loader) degraded(err error) bool {
+	if err == nil || !cache.IsOutage(err) {
+		return false
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.remoteErr == nil {
+		l.remoteErr = err
+		if cache.TierDown(l.remote) == nil { // a Breaker has already said so
+			l.opts.Logger.Warn("remote tier unavailable; continuing with the local cache", "err", err)
+		}
+	}
+	return true
 }
 
 // CurrentVersion returns the version id of the key's (instance, platform,
-// configuration), read from the authoritative tier. When none is stored
-// (never set, or expired: an expired entry must not resurrect an older
-// snapshot) a fresh random one is written. A host whose remote is read-only
-// keeps such a fresh id in its local cache, so that its own local
-// snapshots are found again until the remote publishes a version.
+// configuration) (SPEC §3). It is read from the remote when there is one,
+// and the host keeps the last id it saw there in its local cache: when the
+// remote is down, or absent from a later command, that id is used, so the
+// host's own snapshots stay reachable; when the remote is back, its id
+// rules again (an invalidation made meanwhile is seen). When no id is
+// stored anywhere it may be read, a fresh random one is created (an
+// expired entry must not resurrect an older snapshot); creation converges:
+// the local cache creates atomically, and a save that raced with another
+// host's creation on the remote republishes under the id that won.
 func (l *Loader) CurrentVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
 	if key == nil {
 		return "", invalidf("snapshot key is nil")
 	}
-	v, err := l.readVersion(ctx, l.authoritative(), key)
-	if err != nil || v != "" {
-		return v, err
-	}
-	if l.remote != nil && l.opts.RemoteReadOnly {
-		if v, err := l.readVersion(ctx, l.local, key); err != nil || v != "" {
-			return v, err
+	if l.remoteUp() {
+		v, err := l.remoteVersion(ctx, key)
+		if err == nil {
+			return v, nil
 		}
-		return l.writeVersion(ctx, l.local, key)
+		if !l.degraded(err) {
+			return "", err
+		}
 	}
-	return l.writeVersion(ctx, l.authoritative(), key)
+	return l.localVersion(ctx, key)
+}
+
+// remoteVersion reads (or creates) the remote's version id and keeps it
+// locally.
+func (l *Loader) remoteVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
+	ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), VersionKey(key))
+	if err != nil && !cache.IsNotFound(err) {
+		return "", fmt.Errorf("reading version of key %s from the remote: %w", keyString(key), err)
+	}
+	v, _ := versionFromResult(ar)
+	if v == "" {
+		if l.opts.RemoteReadOnly {
+			// Nothing published yet: this host keeps its own id until
+			// the remote has one.
+			return l.localVersion(ctx, key)
+		}
+		if ar, err = l.createRemoteVersion(ctx, key); err != nil {
+			return "", err
+		}
+		v, _ = versionFromResult(ar)
+	}
+	l.keepLocally(ctx, key, ar, v)
+	return v, nil
+}
+
+// createRemoteVersion writes a fresh version id to the remote, then reads
+// back the one stored: when hosts create one at the same moment, the one
+// stored last is what everybody reads from then on.
+func (l *Loader) createRemoteVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (*repb.ActionResult, error) {
+	ar, err := versionResult(NewVersionID(), false)
+	if err != nil {
+		return nil, err
+	}
+	ns := l.entryNS(l.remote, key.GetInstanceName())
+	if err := l.remote.UpdateActionResult(ctx, ns, VersionKey(key), ar); err != nil {
+		return nil, fmt.Errorf("writing version of key %s to the remote: %w", keyString(key), err)
+	}
+	if stored, err := l.remote.GetActionResult(ctx, ns, VersionKey(key)); err == nil {
+		if v, _ := versionFromResult(stored); v != "" {
+			return stored, nil
+		}
+	}
+	return ar, nil
+}
+
+// keepLocally records the remote's version entry in the local cache when
+// it differs from the one kept there.
+func (l *Loader) keepLocally(ctx context.Context, key *snapshotpb.SnapshotKey, ar *repb.ActionResult, v string) {
+	ns := l.entryNS(l.local, key.GetInstanceName())
+	if cur, err := l.local.GetActionResult(ctx, ns, VersionKey(key)); err == nil {
+		if cv, _ := versionFromResult(cur); cv == v {
+			return
+		}
+	}
+	if err := l.local.UpdateActionResult(ctx, ns, VersionKey(key), ar); err != nil {
+		l.opts.Logger.Warn("keeping the remote's version id locally", "key", keyString(key), "err", err)
+	}
+}
+
+// localVersion reads the local cache's version id, creating one
+// atomically when there is none.
+func (l *Loader) localVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
+	ns := l.entryNS(l.local, key.GetInstanceName())
+	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), VersionKey(key))
+	if err != nil && !cache.IsNotFound(err) && !cache.IsCorrupt(err) {
+		return "", fmt.Errorf("reading version of key %s: %w", keyString(key), err)
+	}
+	if v, _ := versionFromResult(ar); v != "" {
+		return v, nil
+	}
+	fresh, err := versionResult(NewVersionID(), false)
+	if err != nil {
+		return "", err
+	}
+	if cr, ok := l.local.(cache.Creator); ok {
+		stored, _, err := cr.CreateActionResult(ctx, ns, VersionKey(key), fresh)
+		if err != nil {
+			return "", fmt.Errorf("creating version of key %s: %w", keyString(key), err)
+		}
+		if v, _ := versionFromResult(stored); v != "" {
+			return v, nil
+		}
+		return "", cache.Corruptf("version entry of key %s holds no version id", keyString(key))
+	}
+	if err := l.local.UpdateActionResult(ctx, ns, VersionKey(key), fresh); err != nil {
+		return "", fmt.Errorf("writing version of key %s: %w", keyString(key), err)
+	}
+	v, _ := versionFromResult(fresh)
+	return v, nil
+}
+
+// storedVersion reads the version id that CurrentVersion would return now,
+// without creating one: "" when none is stored. invalidation says it was
+// written by Invalidate.
+func (l *Loader) storedVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (v string, invalidation bool, err error) {
+	if l.remoteUp() {
+		ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), VersionKey(key))
+		if err == nil || cache.IsNotFound(err) {
+			if v, inv := versionFromResult(ar); v != "" || !l.opts.RemoteReadOnly {
+				return v, inv, nil
+			}
+		} else if !l.degraded(err) {
+			return "", false, err
+		}
+	}
+	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), VersionKey(key))
+	if err != nil && !cache.IsNotFound(err) {
+		return "", false, err
+	}
+	v, invalidation = versionFromResult(ar)
+	return v, invalidation, nil
 }
 
 // Invalidate writes a fresh version id for the key and returns it; every
 // snapshot saved under an older version is never returned again. It needs
-// a writable authoritative tier.
+// a writable authoritative tier that is up: an invalidation the fleet does
+// not see is refused.
 func (l *Loader) Invalidate(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
 	if key == nil {
 		return "", invalidf("snapshot key is nil")
 	}
-	if l.remote != nil && l.opts.RemoteReadOnly {
-		return "", status.Errorf(codes.FailedPrecondition, "invalidating %s: the remote holding version ids is read-only here", keyString(key))
-	}
-	return l.writeVersion(ctx, l.authoritative(), key)
-}
-
-// readVersion reads the version id stored in c; "" when there is none.
-func (l *Loader) readVersion(ctx context.Context, c cache.Cache, key *snapshotpb.SnapshotKey) (string, error) {
-	ar, err := c.GetActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), VersionKey(key))
-	if cache.IsNotFound(err) {
-		return "", nil
-	}
-	if err != nil {
-		return "", fmt.Errorf("reading version of key %s: %w", keyString(key), err)
-	}
-	return versionFromResult(ar), nil
-}
-
-// writeVersion stores a fresh version id in c. When another host wrote one
-// at the same moment, the id stored last is the one everybody reads, so it
-// is read back and adopted.
-func (l *Loader) writeVersion(ctx context.Context, c cache.Cache, key *snapshotpb.SnapshotKey) (string, error) {
 	v := NewVersionID()
-	md, err := anypb.New(&snapshotpb.SnapshotVersionMetadata{VersionId: v})
+	ar, err := versionResult(v, true)
 	if err != nil {
 		return "", err
 	}
-	ar := &repb.ActionResult{ExecutionMetadata: &repb.ExecutedActionMetadata{AuxiliaryMetadata: []*anypb.Any{md}}}
-	if err := c.UpdateActionResult(ctx, l.ns(key.GetInstanceName(), l.opts.Function), VersionKey(key), ar); err != nil {
-		return "", fmt.Errorf("writing version of key %s: %w", keyString(key), err)
+	if l.remote != nil {
+		if l.opts.RemoteReadOnly {
+			return "", status.Errorf(codes.FailedPrecondition, "invalidating %s: the remote holding version ids is read-only here", keyString(key))
+		}
+		if err := l.remote.UpdateActionResult(ctx, l.entryNS(l.remote, key.GetInstanceName()), VersionKey(key), ar); err != nil {
+			return "", fmt.Errorf("invalidating %s on the remote: %w", keyString(key), err)
+		}
 	}
-	if stored, err := l.readVersion(ctx, c, key); err == nil && stored != "" {
-		return stored, nil
+	if err := l.local.UpdateActionResult(ctx, l.entryNS(l.local, key.GetInstanceName()), VersionKey(key), ar); err != nil {
+		if l.remote == nil {
+			return "", fmt.Errorf("invalidating %s: %w", keyString(key), err)
+		}
+		l.opts.Logger.Warn("keeping the new version id locally", "key", keyString(key), "err", err)
 	}
 	return v, nil
 }
 
-func versionFromResult(ar *repb.ActionResult) string {
+// versionResult is the version entry holding id v.
+func versionResult(v string, invalidation bool) (*repb.ActionResult, error) {
+	md, err := anypb.New(&snapshotpb.SnapshotVersionMetadata{VersionId: v, Invalidation: invalidation})
+	if err != nil {
+		return nil, err
+	}
+	return &repb.ActionResult{ExecutionMetadata: &repb.ExecutedActionMetadata{AuxiliaryMetadata: []*anypb.Any{md}}}, nil
+}
+
+// versionFromResult returns a version entry's id ("" when it holds none)
+// and whether Invalidate wrote it.
+func versionFromResult(ar *repb.ActionResult) (string, bool) {
 	for _, a := range ar.GetExecutionMetadata().GetAuxiliaryMetadata() {
 		m := &snapshotpb.SnapshotVersionMetadata{}
 		if a.MessageIs(m) && a.UnmarshalTo(m) == nil {
-			return m.GetVersionId()
+			return m.GetVersionId(), m.GetInvalidation()
 		}
 	}
-	return ""
+	return "", false
 }
 
 // KeySet derives the task's key set with the current version id.
@@ -277,7 +452,7 @@ func errorsJoinLast(prev, next error) error {
 	return next
 }
 
-// Namespace is the cache namespace a snapshot saved under key uses.
+// Namespace is the cache namespace new snapshot data saved under key uses.
 func (l *Loader) Namespace(key *snapshotpb.SnapshotKey) cache.Namespace {
 	return l.ns(key.GetInstanceName(), l.opts.Function)
 }

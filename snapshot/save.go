@@ -69,7 +69,13 @@ type SaveResult struct {
 	ArtifactBytes   int64
 	PublishedLocal  bool
 	PublishedRemote bool
-	Duration        time.Duration
+	// RemoteError is why a save asked to publish remotely did not (the
+	// remote tier was down); the save completed locally.
+	RemoteError error
+	// Invalidated is true when the key was invalidated while the save
+	// ran: the snapshot is stored but is not restored by key.
+	Invalidated bool
+	Duration    time.Duration
 }
 
 // Totals sums the chunked files' stats.
@@ -88,7 +94,11 @@ func (r *SaveResult) Totals() (t FileStats) {
 
 // CacheSnapshot saves a snapshot (SPEC §4). The manifest is written only
 // after every blob it references is stored, so a crash never leaves a
-// manifest naming missing data.
+// manifest naming missing data. Blobs go to the local cache first (when
+// Local), then the remote gets what it lacks; a remote that is down or
+// goes down before the remote manifest is written does not fail the save:
+// it completes locally, with a local manifest, and SaveResult.RemoteError
+// says why nothing was published.
 func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResult, error) {
 	start := time.Now()
 	if req.Key == nil {
@@ -100,14 +110,22 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	if req.Remote && (l.remote == nil || l.opts.RemoteReadOnly) {
 		return nil, invalidf("saving %s remotely: no writable remote tier", keyString(req.Key))
 	}
-	fn := l.opts.Function
-	ns := l.ns(req.Key.GetInstanceName(), fn)
-	var tiers []cache.Cache
-	if req.Local {
-		tiers = append(tiers, l.local)
+	fn, err := saveFunction(l.opts.Function, req.Chunked)
+	if err != nil {
+		return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 	}
-	if req.Remote {
-		tiers = append(tiers, l.remote)
+	ns := l.ns(req.Key.GetInstanceName(), fn)
+	res := &SaveResult{Key: req.Key}
+	publish := req.Remote
+	if req.Remote && !l.remoteUp() {
+		if !req.Local {
+			return nil, status.Errorf(codes.Unavailable, "saving %s remotely: the remote tier is down: %v", keyString(req.Key), cache.TierDown(l.remote))
+		}
+		publish = false
+	}
+	primary := cache.Cache(l.local)
+	if !req.Local {
+		primary = l.remote
 	}
 
 	md := &snapshotpb.VMMetadata{}
@@ -133,7 +151,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 			md.WorkingSets = append(md.WorkingSets, &snapshotpb.WorkingSet{FileName: s.Name(), Offsets: t[:min(len(t), MaxWorkingSetChunks)]})
 		}
 	}
-	res := &SaveResult{SnapshotID: md.SnapshotId, Key: req.Key}
+	res.SnapshotID = md.SnapshotId
 	m := &snapshotpb.SnapshotManifest{VmConfiguration: req.Config, VmMetadata: md}
 	if m.VmConfiguration == nil {
 		m.VmConfiguration = &snapshotpb.VMConfiguration{}
@@ -148,12 +166,17 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		names = append(names, name)
 	}
 	sort.Strings(names)
+	for _, s := range req.Chunked {
+		if err := ValidateName(s.Name()); err != nil {
+			return nil, fmt.Errorf("saving %s: chunked file: %w", keyString(req.Key), err)
+		}
+	}
 	files := make([]*repb.OutputFile, len(names))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(l.opts.Parallelism)
 	for i, name := range names {
 		g.Go(func() error {
-			d, err := storeFile(gctx, ns, req.Files[name], tiers)
+			d, err := storeFile(gctx, ns, req.Files[name], primary)
 			if err != nil {
 				return fmt.Errorf("storing artifact file %q: %w", name, err)
 			}
@@ -169,35 +192,19 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		res.ArtifactBytes += f.Digest.SizeBytes
 	}
 
-	// Chunked files: dirty chunks into the first tier, then whatever the
-	// other tier lacks.
+	// Chunked files: dirty chunks and the tree into the first tier.
 	trees := map[string]*repb.Digest{}
 	for _, s := range req.Chunked {
-		if err := ValidateName(s.Name()); err != nil {
-			return nil, fmt.Errorf("saving %s: chunked file: %w", keyString(req.Key), err)
-		}
 		if _, dup := trees[s.Name()]; dup || req.Files[s.Name()] != "" {
 			return nil, invalidf("saving %s: duplicate file name %q", keyString(req.Key), s.Name())
 		}
-		cf, st, err := s.Save(ctx, tiers[0])
+		cf, st, err := s.Save(ctx, primary)
 		if err != nil {
 			return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), s.Name(), err)
 		}
 		fs := FileStats{Name: s.Name(), SaveStats: st}
-		if req.Remote {
-			// The remote must hold every chunk its manifest names, clean
-			// ones included; what it lacks comes from the local cache.
-			n, b, err := l.copyMissing(ctx, ns, cf, l.local, l.remote)
-			if err != nil {
-				return nil, fmt.Errorf("saving %s: uploading chunked file %q: %w", keyString(req.Key), s.Name(), err)
-			}
-			fs.RemoteChunksWritten, fs.RemoteBytesWritten = n, b
-			if !req.Local {
-				fs.RemoteChunksWritten += st.ChunksWritten
-				fs.RemoteBytesWritten += st.BytesWritten
-			}
-		} else if err := l.checkAvailable(ctx, ns, cf); err != nil {
-			return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), s.Name(), err)
+		if !req.Local {
+			fs.RemoteChunksWritten, fs.RemoteBytesWritten = st.ChunksWritten, st.BytesWritten
 		}
 		res.Files = append(res.Files, fs)
 		tb, err := proto.MarshalOptions{Deterministic: true}.Marshal(ChunkedFileTree(cf))
@@ -205,59 +212,194 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 			return nil, fmt.Errorf("encoding tree of %q: %w", s.Name(), err)
 		}
 		td := digest.Compute(fn, tb)
-		for _, t := range tiers {
-			if err := writeIfMissing(ctx, t, ns, td, tb); err != nil {
-				return nil, fmt.Errorf("saving %s: storing tree of %q: %w", keyString(req.Key), s.Name(), err)
-			}
+		if err := writeIfMissing(ctx, primary, ns, td, tb); err != nil {
+			return nil, fmt.Errorf("saving %s: storing tree of %q: %w", keyString(req.Key), s.Name(), err)
 		}
 		trees[s.Name()] = td
 		m.ChunkedFiles = append(m.ChunkedFiles, cf)
 	}
 
-	// The manifest, last.
-	ar, err := ManifestActionResult(m, trees)
-	if err != nil {
-		return nil, err
+	// The remote gets every blob its manifest names, clean chunks included;
+	// what it lacks comes from the local cache.
+	if publish {
+		if err := l.publishBlobs(ctx, ns, m, trees, req.Local, res); err != nil {
+			if !req.Local || !l.degraded(err) {
+				return nil, fmt.Errorf("saving %s: uploading to the remote: %w", keyString(req.Key), err)
+			}
+			publish = false
+		}
 	}
+	if !publish {
+		// A local manifest must name only chunks a reader can get.
+		for _, cf := range m.ChunkedFiles {
+			if err := l.checkAvailable(ctx, ns, cf); err != nil {
+				return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), cf.GetName(), err)
+			}
+		}
+	}
+
+	// The manifest, last.
 	idKey := SnapshotIDKey(req.Key.GetInstanceName(), md.SnapshotId)
 	keys := append([]*snapshotpb.SnapshotKey{req.Key, idKey}, req.AlsoKeys...)
-	if req.Remote {
-		for _, k := range keys {
-			mk, err := RemoteManifestKey(k)
-			if err != nil {
-				return nil, err
+	writeLocal := req.LocalManifest || (req.Remote && !publish)
+	if publish {
+		if err := l.writeManifests(ctx, l.remote, m, trees, keys, res); err != nil {
+			if !req.Local || !l.degraded(err) {
+				return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 			}
-			if err := l.remote.UpdateActionResult(ctx, ns, mk, ar); err != nil {
-				return nil, fmt.Errorf("saving %s: writing remote manifest: %w", keyString(k), err)
-			}
-			if k == req.Key {
-				res.ManifestKey = mk
-			}
+			publish, writeLocal = false, true
 		}
-		res.PublishedRemote = true
 	}
-	if req.LocalManifest {
-		for _, k := range keys {
-			mk, err := LocalManifestKey(l.opts.Group, k)
-			if err != nil {
-				return nil, err
-			}
-			if err := l.local.UpdateActionResult(ctx, ns, mk, ar); err != nil {
-				return nil, fmt.Errorf("saving %s: writing local manifest: %w", keyString(k), err)
-			}
-			if k == req.Key {
-				res.ManifestKey = mk
-			}
+	if writeLocal {
+		if err := l.writeManifests(ctx, l.local, m, trees, keys, res); err != nil {
+			return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 		}
-		res.PublishedLocal = true
 	}
+	res.PublishedRemote, res.PublishedLocal = publish, writeLocal
+	if req.Remote && !publish {
+		res.RemoteError = l.RemoteDown()
+	}
+	l.republishIfRaced(ctx, m, trees, keys, res)
 	res.Manifest = m
 	res.Duration = time.Since(start)
 	return res, nil
 }
 
-// storeFile hashes the file at path and stores it in every tier lacking it.
-func storeFile(ctx context.Context, ns cache.Namespace, path string, tiers []cache.Cache) (*repb.Digest, error) {
+// saveFunction is the digest function a save uses: that of the stores'
+// chunks (a restored snapshot keeps its function), else def.
+func saveFunction(def digest.Function, stores []*cow.Store) (digest.Function, error) {
+	fn := repb.DigestFunction_UNKNOWN
+	for _, s := range stores {
+		sf := s.Namespace().Function
+		if sf == repb.DigestFunction_UNKNOWN {
+			continue
+		}
+		if fn != repb.DigestFunction_UNKNOWN && sf != fn {
+			return 0, invalidf("chunked files use different digest functions (%s and %s)", digest.FunctionName(fn), digest.FunctionName(sf))
+		}
+		fn = sf
+	}
+	if fn == repb.DigestFunction_UNKNOWN {
+		return def, nil
+	}
+	return fn, nil
+}
+
+// publishBlobs copies to the remote every blob of m it lacks from the local
+// cache: artifact files and trees (when they went to the local cache
+// first) and chunks.
+func (l *Loader) publishBlobs(ctx context.Context, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, fromLocal bool, res *SaveResult) error {
+	if fromLocal {
+		var ds []*repb.Digest
+		for _, f := range m.GetFiles() {
+			ds = append(ds, f.GetDigest())
+		}
+		for _, cf := range m.GetChunkedFiles() {
+			ds = append(ds, trees[cf.GetName()])
+		}
+		if _, _, err := l.copyMissing(ctx, ns, ds, l.local, l.remote); err != nil {
+			return fmt.Errorf("artifact files and trees: %w", err)
+		}
+	}
+	for i, cf := range m.GetChunkedFiles() {
+		ds := make([]*repb.Digest, 0, len(cf.GetChunks()))
+		for _, c := range cf.GetChunks() {
+			ds = append(ds, c.GetDigest())
+		}
+		n, b, err := l.copyMissing(ctx, ns, ds, l.local, l.remote)
+		if err != nil {
+			return fmt.Errorf("chunked file %q: %w", cf.GetName(), err)
+		}
+		res.Files[i].RemoteChunksWritten += n
+		res.Files[i].RemoteBytesWritten += b
+	}
+	return nil
+}
+
+// writeManifests writes m under every key in keys to tier c (remote or
+// local manifest keys), and records the write key's manifest key in res.
+func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
+	ar, err := ManifestActionResult(m, trees)
+	if err != nil {
+		return err
+	}
+	where := "local"
+	if c != l.local {
+		where = "remote"
+	}
+	for i, k := range keys {
+		var mk *repb.Digest
+		if c == l.local {
+			mk, err = LocalManifestKey(l.opts.Group, k)
+		} else {
+			mk, err = RemoteManifestKey(k)
+		}
+		if err != nil {
+			return err
+		}
+		if err := c.UpdateActionResult(ctx, l.entryNS(c, k.GetInstanceName()), mk, ar); err != nil {
+			return fmt.Errorf("writing %s manifest of %s: %w", where, keyString(k), err)
+		}
+		if i == 0 {
+			res.ManifestKey = mk
+		}
+	}
+	return nil
+}
+
+// republishIfRaced keeps an acknowledged save reachable when the key's
+// version id changed while it ran because another host or process created
+// the first one at the same moment (the tier has no compare-and-swap, and
+// the id stored last wins): the manifest is written again under the id
+// that won, until the id read back is the one it is stored under. A change
+// made by Invalidate is respected: the save is then not republished, and
+// SaveResult.Invalidated says so.
+func (l *Loader) republishIfRaced(ctx context.Context, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) {
+	key := keys[0]
+	for range 5 {
+		cur, invalidation, err := l.storedVersion(ctx, key)
+		if err != nil {
+			l.opts.Logger.Warn("checking the version id after saving", "key", keyString(key), "err", err)
+			return
+		}
+		if cur == "" || cur == key.GetVersionId() {
+			return
+		}
+		if invalidation {
+			l.opts.Logger.Warn("the key was invalidated while this snapshot was saved; it will not be restored by key",
+				"key", keyString(key), "snapshot_id", res.SnapshotID, "version_id", cur)
+			res.Invalidated = true
+			return
+		}
+		l.opts.Logger.Debug("version id created concurrently; republishing the manifest under it", "key", keyString(key), "version_id", cur)
+		moved := make([]*snapshotpb.SnapshotKey, len(keys))
+		for i, k := range keys {
+			moved[i] = k
+			if k.GetVersionId() != "" {
+				moved[i] = proto.Clone(k).(*snapshotpb.SnapshotKey)
+				moved[i].VersionId = cur
+			}
+		}
+		m.VmMetadata.SnapshotKey = moved[0]
+		if res.PublishedRemote {
+			if err := l.writeManifests(ctx, l.remote, m, trees, moved, res); err != nil {
+				l.opts.Logger.Warn("republishing under the current version id", "key", keyString(moved[0]), "err", err)
+				return
+			}
+		}
+		if res.PublishedLocal {
+			if err := l.writeManifests(ctx, l.local, m, trees, moved, res); err != nil {
+				l.opts.Logger.Warn("republishing locally under the current version id", "key", keyString(moved[0]), "err", err)
+				return
+			}
+		}
+		keys, key = moved, moved[0]
+		res.Key = key
+	}
+}
+
+// storeFile hashes the file at path and stores it in tier t unless t has it.
+func storeFile(ctx context.Context, ns cache.Namespace, path string, t cache.Cache) (*repb.Digest, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "opening %s: %v", path, err)
@@ -267,20 +409,15 @@ func storeFile(ctx context.Context, ns cache.Namespace, path string, tiers []cac
 	if err != nil {
 		return nil, fmt.Errorf("hashing %s: %w", path, err)
 	}
-	for _, t := range tiers {
-		missing, err := t.FindMissing(ctx, ns, []*repb.Digest{d})
-		if err != nil {
-			return nil, err
-		}
-		if len(missing) == 0 {
-			continue
-		}
-		if _, err := f.Seek(0, 0); err != nil {
-			return nil, err
-		}
-		if err := t.Write(ctx, ns, d, f); err != nil {
-			return nil, err
-		}
+	missing, err := t.FindMissing(ctx, ns, []*repb.Digest{d})
+	if err != nil || len(missing) == 0 {
+		return d, err
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		return nil, err
+	}
+	if err := t.Write(ctx, ns, d, f); err != nil {
+		return nil, err
 	}
 	return d, nil
 }
@@ -293,20 +430,20 @@ func writeIfMissing(ctx context.Context, c cache.Cache, ns cache.Namespace, d *r
 	return c.Write(ctx, ns, d, bytes.NewReader(b))
 }
 
-// copyMissing copies the chunks of cf that dst lacks from src, with bounded
+// copyMissing copies the blobs of all that dst lacks from src, with bounded
 // parallelism; the first error cancels the rest.
-func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, cf *snapshotpb.ChunkedFile, src, dst cache.Cache) (int, int64, error) {
-	ds := make([]*repb.Digest, 0, len(cf.GetChunks()))
+func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*repb.Digest, src, dst cache.Cache) (int, int64, error) {
+	ds := make([]*repb.Digest, 0, len(all))
 	seen := map[string]bool{}
-	for _, c := range cf.GetChunks() {
-		if !seen[c.GetDigest().GetHash()] {
-			seen[c.GetDigest().GetHash()] = true
-			ds = append(ds, c.GetDigest())
+	for _, d := range all {
+		if !seen[d.GetHash()] {
+			seen[d.GetHash()] = true
+			ds = append(ds, d)
 		}
 	}
 	missing, err := dst.FindMissing(ctx, ns, ds)
 	if err != nil {
-		return 0, 0, fmt.Errorf("finding missing chunks: %w", err)
+		return 0, 0, fmt.Errorf("finding missing blobs: %w", err)
 	}
 	var mu sync.Mutex
 	var bytes int64
@@ -316,11 +453,11 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, cf *snapsh
 		g.Go(func() error {
 			rc, err := src.Read(gctx, ns, d)
 			if err != nil {
-				return fmt.Errorf("reading chunk %s: %w", digest.String(d), err)
+				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 			}
 			defer rc.Close()
 			if err := dst.Write(gctx, ns, d, rc); err != nil {
-				return fmt.Errorf("writing chunk %s: %w", digest.String(d), err)
+				return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 			}
 			mu.Lock()
 			bytes += d.SizeBytes

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -39,11 +40,30 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
 }
 
-// openRemote opens the tier named by --remote; nil when none.
-func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool) (cache.Cache, digest.Function, io.Closer, error) {
+// openedRemote is the tier named by --remote, as a command uses it.
+type openedRemote struct {
+	tier cache.Cache // nil when there is none
+	// fn is the digest function for new snapshots.
+	fn digest.Function
+	// entryFn is the digest function its action-cache entries live under.
+	entryFn digest.Function
+	// writable is false when the remote said this client may not update
+	// its action cache (a read-only key).
+	writable bool
+	closer   io.Closer
+}
+
+// open opens the tier named by --remote. A remote that cannot be reached
+// (down, or too slow to answer within --remote-timeout) is not an error:
+// the command warns once and goes on with the local cache (the tier then
+// fails every call at once), so a host can still start the VMs it holds
+// when the shared cache is down. Every tier is wrapped in a breaker, so an
+// outage later on costs one timeout, not one per call.
+func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, log *slog.Logger) (*openedRemote, error) {
+	r := &openedRemote{fn: fn, entryFn: digest.BLAKE3, writable: true}
 	switch {
 	case f.url == "":
-		return nil, fn, nil, nil
+		return r, nil
 	case strings.HasPrefix(f.url, "grpc://"), strings.HasPrefix(f.url, "grpcs://"), strings.HasPrefix(f.url, "unix://"):
 		opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
 		if fnSet {
@@ -51,19 +71,33 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool) 
 		}
 		c, err := remote.Dial(ctx, f.url, opts)
 		if err != nil {
-			return nil, fn, nil, fmt.Errorf("connecting to remote %s: %w", f.url, err)
+			if ctx.Err() == nil && cache.IsOutage(err) {
+				log.Warn("remote tier unavailable; continuing with the local cache", "remote", f.url, "err", err)
+				r.tier = cache.Unreachable(f.url, err)
+				return r, nil
+			}
+			return nil, fmt.Errorf("connecting to remote %s: %w", f.url, err)
 		}
-		return cache.Verifying(c), c.DigestFunction(), c, nil
+		r.tier = cache.Verifying(c)
+		r.fn, r.entryFn, r.writable, r.closer = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache(), c
 	case strings.HasPrefix(f.url, "s3://"):
 		opts, err := s3cache.ParseURL(f.url)
 		if err != nil {
-			return nil, fn, nil, err
+			return nil, err
 		}
 		c, err := s3cache.New(ctx, opts)
 		if err != nil {
-			return nil, fn, nil, fmt.Errorf("opening S3 remote %s: %w", f.url, err)
+			if ctx.Err() == nil && cache.IsOutage(err) {
+				log.Warn("remote tier unavailable; continuing with the local cache", "remote", f.url, "err", err)
+				r.tier = cache.Unreachable(f.url, err)
+				return r, nil
+			}
+			return nil, fmt.Errorf("opening S3 remote %s: %w", f.url, err)
 		}
-		return cache.Verifying(c), fn, nil, nil
+		r.tier = cache.Verifying(c)
+	default:
+		return nil, fmt.Errorf("--remote %q: want grpc://, grpcs://, unix:// or s3://", f.url)
 	}
-	return nil, fn, nil, fmt.Errorf("--remote %q: want grpc://, grpcs://, unix:// or s3://", f.url)
+	r.tier = cache.WithBreaker(r.tier, cache.BreakerOptions{Name: f.url, Logger: log})
+	return r, nil
 }

@@ -70,9 +70,12 @@ func defaultCacheDir() (string, error) {
 type env struct {
 	local  *localcache.Cache
 	remote cache.Cache
-	loader *snapshot.Loader
-	log    *slog.Logger
-	closer io.Closer
+	// remoteWritable is false when the remote refuses this client's
+	// action-cache updates (a read-only key).
+	remoteWritable bool
+	loader         *snapshot.Loader
+	log            *slog.Logger
+	closer         io.Closer
 }
 
 func (f *cacheFlags) open(ctx context.Context) (*env, error) {
@@ -95,19 +98,22 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 	if f.remote.apiKey == "" {
 		f.remote.apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
-	rc, fn, closer, err := f.remote.open(ctx, fn, f.functionSet)
+	if f.maxBytes <= 0 {
+		return nil, fmt.Errorf("--cache-max-bytes %d: want a positive number of bytes", f.maxBytes)
+	}
+	r, err := f.remote.open(ctx, fn, f.functionSet, log)
 	if err != nil {
 		return nil, err
 	}
 	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes})
 	if err != nil {
-		if closer != nil {
-			closer.Close()
+		if r.closer != nil {
+			r.closer.Close()
 		}
 		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
 	}
-	e := &env{local: local, remote: rc, log: log, closer: closer}
-	e.loader, err = snapshot.New(local, rc, snapshot.Options{Group: f.group, Function: fn, Logger: log, RemoteReadOnly: f.remote.readOnly})
+	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer}
+	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn})
 	if err != nil {
 		e.Close()
 		return nil, err

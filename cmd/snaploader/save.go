@@ -36,6 +36,11 @@ type report struct {
 	RemoteChunksWritten int  `json:"remote_chunks_written,omitempty"`
 	PublishedLocal      bool `json:"published_local,omitempty"`
 	PublishedRemote     bool `json:"published_remote,omitempty"`
+	// RemoteError says why a save that was to publish remotely did not
+	// (the remote tier was down; the save completed locally).
+	RemoteError string `json:"remote_error,omitempty"`
+	// Invalidated: the key was invalidated while the save ran.
+	Invalidated bool `json:"invalidated,omitempty"`
 	// Restore only.
 	Files map[string]string `json:"files,omitempty"`
 }
@@ -84,6 +89,9 @@ func newSaveCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
+			if chunkSize <= 0 || chunkSize%cow.PageSize != 0 {
+				return fmt.Errorf("--chunk-size %d: want a positive multiple of %d", chunkSize, cow.PageSize)
+			}
 			fileMap, _, err := parseNamed("file", files)
 			if err != nil {
 				return err
@@ -116,6 +124,9 @@ func newSaveCmd() *cobra.Command {
 			}
 			pub := publishPlan{local: true, progress: !asJSON && stderrIsTerminal()}
 			pub.remote, pub.localManifest = decidePublish(ctx, e, keys, cf.remote.readOnly, sp, gopts, kf.defaultRef)
+			if pub.remote && !e.remoteWritable {
+				return status.Errorf(codes.FailedPrecondition, "saving to remote %s: the remote refuses action-cache updates from this client (a read-only key?), so nothing could be published; pass --remote-read-only to save locally only", cf.remote.url)
+			}
 			if kf.universal != "" && keys.GetWriteKey().GetRef() != "" && keys.GetWriteKey().GetRef() != kf.universal {
 				u := proto.Clone(keys.GetWriteKey()).(*snapshotpb.SnapshotKey)
 				u.Ref = kf.universal
@@ -144,6 +155,10 @@ func newSaveCmd() *cobra.Command {
 				RemoteChunksWritten: t.RemoteChunksWritten,
 				PublishedLocal:      res.PublishedLocal,
 				PublishedRemote:     res.PublishedRemote,
+				Invalidated:         res.Invalidated,
+			}
+			if res.RemoteError != nil {
+				rep.RemoteError = res.RemoteError.Error()
 			}
 			if asJSON {
 				return printJSON(os.Stdout, rep)
