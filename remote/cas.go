@@ -214,13 +214,25 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 	return data, nil
 }
 
+// decodeAll decodes a zstd blob of size bytes. The output is bounded by
+// the size, never by the frames' claims: data that decodes to more is an
+// error as soon as it does (a zstd bomb allocates nothing more). Windows
+// up to maxDecoderWindow are accepted whatever the size.
 func decodeAll(data []byte, size int64) ([]byte, error) {
-	dec, err := getDecoder(nil)
+	dec, err := getDecoder(bytes.NewReader(data))
 	if err != nil {
 		return nil, err
 	}
 	defer putDecoder(dec)
-	return dec.DecodeAll(data, make([]byte, 0, size))
+	out := make([]byte, size+1)
+	n, err := io.ReadFull(dec, out)
+	switch {
+	case err == nil:
+		return nil, fmt.Errorf("zstd data decodes to more than %d bytes", size)
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		return out[:n], nil
+	}
+	return nil, err
 }
 
 // streamReader reads a blob over ByteStream, resuming at the offset reached

@@ -244,8 +244,13 @@ func (c *Client) DigestFunction() digest.Function { return c.fn }
 // Compression reports whether ByteStream transfers use zstd.
 func (c *Client) Compression() bool { return c.zstd }
 
-// CanUpdateActionCache reports whether the server said this client may
-// write action-cache entries.
+// UpdateEnabled reports whether the server's capabilities let this client
+// write (cache_capabilities.action_cache_update_capabilities.update_enabled):
+// false for a read-only API key, so a save can stop before uploading
+// anything instead of failing at its manifest.
+func (c *Client) UpdateEnabled() bool { return c.canWrite }
+
+// CanUpdateActionCache is UpdateEnabled.
 func (c *Client) CanUpdateActionCache() bool { return c.canWrite }
 
 // Close closes the connection.

@@ -69,7 +69,7 @@ func (s *Server) complete(ctx context.Context, ns cache.Namespace, ar *repb.Acti
 		if td.SizeBytes == 0 {
 			continue
 		}
-		b, err := cache.ReadAll(ctx, s.backend, ns, td)
+		b, err := s.readVerified(ctx, ns, td)
 		if err != nil {
 			return fmt.Errorf("reading output tree %s: %w", digest.String(td), err)
 		}

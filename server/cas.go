@@ -40,11 +40,19 @@ func (s *Server) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlob
 	return &repb.FindMissingBlobsResponse{MissingBlobDigests: missing}, nil
 }
 
-func rpcStatus(err error) *spb.Status {
+// rpcStatus is the per-blob status of a batch entry, sanitized like a
+// call's error.
+func (s *Server) rpcStatus(err error) *spb.Status {
 	if err == nil {
 		return &spb.Status{}
 	}
-	return &spb.Status{Code: int32(status.Code(err)), Message: err.Error()}
+	return status.Convert(s.san.clean(err)).Proto()
+}
+
+// hashedPutter is a backend that stores bytes already verified against
+// their digest without hashing them again (the local cache).
+type hashedPutter interface {
+	PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error
 }
 
 // BatchUpdateBlobs verifies and stores small blobs.
@@ -65,11 +73,24 @@ func (s *Server) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlob
 		return nil, status.Errorf(codes.InvalidArgument, "batch of %d bytes exceeds the limit of %d", total, s.opts.MaxBatchBytes)
 	}
 	s.m.in(int(total))
+	// The request is in memory already: charge it to the upload budget
+	// while it is stored, so that batches and streams share one bound,
+	// and reserve the disk its blobs will take.
+	release, err := s.mem.acquire(ctx, total, s.opts.IdleTimeout, "updating blobs")
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	sp, err := s.reserve(total)
+	if err != nil {
+		return nil, fmt.Errorf("updating %d blobs of %d bytes: %w", len(req.Requests), total, err)
+	}
+	defer sp.Release()
 	resp := &repb.BatchUpdateBlobsResponse{}
 	for _, r := range req.Requests {
 		resp.Responses = append(resp.Responses, &repb.BatchUpdateBlobsResponse_Response{
 			Digest: r.Digest,
-			Status: rpcStatus(s.storeSmall(ctx, ns, r)),
+			Status: s.rpcStatus(s.storeSmall(ctx, ns, r)),
 		})
 	}
 	return resp, nil
@@ -121,16 +142,13 @@ func (s *Server) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsReq
 		r := &repb.BatchReadBlobsResponse_Response{Digest: d, Compressor: repb.Compressor_IDENTITY}
 		var err error
 		if d.SizeBytes > 0 {
-			r.Data, err = cache.ReadAll(ctx, s.backend, ns, d)
-			if err == nil && int64(len(r.Data)) != d.SizeBytes {
-				err = status.Errorf(codes.Internal, "blob %s: backend returned %d bytes", digest.String(d), len(r.Data))
-			}
+			r.Data, err = s.readVerified(ctx, ns, d)
 		}
 		if err != nil {
 			r.Data = nil
 		}
 		s.m.out(len(r.Data))
-		r.Status = rpcStatus(err)
+		r.Status = s.rpcStatus(err)
 		resp.Responses = append(resp.Responses, r)
 	}
 	return resp, nil

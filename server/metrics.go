@@ -14,12 +14,13 @@ type metrics struct {
 	bytes    *prometheus.CounterVec
 	ac       *prometheus.CounterVec
 	cas      *prometheus.CounterVec
+	corrupt  prometheus.Counter
 }
 
 // evictionCounter is a backend that counts its evictions (the local cache).
 type evictionCounter interface{ Evictions() int64 }
 
-func newMetrics(reg prometheus.Registerer, backend any) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, backend any, uploadMemory func() float64) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "snaploader_server_requests_total",
@@ -43,7 +44,15 @@ func newMetrics(reg prometheus.Registerer, backend any) (*metrics, error) {
 			Help: "Blobs asked for by FindMissingBlobs, by result (hit = present, miss = missing).",
 		}, []string{"result"}),
 	}
-	collectors := []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac, m.cas}
+	m.corrupt = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "snaploader_server_corrupt_blobs_total",
+		Help: "Blobs found corrupt while being served, and dropped.",
+	})
+	collectors := []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac, m.cas, m.corrupt,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "snaploader_server_upload_memory_bytes",
+			Help: "Memory charged to uploads in flight (bounded by --max-upload-memory).",
+		}, uploadMemory)}
 	if ec, ok := backend.(evictionCounter); ok {
 		collectors = append(collectors, prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "snaploader_server_evictions_total",

@@ -15,9 +15,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -67,12 +69,51 @@ type Options struct {
 	MaxBatchBytes int64
 	// DigestFunctions offered (default BLAKE3 and SHA-256).
 	DigestFunctions []digest.Function
-	// TempDir holds partial ByteStream uploads (default os.TempDir()).
+	// TempDir holds ByteStream uploads in flight (default os.TempDir()).
+	// With a local-cache backend it should be the cache's TempDir: a
+	// verified upload is then renamed into the cache, not copied.
 	TempDir string
-	// UploadTTL is how long an interrupted upload may be resumed (default
-	// 15 minutes).
+	// UploadTTL is how long an interrupted upload is kept, after its last
+	// message, for the client to resume it (default DefaultUploadTTL).
 	UploadTTL time.Duration
+	// IdleTimeout aborts a write stream that sends no message for this
+	// long and frees what it held (default DefaultIdleTimeout).
+	IdleTimeout time.Duration
+	// MaxBlobBytes is the largest blob a write may claim; a larger claim is
+	// refused at the first message. Default: a quarter of the backend's
+	// bound when it has one (the local cache), else DefaultMaxBlobBytes.
+	MaxBlobBytes int64
+	// MaxScratchBytes bounds the disk space of uploads in flight when the
+	// backend does not count it against its own bound (S3); default
+	// DefaultMaxScratchBytes. With the local cache, uploads in flight are
+	// reserved against the cache's bound instead, together with its
+	// entries.
+	MaxScratchBytes int64
+	// MaxUploadMemory bounds the memory all uploads in flight may hold at
+	// once, across all streams (default DefaultMaxUploadMemory). An upload
+	// that finds it in use waits for up to IdleTimeout, then is
+	// ResourceExhausted.
+	MaxUploadMemory int64
+	// Logger receives server-side failures whose details are withheld
+	// from clients (default slog.Default()).
+	Logger *slog.Logger
 }
+
+// Defaults of the resource bounds.
+const (
+	DefaultUploadTTL       = time.Minute
+	DefaultIdleTimeout     = 30 * time.Second
+	DefaultMaxBlobBytes    = 2 << 30
+	DefaultMaxScratchBytes = 8 << 30
+	DefaultMaxUploadMemory = 256 << 20
+)
+
+// streamWindow is the HTTP/2 flow-control window of each stream: what the
+// transport may buffer for an upload its handler has not read yet.
+const streamWindow = 4 << 20
+
+// bounded is a backend with a byte bound (the local cache).
+type bounded interface{ MaxBytes() int64 }
 
 // Server implements the REAPI cache services over a cache.Cache.
 type Server struct {
@@ -82,6 +123,10 @@ type Server struct {
 	m        *metrics
 	gatherer prometheus.Gatherer
 	uploads  *uploads
+	mem      *memBudget
+	scratch  *scratchBudget
+	log      *slog.Logger
+	san      *sanitizer
 
 	repb.UnimplementedCapabilitiesServer
 	repb.UnimplementedActionCacheServer
@@ -108,9 +153,39 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 		opts.TempDir = os.TempDir()
 	}
 	if opts.UploadTTL <= 0 {
-		opts.UploadTTL = 15 * time.Minute
+		opts.UploadTTL = DefaultUploadTTL
 	}
-	s := &Server{backend: backend, opts: opts, fns: map[digest.Function]bool{}}
+	if opts.IdleTimeout <= 0 {
+		opts.IdleTimeout = DefaultIdleTimeout
+	}
+	if opts.MaxBlobBytes <= 0 {
+		opts.MaxBlobBytes = DefaultMaxBlobBytes
+		if b, ok := backend.(bounded); ok {
+			opts.MaxBlobBytes = max(b.MaxBytes()/4, 1)
+		}
+	}
+	if opts.MaxScratchBytes <= 0 {
+		opts.MaxScratchBytes = DefaultMaxScratchBytes
+	}
+	if opts.MaxUploadMemory <= 0 {
+		opts.MaxUploadMemory = DefaultMaxUploadMemory
+	}
+	if least := uploadCharge(0, false); opts.MaxUploadMemory < least {
+		return nil, fmt.Errorf("server: upload memory budget of %d bytes is below the %d one upload needs", opts.MaxUploadMemory, least)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	s := &Server{backend: backend, opts: opts, fns: map[digest.Function]bool{},
+		mem: newMemBudget(opts.MaxUploadMemory), scratch: &scratchBudget{max: opts.MaxScratchBytes}, log: opts.Logger}
+	var dirs []string
+	if abs, err := filepath.Abs(opts.TempDir); err == nil {
+		dirs = append(dirs, abs, filepath.Clean(opts.TempDir))
+	}
+	if d, ok := backend.(interface{ Dir() string }); ok {
+		dirs = append(dirs, d.Dir())
+	}
+	s.san = newSanitizer(dirs...)
 	for _, fn := range opts.DigestFunctions {
 		if _, err := digest.New(fn); err != nil {
 			return nil, fmt.Errorf("server: %w", err)
@@ -138,12 +213,13 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 			s.gatherer = prometheus.DefaultGatherer
 		}
 	}
-	m, err := newMetrics(reg, backend)
+	m, err := newMetrics(reg, backend, func() float64 { return float64(s.mem.inUse()) })
 	if err != nil {
 		return nil, err
 	}
 	s.m = m
-	s.uploads = newUploads(opts.TempDir, opts.UploadTTL)
+	s.uploads = newUploads(opts.TempDir, opts.UploadTTL, s.log)
+	s.uploads.cleanStale()
 	return s, nil
 }
 
@@ -169,9 +245,13 @@ func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 		// Fewer, larger socket reads and writes for blob streams.
 		grpc.ReadBufferSize(256 << 10),
 		grpc.WriteBufferSize(256 << 10),
-		// Large flow-control windows keep blob uploads streaming.
-		grpc.InitialWindowSize(16 << 20),
-		grpc.InitialConnWindowSize(64 << 20),
+		// Fixed flow-control windows, large enough to keep blob uploads
+		// streaming, bound what the transport buffers for each stream; an
+		// upload's window is charged to the upload memory budget.
+		grpc.InitialWindowSize(streamWindow),
+		grpc.InitialConnWindowSize(4 * streamWindow),
+		grpc.ChainUnaryInterceptor(s.san.unary),
+		grpc.ChainStreamInterceptor(s.san.stream),
 	}
 }
 

@@ -129,6 +129,7 @@ type Cache struct {
 	entries   map[string]*entry
 	lru       *list.List // front = most recently used
 	usage     int64
+	reserved  int64 // promised to writes in flight (Reserve)
 	sinceScan int64
 	lastScan  time.Time
 	scanning  bool
@@ -180,8 +181,19 @@ func (c *Cache) Dir() string { return c.dir }
 
 // TempDir is a directory on the same filesystem as the cache, for callers'
 // files (unpacked artifacts, copy-on-write overlays) that may later be
-// hard-linked or renamed. The cache never cleans it nor counts it.
+// hard-linked or renamed. The cache never cleans it nor counts it, except
+// the space callers promise their files with Reserve.
 func (c *Cache) TempDir() string { return filepath.Join(c.dir, scratchDir) }
+
+// MaxBytes is the bound on disk usage (Options.MaxBytes).
+func (c *Cache) MaxBytes() int64 { return c.opts.MaxBytes }
+
+// Reserved is the disk space promised to writes in flight (Reserve).
+func (c *Cache) Reserved() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.reserved
+}
 
 // Usage is the disk usage (st_blocks*512) of the indexed entries.
 func (c *Cache) Usage() int64 {
@@ -411,7 +423,10 @@ func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest
 	if e == nil {
 		return nil, nil, cache.NotFoundf("blob %s not in local cache", digest.String(d))
 	}
-	f, err := os.Open(filepath.Join(c.dir, rel))
+	path := filepath.Join(c.dir, rel)
+	// O_NONBLOCK: something other than a regular file at the path (a FIFO)
+	// must not block the open; O_NOFOLLOW: nor may a symlink lead elsewhere.
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		c.mu.Lock()
 		e.pins--
@@ -422,9 +437,177 @@ func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, nil, cache.NotFoundf("blob %s not in local cache (evicted)", digest.String(d))
 		}
-		return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
+		if errors.Is(err, unix.ELOOP) {
+			c.mu.Lock()
+			c.dropLocked(e)
+			c.mu.Unlock()
+			os.Remove(path)
+			return nil, nil, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
+		}
+		return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), errnoOf(err))
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		c.unpin(e)
+		c.removeCorrupt(e, f)
+		f.Close()
+		if err != nil {
+			return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
+		}
+		return nil, nil, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
 	}
 	return f, e, nil
+}
+
+// errnoOf strips the path from an *fs.PathError, so that errors which may
+// reach remote clients never name the cache's files.
+func errnoOf(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return fmt.Errorf("%s: %w", pe.Op, pe.Err)
+	}
+	return err
+}
+
+// Discard removes the blob d, e.g. because a reader that verified it found
+// it corrupt. A blob that is absent is not an error.
+func (c *Cache) Discard(ctx context.Context, ns cache.Namespace, d *repb.Digest) error {
+	if err := checkDigest(ns, d); err != nil {
+		return fmt.Errorf("discarding blob: %w", err)
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	c.mu.Lock()
+	if e := c.entries[rel]; e != nil {
+		c.dropLocked(e)
+	}
+	c.mu.Unlock()
+	if err := os.Remove(filepath.Join(c.dir, rel)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return status.Errorf(codes.Internal, "discarding blob %s: %v", digest.String(d), errnoOf(err))
+	}
+	return nil
+}
+
+// Reservation is disk space promised to a write in flight, counted toward
+// Options.MaxBytes together with the entries until it is released or its
+// file becomes an entry (PutFile).
+type Reservation struct {
+	c    *Cache
+	n    int64
+	done bool // under c.mu
+}
+
+// Size is the number of bytes reserved.
+func (r *Reservation) Size() int64 { return r.n }
+
+// Release returns the space; it is idempotent.
+func (r *Reservation) Release() {
+	if r == nil {
+		return
+	}
+	r.c.mu.Lock()
+	r.releaseLocked()
+	r.c.mu.Unlock()
+}
+
+func (r *Reservation) releaseLocked() {
+	if !r.done {
+		r.done = true
+		r.c.reserved -= r.n
+	}
+}
+
+// Reserve promises n bytes of disk to a write in flight (a file the caller
+// keeps in TempDir, e.g. an upload being received), evicting least
+// recently used entries so that entries plus reservations stay within
+// Options.MaxBytes. It is ResourceExhausted when that is impossible: the
+// reservations alone, or with the pinned entries, would exceed the bound.
+func (c *Cache) Reserve(n int64) (*Reservation, error) {
+	if n < 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "reserving %d bytes", n)
+	}
+	c.mu.Lock()
+	if c.reserved+n > c.opts.MaxBytes {
+		reserved := c.reserved
+		c.mu.Unlock()
+		return nil, status.Errorf(codes.ResourceExhausted, "local cache: reserving %d bytes: %d bytes are reserved by writes in flight, bound %d", n, reserved, c.opts.MaxBytes)
+	}
+	c.reserved += n
+	victims := c.evictLocked(nil)
+	if c.usage+c.reserved > c.opts.MaxBytes {
+		c.reserved -= n
+		usage := c.usage
+		c.mu.Unlock()
+		c.remove(victims)
+		return nil, status.Errorf(codes.ResourceExhausted, "local cache: reserving %d bytes: %d bytes of entries in use and %d reserved, bound %d", n, usage, c.reserved, c.opts.MaxBytes)
+	}
+	r := &Reservation{c: c, n: n}
+	c.mu.Unlock()
+	c.remove(victims)
+	return r, nil
+}
+
+// PutFile stores the file f, whose content the caller has just verified
+// against d, by renaming it into place: f must be a regular file in
+// TempDir (or elsewhere on the cache's filesystem; otherwise it is copied
+// and verified). res, when not nil, is the reservation that covered f's
+// space: it is released as f becomes an entry, so the space is counted
+// once. The caller still closes f; once PutFile succeeds its name is gone
+// (renamed, or removed when the blob was stored already).
+func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res *Reservation) error {
+	defer res.Release()
+	if err := checkDigest(ns, d); err != nil {
+		return fmt.Errorf("writing blob: %w", err)
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	if e := c.lookup(rel, false); e != nil {
+		c.mu.Lock()
+		ok := e.verified
+		c.mu.Unlock()
+		if ok {
+			os.Remove(f.Name())
+			return nil
+		}
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		return status.Errorf(codes.Internal, "writing blob %s to local cache: stat: %v", digest.String(d), err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != d.SizeBytes {
+		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: the file holds %d bytes", digest.String(d), st.Size)
+	}
+	if err := f.Chmod(0o644); err != nil {
+		return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
+	}
+	dst := filepath.Join(c.dir, rel)
+	err := os.Rename(f.Name(), dst)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = os.MkdirAll(filepath.Dir(dst), 0o755); err == nil {
+			err = os.Rename(f.Name(), dst)
+		}
+	}
+	if errors.Is(err, unix.EXDEV) {
+		if _, err := f.Seek(0, io.SeekStart); err != nil {
+			return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
+		}
+		if err := c.Write(ctx, ns, d, f); err != nil {
+			return err
+		}
+		os.Remove(f.Name())
+		return nil
+	}
+	if err != nil {
+		return status.Errorf(codes.Internal, "writing blob %s to local cache: renaming into place: %v", digest.String(d), unwrapLink(err))
+	}
+	c.storedReserved(rel, st.Blocks*512, true, res)
+	return nil
+}
+
+func unwrapLink(err error) error {
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return fmt.Errorf("%s: %w", le.Op, le.Err)
+	}
+	return errnoOf(err)
 }
 
 // removeCorrupt drops e and removes its file if it is still the file f.
@@ -469,7 +652,7 @@ func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (c
 		if err != nil {
 			c.unpin(e)
 			f.Close()
-			return nil, status.Errorf(codes.Internal, "verifying blob %s: %v", digest.String(d), err)
+			return nil, status.Errorf(codes.Internal, "verifying blob %s: %v", digest.String(d), errnoOf(err))
 		}
 		c.mu.Lock()
 		e.verified = true
@@ -565,7 +748,7 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 		}
 	}
 	if err := f.Truncate(off); err != nil {
-		return off, status.Errorf(codes.Internal, "truncating to %d: %v", off, err)
+		return off, status.Errorf(codes.Internal, "truncating to %d: %v", off, errnoOf(err))
 	}
 	return off, nil
 }
@@ -590,14 +773,14 @@ func writeSparse(f *os.File, b []byte, off int64) error {
 		}
 		if run < i {
 			if _, err := f.WriteAt(b[run:i], off+int64(run)); err != nil {
-				return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
+				return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), errnoOf(err))
 			}
 		}
 		i, run = z, z
 	}
 	if run < len(b) {
 		if _, err := f.WriteAt(b[run:], off+int64(run)); err != nil {
-			return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), err)
+			return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), errnoOf(err))
 		}
 	}
 	return nil
@@ -643,7 +826,7 @@ func (c *Cache) writeFile(ctx context.Context, rel string, fill func(*os.File) e
 	tmp := filepath.Join(c.dir, tmpDir, hex.EncodeToString(rnd[:])+".tmp")
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return 0, status.Errorf(codes.Internal, "creating temporary file: %v", err)
+		return 0, status.Errorf(codes.Internal, "creating temporary file: %v", errnoOf(err))
 	}
 	// The lock tells other processes cleaning tmp/ that this file is live.
 	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
@@ -659,18 +842,18 @@ func (c *Cache) writeFile(ctx context.Context, rel string, fill func(*os.File) e
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return 0, status.Errorf(codes.Internal, "stat %s: %v", tmp, err)
+		return 0, status.Errorf(codes.Internal, "stat of the temporary file: %v", err)
 	}
 	dst := filepath.Join(c.dir, rel)
 	if err := os.Rename(tmp, dst); err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
-			return 0, status.Errorf(codes.Internal, "renaming into %s: %v", rel, err)
+			return 0, status.Errorf(codes.Internal, "renaming into place: %v", unwrapLink(err))
 		}
 		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return 0, status.Errorf(codes.Internal, "creating %s: %v", filepath.Dir(rel), err)
+			return 0, status.Errorf(codes.Internal, "creating the blob's directory: %v", errnoOf(err))
 		}
 		if err := os.Rename(tmp, dst); err != nil {
-			return 0, status.Errorf(codes.Internal, "renaming into %s: %v", rel, err)
+			return 0, status.Errorf(codes.Internal, "renaming into place: %v", unwrapLink(err))
 		}
 	}
 	ok = true
@@ -681,8 +864,17 @@ func (c *Cache) writeFile(ctx context.Context, rel string, fill func(*os.File) e
 // stored indexes a file this process just wrote, then evicts (and rescans
 // when due).
 func (c *Cache) stored(rel string, size int64, verified bool) {
+	c.storedReserved(rel, size, verified, nil)
+}
+
+// storedReserved is stored for a file that res (if not nil) covered: the
+// reservation is released in the same step as the entry is counted.
+func (c *Cache) storedReserved(rel string, size int64, verified bool, res *Reservation) {
 	now := time.Now()
 	c.mu.Lock()
+	if res != nil {
+		res.releaseLocked()
+	}
 	e := c.entries[rel]
 	if e == nil {
 		e = &entry{rel: rel, size: size}
@@ -707,10 +899,10 @@ func (c *Cache) stored(rel string, size int64, verified bool) {
 }
 
 // evictLocked unindexes least recently used unpinned entries (never keep)
-// until usage is under the bound and returns their paths for removal.
+// until usage plus reservations is under the bound and returns their paths for removal.
 func (c *Cache) evictLocked(keep *entry) []string {
 	var victims []string
-	for el := c.lru.Back(); el != nil && c.usage > c.opts.MaxBytes; {
+	for el := c.lru.Back(); el != nil && c.usage+c.reserved > c.opts.MaxBytes; {
 		e := el.Value.(*entry)
 		prev := el.Prev()
 		if e.pins == 0 && e != keep {

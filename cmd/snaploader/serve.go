@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"runtime/debug"
 	"strings"
 	"time"
 
@@ -30,6 +31,11 @@ func newServeCmd() *cobra.Command {
 		apiKeys     []string
 		metricsAddr string
 		debugAddr   string
+		maxBlob     int64
+		maxScratch  int64
+		maxUpMem    int64
+		uploadTTL   time.Duration
+		idleTimeout time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -38,7 +44,25 @@ func newServeCmd() *cobra.Command {
 Backed by --cache-dir (a byte-bounded local cache) or by --s3 (stateless: several servers over one
 bucket serve the same data). With --api-key, every request must carry a known key (x-api-key header
 or "authorization: Bearer KEY"); each key maps to a group, whose action-cache entries no other group
-sees, and may be read-only.`,
+sees, and may be read-only.
+
+Resource bounds (all the server's own, never a client's claim):
+  --max-bytes              disk: stored blobs and entries plus the uploads in flight (their claimed
+                           sizes are reserved before data is taken, evicting LRU entries; when the
+                           reservations alone would exceed it, an upload is RESOURCE_EXHAUSTED)
+  --max-blob-bytes         the largest blob a write may claim, refused at its first message
+                           (default: a quarter of --max-bytes; with --s3, 2 GiB)
+  --max-scratch-bytes      with --s3: disk of the uploads in flight in the scratch directory
+  --max-upload-memory      memory of all uploads in flight together (receive windows, messages,
+                           zstd decoders with at most 8 MiB windows); an upload waits up to
+                           --idle-timeout for it, then is RESOURCE_EXHAUSTED. Also sets the Go
+                           runtime's soft memory limit to this plus 128 MiB unless GOMEMLIMIT is set.
+  --idle-timeout           a write stream that sends nothing this long is aborted and freed
+  --upload-ttl             an interrupted upload is kept this long after its last message for the
+                           client to resume, then deleted (a stream failing for any reason a
+                           resumption cannot help deletes it at once)
+Every blob served is hashed as it streams; a corrupt one fails the read naming its digest and is
+dropped, so FindMissingBlobs reports it missing and the next upload repairs it.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -86,7 +110,14 @@ sees, and may be read-only.`,
 				defer c.Close()
 				backend, where, tempDir = c, "directory "+dir, c.TempDir()
 			}
-			srv, err := server.New(backend, server.Options{APIKeys: keys, TempDir: tempDir})
+			if os.Getenv("GOMEMLIMIT") == "" {
+				debug.SetMemoryLimit(maxUpMem + 128<<20)
+			}
+			srv, err := server.New(backend, server.Options{
+				APIKeys: keys, TempDir: tempDir, Logger: log,
+				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem,
+				UploadTTL: uploadTTL, IdleTimeout: idleTimeout,
+			})
 			if err != nil {
 				return err
 			}
@@ -125,6 +156,11 @@ sees, and may be read-only.`,
 	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
 	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
 	fl.StringVar(&debugAddr, "debug-addr", "", "serve Go profiles at http://ADDR/debug/pprof/ (keep it on loopback)")
+	fl.Int64Var(&maxBlob, "max-blob-bytes", 0, "largest blob a write may claim (default: a quarter of --max-bytes; with --s3, 2 GiB)")
+	fl.Int64Var(&maxScratch, "max-scratch-bytes", server.DefaultMaxScratchBytes, "with --s3: disk space of uploads in flight")
+	fl.Int64Var(&maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together")
+	fl.DurationVar(&uploadTTL, "upload-ttl", server.DefaultUploadTTL, "how long an interrupted upload is kept for resumption after its last message")
+	fl.DurationVar(&idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "abort a write stream that sends nothing for this long")
 	return cmd
 }
 

@@ -1,0 +1,137 @@
+package server
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"golang.org/x/sync/semaphore"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/localcache"
+)
+
+// memBudget bounds the memory that uploads in flight may hold at once
+// (gRPC's per-stream receive window, the messages being handled, zstd
+// decoder history), across all streams.
+type memBudget struct {
+	max int64
+	sem *semaphore.Weighted
+	mu  sync.Mutex
+	use int64
+}
+
+func newMemBudget(max int64) *memBudget {
+	return &memBudget{max: max, sem: semaphore.NewWeighted(max)}
+}
+
+// acquire takes n bytes, waiting up to wait for them; it is
+// ResourceExhausted when they do not become free in time or n exceeds the
+// whole budget.
+func (b *memBudget) acquire(ctx context.Context, n int64, wait time.Duration, what string) (release func(), err error) {
+	if n > b.max {
+		return nil, status.Errorf(codes.ResourceExhausted, "%s: needs %d bytes of memory, more than the server's upload memory budget of %d bytes", what, n, b.max)
+	}
+	wctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	if err := b.sem.Acquire(wctx, n); err != nil {
+		if ctx.Err() != nil {
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+		return nil, status.Errorf(codes.ResourceExhausted, "%s: the server's upload memory budget of %d bytes stayed in use for %v; retry later", what, b.max, wait)
+	}
+	b.mu.Lock()
+	b.use += n
+	b.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			b.mu.Lock()
+			b.use -= n
+			b.mu.Unlock()
+			b.sem.Release(n)
+		})
+	}, nil
+}
+
+func (b *memBudget) inUse() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.use
+}
+
+// space is disk space reserved for a file in the server's scratch
+// directory.
+type space interface{ Release() }
+
+// diskReserver is a backend that counts reservations together with its own
+// entries against one bound, evicting to make room (the local cache).
+type diskReserver interface {
+	Reserve(n int64) (*localcache.Reservation, error)
+}
+
+// filePutter is a backend that can take a verified upload file by
+// renaming it, counting its reservation over to the stored entry.
+type filePutter interface {
+	PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res *localcache.Reservation) error
+}
+
+// scratchBudget bounds the scratch space of uploads in flight for
+// backends that do not account for it (S3).
+type scratchBudget struct {
+	max int64
+	mu  sync.Mutex
+	use int64
+}
+
+type scratchSpace struct {
+	b    *scratchBudget
+	n    int64
+	once sync.Once
+}
+
+func (s *scratchSpace) Release() {
+	s.once.Do(func() {
+		s.b.mu.Lock()
+		s.b.use -= s.n
+		s.b.mu.Unlock()
+	})
+}
+
+func (b *scratchBudget) reserve(n int64) (space, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.use+n > b.max {
+		return nil, status.Errorf(codes.ResourceExhausted, "scratch space: %d bytes are reserved by uploads in flight; %d more would exceed the bound of %d bytes", b.use, n, b.max)
+	}
+	b.use += n
+	return &scratchSpace{b: b, n: n}, nil
+}
+
+// reserve promises n bytes of disk to an upload: from the backend's own
+// bound when it accounts for reservations, else from the scratch budget.
+func (s *Server) reserve(n int64) (space, error) {
+	if r, ok := s.backend.(diskReserver); ok {
+		res, err := r.Reserve(n)
+		if err != nil {
+			return nil, err
+		}
+		return res, nil
+	}
+	return s.scratch.reserve(n)
+}
+
+func describeBytes(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%d GiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	}
+	return fmt.Sprintf("%d bytes", n)
+}

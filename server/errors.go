@@ -1,0 +1,93 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"regexp"
+	"strings"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// pathFree strips the file names from an os error (*fs.PathError,
+// *os.LinkError), keeping the operation and the errno: errors sent to
+// clients never name the server's files.
+func pathFree(err error) error {
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		return errors.New(pe.Op + ": " + pe.Err.Error())
+	}
+	var le *os.LinkError
+	if errors.As(err, &le) {
+		return errors.New(le.Op + ": " + le.Err.Error())
+	}
+	return err
+}
+
+// internalf is an Internal error about a server-side failure (disk, scratch
+// files); the cause is logged in full and sent without file names.
+func (s *Server) internalf(err error, what string) error {
+	s.log.Error(what, "err", err)
+	return status.Errorf(codes.Internal, "%s: %v", what, pathFree(err))
+}
+
+// sanitizer rewrites the errors every RPC returns: context errors get
+// their gRPC codes, errors without a code become Internal, and no message
+// names a server directory (the scratch directory or the backend's).
+type sanitizer struct {
+	dirs *regexp.Regexp // nil when there is nothing to hide
+}
+
+func newSanitizer(dirs ...string) *sanitizer {
+	var alts []string
+	for _, d := range dirs {
+		if d = strings.TrimRight(d, "/"); d != "" && d != "." {
+			alts = append(alts, regexp.QuoteMeta(d))
+		}
+	}
+	if len(alts) == 0 {
+		return &sanitizer{}
+	}
+	return &sanitizer{dirs: regexp.MustCompile(`(` + strings.Join(alts, "|") + `)(/[^\s:"']*)?`)}
+}
+
+func (z *sanitizer) clean(err error) error {
+	if err == nil {
+		return nil
+	}
+	st, ok := status.FromError(err)
+	code, msg := st.Code(), st.Message()
+	if !ok {
+		code, msg = codes.Unknown, err.Error()
+	}
+	if code == codes.Unknown {
+		switch {
+		case errors.Is(err, context.Canceled):
+			code = codes.Canceled
+		case errors.Is(err, context.DeadlineExceeded):
+			code = codes.DeadlineExceeded
+		default:
+			code = codes.Internal
+		}
+	}
+	if z.dirs != nil {
+		msg = z.dirs.ReplaceAllString(msg, "[server file]")
+	}
+	if code == st.Code() && msg == st.Message() && ok {
+		return err
+	}
+	return status.Error(code, msg)
+}
+
+func (z *sanitizer) unary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	resp, err := h(ctx, req)
+	return resp, z.clean(err)
+}
+
+func (z *sanitizer) stream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return z.clean(h(srv, ss))
+}
