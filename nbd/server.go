@@ -9,8 +9,21 @@
 // DISCONNECT. Requests on one connection are handled concurrently and their
 // replies are serialized. Every request is bounds-checked against the
 // device's current size: a request outside it is answered with EINVAL and
-// never reaches the device. A request with a bad magic, an oversized WRITE
-// or a truncated payload closes the connection without touching the device.
+// never reaches the device. A request with a bad magic or an oversized
+// WRITE closes the connection without touching the device.
+//
+// Memory is bounded whatever clients do. No request may exceed MaxPayload
+// (advertised as the maximum block size). A WRITE payload is buffered only
+// when it is at most BufferedWriteMax bytes and fits the server-wide write
+// buffer budget (Options.MaxWriteBuffer); otherwise it is streamed into the
+// device as it arrives, piece by piece from the connection's read buffer.
+// READ replies are buffered within a server-wide read budget
+// (Options.MaxReadBuffer), a READ waiting for budget when it is spent. A
+// client that stops sending a payload it announced, or stops reading its
+// replies, for Options.StallTimeout is disconnected and its buffers freed.
+// A buffered WRITE whose payload is truncated never reaches the device; a
+// streamed one may have in part, which the protocol allows for a write that
+// got no reply.
 package nbd
 
 import (
@@ -23,11 +36,14 @@ import (
 	"log/slog"
 	"math/bits"
 	"net"
+	"os"
 	"sort"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sync/semaphore"
 )
 
 // Device is the storage behind an export. ReadAt and WriteAt may be called
@@ -62,6 +78,18 @@ type Options struct {
 	// HandshakeTimeout bounds the option negotiation of a new connection.
 	// Default 10s.
 	HandshakeTimeout time.Duration
+	// MaxWriteBuffer bounds the bytes of WRITE payloads buffered at once,
+	// across all connections. A WRITE that does not fit is streamed into
+	// the device instead. Default DefaultMaxWriteBuffer.
+	MaxWriteBuffer int64
+	// MaxReadBuffer bounds the bytes of READ replies buffered at once,
+	// across all connections (at least MaxPayload); a READ waits until it
+	// fits. Default DefaultMaxReadBuffer.
+	MaxReadBuffer int64
+	// StallTimeout is how long a client may make no progress sending a
+	// request's payload or reading a reply before it is disconnected.
+	// Waiting between requests is not a stall. Default DefaultStallTimeout.
+	StallTimeout time.Duration
 	// Logger receives device errors and protocol violations. Nil discards
 	// them.
 	Logger *slog.Logger
@@ -77,6 +105,12 @@ type Stats struct {
 	BytesRead, BytesWritten int64
 	// Errors counts requests answered with an error.
 	Errors int64
+	// StreamedWrites counts WRITE requests whose payload was streamed into
+	// the device rather than buffered whole.
+	StreamedWrites int64
+	// Stalls counts connections closed because the client stopped sending
+	// a payload or reading replies for StallTimeout.
+	Stalls int64
 	// Connections counts accepted connections; ActiveConnections those
 	// still open.
 	Connections, ActiveConnections int64
@@ -91,10 +125,25 @@ type Server struct {
 	mu      sync.Mutex
 	exports map[string]*export
 
+	writeBudget, readBudget *semaphore.Weighted
+
 	reads, writes, flushes, trims, writeZeroes atomic.Int64
 	bytesRead, bytesWritten, errs              atomic.Int64
+	streamedWrites, stalls                     atomic.Int64
 	conns, activeConns                         atomic.Int64
 }
+
+// Defaults of Options.
+const (
+	DefaultMaxWriteBuffer = 64 << 20
+	DefaultMaxReadBuffer  = 128 << 20
+	DefaultStallTimeout   = 30 * time.Second
+)
+
+// BufferedWriteMax is the largest WRITE payload the server buffers whole
+// (so that it runs concurrently with the connection's other requests);
+// larger ones are streamed into the device as they arrive.
+const BufferedWriteMax = 1 << 20
 
 type export struct {
 	name     string
@@ -114,11 +163,25 @@ func NewServer(opts Options) *Server {
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = 10 * time.Second
 	}
+	if opts.MaxWriteBuffer <= 0 {
+		opts.MaxWriteBuffer = DefaultMaxWriteBuffer
+	}
+	if opts.MaxReadBuffer <= 0 {
+		opts.MaxReadBuffer = DefaultMaxReadBuffer
+	}
+	opts.MaxReadBuffer = max(opts.MaxReadBuffer, MaxPayload)
+	if opts.StallTimeout <= 0 {
+		opts.StallTimeout = DefaultStallTimeout
+	}
 	l := opts.Logger
 	if l == nil {
 		l = slog.New(slog.DiscardHandler)
 	}
-	return &Server{opts: opts, log: l, exports: make(map[string]*export)}
+	return &Server{
+		opts: opts, log: l, exports: make(map[string]*export),
+		writeBudget: semaphore.NewWeighted(opts.MaxWriteBuffer),
+		readBudget:  semaphore.NewWeighted(opts.MaxReadBuffer),
+	}
 }
 
 // AddExport makes d available under name. A read-only export refuses
@@ -161,7 +224,7 @@ func (s *Server) RemoveExport(name string) {
 	}
 	e.mu.Unlock()
 	for _, c := range conns {
-		c.nc.Close()
+		c.close()
 	}
 	for _, c := range conns {
 		<-c.done
@@ -179,6 +242,8 @@ func (s *Server) Stats() Stats {
 		BytesRead:         s.bytesRead.Load(),
 		BytesWritten:      s.bytesWritten.Load(),
 		Errors:            s.errs.Load(),
+		StreamedWrites:    s.streamedWrites.Load(),
+		Stalls:            s.stalls.Load(),
 		Connections:       s.conns.Load(),
 		ActiveConnections: s.activeConns.Load(),
 	}
@@ -241,15 +306,27 @@ type conn struct {
 	exp  *export
 	done chan struct{} // closed when the connection's goroutines have ended
 
+	// ctx ends when the connection is closed; requests waiting for buffer
+	// budget stop waiting then.
+	ctx    context.Context
+	cancel context.CancelFunc
+
 	wmu  sync.Mutex // serializes replies
 	dead atomic.Bool
 }
 
+// close closes the connection and ends its context.
+func (c *conn) close() {
+	c.cancel()
+	c.nc.Close()
+}
+
 func (s *Server) handle(ctx context.Context, nc net.Conn) {
-	c := &conn{s: s, nc: nc, done: make(chan struct{})}
+	cctx, cancel := context.WithCancel(ctx)
+	c := &conn{s: s, nc: nc, done: make(chan struct{}), ctx: cctx, cancel: cancel}
 	defer close(c.done)
-	defer nc.Close()
-	stop := context.AfterFunc(ctx, func() { nc.Close() })
+	defer c.close()
+	stop := context.AfterFunc(ctx, func() { c.close() })
 	defer stop()
 
 	br := bufio.NewReaderSize(nc, 64<<10)
@@ -486,6 +563,41 @@ type request struct {
 	off    uint64
 	length uint32
 	data   []byte // WRITE payload, from the buffer pool
+	budget int64  // bytes of writeBudget held for data
+}
+
+// errStalled marks a connection closed because its client stopped sending
+// a payload or reading replies.
+var errStalled = errors.New("client stalled")
+
+// stallReader reads from the connection's buffered reader, allowing
+// StallTimeout for each read to make progress.
+type stallReader struct {
+	c  *conn
+	br *bufio.Reader
+}
+
+func (r stallReader) Read(p []byte) (int, error) {
+	r.c.nc.SetReadDeadline(time.Now().Add(r.c.s.opts.StallTimeout))
+	n, err := r.br.Read(p)
+	return n, r.c.stalled(err)
+}
+
+// stalled turns a deadline error into errStalled (counting the stall).
+func (c *conn) stalled(err error) error {
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		c.s.stalls.Add(1)
+		return fmt.Errorf("%w: no progress for %v", errStalled, c.s.opts.StallTimeout)
+	}
+	return err
+}
+
+// awaitPayload waits (at most StallTimeout) until some of a payload has
+// arrived, so that no buffer is taken for a client that sent only a header.
+func (c *conn) awaitPayload(br *bufio.Reader) error {
+	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.StallTimeout))
+	_, err := br.Peek(1)
+	return c.stalled(err)
 }
 
 // transmit reads requests until the client disconnects or misbehaves, and
@@ -499,7 +611,7 @@ func (c *conn) transmit(br *bufio.Reader) (err error) {
 		// reply from holding the connection open.
 		if err != nil {
 			c.dead.Store(true)
-			c.nc.Close()
+			c.close()
 		}
 	}()
 	sem := make(chan struct{}, c.s.opts.MaxInFlight)
@@ -528,10 +640,20 @@ func (c *conn) transmit(br *bufio.Reader) (err error) {
 			if r.length > MaxPayload {
 				return fmt.Errorf("WRITE of %d bytes at offset %d exceeds the %d-byte limit", r.length, r.off, MaxPayload)
 			}
-			r.data = c.s.getBuf(int(r.length))
-			if _, err := io.ReadFull(br, r.data); err != nil {
-				c.s.putBuf(r.data)
-				return fmt.Errorf("reading payload of WRITE of %d bytes at offset %d: %w", r.length, r.off, err)
+			buffered, err := c.readPayload(br, &r)
+			if err != nil {
+				return err
+			}
+			if !buffered {
+				// Streamed in the reading goroutine: no buffer beyond the
+				// connection's read buffer, whatever the length.
+				sem <- struct{}{}
+				err := c.streamWrite(br, &r)
+				<-sem
+				if err != nil {
+					return err
+				}
+				continue
 			}
 		}
 		sem <- struct{}{}
@@ -544,14 +666,139 @@ func (c *conn) transmit(br *bufio.Reader) (err error) {
 	}
 }
 
+// readPayload reads a WRITE's payload into a pooled buffer when it is at
+// most BufferedWriteMax bytes and fits the write budget, once some of it has
+// arrived; it reports false (nothing read) when the payload is to be
+// streamed instead. An error closes the connection.
+func (c *conn) readPayload(br *bufio.Reader, r *request) (bool, error) {
+	if r.length == 0 {
+		r.data = []byte{}
+		return true, nil
+	}
+	if r.length > BufferedWriteMax {
+		return false, nil
+	}
+	if err := c.awaitPayload(br); err != nil {
+		return false, fmt.Errorf("reading payload of WRITE of %d bytes at offset %d: %w", r.length, r.off, err)
+	}
+	n := int64(r.length)
+	if !c.s.writeBudget.TryAcquire(n) {
+		return false, nil
+	}
+	r.data = c.s.getBuf(int(r.length))
+	if _, err := io.ReadFull(stallReader{c, br}, r.data); err != nil {
+		c.s.putBuf(r.data)
+		r.data = nil
+		c.s.writeBudget.Release(n)
+		return false, fmt.Errorf("reading payload of WRITE of %d bytes at offset %d: %w", r.length, r.off, err)
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	r.budget = n
+	return true, nil
+}
+
+// streamWrite executes a WRITE whose payload is still on the connection:
+// each piece that has arrived is written to the device straight from the
+// read buffer. A payload for a refused request is read and dropped. It
+// replies, and returns an error (closing the connection) only when the
+// payload cannot be read.
+func (c *conn) streamWrite(br *bufio.Reader, r *request) error {
+	s := c.s
+	s.streamedWrites.Add(1)
+	errno := c.checkWrite(r)
+	off, left := int64(r.off), int64(r.length)
+	for left > 0 {
+		if err := c.awaitPayload(br); err != nil {
+			return fmt.Errorf("reading payload of WRITE of %d bytes at offset %d, %d bytes short: %w", r.length, r.off, left, err)
+		}
+		piece, _ := br.Peek(int(min(left, int64(br.Buffered()))))
+		if errno == 0 {
+			errno = c.devWrite(r, piece, off)
+		}
+		br.Discard(len(piece))
+		off += int64(len(piece))
+		left -= int64(len(piece))
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	if errno == 0 {
+		errno = c.finishWrite(r)
+	}
+	c.reply(r, errno, nil)
+	return nil
+}
+
+// checkWrite returns the error number refusing a WRITE, 0 if it may run.
+func (c *conn) checkWrite(r *request) uint32 {
+	e := c.exp
+	if e.readOnly {
+		return c.fail(r, "write", errPerm, errors.New("export is read-only"))
+	}
+	if !c.inBounds(r) {
+		return c.fail(r, "write", errInval, fmt.Errorf("WRITE past the end of the device (%d bytes)", e.dev.Size()))
+	}
+	return 0
+}
+
+// devWrite writes p at off, turning an error or a panic of the device into
+// an error number.
+func (c *conn) devWrite(r *request, p []byte, off int64) (errno uint32) {
+	defer func() {
+		if v := recover(); v != nil {
+			c.s.log.Error("nbd: device panicked", "export", c.exp.name, "command", r.typ, "offset", off, "length", len(p), "panic", v)
+			errno = errIO
+		}
+	}()
+	if _, err := c.exp.dev.WriteAt(p, off); err != nil {
+		return c.fail(r, "write", errnoFor(err), err)
+	}
+	return 0
+}
+
+// finishWrite flushes a FUA write and counts it.
+func (c *conn) finishWrite(r *request) uint32 {
+	if r.flags&cmdFlagFUA != 0 {
+		if err := c.flush(); err != nil {
+			return c.fail(r, "write", errnoFor(err), err)
+		}
+	}
+	c.s.writes.Add(1)
+	c.s.bytesWritten.Add(int64(r.length))
+	return 0
+}
+
+func (c *conn) fail(r *request, op string, errno uint32, err error) uint32 {
+	c.s.log.Warn("nbd: request failed", "export", c.exp.name, "op", op, "offset", r.off, "length", r.length, "errno", errno, "err", err)
+	return errno
+}
+
+func (c *conn) inBounds(r *request) bool {
+	size := uint64(c.exp.dev.Size())
+	return uint64(r.length) <= size && r.off <= size-uint64(r.length)
+}
+
 // serve handles one request and sends its reply.
 func (c *conn) serve(r request) {
-	s, e := c.s, c.exp
+	s := c.s
 	var payload []byte
-	errno := c.execute(&r, &payload)
+	var held int64 // readBudget bytes held for payload
+	errno := c.execute(&r, &payload, &held)
 	if r.data != nil {
 		s.putBuf(r.data)
+		s.writeBudget.Release(r.budget)
 	}
+	c.reply(&r, errno, payload)
+	if payload != nil {
+		s.putBuf(payload)
+	}
+	if held > 0 {
+		s.readBudget.Release(held)
+	}
+}
+
+// reply sends a simple reply, with payload for a successful READ; a client
+// that does not take it within StallTimeout is disconnected.
+func (c *conn) reply(r *request, errno uint32, payload []byte) {
+	s, e := c.s, c.exp
 	if errno != 0 {
 		s.errs.Add(1)
 	}
@@ -560,6 +807,7 @@ func (c *conn) serve(r request) {
 	binary.BigEndian.PutUint32(h[4:], errno)
 	binary.BigEndian.PutUint64(h[8:], r.handle)
 	c.wmu.Lock()
+	c.nc.SetWriteDeadline(time.Now().Add(s.opts.StallTimeout))
 	var err error
 	if errno == 0 && payload != nil {
 		bufs := net.Buffers{h[:], payload}
@@ -568,34 +816,30 @@ func (c *conn) serve(r request) {
 		_, err = c.nc.Write(h[:])
 	}
 	c.wmu.Unlock()
-	if payload != nil {
-		s.putBuf(payload)
-	}
 	if err != nil && !c.dead.Swap(true) {
+		err = c.stalled(err)
 		s.log.Info("nbd: sending reply", "export", e.name, "remote", remote(c.nc), "err", err)
-		c.nc.Close()
+		c.close()
 	}
 }
 
 // execute performs r on the device and returns the NBD error number; for a
-// successful READ it sets *payload to a pooled buffer holding the data.
-func (c *conn) execute(r *request, payload *[]byte) (errno uint32) {
+// successful READ it sets *payload to a pooled buffer holding the data and
+// *held to the read budget it holds for it.
+func (c *conn) execute(r *request, payload *[]byte, held *int64) (errno uint32) {
 	s, e := c.s, c.exp
 	defer func() {
 		if v := recover(); v != nil {
 			s.log.Error("nbd: device panicked", "export", e.name, "command", r.typ, "offset", r.off, "length", r.length, "panic", v)
+			if *payload != nil {
+				s.putBuf(*payload)
+			}
 			*payload = nil
 			errno = errIO
 		}
 	}()
-	fail := func(op string, errno uint32, err error) uint32 {
-		s.log.Warn("nbd: request failed", "export", e.name, "op", op, "offset", r.off, "length", r.length, "errno", errno, "err", err)
-		return errno
-	}
-	inBounds := func() bool {
-		size := uint64(e.dev.Size())
-		return uint64(r.length) <= size && r.off <= size-uint64(r.length)
-	}
+	fail := func(op string, errno uint32, err error) uint32 { return c.fail(r, op, errno, err) }
+	inBounds := func() bool { return c.inBounds(r) }
 	switch r.typ {
 	case cmdRead:
 		if r.length > MaxPayload {
@@ -604,34 +848,29 @@ func (c *conn) execute(r *request, payload *[]byte) (errno uint32) {
 		if !inBounds() {
 			return fail("read", errInval, fmt.Errorf("READ past the end of the device (%d bytes)", e.dev.Size()))
 		}
+		if err := s.readBudget.Acquire(c.ctx, int64(r.length)); err != nil {
+			return fail("read", errIO, fmt.Errorf("waiting for read buffer budget: %w", err))
+		}
+		*held = int64(r.length)
 		buf := s.getBuf(int(r.length))
+		*payload = buf
 		n, err := e.dev.ReadAt(buf, int64(r.off))
 		if err != nil && !(errors.Is(err, io.EOF) && n == len(buf)) {
 			s.putBuf(buf)
+			*payload = nil
 			return fail("read", errnoFor(err), err)
 		}
-		*payload = buf
 		s.reads.Add(1)
 		s.bytesRead.Add(int64(r.length))
 		return 0
 	case cmdWrite:
-		if e.readOnly {
-			return fail("write", errPerm, errors.New("export is read-only"))
+		if errno := c.checkWrite(r); errno != 0 {
+			return errno
 		}
-		if !inBounds() {
-			return fail("write", errInval, fmt.Errorf("WRITE past the end of the device (%d bytes)", e.dev.Size()))
+		if errno := c.devWrite(r, r.data, int64(r.off)); errno != 0 {
+			return errno
 		}
-		if _, err := e.dev.WriteAt(r.data, int64(r.off)); err != nil {
-			return fail("write", errnoFor(err), err)
-		}
-		if r.flags&cmdFlagFUA != 0 {
-			if err := c.flush(); err != nil {
-				return fail("write", errnoFor(err), err)
-			}
-		}
-		s.writes.Add(1)
-		s.bytesWritten.Add(int64(r.length))
-		return 0
+		return c.finishWrite(r)
 	case cmdFlush:
 		if err := c.flush(); err != nil {
 			return fail("flush", errnoFor(err), err)
