@@ -127,7 +127,7 @@ func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx in
 		// Pin it so later runs on this host reuse the chunks they already have.
 		lk, err := LocalManifestKey(l.opts.Group, key)
 		if err == nil {
-			err = l.local.UpdateActionResult(ctx, l.entryNS(l.local, key.GetInstanceName()), lk, snap.result)
+			err = l.local.UpdateActionResult(ctx, l.ns(key.GetInstanceName(), snap.Function), lk, snap.result)
 		}
 		if err != nil {
 			l.opts.Logger.Warn("pinning remote manifest locally", "key", keyString(key), "err", err)
@@ -142,7 +142,7 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 	if err != nil {
 		return nil, err
 	}
-	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), mk)
+	ar, err := l.getManifest(ctx, l.local, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
 	}
@@ -179,7 +179,7 @@ func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx
 	if err != nil {
 		return nil, err
 	}
-	ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), mk)
+	ar, err := l.getManifest(ctx, l.remote, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
 	}

@@ -116,11 +116,13 @@ type Options struct {
 	Logger *slog.Logger
 	// Now returns the current time (tests); nil = time.Now.
 	Now func() time.Time
-	// RemoteEntryFunction is the digest function the remote's
-	// action-cache entries are keyed under: BLAKE3 (the default), or
-	// SHA-256 for a remote that only speaks SHA-256. Snapshot data may use
-	// either function; entries have one namespace per tier.
+	// RemoteEntryFunction is the digest function the remote's version
+	// entries are keyed under: BLAKE3 (the default), or SHA-256 for a
+	// remote that only speaks SHA-256.
 	RemoteEntryFunction digest.Function
+	// RemoteFunctions are the digest functions the remote accepts
+	// (default: BLAKE3 and SHA-256); manifests are looked up under each.
+	RemoteFunctions []digest.Function
 }
 
 // Loader saves and loads snapshots.
@@ -165,10 +167,12 @@ func (l *Loader) ns(instance string, fn digest.Function) cache.Namespace {
 	return cache.Namespace{Group: l.opts.Group, Instance: instance, Function: fn}
 }
 
-// entryNS is the namespace action-cache entries (versions and manifests)
-// live under in tier c, whatever digest function the snapshot's data uses
-// (SPEC §2): BLAKE3, or SHA-256 on a remote that only speaks SHA-256. So
-// every host sees the same version and manifests of a key.
+// entryNS is the namespace version entries live under in tier c, whatever
+// digest function the snapshot data uses, so that every host sees one
+// version per key (SPEC §3): BLAKE3, or SHA-256 on a remote that only
+// speaks SHA-256. Version entries name no blobs, so any namespace holds
+// them; manifests do, and live under their data's digest function (what
+// REAPI caches check completeness in).
 func (l *Loader) entryNS(c cache.Cache, instance string) cache.Namespace {
 	if c != l.local && l.opts.RemoteEntryFunction != repb.DigestFunction_UNKNOWN {
 		return l.ns(instance, l.opts.RemoteEntryFunction)
@@ -176,9 +180,9 @@ func (l *Loader) entryNS(c cache.Cache, instance string) cache.Namespace {
 	return l.ns(instance, digest.BLAKE3)
 }
 
-// getEntry reads an action-cache entry of tier c. Entries written before
-// entries had one namespace live under the writer's digest function; a
-// miss is looked up there too.
+// getEntry reads a version entry of tier c. Version entries written before
+// they had one namespace live under the writer's digest function; a miss
+// is looked up there too.
 func (l *Loader) getEntry(ctx context.Context, c cache.Cache, instance string, key *repb.Digest) (*repb.ActionResult, error) {
 	ns := l.entryNS(c, instance)
 	ar, err := c.GetActionResult(ctx, ns, key)
@@ -188,6 +192,42 @@ func (l *Loader) getEntry(ctx context.Context, c cache.Cache, instance string, k
 		}
 	}
 	return ar, err
+}
+
+// functions lists the digest functions manifests of tier c may be stored
+// under, this loader's own first.
+func (l *Loader) functions(c cache.Cache) []digest.Function {
+	all := []digest.Function{digest.BLAKE3, digest.SHA256}
+	if c != l.local && len(l.opts.RemoteFunctions) > 0 {
+		all = l.opts.RemoteFunctions
+	}
+	out := []digest.Function{l.opts.Function}
+	for _, fn := range all {
+		if fn != l.opts.Function {
+			out = append(out, fn)
+		}
+	}
+	return out
+}
+
+// getManifest reads the manifest under key from tier c, looking under each
+// digest function the tier offers (a snapshot saved with SHA-256 is found
+// by a host whose own function is BLAKE3, and the reverse).
+func (l *Loader) getManifest(ctx context.Context, c cache.Cache, instance string, key *repb.Digest) (*repb.ActionResult, error) {
+	var first error
+	for _, fn := range l.functions(c) {
+		ar, err := c.GetActionResult(ctx, l.ns(instance, fn), key)
+		if err == nil {
+			return ar, nil
+		}
+		if !cache.IsNotFound(err) {
+			return nil, err
+		}
+		if first == nil {
+			first = err
+		}
+	}
+	return nil, first
 }
 
 // remoteUp reports whether the remote tier may be used: configured and not

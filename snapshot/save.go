@@ -243,7 +243,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	keys := append([]*snapshotpb.SnapshotKey{req.Key, idKey}, req.AlsoKeys...)
 	writeLocal := req.LocalManifest || (req.Remote && !publish)
 	if publish {
-		if err := l.writeManifests(ctx, l.remote, m, trees, keys, res); err != nil {
+		if err := l.writeManifests(ctx, l.remote, ns, m, trees, keys, res); err != nil {
 			if !req.Local || !l.degraded(err) {
 				return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 			}
@@ -251,7 +251,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		}
 	}
 	if writeLocal {
-		if err := l.writeManifests(ctx, l.local, m, trees, keys, res); err != nil {
+		if err := l.writeManifests(ctx, l.local, ns, m, trees, keys, res); err != nil {
 			return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 		}
 	}
@@ -259,7 +259,7 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	if req.Remote && !publish {
 		res.RemoteError = l.RemoteDown()
 	}
-	l.republishIfRaced(ctx, m, trees, keys, res)
+	l.republishIfRaced(ctx, ns, m, trees, keys, res)
 	res.Manifest = m
 	res.Duration = time.Since(start)
 	return res, nil
@@ -317,8 +317,9 @@ func (l *Loader) publishBlobs(ctx context.Context, ns cache.Namespace, m *snapsh
 }
 
 // writeManifests writes m under every key in keys to tier c (remote or
-// local manifest keys), and records the write key's manifest key in res.
-func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
+// local manifest keys) in the data's namespace ns, and records the write
+// key's manifest key in res.
+func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
 	ar, err := ManifestActionResult(m, trees)
 	if err != nil {
 		return err
@@ -337,7 +338,7 @@ func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, m *snapshotp
 		if err != nil {
 			return err
 		}
-		if err := c.UpdateActionResult(ctx, l.entryNS(c, k.GetInstanceName()), mk, ar); err != nil {
+		if err := c.UpdateActionResult(ctx, l.ns(k.GetInstanceName(), ns.Function), mk, ar); err != nil {
 			return fmt.Errorf("writing %s manifest of %s: %w", where, keyString(k), err)
 		}
 		if i == 0 {
@@ -354,7 +355,7 @@ func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, m *snapshotp
 // that won, until the id read back is the one it is stored under. A change
 // made by Invalidate is respected: the save is then not republished, and
 // SaveResult.Invalidated says so.
-func (l *Loader) republishIfRaced(ctx context.Context, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) {
+func (l *Loader) republishIfRaced(ctx context.Context, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) {
 	key := keys[0]
 	for range 5 {
 		cur, invalidation, err := l.storedVersion(ctx, key)
@@ -382,13 +383,13 @@ func (l *Loader) republishIfRaced(ctx context.Context, m *snapshotpb.SnapshotMan
 		}
 		m.VmMetadata.SnapshotKey = moved[0]
 		if res.PublishedRemote {
-			if err := l.writeManifests(ctx, l.remote, m, trees, moved, res); err != nil {
+			if err := l.writeManifests(ctx, l.remote, ns, m, trees, moved, res); err != nil {
 				l.opts.Logger.Warn("republishing under the current version id", "key", keyString(moved[0]), "err", err)
 				return
 			}
 		}
 		if res.PublishedLocal {
-			if err := l.writeManifests(ctx, l.local, m, trees, moved, res); err != nil {
+			if err := l.writeManifests(ctx, l.local, ns, m, trees, moved, res); err != nil {
 				l.opts.Logger.Warn("republishing locally under the current version id", "key", keyString(moved[0]), "err", err)
 				return
 			}

@@ -45,8 +45,10 @@ type openedRemote struct {
 	tier cache.Cache // nil when there is none
 	// fn is the digest function for new snapshots.
 	fn digest.Function
-	// entryFn is the digest function its action-cache entries live under.
+	// entryFn is the digest function its version entries live under.
 	entryFn digest.Function
+	// fns are the digest functions it accepts (nil: any).
+	fns []digest.Function
 	// writable is false when the remote said this client may not update
 	// its action cache (a read-only key).
 	writable bool
@@ -80,6 +82,7 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, 
 		}
 		r.tier = cache.Verifying(c)
 		r.fn, r.entryFn, r.writable, r.closer = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache(), c
+		r.fns = c.Functions()
 	case strings.HasPrefix(f.url, "s3://"):
 		opts, err := s3cache.ParseURL(f.url)
 		if err != nil {

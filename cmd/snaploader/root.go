@@ -113,7 +113,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
 	}
 	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer}
-	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn})
+	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn, RemoteFunctions: r.fns})
 	if err != nil {
 		e.Close()
 		return nil, err
