@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
 	"sort"
 	"sync"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -401,12 +401,13 @@ func (l *Loader) republishIfRaced(ctx context.Context, ns cache.Namespace, m *sn
 
 // storeFile hashes the file at path and stores it in tier t unless t has it.
 func storeFile(ctx context.Context, ns cache.Namespace, path string, t cache.Cache) (*repb.Digest, error) {
-	f, err := os.Open(path)
+	// A FIFO or device given as an artifact file must not hang the save.
+	f, err := fileio.OpenRegular(path)
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "opening %s: %v", path, err)
+		return nil, err
 	}
 	defer f.Close()
-	d, err := digest.ComputeReader(ns.Function, f)
+	d, err := digest.ComputeReaderContext(ctx, ns.Function, f)
 	if err != nil {
 		return nil, fmt.Errorf("hashing %s: %w", path, err)
 	}
@@ -417,7 +418,7 @@ func storeFile(ctx context.Context, ns cache.Namespace, path string, t cache.Cac
 	if _, err := f.Seek(0, 0); err != nil {
 		return nil, err
 	}
-	if err := t.Write(ctx, ns, d, f); err != nil {
+	if err := t.Write(ctx, ns, d, fileio.Reader(ctx, f)); err != nil {
 		return nil, err
 	}
 	return d, nil
