@@ -35,6 +35,8 @@ func (s *Server) internalf(err error, what string) error {
 	return status.Errorf(codes.Internal, "%s: %v", what, pathFree(err))
 }
 
+var nestedStatus = regexp.MustCompile(`rpc error: code = \w+ desc = `)
+
 // sanitizer rewrites the errors every RPC returns: context errors get
 // their gRPC codes, errors without a code become Internal, and no message
 // names a server directory (the scratch directory or the backend's).
@@ -74,6 +76,8 @@ func (z *sanitizer) clean(err error) error {
 			code = codes.Internal
 		}
 	}
+	// Wrapped status errors: one code, said once.
+	msg = nestedStatus.ReplaceAllString(msg, "")
 	if z.dirs != nil {
 		msg = z.dirs.ReplaceAllString(msg, "[server file]")
 	}
