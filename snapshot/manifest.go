@@ -15,6 +15,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -45,6 +46,8 @@ func ValidateName(name string) error {
 		return invalidf("file name %q is not a file name", name)
 	case len(name) > MaxNameBytes:
 		return invalidf("file name %.40q... is %d bytes long; names are limited to %d bytes", name, len(name), MaxNameBytes)
+	case fileio.IsTempName(name):
+		return invalidf("file name %q has the form of a restore's temporary file", name)
 	case strings.ContainsAny(name, "/\\\x00"):
 		return invalidf("file name %q contains a path separator or NUL", name)
 	case filepath.IsAbs(name), filepath.Base(name) != name:
