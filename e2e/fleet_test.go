@@ -81,6 +81,9 @@ func TestRemoteOutageDegradesToLocalCLI(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(out, "mem")); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("restored file differs (%v)", err)
 	}
+	if rep := r.report(t); rep["source"] != "local" || rep["remote_error"] == nil {
+		t.Errorf("restore with the remote down reported %v, want source local and a remote_error", rep)
+	}
 	// Without --remote, the same host finds the same snapshot.
 	run(ctx, append([]string{"restore", "--out", filepath.Join(dir, "out2")}, common...)...).must(t, "restore without --remote")
 

@@ -64,6 +64,9 @@ func newRestoreCmd() *cobra.Command {
 				return err
 			}
 			rep.DurationMS = time.Since(start).Milliseconds()
+			if err := e.loader.RemoteDown(); err != nil {
+				rep.RemoteError = err.Error()
+			}
 			if asJSON {
 				return printJSON(os.Stdout, rep)
 			}

@@ -36,8 +36,8 @@ type report struct {
 	RemoteChunksWritten int  `json:"remote_chunks_written,omitempty"`
 	PublishedLocal      bool `json:"published_local,omitempty"`
 	PublishedRemote     bool `json:"published_remote,omitempty"`
-	// RemoteError says why a save that was to publish remotely did not
-	// (the remote tier was down; the save completed locally).
+	// RemoteError says why the remote tier was not used: it was down, and
+	// the command went on with the local cache (a save completed locally).
 	RemoteError string `json:"remote_error,omitempty"`
 	// Invalidated: the key was invalidated while the save ran.
 	Invalidated bool `json:"invalidated,omitempty"`
