@@ -123,7 +123,7 @@ func TestConcurrentFirstSavesCLI(t *testing.T) {
 	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "server"))
 	mem := filepath.Join(dir, "mem")
 	writeVM(t, mem, 256<<10, 3)
-	for _, mode := range []string{"one cache directory", "one serve"} {
+	for _, mode := range []string{"one cache directory", "one serve", "same key, one cache directory"} {
 		const rounds, procs = 4, 4
 		for round := range rounds {
 			cfg := fmt.Sprintf("cfg-%s-%d", strings.ReplaceAll(mode, " ", ""), round)
@@ -140,6 +140,9 @@ func TestConcurrentFirstSavesCLI(t *testing.T) {
 				go func() {
 					defer wg.Done()
 					ref := fmt.Sprintf("feature-%d", i)
+					if strings.HasPrefix(mode, "same key") {
+						ref = "main"
+					}
 					args := []string{"save", "--chunked", "mem=" + mem, "--chunk-size", "65536", "--json",
 						"--instance", "fleet", "--config-hash", cfg, "--ref", ref, "--default-ref", "main", "--save-policy", "always"}
 					if mode == "one serve" {
@@ -155,6 +158,25 @@ func TestConcurrentFirstSavesCLI(t *testing.T) {
 				}()
 			}
 			wg.Wait()
+			if strings.HasPrefix(mode, "same key") {
+				// Every save exited 0 under one version id; the key gives
+				// the one written last.
+				ids := map[any]bool{}
+				versions := map[any]bool{}
+				for _, x := range res {
+					rep := x.r.must(t, mode+": concurrent save").report(t)
+					ids[rep["snapshot_id"]] = true
+					versions[rep["key"].(map[string]any)["version_id"]] = true
+				}
+				if len(versions) != 1 {
+					t.Errorf("%s, round %d: saves ended under %d version ids %v", mode, round, len(versions), versions)
+				}
+				r := run(ctx, "restore", "--out", t.TempDir(), "--json", "--instance", "fleet", "--config-hash", cfg, "--ref", "main", "--cache-dir", shared).must(t, "restoring the key")
+				if id := r.report(t)["snapshot_id"]; !ids[id] {
+					t.Errorf("%s, round %d: restored %v, not one of the saved %v", mode, round, id, ids)
+				}
+				continue
+			}
 			for _, x := range res {
 				x.r.must(t, mode+": concurrent save of "+x.ref)
 				args := []string{"restore", "--out", t.TempDir(), "--json", "--instance", "fleet", "--config-hash", cfg, "--ref", x.ref}
