@@ -809,3 +809,23 @@ func TestConcurrentUse(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestUpdateEnabled(t *testing.T) {
+	open := start(t, server.Options{})
+	keyed := start(t, server.Options{APIKeys: map[string]server.APIKey{"rw": {Group: "a"}, "ro": {Group: "a", ReadOnly: true}}})
+	for _, tc := range []struct {
+		name string
+		e    *env
+		opts remote.Options
+		want bool
+	}{
+		{"no auth", open, remote.Options{}, true},
+		{"read-write key", keyed, remote.Options{APIKey: "rw"}, true},
+		{"read-only key", keyed, remote.Options{APIKey: "ro"}, false},
+		{"read-only bearer token", keyed, remote.Options{BearerToken: "ro"}, false},
+	} {
+		if got := tc.e.dial(t, tc.opts).UpdateEnabled(); got != tc.want {
+			t.Errorf("%s: UpdateEnabled %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
