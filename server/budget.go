@@ -67,7 +67,11 @@ func (b *memBudget) inUse() int64 {
 
 // space is disk space reserved for a file in the server's scratch
 // directory.
-type space interface{ Release() }
+type space interface {
+	Release()
+	// Resize changes the reservation; growing it may be ResourceExhausted.
+	Resize(n int64) error
+}
 
 // diskReserver is a backend that counts reservations together with its own
 // entries against one bound, evicting to make room (the local cache).
@@ -91,16 +95,31 @@ type scratchBudget struct {
 
 type scratchSpace struct {
 	b    *scratchBudget
-	n    int64
-	once sync.Once
+	n    int64 // under b.mu
+	done bool  // under b.mu
 }
 
 func (s *scratchSpace) Release() {
-	s.once.Do(func() {
-		s.b.mu.Lock()
+	s.b.mu.Lock()
+	defer s.b.mu.Unlock()
+	if !s.done {
+		s.done = true
 		s.b.use -= s.n
-		s.b.mu.Unlock()
-	})
+	}
+}
+
+func (s *scratchSpace) Resize(n int64) error {
+	s.b.mu.Lock()
+	defer s.b.mu.Unlock()
+	if s.done {
+		return status.Error(codes.FailedPrecondition, "resizing a released reservation")
+	}
+	if delta := n - s.n; delta > 0 && s.b.use+delta > s.b.max {
+		return status.Errorf(codes.ResourceExhausted, "scratch space: %d bytes are reserved by uploads in flight; %d more would exceed the bound of %d bytes", s.b.use, delta, s.b.max)
+	}
+	s.b.use += n - s.n
+	s.n = n
+	return nil
 }
 
 func (b *scratchBudget) reserve(n int64) (space, error) {

@@ -402,8 +402,9 @@ func (r *receiver) stop() { close(r.done) }
 type uploadKey struct{ group, name string }
 
 // upload is a ByteStream upload's file in the scratch directory. Its disk
-// space (the claimed size) is reserved from creation until it is stored,
-// deleted or expires.
+// space is reserved from creation until it is stored, deleted or expires:
+// the claimed size while a Write call uses it, the bytes it holds while it
+// is parked.
 type upload struct {
 	key    uploadKey
 	mu     sync.Mutex // held by the Write call using it
@@ -557,6 +558,13 @@ func (us *uploads) get(key uploadKey, fn digest.Function, d *repb.Digest, reserv
 			u.timer = nil
 		}
 		if u.f == nil {
+			// Parked, it held only the space its bytes take: reserve the
+			// whole claim again.
+			if err := u.space.Resize(d.SizeBytes); err != nil {
+				us.park(u)
+				u.mu.Unlock()
+				return nil, err
+			}
 			f, err := os.OpenFile(u.path, os.O_RDWR, 0)
 			if err != nil {
 				us.drop(u)
@@ -582,6 +590,14 @@ func (us *uploads) release(u *upload, keep bool) {
 	}
 	u.f.Close()
 	u.f = nil
+	// A parked upload takes no more disk than the bytes it holds.
+	u.space.Resize(u.size)
+	us.park(u)
+}
+
+// park (re)starts the expiry of a parked upload, whose lock the caller
+// holds.
+func (us *uploads) park(u *upload) {
 	u.timer = time.AfterFunc(us.ttl, func() { us.expire(u) })
 }
 

@@ -497,7 +497,11 @@ type Reservation struct {
 }
 
 // Size is the number of bytes reserved.
-func (r *Reservation) Size() int64 { return r.n }
+func (r *Reservation) Size() int64 {
+	r.c.mu.Lock()
+	defer r.c.mu.Unlock()
+	return r.n
+}
 
 // Release returns the space; it is idempotent.
 func (r *Reservation) Release() {
@@ -507,6 +511,44 @@ func (r *Reservation) Release() {
 	r.c.mu.Lock()
 	r.releaseLocked()
 	r.c.mu.Unlock()
+}
+
+// Resize changes the reservation to n bytes: shrinking always succeeds;
+// growing evicts as Reserve does and is ResourceExhausted (the reservation
+// unchanged) when the bound cannot hold it. A released reservation cannot
+// be resized.
+func (r *Reservation) Resize(n int64) error {
+	c := r.c
+	c.mu.Lock()
+	if r.done {
+		c.mu.Unlock()
+		return status.Error(codes.FailedPrecondition, "resizing a released reservation")
+	}
+	delta := n - r.n
+	if delta <= 0 {
+		c.reserved += delta
+		r.n = n
+		c.mu.Unlock()
+		return nil
+	}
+	if c.reserved+delta > c.opts.MaxBytes {
+		reserved := c.reserved
+		c.mu.Unlock()
+		return status.Errorf(codes.ResourceExhausted, "local cache: reserving %d more bytes: %d bytes are reserved by writes in flight, bound %d", delta, reserved, c.opts.MaxBytes)
+	}
+	c.reserved += delta
+	victims := c.evictLocked(nil)
+	if c.usage+c.reserved > c.opts.MaxBytes {
+		c.reserved -= delta
+		usage := c.usage
+		c.mu.Unlock()
+		c.remove(victims)
+		return status.Errorf(codes.ResourceExhausted, "local cache: reserving %d more bytes: %d bytes of entries in use and %d reserved, bound %d", delta, usage, c.reserved, c.opts.MaxBytes)
+	}
+	r.n = n
+	c.mu.Unlock()
+	c.remove(victims)
+	return nil
 }
 
 func (r *Reservation) releaseLocked() {
