@@ -132,7 +132,29 @@ type Options struct {
 	// MaxRetries is how many times a failed request is tried; 0 means
 	// the client's default (10), 1 disables retries.
 	MaxRetries int
+	// DisableCompression stores every blob raw. By default blobs up to
+	// SmallBlobLimit are stored zstd-compressed when that shrinks them.
+	DisableCompression bool
+	// RefreshAfter is the age past which FindMissing (and Write of a blob
+	// already present) refreshes a present blob's age, so that a garbage
+	// collection treats it as just written; 0 means DefaultRefreshAfter.
+	// A collection's grace period must exceed RefreshAfter plus the
+	// longest save.
+	RefreshAfter time.Duration
+	// ClockFromMetadata takes an object's age from the write time the tier
+	// records in its metadata alone, when there is one, instead of from
+	// the later of that and the object's LastModified: for buckets whose
+	// LastModified was reset by a copy or replication (and for tests that
+	// set ages through Now).
+	ClockFromMetadata bool
+	// Now is the clock recorded in objects and used to judge their age;
+	// nil means time.Now.
+	Now func() time.Time
 }
+
+// DefaultRefreshAfter is Options.RefreshAfter when it is 0: a quarter of
+// the garbage collector's default grace period.
+const DefaultRefreshAfter = 15 * time.Minute
 
 // Cache is a cache.Cache over an S3 bucket. It is safe for concurrent use.
 type Cache struct {
@@ -168,6 +190,12 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 	}
 	if opts.SmallBlobLimit <= 0 {
 		opts.SmallBlobLimit = DefaultSmallBlobLimit
+	}
+	if opts.RefreshAfter <= 0 {
+		opts.RefreshAfter = DefaultRefreshAfter
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
 	}
 	tr, err := minio.DefaultTransport(opts.Secure)
 	if err != nil {
@@ -344,21 +372,60 @@ func (c *Cache) errorf(err error, format string, args ...any) error {
 	return fmt.Errorf("s3 cache: %s (bucket %s): %w", what, c.opts.Bucket, status.Error(code(err), err.Error()))
 }
 
-// stat reports whether key exists.
-func (c *Cache) stat(ctx context.Context, key string) (bool, error) {
-	_, err := c.client.StatObject(ctx, c.opts.Bucket, key, minio.StatObjectOptions{})
-	if err == nil {
-		return true, nil
-	}
+// maxCopySize is the largest object a single CopyObject request copies.
+const maxCopySize = 5 << 30
+
+// present reports whether the blob at key exists. A blob older than
+// Options.RefreshAfter has its age refreshed first (a metadata-only copy
+// onto itself, conditional on its ETag), so that a garbage collection
+// running now or later treats it as just written; a blob that vanishes
+// before the refresh (a collection deleted it) is reported absent, so the
+// caller stores it again.
+func (c *Cache) present(ctx context.Context, key string) (bool, error) {
+	info, err := c.client.StatObject(ctx, c.opts.Bucket, key, minio.StatObjectOptions{})
 	if code(err) == codes.NotFound {
 		return false, nil
+	}
+	if err != nil {
+		return false, err
+	}
+	m, err := parseMeta(info.Metadata)
+	if err != nil || age(info, m, c.opts.Now(), c.opts.ClockFromMetadata) <= c.opts.RefreshAfter || info.Size > maxCopySize {
+		// An object of unknown encoding is present; reads report it.
+		return true, nil
+	}
+	return c.refresh(ctx, key, info, m)
+}
+
+// refresh rewrites the metadata of the object at key with the current
+// time; it reports whether the object still exists.
+func (c *Cache) refresh(ctx context.Context, key string, info minio.ObjectInfo, m objectMeta) (bool, error) {
+	_, err := c.client.CopyObject(ctx,
+		minio.CopyDestOptions{Bucket: c.opts.Bucket, Object: key, ReplaceMetadata: true, UserMetadata: userMetadata(m.compressed, c.opts.Now())},
+		minio.CopySrcOptions{Bucket: c.opts.Bucket, Object: key, MatchETag: info.ETag})
+	switch {
+	case err == nil:
+		return true, nil
+	case code(err) == codes.NotFound:
+		return false, nil
+	case minio.ToErrorResponse(err).Code == "PreconditionFailed":
+		// Rewritten meanwhile (by a writer or another refresh): it is as
+		// young as that write, if it still exists.
+		_, err := c.client.StatObject(ctx, c.opts.Bucket, key, minio.StatObjectOptions{})
+		if code(err) == codes.NotFound {
+			return false, nil
+		}
+		return err == nil, err
 	}
 	return false, err
 }
 
 // FindMissing returns the digests in ds the bucket does not hold, each
 // once, in the order of their first occurrence. It checks up to
-// Options.Parallelism objects at a time.
+// Options.Parallelism objects at a time. A blob reported present whose age
+// is more than Options.RefreshAfter is refreshed first (see present), so
+// that a save can name it in a manifest written up to a garbage
+// collector's grace period later.
 func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	type entry struct {
 		d       *repb.Digest
@@ -388,7 +455,7 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 		}
 		g.Go(func() error {
 			key := c.casKey(fn, e.d)
-			ok, err := c.stat(gctx, key)
+			ok, err := c.present(gctx, key)
 			if err != nil {
 				return c.errorf(err, "looking up blob %s at %s", digest.String(e.d), key)
 			}
@@ -413,7 +480,9 @@ func (c *Cache) VerifiesReads() {}
 
 // Read opens the blob d for streaming. The stream is verified against d: a
 // corrupt or truncated object ends in an Internal error instead of io.EOF.
-// A missing blob is NotFound. ctx governs the whole stream.
+// A blob stored compressed is decoded (with bounded memory) and its
+// decoded bytes are verified. A missing blob is NotFound. ctx governs the
+// whole stream.
 func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	fn, err := checkDigest(ns, d, "reading blob")
 	if err != nil {
@@ -422,28 +491,91 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 	if isEmpty(fn, d) {
 		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
+	or, compressed, err := c.openBlob(ctx, fn, d)
+	if err != nil {
+		return nil, err
+	}
+	var src io.ReadCloser = or
+	if compressed {
+		dec, err := newBoundedDecoder(or, d, or.key)
+		if err != nil {
+			or.Close()
+			return nil, err
+		}
+		src = &decodedReader{boundedDecoder: dec, obj: or}
+	}
+	// The bucket is not trusted: the stream is checked against d.
+	rc, err := cache.NewVerifyingReader(src, fn, d)
+	if err != nil {
+		src.Close()
+		return nil, err
+	}
+	return rc, nil
+}
+
+// ReadCompressed opens the blob d as it is stored (cache.CompressedReader):
+// when compressed is true the stream is the stored zstd frames, which
+// decode to d's content, and is not verified here (the receiver decodes
+// and verifies, or the caller wraps it in cache.NewZstdVerifyingReader);
+// otherwise it is the raw content, verified as by Read.
+func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	fn, err := checkDigest(ns, d, "reading blob")
+	if err != nil {
+		return nil, false, err
+	}
+	if isEmpty(fn, d) {
+		return io.NopCloser(bytes.NewReader(nil)), false, nil
+	}
+	or, compressed, err := c.openBlob(ctx, fn, d)
+	if err != nil {
+		return nil, false, err
+	}
+	if compressed {
+		return or, true, nil
+	}
+	rc, err := cache.NewVerifyingReader(or, fn, d)
+	if err != nil {
+		or.Close()
+		return nil, false, err
+	}
+	return rc, false, nil
+}
+
+// openBlob opens the object of blob d and says whether it is stored
+// compressed. A raw object must have d's size.
+func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest) (*objectReader, bool, error) {
 	key := c.casKey(fn, d)
 	obj, err := c.client.GetObject(ctx, c.opts.Bucket, key, minio.GetObjectOptions{})
 	if err != nil {
-		return nil, c.errorf(err, "reading blob %s at %s", digest.String(d), key)
+		return nil, false, c.errorf(err, "reading blob %s at %s", digest.String(d), key)
 	}
 	info, err := obj.Stat()
 	if err != nil {
 		obj.Close()
-		return nil, c.errorf(err, "reading blob %s at %s", digest.String(d), key)
+		return nil, false, c.errorf(err, "reading blob %s at %s", digest.String(d), key)
 	}
-	if info.Size != d.SizeBytes {
-		obj.Close()
-		return nil, status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
-			digest.String(d), key, c.opts.Bucket, info.Size)
-	}
-	// The bucket is not trusted: the stream is checked against d.
-	rc, err := cache.NewVerifyingReader(&objectReader{c: c, obj: obj, d: d, key: key}, fn, d)
+	m, err := parseMeta(info.Metadata)
 	if err != nil {
 		obj.Close()
-		return nil, err
+		return nil, false, status.Errorf(codes.Internal, "s3 cache: blob %s at %s (bucket %s): %v", digest.String(d), key, c.opts.Bucket, err)
 	}
-	return rc, nil
+	if !m.compressed && info.Size != d.SizeBytes {
+		obj.Close()
+		return nil, false, status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
+			digest.String(d), key, c.opts.Bucket, info.Size)
+	}
+	return &objectReader{c: c, obj: obj, d: d, key: key}, m.compressed, nil
+}
+
+// decodedReader is a compressed object's decoded stream.
+type decodedReader struct {
+	*boundedDecoder
+	obj io.Closer
+}
+
+func (r *decodedReader) Close() error {
+	r.release()
+	return r.obj.Close()
 }
 
 // objectReader streams an object, naming the blob, key and offset in any
@@ -479,7 +611,7 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		return c.checkEnd(r, d, 0)
 	}
 	key := c.casKey(fn, d)
-	ok, err := c.stat(ctx, key)
+	ok, err := c.present(ctx, key)
 	if err != nil {
 		return c.errorf(err, "looking up blob %s at %s", digest.String(d), key)
 	}
@@ -533,9 +665,24 @@ func (c *Cache) writeSmall(ctx context.Context, fn digest.Function, d *repb.Dige
 	if got := digest.Compute(fn, buf); got.Hash != d.Hash {
 		return mismatchf(d, "content hashes to %s", got.Hash)
 	}
-	_, err := c.client.PutObject(ctx, c.opts.Bucket, key, bytes.NewReader(buf), d.SizeBytes, minio.PutObjectOptions{
-		ContentType: "application/octet-stream",
-		PartSize:    c.opts.PartSize,
+	var z []byte
+	if !c.opts.DisableCompression {
+		z = compress(buf)
+	}
+	return c.putBlob(ctx, d, key, buf, z)
+}
+
+// putBlob stores a verified blob: its zstd form z when there is one, else
+// its raw content raw.
+func (c *Cache) putBlob(ctx context.Context, d *repb.Digest, key string, raw, z []byte) error {
+	body := raw
+	if z != nil {
+		body = z
+	}
+	_, err := c.client.PutObject(ctx, c.opts.Bucket, key, bytes.NewReader(body), int64(len(body)), minio.PutObjectOptions{
+		ContentType:  "application/octet-stream",
+		PartSize:     c.opts.PartSize,
+		UserMetadata: userMetadata(z != nil, c.opts.Now()),
 	})
 	if err != nil {
 		return c.errorf(err, "writing blob %s at %s", digest.String(d), key)
@@ -553,7 +700,10 @@ func (c *Cache) writeMultipart(ctx context.Context, fn digest.Function, d *repb.
 	}
 	partSize := max(int64(c.opts.PartSize), (d.SizeBytes+maxParts-1)/maxParts)
 	nParts := int((d.SizeBytes + partSize - 1) / partSize)
-	uploadID, err := c.core.NewMultipartUpload(ctx, c.opts.Bucket, key, minio.PutObjectOptions{ContentType: "application/octet-stream"})
+	uploadID, err := c.core.NewMultipartUpload(ctx, c.opts.Bucket, key, minio.PutObjectOptions{
+		ContentType:  "application/octet-stream",
+		UserMetadata: userMetadata(false, c.opts.Now()),
+	})
 	if err != nil {
 		return c.errorf(err, "starting upload of blob %s at %s", digest.String(d), key)
 	}
@@ -683,7 +833,8 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 	}
 	k := c.acKey(ns, fn, key)
 	_, err = c.client.PutObject(ctx, c.opts.Bucket, k, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{
-		ContentType: "application/x-protobuf",
+		ContentType:  "application/x-protobuf",
+		UserMetadata: userMetadata(false, c.opts.Now()),
 	})
 	if err != nil {
 		return c.errorf(err, "writing action-cache entry %s (group %q, instance %q) at %s", digest.String(key), ns.Group, ns.Instance, k)

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"io"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -656,6 +657,9 @@ func TestParseURL(t *testing.T) {
 		{name: "minio credentials", raw: "s3://b",
 			env:  map[string]string{"MINIO_ROOT_USER": "u", "MINIO_ROOT_PASSWORD": "p"},
 			want: Options{Bucket: "b", Endpoint: "s3.amazonaws.com", Secure: true, AccessKey: "u", SecretKey: "p"}},
+		{name: "no compression", raw: "s3://b?compression=false",
+			want: Options{Bucket: "b", Endpoint: "s3.amazonaws.com", Secure: true, DisableCompression: true}},
+		{name: "bad compression", raw: "s3://b?compression=lz4", bad: true},
 		{name: "wrong scheme", raw: "http://b", bad: true},
 		{name: "no bucket", raw: "s3:///prefix", bad: true},
 		{name: "credentials in URL", raw: "s3://id:secret@b", bad: true},
@@ -680,7 +684,7 @@ func TestParseURL(t *testing.T) {
 			if err != nil {
 				t.Fatalf("ParseURL(%q): %v", tc.raw, err)
 			}
-			if got != tc.want {
+			if !reflect.DeepEqual(got, tc.want) {
 				t.Errorf("ParseURL(%q) = %+v, want %+v", tc.raw, got, tc.want)
 			}
 		})

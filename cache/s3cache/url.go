@@ -13,7 +13,7 @@ import (
 
 // ParseURL parses a cache URL of the form
 //
-//	s3://BUCKET[/PREFIX][?endpoint=HOST:PORT&secure=BOOL&region=R&create=BOOL&part_size=N&parallelism=N]
+//	s3://BUCKET[/PREFIX][?endpoint=HOST:PORT&secure=BOOL&region=R&create=BOOL&part_size=N&parallelism=N&compression=BOOL]
 //
 // endpoint defaults to s3.amazonaws.com and secure to true. Credentials are
 // never taken from the URL (URLs end up in logs): they come from the
@@ -81,6 +81,12 @@ func ParseURL(raw string) (Options, error) {
 				return bad("part_size must be a number of bytes of at least %d, got %q", MinPartSize, v)
 			}
 			opts.PartSize = n
+		case "compression":
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return bad("compression: %v", err)
+			}
+			opts.DisableCompression = !b
 		case "parallelism":
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 {
@@ -88,7 +94,7 @@ func ParseURL(raw string) (Options, error) {
 			}
 			opts.Parallelism = n
 		default:
-			return bad("unknown parameter %q (known: endpoint, secure, region, create, part_size, parallelism)", k)
+			return bad("unknown parameter %q (known: endpoint, secure, region, create, part_size, parallelism, compression)", k)
 		}
 	}
 	if id := os.Getenv("AWS_ACCESS_KEY_ID"); id != "" {
