@@ -833,6 +833,176 @@ func (x *ManifestSeal) GetSha256() string {
 	return ""
 }
 
+// SealedEntry is an action-cache entry encrypted on the client (package
+// cache/encrypted): the only auxiliary metadata of the stored entry. Its
+// ciphertext opens, under the group key key_id, to a SealedPayload.
+type SealedEntry struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	KeyId         string                 `protobuf:"bytes,1,opt,name=key_id,json=keyId,proto3" json:"key_id,omitempty"`
+	Nonce         []byte                 `protobuf:"bytes,2,opt,name=nonce,proto3" json:"nonce,omitempty"`
+	Ciphertext    []byte                 `protobuf:"bytes,3,opt,name=ciphertext,proto3" json:"ciphertext,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SealedEntry) Reset() {
+	*x = SealedEntry{}
+	mi := &file_snapshot_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SealedEntry) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SealedEntry) ProtoMessage() {}
+
+func (x *SealedEntry) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SealedEntry.ProtoReflect.Descriptor instead.
+func (*SealedEntry) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *SealedEntry) GetKeyId() string {
+	if x != nil {
+		return x.KeyId
+	}
+	return ""
+}
+
+func (x *SealedEntry) GetNonce() []byte {
+	if x != nil {
+		return x.Nonce
+	}
+	return nil
+}
+
+func (x *SealedEntry) GetCiphertext() []byte {
+	if x != nil {
+		return x.Ciphertext
+	}
+	return nil
+}
+
+// SealedPayload is what a SealedEntry holds: the entry in the clear and the
+// ciphertext blob of every plaintext blob it reaches.
+type SealedPayload struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	ActionResult  []byte                 `protobuf:"bytes,1,opt,name=action_result,json=actionResult,proto3" json:"action_result,omitempty"`
+	Blobs         []*BlobMapping         `protobuf:"bytes,2,rep,name=blobs,proto3" json:"blobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SealedPayload) Reset() {
+	*x = SealedPayload{}
+	mi := &file_snapshot_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SealedPayload) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SealedPayload) ProtoMessage() {}
+
+func (x *SealedPayload) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SealedPayload.ProtoReflect.Descriptor instead.
+func (*SealedPayload) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *SealedPayload) GetActionResult() []byte {
+	if x != nil {
+		return x.ActionResult
+	}
+	return nil
+}
+
+func (x *SealedPayload) GetBlobs() []*BlobMapping {
+	if x != nil {
+		return x.Blobs
+	}
+	return nil
+}
+
+// BlobMapping names the ciphertext blob holding a plaintext blob.
+type BlobMapping struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Plain         *v2.Digest             `protobuf:"bytes,1,opt,name=plain,proto3" json:"plain,omitempty"`
+	Sealed        *v2.Digest             `protobuf:"bytes,2,opt,name=sealed,proto3" json:"sealed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *BlobMapping) Reset() {
+	*x = BlobMapping{}
+	mi := &file_snapshot_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *BlobMapping) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*BlobMapping) ProtoMessage() {}
+
+func (x *BlobMapping) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use BlobMapping.ProtoReflect.Descriptor instead.
+func (*BlobMapping) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *BlobMapping) GetPlain() *v2.Digest {
+	if x != nil {
+		return x.Plain
+	}
+	return nil
+}
+
+func (x *BlobMapping) GetSealed() *v2.Digest {
+	if x != nil {
+		return x.Sealed
+	}
+	return nil
+}
+
 var File_snapshot_proto protoreflect.FileDescriptor
 
 const file_snapshot_proto_rawDesc = "" +
@@ -908,7 +1078,19 @@ const file_snapshot_proto_rawDesc = "" +
 	"version_id\x18\x01 \x01(\tR\tversionId\x12\"\n" +
 	"\finvalidation\x18\x02 \x01(\bR\finvalidation\"&\n" +
 	"\fManifestSeal\x12\x16\n" +
-	"\x06sha256\x18\x01 \x01(\tR\x06sha256B3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
+	"\x06sha256\x18\x01 \x01(\tR\x06sha256\"Z\n" +
+	"\vSealedEntry\x12\x15\n" +
+	"\x06key_id\x18\x01 \x01(\tR\x05keyId\x12\x14\n" +
+	"\x05nonce\x18\x02 \x01(\fR\x05nonce\x12\x1e\n" +
+	"\n" +
+	"ciphertext\x18\x03 \x01(\fR\n" +
+	"ciphertext\"o\n" +
+	"\rSealedPayload\x12#\n" +
+	"\raction_result\x18\x01 \x01(\fR\factionResult\x129\n" +
+	"\x05blobs\x18\x02 \x03(\v2#.snaploader.snapshot.v1.BlobMappingR\x05blobs\"\x8d\x01\n" +
+	"\vBlobMapping\x12=\n" +
+	"\x05plain\x18\x01 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x05plain\x12?\n" +
+	"\x06sealed\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06sealedB3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
 
 var (
 	file_snapshot_proto_rawDescOnce sync.Once
@@ -922,7 +1104,7 @@ func file_snapshot_proto_rawDescGZIP() []byte {
 	return file_snapshot_proto_rawDescData
 }
 
-var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_snapshot_proto_goTypes = []any{
 	(*SnapshotKey)(nil),             // 0: snaploader.snapshot.v1.SnapshotKey
 	(*SnapshotKeySet)(nil),          // 1: snaploader.snapshot.v1.SnapshotKeySet
@@ -936,33 +1118,39 @@ var file_snapshot_proto_goTypes = []any{
 	(*SnapshotManifest)(nil),        // 9: snaploader.snapshot.v1.SnapshotManifest
 	(*SnapshotVersionMetadata)(nil), // 10: snaploader.snapshot.v1.SnapshotVersionMetadata
 	(*ManifestSeal)(nil),            // 11: snaploader.snapshot.v1.ManifestSeal
-	nil,                             // 12: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
-	(*timestamppb.Timestamp)(nil),   // 13: google.protobuf.Timestamp
-	(*v2.Digest)(nil),               // 14: build.bazel.remote.execution.v2.Digest
-	(*v2.OutputFile)(nil),           // 15: build.bazel.remote.execution.v2.OutputFile
+	(*SealedEntry)(nil),             // 12: snaploader.snapshot.v1.SealedEntry
+	(*SealedPayload)(nil),           // 13: snaploader.snapshot.v1.SealedPayload
+	(*BlobMapping)(nil),             // 14: snaploader.snapshot.v1.BlobMapping
+	nil,                             // 15: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
+	(*v2.Digest)(nil),               // 17: build.bazel.remote.execution.v2.Digest
+	(*v2.OutputFile)(nil),           // 18: build.bazel.remote.execution.v2.OutputFile
 }
 var file_snapshot_proto_depIdxs = []int32{
 	0,  // 0: snaploader.snapshot.v1.SnapshotKeySet.branch_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 1: snaploader.snapshot.v1.SnapshotKeySet.fallback_keys:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 2: snaploader.snapshot.v1.SnapshotKeySet.write_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	3,  // 3: snaploader.snapshot.v1.VMConfiguration.disks:type_name -> snaploader.snapshot.v1.Disk
-	12, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	15, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
 	5,  // 5: snaploader.snapshot.v1.VMMetadata.last_executed_task:type_name -> snaploader.snapshot.v1.VMTask
 	0,  // 6: snaploader.snapshot.v1.VMMetadata.snapshot_key:type_name -> snaploader.snapshot.v1.SnapshotKey
-	13, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
+	16, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
 	6,  // 8: snaploader.snapshot.v1.VMMetadata.working_sets:type_name -> snaploader.snapshot.v1.WorkingSet
-	13, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
+	16, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
 	8,  // 10: snaploader.snapshot.v1.ChunkedFile.chunks:type_name -> snaploader.snapshot.v1.Chunk
-	14, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
+	17, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
 	2,  // 12: snaploader.snapshot.v1.SnapshotManifest.vm_configuration:type_name -> snaploader.snapshot.v1.VMConfiguration
 	4,  // 13: snaploader.snapshot.v1.SnapshotManifest.vm_metadata:type_name -> snaploader.snapshot.v1.VMMetadata
-	15, // 14: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
+	18, // 14: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
 	7,  // 15: snaploader.snapshot.v1.SnapshotManifest.chunked_files:type_name -> snaploader.snapshot.v1.ChunkedFile
-	16, // [16:16] is the sub-list for method output_type
-	16, // [16:16] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	14, // 16: snaploader.snapshot.v1.SealedPayload.blobs:type_name -> snaploader.snapshot.v1.BlobMapping
+	17, // 17: snaploader.snapshot.v1.BlobMapping.plain:type_name -> build.bazel.remote.execution.v2.Digest
+	17, // 18: snaploader.snapshot.v1.BlobMapping.sealed:type_name -> build.bazel.remote.execution.v2.Digest
+	19, // [19:19] is the sub-list for method output_type
+	19, // [19:19] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_snapshot_proto_init() }
@@ -976,7 +1164,7 @@ func file_snapshot_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snapshot_proto_rawDesc), len(file_snapshot_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
