@@ -14,6 +14,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/snapshot"
 )
@@ -117,12 +118,22 @@ func newInspectCmd() *cobra.Command {
 }
 
 func newLsCmd() *cobra.Command {
-	var cf cacheFlags
+	var (
+		cf        cacheFlags
+		asJSON    bool
+		retention string
+		now       string
+		fromMeta  bool
+	)
 	cmd := &cobra.Command{
 		Use:   "ls",
-		Short: "List the snapshot manifests in the local cache",
+		Short: "List the snapshots in the local cache, or with --remote s3://... in a bucket",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if cf.remote.url != "" {
+				sf := storeFlags{remote: cf.remote.url, retention: retention, now: now, clockFromMetadata: fromMeta}
+				return listRemote(ctx, &sf, asJSON)
+			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
@@ -133,6 +144,9 @@ func newLsCmd() *cobra.Command {
 				return err
 			}
 			sort.Slice(rows, func(i, j int) bool { return rows[i].Completed.After(rows[j].Completed) })
+			if asJSON {
+				return printJSON(os.Stdout, rows)
+			}
 			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(w, "SNAPSHOT\tREF\tINSTANCE\tFILES\tCHUNKED\tBYTES\tCOMPLETED")
 			for _, r := range rows {
@@ -142,7 +156,106 @@ func newLsCmd() *cobra.Command {
 		},
 	}
 	cf.register(cmd)
+	fl := cmd.Flags()
+	fl.BoolVar(&asJSON, "json", false, "print the listing as JSON")
+	fl.StringVar(&retention, "retention", "7d", "with --remote: the retention a snapshot's LIVE column is judged by (as gc --retention)")
+	fl.StringVar(&now, "now", "", "with --remote: the clock, RFC 3339 (tests)")
+	fl.BoolVar(&fromMeta, "clock-from-metadata", false, "with --remote: ages from the write times recorded in object metadata (as gc)")
+	_ = fl.MarkHidden("now")
 	return cmd
+}
+
+// remoteListing is one row of ls --remote --json.
+type remoteListing struct {
+	Instance          string    `json:"instance"`
+	Scope             string    `json:"scope"`
+	PlatformHash      string    `json:"platform_hash"`
+	ConfigurationHash string    `json:"configuration_hash"`
+	Runner            string    `json:"runner,omitempty"`
+	VersionID         string    `json:"version_id"`
+	Ref               string    `json:"ref"`
+	SnapshotID        string    `json:"snapshot_id"`
+	DigestFunction    string    `json:"digest_function"`
+	Completed         time.Time `json:"completed"`
+	AgeSeconds        int64     `json:"age_seconds"`
+	Newest            bool      `json:"newest"`
+	Live              bool      `json:"live"`
+	Broken            bool      `json:"broken,omitempty"`
+	LogicalBytes      int64     `json:"logical_bytes"`
+	StoredBytes       int64     `json:"stored_bytes"`
+	Blobs             int       `json:"blobs"`
+	MissingBlobs      int       `json:"missing_blobs,omitempty"`
+	PreviousID        string    `json:"previous_snapshot_id,omitempty"`
+	SharedChunks      *float64  `json:"shared_chunks_with_previous,omitempty"`
+}
+
+func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
+	opts, err := sf.options()
+	if err != nil {
+		return err
+	}
+	st, err := openStore(ctx, sf.remote, "ls", sf.clockFromMetadata)
+	if err != nil {
+		return err
+	}
+	inv, err := gc.List(ctx, st, opts)
+	if err != nil {
+		return fmt.Errorf("listing %s: %w", sf.remote, err)
+	}
+	now := time.Now()
+	if opts.Now != nil {
+		now = opts.Now()
+	}
+	rows := make([]remoteListing, 0, len(inv.Snapshots))
+	for _, l := range inv.Snapshots {
+		s := l.Snapshot
+		r := remoteListing{
+			Instance: s.Key.GetInstanceName(), Scope: s.Scope, PlatformHash: s.Key.GetPlatformHash(),
+			ConfigurationHash: s.Key.GetConfigurationHash(), Runner: s.Key.GetRunnerId(), VersionID: s.Key.GetVersionId(),
+			Ref: s.Key.GetRef(), SnapshotID: s.SnapshotID, DigestFunction: digest.FunctionName(s.Function),
+			Completed: s.Created, AgeSeconds: int64(now.Sub(s.Created).Seconds()), Newest: len(s.KeyEntries) > 0, Live: s.Live,
+			Broken: l.Broken, LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: l.Blobs, MissingBlobs: l.Missing,
+			PreviousID: l.PreviousID,
+		}
+		if l.PreviousID != "" {
+			r.SharedChunks = &l.SharedChunks
+		}
+		rows = append(rows, r)
+	}
+	if asJSON {
+		return printJSON(os.Stdout, struct {
+			Snapshots             []remoteListing `json:"snapshots"`
+			LiveStoredBytes       int64           `json:"live_stored_bytes"`
+			ReferencedStoredBytes int64           `json:"referenced_stored_bytes"`
+			StoredBytes           int64           `json:"stored_bytes"`
+			Blobs                 int64           `json:"blobs"`
+		}{rows, inv.LiveStoredBytes, inv.ReferencedStoredBytes, inv.StoredBytes, inv.Blobs})
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "INSTANCE\tPLATFORM\tCONFIG\tRUNNER\tVERSION\tREF\tSNAPSHOT\tAGE\tLOGICAL\tSTORED\tSHARED\tSTATE")
+	for _, r := range rows {
+		shared := "-"
+		if r.SharedChunks != nil {
+			shared = fmt.Sprintf("%.0f%%", 100**r.SharedChunks)
+		}
+		state := "expired"
+		switch {
+		case r.Broken:
+			state = "broken"
+		case r.Newest:
+			state = "newest"
+		case r.Live:
+			state = "retained"
+		}
+		fmt.Fprintf(w, "%s\t%.12s\t%.12s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Instance, r.PlatformHash, r.ConfigurationHash, r.Runner,
+			r.VersionID, r.Ref, r.SnapshotID, (time.Duration(r.AgeSeconds) * time.Second).String(), humanBytes(r.LogicalBytes), humanBytes(r.StoredBytes), shared, state)
+	}
+	if err := w.Flush(); err != nil {
+		return err
+	}
+	fmt.Printf("%d snapshots; stored, each blob once: %s for live snapshots, %s for all; the bucket's blobs: %d, %s\n",
+		len(rows), humanBytes(inv.LiveStoredBytes), humanBytes(inv.ReferencedStoredBytes), inv.Blobs, humanBytes(inv.StoredBytes))
+	return nil
 }
 
 func newVerifyCmd() *cobra.Command {
