@@ -210,6 +210,24 @@ func validateMapping(m Mapping, memSize int64, sysPage uint64) error {
 	return nil
 }
 
+// checkChunkPages rejects huge-page regions whose page size does not divide
+// the memory snapshot's chunk size: every fault on such a region installs a
+// whole huge page, which must lie inside one chunk so that a fetch never
+// needs two chunks and a chunk boundary never splits a page.
+func checkChunkPages(regions []Mapping, chunk int64, sysPage uint64) error {
+	if chunk <= 0 {
+		return nil
+	}
+	for i, m := range regions {
+		if m.PageSize > sysPage && uint64(chunk)%m.PageSize != 0 {
+			return invalidf("region %d (base %#x, offset %d) has %d-byte pages, which do not divide the memory snapshot's chunk size %d: "+
+				"huge-page-backed memory must be saved with a chunk size that is a multiple of %d (save --page-size %d --chunk-size N*%d)",
+				i, m.BaseHostVirtAddr, m.Offset, m.PageSize, chunk, m.PageSize, m.PageSize, m.PageSize)
+		}
+	}
+	return nil
+}
+
 // checkUffd verifies fd is an initialised userfaultfd and makes it
 // non-blocking (required for poll).
 func checkUffd(fd int) error {
@@ -270,6 +288,9 @@ func (s *Server) handshake(ctx context.Context, conn *net.UnixConn) (*peer, erro
 		}
 	}
 	regions, err := parseMappings(data, s.mem.Size(), uint64(os.Getpagesize()))
+	if err == nil {
+		err = checkChunkPages(regions, s.opts.ChunkSize, uint64(os.Getpagesize()))
+	}
 	if err != nil {
 		closeAll()
 		return nil, err

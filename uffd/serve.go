@@ -9,6 +9,7 @@ import (
 	"os"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unsafe"
 
@@ -84,6 +85,9 @@ type region struct {
 	block     uint64 // fetch granularity, a multiple of page
 	populated bitset // pages installed in the VMM
 	removed   bitset // pages released by the VMM: serve zeros next time
+	// zeroCopy: UFFDIO_ZEROPAGE is refused here (hugetlb); zeros are
+	// installed with UFFDIO_COPY instead.
+	zeroCopy atomic.Bool
 }
 
 type bitset []uint64
@@ -129,6 +133,9 @@ type session struct {
 	gone  bool // the VMM's address space is gone (ESRCH)
 
 	bufs sync.Pool
+
+	zeroMu sync.Mutex
+	zeros  []byte // never written
 }
 
 func newSession(s *Server, p *peer) *session {
@@ -555,11 +562,21 @@ func (ss *session) serveRuns(r *region, blockP0 uint64, runs []run, installed []
 			err = ss.installZero(r, rn, installed[rn.p0-blockP0:])
 		} else {
 			src := data[(rn.p0-d0)*r.page : (rn.p0-d0+rn.n)*r.page]
-			err = ss.installCopy(r, rn, src, installed[rn.p0-blockP0:])
+			err = ss.installCopy(r, rn, src, installed[rn.p0-blockP0:], false)
 		}
 		if err != nil {
 			return err
 		}
+	}
+	// Pages were installed without waking their waiters: wake them once
+	// the whole block is in, so that a thread touching its way through
+	// the block does not fault again on a page still being installed.
+	lo, last := runs[0].p0, runs[len(runs)-1]
+	if err := uffdio.Wake(ss.p.uffd, r.pageAddr(lo), (last.p0+last.n-lo)*r.page); err != nil {
+		if err == unix.ESRCH {
+			return errGone
+		}
+		return status.Errorf(codes.Internal, "UFFDIO_WAKE at address %#x (offset %d): %v", r.pageAddr(lo), r.pageOff(lo), err)
 	}
 	return nil
 }
@@ -567,21 +584,25 @@ func (ss *session) serveRuns(r *region, blockP0 uint64, runs []run, installed []
 const maxRetries = 1000
 
 // installCopy installs src at the run's pages with UFFDIO_COPY, skipping
-// pages that already exist.
-func (ss *session) installCopy(r *region, rn run, src []byte, installed []bool) error {
+// pages that already exist. zero says src is zeros (counted as zero pages).
+func (ss *session) installCopy(r *region, rn run, src []byte, installed []bool, zero bool) error {
 	dst := r.pageAddr(rn.p0)
 	total := rn.n * r.page
 	var done uint64
 	retries := 0
 	for done < total {
-		n, err := uffdio.Copy(ss.p.uffd, dst+done, unsafe.Pointer(&src[done]), total-done, 0)
+		n, err := uffdio.Copy(ss.p.uffd, dst+done, unsafe.Pointer(&src[done]), total-done, uffdio.CopyModeDontwake)
 		runtime.KeepAlive(src)
 		if n > 0 {
 			for p := done / r.page; p < (done+uint64(n))/r.page; p++ {
 				installed[p] = true
 			}
-			ss.s.c.pagesCopied.Add(uint64(n) / r.page)
-			ss.s.c.bytesCopied.Add(uint64(n))
+			if zero {
+				ss.s.c.zeroPages.Add(uint64(n) / r.page)
+			} else {
+				ss.s.c.pagesCopied.Add(uint64(n) / r.page)
+				ss.s.c.bytesCopied.Add(uint64(n))
+			}
 			done += uint64(n)
 		}
 		switch err {
@@ -599,27 +620,58 @@ func (ss *session) installCopy(r *region, rn run, src []byte, installed []bool) 
 		case unix.ESRCH:
 			return errGone
 		default:
-			return status.Errorf(codes.Internal, "UFFDIO_COPY at address %#x (offset %d, %d bytes): %v", dst+done, r.off+(dst+done-r.base), total-done, err)
+			return status.Errorf(codes.Internal, "UFFDIO_COPY at address %#x (offset %d, %d bytes, %d-byte pages): %v", dst+done, r.off+(dst+done-r.base), total-done, r.page, err)
 		}
 	}
 	return nil
 }
 
-// installZero installs zero pages over the run. Huge-page regions, which
-// UFFDIO_ZEROPAGE does not support, get a copy of a zero buffer.
-func (ss *session) installZero(r *region, rn run, installed []bool) error {
-	if r.page != ss.sysPage {
-		zero := ss.getBuf(rn.n * r.page)
-		clear(zero)
-		defer ss.putBuf(zero)
-		return ss.installCopy(r, rn, zero, installed)
+// zeroSource returns n bytes of zeros that are never written, shared by
+// every zero copy of the session.
+func (ss *session) zeroSource(n uint64) []byte {
+	ss.zeroMu.Lock()
+	defer ss.zeroMu.Unlock()
+	if uint64(len(ss.zeros)) < n {
+		ss.zeros = make([]byte, n)
 	}
+	return ss.zeros[:n]
+}
+
+// installZero installs zero pages over the run with UFFDIO_ZEROPAGE where
+// the kernel allows it. Regions where it does not (hugetlb: the kernel
+// answers EINVAL, having no huge zero page) get a UFFDIO_COPY from a zero
+// buffer, one page at a time so the buffer stays one page long.
+func (ss *session) installZero(r *region, rn run, installed []bool) error {
+	if !r.zeroCopy.Load() {
+		err := ss.installZeropage(r, rn, installed)
+		if !errors.Is(err, errNoZeropage) {
+			return err
+		}
+		r.zeroCopy.Store(true)
+	}
+	zero := ss.zeroSource(r.page)
+	for i := uint64(0); i < rn.n; i++ {
+		p := rn.p0 + i
+		if installed[p-rn.p0] {
+			continue
+		}
+		if err := ss.installCopy(r, run{p0: p, n: 1, zero: true}, zero, installed[p-rn.p0:], true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// errNoZeropage: the region does not support UFFDIO_ZEROPAGE.
+var errNoZeropage = errors.New("UFFDIO_ZEROPAGE unsupported on this region")
+
+func (ss *session) installZeropage(r *region, rn run, installed []bool) error {
 	dst := r.pageAddr(rn.p0)
 	total := rn.n * r.page
 	var done uint64
 	retries := 0
 	for done < total {
-		n, err := uffdio.Zeropage(ss.p.uffd, dst+done, total-done, 0)
+		n, err := uffdio.Zeropage(ss.p.uffd, dst+done, total-done, uffdio.ZeropageModeDontwake)
 		if n > 0 {
 			for p := done / r.page; p < (done+uint64(n))/r.page; p++ {
 				installed[p] = true
@@ -641,6 +693,11 @@ func (ss *session) installZero(r *region, rn run, installed []bool) error {
 			runtime.Gosched()
 		case unix.ESRCH:
 			return errGone
+		case unix.EINVAL:
+			if r.page != ss.sysPage {
+				return errNoZeropage
+			}
+			fallthrough
 		default:
 			return status.Errorf(codes.Internal, "UFFDIO_ZEROPAGE at address %#x (offset %d, %d bytes): %v", dst+done, r.off+(dst+done-r.base), total-done, err)
 		}

@@ -11,6 +11,12 @@
 // memory snapshot (UFFDIO_COPY, or UFFDIO_ZEROPAGE for holes and for ranges
 // the VMM released with MADV_DONTNEED / the balloon).
 //
+// Regions backed by huge pages (page_size 2 MiB: hugetlbfs or MAP_HUGETLB
+// guest memory) are served in whole huge pages aligned to the huge page;
+// their holes are installed with a UFFDIO_COPY of a zero page, since the
+// kernel has no UFFDIO_ZEROPAGE for hugetlb. The chunk size must then be a
+// multiple of the huge page size (see Options.ChunkSize).
+//
 // Blocks are fetched by a bounded worker pool, so a slow block does not
 // hold up faults elsewhere, and concurrent faults on one block share one
 // fetch. A block that cannot be read (for example a chunk failing digest
@@ -43,11 +49,12 @@ type HoleChecker interface {
 
 // Options configures a Server.
 type Options struct {
-	// ChunkSize is the granularity of a fetch and UFFDIO_COPY in bytes,
-	// rounded up to a multiple of the region's page size; blocks are
-	// aligned to multiples of it in the memory file and clipped to the
-	// region. Typically the store's chunk size (4,096,000). 0 means one
-	// page.
+	// ChunkSize is the granularity of a fetch and UFFDIO_COPY in bytes;
+	// blocks are aligned to multiples of it in the memory file and clipped
+	// to the region. Typically the store's chunk size (4,096,000). 0 means
+	// one page. For regions of base pages it is rounded up to a multiple of
+	// the page size; a huge-page region (page_size 2 MiB, hugetlbfs) whose
+	// page size does not divide it is rejected at the handshake.
 	ChunkSize int64
 	// Parallelism bounds concurrent block fetches; 0 means 16.
 	Parallelism int

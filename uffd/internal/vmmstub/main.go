@@ -5,6 +5,8 @@
 // registers the regions in missing mode, connects to the server's socket
 // and sends the regions as JSON with the userfaultfd as SCM_RIGHTS. It then
 // touches guest memory and checks it against the expected memory file.
+// With -huge it maps the regions with MAP_HUGETLB (2 MiB pages, as
+// Firecracker does for huge_pages "2M") and announces page_size 2 MiB.
 //
 // It prints JSON lines on stdout; the last is the result. It exits 1 when
 // memory differs from what is expected, 2 on a setup error.
@@ -83,6 +85,14 @@ func emit(v any) {
 
 var sink byte
 
+const (
+	hugePage = 2 << 20
+	// MAP_HUGE_2MB: log2(2 MiB) << MAP_HUGE_SHIFT.
+	hugeShift = 21 << 26
+	// _UFFDIO_COPY: the bit of struct uffdio_register.ioctls for UFFDIO_COPY.
+	ioctlCopyBit = 0x03
+)
+
 type guest struct {
 	regions []mapping
 	mems    [][]byte
@@ -112,6 +122,7 @@ func main() {
 	exitAfter := flag.Int("exit-after", -1, "exit after touching this many pages")
 	background := flag.Int64("background", -1, "offset touched by a second thread while the main thread touches the rest")
 	keepSocket := flag.Bool("keep-socket", false, "keep the socket open after the handshake (Firecracker closes it)")
+	huge := flag.Bool("huge", false, "back guest memory with 2 MiB huge pages (MAP_HUGETLB)")
 	flag.Parse()
 	debug.SetGCPercent(-1) // no stop-the-world while a thread waits on a fault
 
@@ -120,7 +131,17 @@ func main() {
 		die("%v", err)
 	}
 	size := st.Size()
-	page := int64(os.Getpagesize())
+	sysPage := int64(os.Getpagesize())
+	page := sysPage
+	mapFlags := unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_NORESERVE
+	features := uint64(uffdio.FeatureEventRemove)
+	if *huge {
+		// Reserved at mmap, so a missing huge page pool fails here,
+		// not as a SIGBUS later.
+		page = hugePage
+		mapFlags = unix.MAP_PRIVATE | unix.MAP_ANONYMOUS | unix.MAP_HUGETLB | hugeShift
+		features |= uffdio.FeatureMissingHugetlbf
+	}
 	if size%page != 0 || size == 0 {
 		die("memory size %d is not a positive multiple of the page size", size)
 	}
@@ -135,12 +156,12 @@ func main() {
 	if err != nil {
 		die("userfaultfd: %v", err)
 	}
-	api, err := uffdio.Handshake(uffd, uffdio.FeatureEventRemove)
+	api, err := uffdio.Handshake(uffd, features)
 	if err != nil {
 		die("UFFDIO_API: %v", err)
 	}
-	if api.Features&uffdio.FeatureEventRemove == 0 {
-		die("kernel lacks UFFD_FEATURE_EVENT_REMOVE")
+	if api.Features&features != features {
+		die("kernel lacks userfaultfd features %#x (has %#x)", features, api.Features)
 	}
 	g := &guest{page: page}
 	per := size / int64(*nregions) / page * page
@@ -150,18 +171,25 @@ func main() {
 		if i == *nregions-1 {
 			n = size - off
 		}
-		mem, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS|unix.MAP_NORESERVE)
+		mem, err := unix.Mmap(-1, 0, int(n), unix.PROT_READ|unix.PROT_WRITE, mapFlags)
 		if err != nil {
-			die("mmap: %v", err)
+			die("mmap of %d bytes (huge pages: %v): %v", n, *huge, err)
 		}
 		addr := uint64(uintptr(unsafe.Pointer(&mem[0])))
-		if _, err := uffdio.Register(uffd, addr, uint64(n), uffdio.RegisterModeMissing); err != nil {
+		reg, err := uffdio.Register(uffd, addr, uint64(n), uffdio.RegisterModeMissing)
+		if err != nil {
 			die("UFFDIO_REGISTER: %v", err)
 		}
+		if reg.Ioctls&(1<<ioctlCopyBit) == 0 {
+			die("UFFDIO_COPY is not available on the registered region (ioctls %#x)", reg.Ioctls)
+		}
 		m := mapping{BaseHostVirtAddr: addr, Size: uint64(n), Offset: uint64(off)}
-		if *legacy {
+		switch {
+		case *legacy && *huge:
+			m.PageSizeKiB = uint64(page) >> 10
+		case *legacy:
 			m.PageSizeKiB = uint64(page)
-		} else {
+		default:
 			m.PageSize = uint64(page)
 		}
 		g.regions = append(g.regions, m)
@@ -198,7 +226,9 @@ func main() {
 				res.Mismatches++
 			}
 		} else {
-			sink += p[0]
+			for i := int64(0); i < page; i += sysPage {
+				sink += p[i]
+			}
 		}
 		if *exitAfter >= 0 && res.Pages >= *exitAfter {
 			emit(map[string]any{"event": "exiting", "pages": res.Pages})
