@@ -112,3 +112,6 @@ func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 	}
 	return vr, nil
 }
+
+// Down forwards the wrapped tier's health (see Health).
+func (v verifying) Down() error { return TierDown(v.Cache) }

@@ -222,6 +222,12 @@ func decodeManifest(ar *repb.ActionResult) (*decodedManifest, error) {
 		}
 	}
 	if !haveCfg || !haveMD {
+		for _, a := range aux {
+			se := &snapshotpb.SealedEntry{}
+			if a.MessageIs(se) && a.UnmarshalTo(se) == nil {
+				return nil, status.Errorf(codes.FailedPrecondition, "manifest is encrypted under key id %s: pass --encryption-key-file with a key file holding it", se.GetKeyId())
+			}
+		}
 		return nil, invalidf("manifest: auxiliary metadata lacks the VM configuration or metadata")
 	}
 	if err := checkSeal(ar, dm.metadata); err != nil {

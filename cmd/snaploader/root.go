@@ -16,6 +16,7 @@ import (
 	"golang.org/x/term"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/encrypted"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -32,7 +33,7 @@ func newRootCmd() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd(), newPagerCmd(), newQemuCmd(), newGCCmd())
+	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd(), newPagerCmd(), newQemuCmd(), newGCCmd(), newKeygenCmd())
 	return root
 }
 
@@ -44,6 +45,7 @@ type cacheFlags struct {
 	function string
 	verbose  bool
 	remote   remoteFlags
+	keyFile  string
 
 	functionSet bool
 }
@@ -55,6 +57,7 @@ func (f *cacheFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256 (with a REAPI remote, default: what the server offers, BLAKE3 first)")
 	cmd.PreRun = func(cmd *cobra.Command, _ []string) { f.functionSet = cmd.Flags().Changed("digest-function") }
 	cmd.Flags().BoolVarP(&f.verbose, "verbose", "v", false, "log debug messages to stderr")
+	cmd.Flags().StringVar(&f.keyFile, "encryption-key-file", os.Getenv("SNAPLOADER_ENCRYPTION_KEY_FILE"), "group key file: everything stored in the remote tier is encrypted on this host (see keygen; default $SNAPLOADER_ENCRYPTION_KEY_FILE)")
 	f.remote.register(cmd)
 }
 
@@ -111,6 +114,15 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 			r.closer.Close()
 		}
 		return nil, fmt.Errorf("opening local cache %s: %w", dir, err)
+	}
+	if f.keyFile != "" {
+		if r.tier, err = encryptTier(r.tier, f.keyFile, local.TempDir(), log); err != nil {
+			local.Close()
+			if r.closer != nil {
+				r.closer.Close()
+			}
+			return nil, err
+		}
 	}
 	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer}
 	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn, RemoteFunctions: r.fns})
@@ -213,3 +225,21 @@ func printJSON(w io.Writer, v any) error {
 
 // stderrIsTerminal reports whether progress bars may be drawn.
 func stderrIsTerminal() bool { return term.IsTerminal(int(os.Stderr.Fd())) }
+
+// encryptTier wraps the remote tier in client-side encryption with the
+// group keys in keyFile; the local cache stays in the clear.
+func encryptTier(remote cache.Cache, keyFile, tempDir string, log *slog.Logger) (cache.Cache, error) {
+	keys, err := encrypted.ReadKeyFile(keyFile)
+	if err != nil {
+		return nil, err
+	}
+	if remote == nil {
+		log.Warn("--encryption-key-file has no effect without --remote: the local cache stays in the clear")
+		return nil, nil
+	}
+	c, err := encrypted.New(remote, encrypted.Options{Keys: keys, TempDir: tempDir})
+	if err != nil {
+		return nil, err
+	}
+	return cache.Verifying(c), nil
+}
