@@ -16,8 +16,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/snaploader/snaploader/cache"
-	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/internal/testutil"
 )
@@ -98,20 +96,6 @@ func reserveHugePages(t testing.TB, n int64) {
 	}
 }
 
-// hugeRegions mirrors how the stub splits memory into huge-page regions.
-func hugeRegions(size int64, n int) [][2]int64 {
-	per := size / int64(n) / hugePage * hugePage
-	var out [][2]int64
-	for i := 0; i < n; i++ {
-		off, end := int64(i)*per, int64(i+1)*per
-		if i == n-1 {
-			end = size
-		}
-		out = append(out, [2]int64{off, end})
-	}
-	return out
-}
-
 // TestServeHugePages serves MAP_HUGETLB guest memory in a separate VMM
 // process: every 2 MiB page equals the snapshot, holes read zero and are
 // installed without reading, and each fault installs one whole block.
@@ -159,7 +143,7 @@ func TestServeHugePages(t *testing.T) {
 			stats := s.srv.Stats()
 			block := max(tc.chunk, hugePage)
 			var blocks, dataBlocks int
-			for _, r := range hugeRegions(size, tc.regions) {
+			for _, r := range stubRegions(size, tc.regions, hugePage) {
 				for b := r[0] / block; b*block < r[1]; b++ {
 					blocks++
 					for off := max(b*block, r[0]); off < min((b+1)*block, r[1]); off += hugePage {
@@ -262,19 +246,7 @@ func TestServeHugePagesFromStore(t *testing.T) {
 	t.Run("corrupt chunk kills the VMM", func(t *testing.T) {
 		path, _ := memFile(t, size, chunk)
 		var victim string
-		st := storeFromFile(t, path, chunk, func(lc *localcache.Cache, s *cow.Store) {
-			c := s.ChunkedFile().GetChunks()[5]
-			victim = c.GetDigest().GetHash()
-			p := lc.Path(cache.Namespace{}, c.GetDigest())
-			b, err := os.ReadFile(p)
-			if err != nil {
-				t.Fatal(err)
-			}
-			b[3<<20] ^= 0x01 // in the chunk's second huge page
-			if err := os.WriteFile(p, b, 0o644); err != nil {
-				t.Fatal(err)
-			}
-		})
+		st := storeFromFile(t, path, chunk, corruptChunk(t, 5, 3<<20, &victim)) // in the chunk's second huge page
 		s := serve(t, context.Background(), st, Options{ChunkSize: chunk})
 		stub := startStub(t, s.sock, path, "-huge")
 		err := s.wait(t, 60*time.Second)

@@ -76,6 +76,24 @@ func TestServeFromCopyOnWriteStore(t *testing.T) {
 	}
 }
 
+// corruptChunk returns a storeFromFile corrupt func flipping a bit at byte
+// at of the idx-th chunk's blob; *victim is set to the chunk's hash.
+func corruptChunk(t *testing.T, idx int, at int64, victim *string) func(lc *localcache.Cache, s *cow.Store) {
+	return func(lc *localcache.Cache, s *cow.Store) {
+		c := s.ChunkedFile().GetChunks()[idx]
+		*victim = c.GetDigest().GetHash()
+		p := lc.Path(cache.Namespace{}, c.GetDigest())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b[at] ^= 0x40
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestServeCorruptChunkFailsRestore: a chunk whose content no longer
 // matches its digest makes the server kill the VMM, never serve it.
 func TestServeCorruptChunkFailsRestore(t *testing.T) {
@@ -83,19 +101,7 @@ func TestServeCorruptChunkFailsRestore(t *testing.T) {
 	const size, chunk = 4 << 20, 256 << 10
 	path, _ := memFile(t, size, chunk)
 	var victim string
-	st := storeFromFile(t, path, chunk, func(lc *localcache.Cache, s *cow.Store) {
-		c := s.ChunkedFile().GetChunks()[5]
-		victim = c.GetDigest().GetHash()
-		p := lc.Path(cache.Namespace{}, c.GetDigest())
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b[1234] ^= 0x40
-		if err := os.WriteFile(p, b, 0o644); err != nil {
-			t.Fatal(err)
-		}
-	})
+	st := storeFromFile(t, path, chunk, corruptChunk(t, 5, 1234, &victim))
 	s := serve(t, context.Background(), st, Options{ChunkSize: chunk})
 	stub := startStub(t, s.sock, path)
 	err := s.wait(t, 60*time.Second)

@@ -15,9 +15,10 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// stubRegions mirrors how the stub splits memory into regions.
-func stubRegions(size int64, n int) [][2]int64 {
-	per := size / int64(n) / page * page
+// stubRegions mirrors how the stub splits memory into regions of pg-byte
+// pages.
+func stubRegions(size int64, n int, pg int64) [][2]int64 {
+	per := size / int64(n) / pg * pg
 	var out [][2]int64
 	for i := 0; i < n; i++ {
 		off, end := int64(i)*per, int64(i+1)*per
@@ -32,7 +33,7 @@ func stubRegions(size int64, n int) [][2]int64 {
 // blockCounts returns how many blocks sequential touching faults, and how
 // many of them hold data (are not entirely holes).
 func blockCounts(size int64, nregions int, block int64, isHole func(off int64) bool) (blocks, dataBlocks int) {
-	for _, r := range stubRegions(size, nregions) {
+	for _, r := range stubRegions(size, nregions, page) {
 		for b := r[0] / block; b*block < r[1]; b++ {
 			lo, hi := max(b*block, r[0]), min((b+1)*block, r[1])
 			blocks++
