@@ -100,6 +100,13 @@ type vmHost struct {
 
 func newVMHost(t testing.TB, url string) *vmHost {
 	t.Helper()
+	return newVMHostWith(t, url, nil)
+}
+
+// newVMHostWith is newVMHost with the remote tier wrapped by wrap (e.g. in
+// client-side encryption); nil leaves it as it is.
+func newVMHostWith(t testing.TB, url string, wrap func(cache.Cache) cache.Cache) *vmHost {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	rc, err := remote.Dial(ctx, url, remote.Options{})
@@ -112,7 +119,11 @@ func newVMHost(t testing.TB, url string) *vmHost {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lc.Close() })
-	h := &vmHost{local: lc, remote: cache.NewCounting(cache.Verifying(rc))}
+	var tier cache.Cache = cache.Verifying(rc)
+	if wrap != nil {
+		tier = wrap(tier)
+	}
+	h := &vmHost{local: lc, remote: cache.NewCounting(tier)}
 	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {
 		t.Fatal(err)
 	}

@@ -142,18 +142,17 @@ func openError(err error) error {
 	return err
 }
 
-// FindMissing reports a plaintext blob present when its ciphertext under
-// the current key is known and present in the wrapped tier. A blob whose
-// ciphertext is not known here is reported missing: Write then seals it
-// and uploads it only if the wrapped tier lacks that ciphertext, so
-// nothing is uploaded twice.
+// FindMissing reports a plaintext blob present when its ciphertext (under
+// any key of the keyring) is known and present in the wrapped tier. A
+// blob whose ciphertext is not known here is reported missing: Write then
+// seals it and uploads it only if the wrapped tier lacks that ciphertext,
+// so nothing is uploaded twice.
 func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	fn := ns.DigestFunction()
-	cur := c.opts.Keys.Current().ID
 	var missing, ask []*repb.Digest
 	plainOf := map[string]*repb.Digest{}
 	for _, d := range ds {
-		s := c.lookup(cur, fn, d)
+		s := c.lookupAny(fn, d)
 		if s == nil {
 			missing = append(missing, d)
 			continue
@@ -270,6 +269,19 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return nil
 }
 
+// reseal seals blob d, known under an older key, under the current one.
+func (c *Cache) reseal(ctx context.Context, ns cache.Namespace, d *repb.Digest) error {
+	rc, err := c.Read(ctx, ns, d)
+	if err != nil {
+		return fmt.Errorf("resealing blob %s under the current key: %w", digest.String(d), err)
+	}
+	defer rc.Close()
+	if err := c.Write(ctx, ns, d, rc); err != nil {
+		return fmt.Errorf("resealing blob %s under the current key: %w", digest.String(d), err)
+	}
+	return nil
+}
+
 // isVersionEntry reports whether ar only holds a version id, which stays
 // in the clear.
 func isVersionEntry(ar *repb.ActionResult) bool {
@@ -300,6 +312,15 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 		}
 		seen[digest.String(d)] = true
 		s := c.lookup(k.ID, fn, d)
+		if s == nil && c.lookupAny(fn, d) != nil {
+			// Sealed under an older key: a new entry names only
+			// ciphertexts of the current key, so that removing an old
+			// key breaks only the entries sealed before it was replaced.
+			if err := c.reseal(ctx, ns, d); err != nil {
+				return fmt.Errorf("sealing action result %s: %w", digest.String(key), err)
+			}
+			s = c.lookup(k.ID, fn, d)
+		}
 		if s == nil {
 			return status.Errorf(codes.FailedPrecondition, "sealing action result %s: blob %s was not stored through the encrypted tier", digest.String(key), digest.String(d))
 		}
