@@ -67,6 +67,8 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/klauspost/compress/zstd"
+	"github.com/zeebo/blake3"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -94,6 +96,14 @@ type Options struct {
 	// RescanBytes: a write rescans the directory after this process has
 	// written this many bytes since the last rescan. Default MaxBytes/16.
 	RescanBytes int64
+	// Compression stores each new blob of at least 8 KiB zstd-compressed
+	// (the fastest level) when that saves at least a sixteenth of its disk
+	// usage; others stay raw, with their zero runs as holes. Blobs of
+	// either form are read whatever this says, so a directory written with
+	// or without it stays readable. Off by default: reads of compressed
+	// blobs decode (Open decodes the whole blob into an unnamed scratch
+	// file), which a host's page faults should not wait for.
+	Compression bool
 }
 
 const (
@@ -370,10 +380,20 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 // is verified while streaming: a mismatch is an Internal error at the end of
 // the stream (and the file is removed) instead of io.EOF.
 func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
-	f, e, err := c.openFile(ctx, ns, d)
+	f, e, size, err := c.openFile(ctx, ns, d)
 	if err != nil {
 		return nil, err
 	}
+	if fm := formOf(f, d, size); fm.zst {
+		defer c.unpin(e)
+		return c.readCompressedPlain(f, e, fm, ns, d)
+	}
+	return c.readRaw(f, e, ns, d)
+}
+
+// readRaw is Read of a raw blob's file f, whose entry e is pinned (readRaw
+// unpins it).
+func (c *Cache) readRaw(f *os.File, e *entry, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	c.unpin(e)
 	c.mu.Lock()
 	verified := e.verified
@@ -410,18 +430,19 @@ func (r *checkedReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// openFile opens d's file with its entry pinned; the caller unpins.
-func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest) (*os.File, *entry, error) {
+// openFile opens d's file with its entry pinned and returns its size; the
+// caller unpins.
+func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest) (*os.File, *entry, int64, error) {
 	if err := ctx.Err(); err != nil {
-		return nil, nil, status.FromContextError(err).Err()
+		return nil, nil, 0, status.FromContextError(err).Err()
 	}
 	if err := checkDigest(ns, d); err != nil {
-		return nil, nil, fmt.Errorf("reading blob: %w", err)
+		return nil, nil, 0, fmt.Errorf("reading blob: %w", err)
 	}
 	rel := casRel(ns.DigestFunction(), d)
 	e := c.lookup(rel, true)
 	if e == nil {
-		return nil, nil, cache.NotFoundf("blob %s not in local cache", digest.String(d))
+		return nil, nil, 0, cache.NotFoundf("blob %s not in local cache", digest.String(d))
 	}
 	path := filepath.Join(c.dir, rel)
 	// O_NONBLOCK: something other than a regular file at the path (a FIFO)
@@ -435,16 +456,16 @@ func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest
 		}
 		c.mu.Unlock()
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil, nil, cache.NotFoundf("blob %s not in local cache (evicted)", digest.String(d))
+			return nil, nil, 0, cache.NotFoundf("blob %s not in local cache (evicted)", digest.String(d))
 		}
 		if errors.Is(err, unix.ELOOP) {
 			c.mu.Lock()
 			c.dropLocked(e)
 			c.mu.Unlock()
 			os.Remove(path)
-			return nil, nil, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
+			return nil, nil, 0, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
 		}
-		return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), errnoOf(err))
+		return nil, nil, 0, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), errnoOf(err))
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
@@ -452,11 +473,11 @@ func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest
 		c.removeCorrupt(e, f)
 		f.Close()
 		if err != nil {
-			return nil, nil, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
+			return nil, nil, 0, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
 		}
-		return nil, nil, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
+		return nil, nil, 0, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
 	}
-	return f, e, nil
+	return f, e, st.Size, nil
 }
 
 // errnoOf strips the path from an *fs.PathError, so that errors which may
@@ -617,16 +638,28 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != d.SizeBytes {
 		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: the file holds %d bytes", digest.String(d), st.Size)
 	}
-	if err := f.Chmod(0o644); err != nil {
-		return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
-	}
-	dst := filepath.Join(c.dir, rel)
-	err := os.Rename(f.Name(), dst)
-	if errors.Is(err, fs.ErrNotExist) {
-		if err = os.MkdirAll(filepath.Dir(dst), 0o755); err == nil {
-			err = os.Rename(f.Name(), dst)
+	if c.opts.Compression && d.SizeBytes >= minCompressed {
+		g, err := c.tempFile()
+		if err != nil {
+			return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+		}
+		_, err = compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
+		if err == nil {
+			size, err := c.placeFile(g, rel, func(*os.File) error { return nil })
+			if err != nil {
+				return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+			}
+			os.Remove(f.Name())
+			c.storedReserved(rel, size, true, res)
+			return nil
+		}
+		g.Close()
+		os.Remove(g.Name())
+		if !errors.Is(err, errNotWorth) {
+			return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
 		}
 	}
+	err := c.renameInto(f, rel)
 	if errors.Is(err, unix.EXDEV) {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
 			return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
@@ -642,6 +675,95 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	}
 	c.storedReserved(rel, st.Blocks*512, true, res)
 	return nil
+}
+
+// renameInto makes the verified file f the entry rel.
+func (c *Cache) renameInto(f *os.File, rel string) error {
+	if err := f.Chmod(0o644); err != nil {
+		return err
+	}
+	dst := filepath.Join(c.dir, rel)
+	err := os.Rename(f.Name(), dst)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = os.MkdirAll(filepath.Dir(dst), 0o755); err == nil {
+			err = os.Rename(f.Name(), dst)
+		}
+	}
+	return err
+}
+
+// PutCompressedFile stores the blob d from the file f, whose first n bytes
+// are zstd frames that the caller has just verified to decode to exactly
+// d's content (with windows of at most MaxWindow, as a bounded decoder
+// checks). When they shrink the blob enough they are stored as they are
+// (the cache's trailer appended, f renamed into place); otherwise they are
+// decoded and the content stored raw. f must be a regular file in TempDir;
+// res, when not nil, is the reservation that covered f's space (released
+// as the blob becomes an entry). The caller still closes f; once
+// PutCompressedFile succeeds its name is gone.
+func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res *Reservation) error {
+	defer res.Release()
+	if err := checkDigest(ns, d); err != nil {
+		return fmt.Errorf("writing blob: %w", err)
+	}
+	rel := casRel(ns.DigestFunction(), d)
+	if e := c.lookup(rel, false); e != nil {
+		c.mu.Lock()
+		ok := e.verified
+		c.mu.Unlock()
+		if ok {
+			os.Remove(f.Name())
+			return nil
+		}
+	}
+	fail := func(err error) error {
+		return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
+	}
+	if total := n + trailerLen; d.SizeBytes >= minCompressed && total < d.SizeBytes && worthCompressing(total, d.SizeBytes) {
+		h := blake3.New()
+		if _, err := copyBuffer(h, io.NewSectionReader(f, 0, n)); err != nil {
+			return fail(err)
+		}
+		if _, err := f.WriteAt(trailer(h.Sum(nil)), n); err != nil {
+			return fail(err)
+		}
+		if err := f.Truncate(total); err != nil {
+			return fail(err)
+		}
+		var st unix.Stat_t
+		if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+			return fail(err)
+		}
+		if err := c.renameInto(f, rel); err != nil {
+			return status.Errorf(codes.Internal, "writing blob %s to local cache: renaming into place: %v", digest.String(d), unwrapLink(err))
+		}
+		c.storedReserved(rel, st.Blocks*512, true, res)
+		return nil
+	}
+	dec := decPool.Get().(*zstd.Decoder)
+	defer putDecoder(dec)
+	if err := dec.Reset(io.NewSectionReader(f, 0, n)); err != nil {
+		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: zstd: %v", digest.String(d), err)
+	}
+	size, err := c.writeFile(ctx, rel, func(g *os.File) error {
+		m, err := copySparse(ctx, g, dec, d.SizeBytes)
+		if err == nil && m != d.SizeBytes {
+			err = status.Errorf(codes.InvalidArgument, "zstd data decodes to %d bytes, want %d", m, d.SizeBytes)
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+	}
+	os.Remove(f.Name())
+	c.storedReserved(rel, size, true, res)
+	return nil
+}
+
+func copyBuffer(w io.Writer, r io.Reader) (int64, error) {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	return io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{r}, *bp)
 }
 
 func unwrapLink(err error) error {
@@ -669,9 +791,14 @@ func (c *Cache) removeCorrupt(e *entry, f *os.File) {
 // eviction until the Blob is closed. A blob this process has not verified is
 // hashed before Open returns; a mismatch removes it and is an Internal error.
 func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
-	f, e, err := c.openFile(ctx, ns, d)
+	f, e, size, err := c.openFile(ctx, ns, d)
 	if err != nil {
 		return nil, err
+	}
+	if size != d.SizeBytes {
+		if fm := formOf(f, d, size); fm.zst {
+			return c.openCompressed(ctx, f, e, fm, ns, d)
+		}
 	}
 	c.mu.Lock()
 	verified := e.verified
@@ -743,7 +870,7 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	if err != nil {
 		return status.Errorf(codes.InvalidArgument, "writing blob %s: %v", digest.String(d), err)
 	}
-	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
+	size, err := c.writeBlob(ctx, rel, d, func(f *os.File) error {
 		if _, err := copySparse(ctx, f, io.TeeReader(r, v), d.SizeBytes); err != nil {
 			return err
 		}
@@ -847,7 +974,17 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 			return nil
 		}
 	}
+	var z []byte
+	if c.opts.Compression {
+		z = compressBytes(data)
+	}
 	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
+		if z != nil {
+			if _, err := f.Write(z); err != nil {
+				return status.Errorf(codes.Internal, "writing compressed content: %v", errnoOf(err))
+			}
+			return nil
+		}
 		if err := writeSparse(f, data, 0); err != nil {
 			return err
 		}
@@ -863,15 +1000,77 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 // writeFile writes a temporary file with fill and renames it to rel. It
 // returns the file's disk usage. The temporary file is removed on failure.
 func (c *Cache) writeFile(ctx context.Context, rel string, fill func(*os.File) error) (int64, error) {
+	f, err := c.tempFile()
+	if err != nil {
+		return 0, err
+	}
+	return c.placeFile(f, rel, fill)
+}
+
+// writeBlob is writeFile for a blob of d's size whose raw content fill
+// writes: with Options.Compression the content is compressed from the
+// temporary file into another one, which takes its place when that is
+// worth it.
+func (c *Cache) writeBlob(ctx context.Context, rel string, d *repb.Digest, fill func(*os.File) error) (int64, error) {
+	if !c.opts.Compression || d.SizeBytes < minCompressed {
+		return c.writeFile(ctx, rel, fill)
+	}
+	f, err := c.tempFile()
+	if err != nil {
+		return 0, err
+	}
+	if err := fill(f); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return 0, err
+	}
+	return c.placeCompressed(ctx, f, rel, d)
+}
+
+// placeCompressed renames to rel either the raw temporary file f or, when
+// that is worth it, a compressed copy of it; f is closed.
+func (c *Cache) placeCompressed(ctx context.Context, f *os.File, rel string, d *repb.Digest) (int64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return 0, status.Errorf(codes.Internal, "stat of the temporary file: %v", err)
+	}
+	g, err := c.tempFile()
+	if err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return 0, err
+	}
+	_, err = compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
+	if errors.Is(err, errNotWorth) {
+		g.Close()
+		os.Remove(g.Name())
+		return c.placeFile(f, rel, func(*os.File) error { return nil })
+	}
+	f.Close()
+	os.Remove(f.Name())
+	return c.placeFile(g, rel, func(*os.File) error { return err })
+}
+
+// tempFile creates a locked temporary file in tmp/.
+func (c *Cache) tempFile() (*os.File, error) {
 	var rnd [8]byte
 	rand.Read(rnd[:])
 	tmp := filepath.Join(c.dir, tmpDir, hex.EncodeToString(rnd[:])+".tmp")
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return 0, status.Errorf(codes.Internal, "creating temporary file: %v", errnoOf(err))
+		return nil, status.Errorf(codes.Internal, "creating temporary file: %v", errnoOf(err))
 	}
 	// The lock tells other processes cleaning tmp/ that this file is live.
 	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+	return f, nil
+}
+
+// placeFile fills the temporary file f and renames it to rel, returning
+// its disk usage; f is closed, and removed on failure.
+func (c *Cache) placeFile(f *os.File, rel string, fill func(*os.File) error) (int64, error) {
+	tmp := f.Name()
 	ok := false
 	defer func() {
 		if !ok {
