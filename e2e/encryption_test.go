@@ -17,6 +17,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
+	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/qemu"
 	"github.com/snaploader/snaploader/snapshot"
@@ -307,9 +308,102 @@ func TestQEMURestoredLazilyEncrypted(t *testing.T) {
 	}
 	t.Logf("encrypted: restore to running %v, first counter %d after %v; fetched %.1f MiB", r.toRunning, r.first, r.toCounter, float64(r.remoteBytes)/(1<<20))
 
+	// An incremental save from host B, restored on host C with its
+	// working set prefetched.
+	saveB := b.save(ctx, t, r.vm)
+	lastB := qemu.ParseCounters(readFile(t, r.serial))
+	r.vm.Close()
+	if tot := saveB.Result.Totals(); tot.ChunksWritten == 0 || tot.ChunksWritten*4 > tot.ChunksTotal {
+		t.Errorf("encrypted incremental save wrote %d of %d chunks", tot.ChunksWritten, tot.ChunksTotal)
+	}
+	hc := newVMHostWith(t, url, seal)
+	snapC := hc.get(ctx, t)
+	if snapC.Manifest.GetVmMetadata().GetSnapshotId() != saveB.Result.SnapshotID {
+		t.Fatalf("host C found %s, want host B's %s", snapC.Manifest.GetVmMetadata().GetSnapshotId(), saveB.Result.SnapshotID)
+	}
+	rc := restoreLazily(ctx, t, hc, snapC, snapshot.UnpackOptions{PrefetchWorkingSet: true})
+	if want := lastB[len(lastB)-1]; rc.first != want+1 && rc.first != want+2 {
+		t.Errorf("host C: first counter %d, want %d", rc.first, want+1)
+	}
+
 	// A host without the key cannot read it.
 	c := newVMHost(t, url)
 	if _, err := c.loader.GetSnapshot(ctx, c.keys(ctx, t), snapshot.GetOptions{ReadPolicy: snapshot.Newest}); err == nil || !strings.Contains(err.Error(), k.ID) {
 		t.Errorf("a host without the key: %v, want an error naming key id %s", err, k.ID)
 	}
+}
+
+// A flipped byte in any stored object of an encrypted snapshot is detected:
+// the restore either gives the exact bytes (the object was not needed) or
+// fails with an error, and the local cache never keeps a blob that does not
+// match its digest.
+func TestEncryptedObjectsTamperedInTheBucket(t *testing.T) {
+	ctx := ctxT(t)
+	m := testutil.StartMinIO(t)
+	bucket := m.NewBucket(t)
+	t.Setenv("AWS_ACCESS_KEY_ID", m.AccessKey)
+	t.Setenv("AWS_SECRET_ACCESS_KEY", m.SecretKey)
+	work := t.TempDir()
+	mem, _, state := secretVM(t, work, 6, 4)
+	want, _ := os.ReadFile(mem)
+	keys := keyFile(t, work, "keys")
+	url := fmt.Sprintf("s3://%s/t?endpoint=%s&secure=false", bucket, m.Endpoint)
+	common := []string{"--remote", url, "--encryption-key-file", keys, "--instance", "tenant", "--config-hash", "cfg", "--ref", "main"}
+	run(ctx, append([]string{"save", "--cache-dir", filepath.Join(work, "a"), "--chunk-size", "65536", "--chunked", "mem=" + mem, "--file", "state=" + state}, common...)...).must(t, "save")
+	var objects []string
+	raw := map[string][]byte{}
+	bucketObjects(m, bucket)(t, func(name string, b []byte) { objects = append(objects, name); raw[name] = b })
+	detected := 0
+	for i, name := range objects {
+		b := append([]byte(nil), raw[name]...)
+		b[len(b)/2] ^= 0x10
+		m.PutRaw(t, bucket, name, b)
+		host := filepath.Join(work, fmt.Sprintf("h%d", i))
+		out := filepath.Join(work, fmt.Sprintf("o%d", i))
+		r := run(ctx, append([]string{"restore", "--cache-dir", host, "--out", out}, common...)...)
+		if r.err == nil {
+			if got, _ := os.ReadFile(filepath.Join(out, "mem")); !bytes.Equal(got, want) {
+				t.Errorf("object %s flipped: restore succeeded with wrong bytes", name)
+			}
+		} else {
+			detected++
+			if !strings.Contains(r.stderr, "error kind") {
+				t.Errorf("object %s flipped: unclear error %q", name, r.stderr)
+			}
+		}
+		badLocal(t, host)
+		m.PutRaw(t, bucket, name, raw[name])
+	}
+	if detected == 0 {
+		t.Fatal("no flipped object was detected")
+	}
+	t.Logf("%d objects flipped one at a time: %d restores failed clearly, the rest restored exact bytes", len(objects), detected)
+}
+
+// badLocal fails the test if a blob in the local cache at dir does not
+// match the digest its file name gives.
+func badLocal(t *testing.T, dir string) {
+	t.Helper()
+	filepath.WalkDir(filepath.Join(dir, "cas"), func(p string, de fs.DirEntry, err error) error {
+		if err != nil || !de.Type().IsRegular() {
+			return nil
+		}
+		fn := filepath.Base(filepath.Dir(filepath.Dir(p)))
+		hash, _, _ := strings.Cut(de.Name(), "-")
+		b, _ := os.ReadFile(p)
+		if got := hashHex(fn, b); got != "" && got != hash {
+			t.Errorf("local cache keeps %s, whose content does not match its digest", p)
+		}
+		return nil
+	})
+}
+
+// hashHex is the hash of b under the digest function named fn, "" when fn
+// names none.
+func hashHex(fn string, b []byte) string {
+	f, err := digest.ParseFunction(fn)
+	if err != nil {
+		return ""
+	}
+	return digest.Compute(f, b).GetHash()
 }
