@@ -342,3 +342,58 @@ func TestRemoteOutageDegradesToLocal(t *testing.T) {
 		t.Errorf("after the invalidation: %v, want NotFound", err)
 	}
 }
+
+// collecting is a remote tier from which a collection deletes blobs right
+// after FindMissing reported them present to a save: the window between a
+// save's FindMissing and its manifest write.
+type collecting struct {
+	cache.Cache
+	lc   interface{ Discard(context.Context, cache.Namespace, *repb.Digest) error }
+	once sync.Once
+	lost atomic.Int64
+}
+
+func (c *collecting) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	missing, err := c.Cache.FindMissing(ctx, ns, ds)
+	if err != nil || len(missing) == len(ds) {
+		return missing, err
+	}
+	c.once.Do(func() {
+		gone := map[string]bool{}
+		for _, d := range missing {
+			gone[d.GetHash()] = true
+		}
+		for _, d := range ds {
+			if !gone[d.GetHash()] {
+				c.lc.Discard(ctx, ns, d)
+				c.lost.Add(1)
+			}
+		}
+	})
+	return missing, err
+}
+
+// A blob collected after FindMissing said it was present is uploaded again
+// once the manifest is written: the manifest never names a missing blob.
+func TestSaveRepairsBlobsCollectedMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	shared := newHost(t, nil, Options{}).local
+	mem, files := vmFiles(t, t.TempDir(), 95, 256<<10)
+	first := newHost(t, shared, Options{})
+	ks := first.keys(t, taskOn("main", "", "main"))
+	first.save(t, ks.GetWriteKey(), mem, files, true)
+	// A second host saves the same data: every blob is present remotely,
+	// and a collection removes them just after FindMissing said so.
+	tier := &collecting{Cache: shared, lc: shared}
+	h := newHost(t, tier, Options{})
+	res := h.save(t, ks.GetWriteKey(), mem, files, true)
+	if tier.lost.Load() == 0 {
+		t.Fatal("no blob was collected during the save")
+	}
+	reader := newHost(t, shared, Options{})
+	snap, err := reader.loader.GetSnapshot(ctx, reader.keys(t, taskOn("main", "", "main")), GetOptions{ReadPolicy: Newest})
+	if err != nil || snap.Manifest.GetVmMetadata().GetSnapshotId() != res.SnapshotID {
+		t.Fatalf("after a collection during the save: %v, %v; want snapshot %s with every blob", snap, err, res.SnapshotID)
+	}
+	reader.restoreBytes(t, snap)
+}

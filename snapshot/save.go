@@ -248,6 +248,8 @@ func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 				return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 			}
 			publish, writeLocal = false, true
+		} else if req.Local {
+			l.repairRemote(ctx, ns, m, trees)
 		}
 	}
 	if writeLocal {
@@ -314,6 +316,32 @@ func (l *Loader) publishBlobs(ctx context.Context, ns cache.Namespace, m *snapsh
 		res.Files[i].RemoteBytesWritten += b
 	}
 	return nil
+}
+
+// repairRemote checks, once the remote manifest is written, that the remote
+// still holds every blob it names, and uploads again from the local cache
+// what it lost meanwhile: a collection of an S3 bucket may delete a blob
+// between the moment FindMissing reported it present to this save and the
+// manifest write; after this check the manifest protects it.
+func (l *Loader) repairRemote(ctx context.Context, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest) {
+	var ds []*repb.Digest
+	for _, f := range m.GetFiles() {
+		ds = append(ds, f.GetDigest())
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		ds = append(ds, trees[cf.GetName()])
+		for _, c := range cf.GetChunks() {
+			ds = append(ds, c.GetDigest())
+		}
+	}
+	n, _, err := l.copyMissing(ctx, ns, ds, l.local, l.remote)
+	switch {
+	case err != nil:
+		l.opts.Logger.Warn("checking the remote holds every blob of the new manifest", "snapshot_id", m.GetVmMetadata().GetSnapshotId(), "err", err)
+	case n > 0:
+		l.opts.Logger.Warn("blobs vanished from the remote while saving (a concurrent collection?); uploaded again",
+			"snapshot_id", m.GetVmMetadata().GetSnapshotId(), "blobs", n)
+	}
 }
 
 // writeManifests writes m under every key in keys to tier c (remote or
