@@ -348,7 +348,9 @@ func TestRemoteOutageDegradesToLocal(t *testing.T) {
 // save's FindMissing and its manifest write.
 type collecting struct {
 	cache.Cache
-	lc   interface{ Discard(context.Context, cache.Namespace, *repb.Digest) error }
+	lc interface {
+		Discard(context.Context, cache.Namespace, *repb.Digest) error
+	}
 	once sync.Once
 	lost atomic.Int64
 }
