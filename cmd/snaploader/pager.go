@@ -18,6 +18,7 @@ type pagerReport struct {
 	Source       string            `json:"source"`
 	Socket       string            `json:"socket"`
 	Files        map[string]string `json:"files"`
+	PageSize     int64             `json:"page_size,omitempty"`
 	Faults       uint64            `json:"faults"`
 	PagesCopied  uint64            `json:"pages_copied"`
 	ZeroPages    uint64            `json:"zero_pages"`
@@ -44,6 +45,8 @@ func newPagerCmd() *cobra.Command {
 --socket for one VMM speaking Firecracker's page-fault handler handshake (Firecracker: mem_backend
 {"backend_type": "Uffd", "backend_path": SOCKET}). Guest memory pages are served from the chunked
 file --memory-file as the guest faults them in, fetching chunks from the local cache or the remote.
+Regions the VMM announces with 2 MiB pages (hugetlbfs guest memory) are served in whole huge pages;
+their chunk size must be a multiple of 2 MiB (save --page-size 2MiB --chunk-size 4194304).
 It exits when the VMM does, printing the fault statistics.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -65,6 +68,16 @@ It exits when the VMM does, printing the fault statistics.`,
 			if !ok {
 				return fmt.Errorf("snapshot %s has no chunked file %q", snap.Manifest.GetVmMetadata().GetSnapshotId(), memName)
 			}
+			// Memory saved as huge-page backed is served in whole huge
+			// pages, each inside one chunk (the page server also refuses
+			// a region whose page size does not divide the chunk size).
+			ps, err := recordedPageSize(snap.Manifest.GetVmConfiguration())
+			if err != nil {
+				return fmt.Errorf("snapshot %s: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err)
+			}
+			if err := checkPageSize(fmt.Sprintf("guest memory %q of snapshot %s", memName, snap.Manifest.GetVmMetadata().GetSnapshotId()), mem.ChunkSize(), ps); err != nil {
+				return err
+			}
 			os.Remove(socket)
 			lis, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
 			if err != nil {
@@ -82,6 +95,7 @@ It exits when the VMM does, printing the fault statistics.`,
 				Source:       string(snap.Source),
 				Socket:       socket,
 				Files:        u.Files,
+				PageSize:     ps,
 				Faults:       st.Faults,
 				PagesCopied:  st.PagesCopied,
 				ZeroPages:    st.ZeroPages,

@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -41,6 +43,12 @@ type report struct {
 	RemoteError string `json:"remote_error,omitempty"`
 	// Invalidated: the key was invalidated while the save ran.
 	Invalidated bool `json:"invalidated,omitempty"`
+	// DiffBase is the snapshot --diff files were merged over, and
+	// DiffBytesRead the bytes read from them (their data regions).
+	DiffBase      string `json:"diff_base,omitempty"`
+	DiffBytesRead int64  `json:"diff_bytes_read,omitempty"`
+	// PageSize is the guest page size recorded with --page-size.
+	PageSize int64 `json:"page_size,omitempty"`
 	// Restore only.
 	Files map[string]string `json:"files,omitempty"`
 }
@@ -82,6 +90,9 @@ func newSaveCmd() *cobra.Command {
 		memBytes  int64
 		policy    string
 		gf        getFlags
+		diffs     []string
+		baseID    string
+		pageSize  string
 	)
 	cmd := &cobra.Command{
 		Use:   "save",
@@ -103,6 +114,27 @@ func newSaveCmd() *cobra.Command {
 			for n := range chunkMap {
 				if _, dup := fileMap[n]; dup {
 					return fmt.Errorf("name %q given as both --file and --chunked", n)
+				}
+			}
+			diffMap, diffOrder, err := parseNamed("diff", diffs)
+			if err != nil {
+				return err
+			}
+			for n := range diffMap {
+				if fileMap[n] != "" || chunkMap[n] != "" {
+					return fmt.Errorf("name %q given as --diff and as --file or --chunked", n)
+				}
+			}
+			if baseID != "" && len(diffMap) == 0 {
+				return fmt.Errorf("--diff-base names the snapshot --diff files were taken over; no --diff given")
+			}
+			ps, err := parsePageSize(pageSize)
+			if err != nil {
+				return err
+			}
+			for _, n := range chunkOrder {
+				if err := checkPageSize("--chunked "+n+" with --chunk-size and --page-size", chunkSize, ps); err != nil {
+					return err
 				}
 			}
 			e, err := cf.open(ctx)
@@ -132,7 +164,28 @@ func newSaveCmd() *cobra.Command {
 				u.Ref = kf.universal
 				pub.alsoKeys = append(pub.alsoKeys, u)
 			}
-			res, err := saveFiles(ctx, e, keys, fileMap, chunkMap, chunkOrder, chunkSize, &snapshotpb.VMConfiguration{Vcpus: vcpus, MemoryBytes: memBytes}, pub)
+			cfg := &snapshotpb.VMConfiguration{Vcpus: vcpus, MemoryBytes: memBytes}
+			var diff *diffPlan
+			if len(diffMap) > 0 {
+				base, err := diffBase(ctx, e, keys, baseID, gopts)
+				if err != nil {
+					return err
+				}
+				if ps == 0 {
+					// A diff of huge-page memory stays huge-page memory.
+					if ps, err = recordedPageSize(base.Manifest.GetVmConfiguration()); err != nil {
+						return fmt.Errorf("base snapshot %s: %w", base.Manifest.GetVmMetadata().GetSnapshotId(), err)
+					}
+				}
+				diff = &diffPlan{base: base, files: diffMap, order: diffOrder, pageSize: ps}
+				if cmd.Flags().Changed("chunk-size") {
+					diff.chunkSize = chunkSize
+				}
+			}
+			if ps > 0 {
+				cfg.Extra = map[string]string{PageSizeKey: strconv.FormatInt(ps, 10)}
+			}
+			res, err := saveFiles(ctx, e, keys, fileMap, chunkMap, chunkOrder, chunkSize, cfg, pub, diff)
 			if err != nil {
 				return err
 			}
@@ -156,12 +209,23 @@ func newSaveCmd() *cobra.Command {
 				PublishedLocal:      res.PublishedLocal,
 				PublishedRemote:     res.PublishedRemote,
 				Invalidated:         res.Invalidated,
+				PageSize:            ps,
+			}
+			if cfs := res.Manifest.GetChunkedFiles(); len(chunkOrder) == 0 && len(cfs) > 0 {
+				rep.ChunkSize = cfs[0].GetChunkSize() // a diff keeps its base's
+			}
+			if diff != nil {
+				rep.DiffBase = diff.base.Manifest.GetVmMetadata().GetSnapshotId()
+				rep.DiffBytesRead = res.diffBytesRead
 			}
 			if res.RemoteError != nil {
 				rep.RemoteError = res.RemoteError.Error()
 			}
 			if asJSON {
 				return printJSON(os.Stdout, rep)
+			}
+			if diff != nil {
+				fmt.Printf("merged %s of diff data over snapshot %s\n", humanBytes(rep.DiffBytesRead), rep.DiffBase)
 			}
 			fmt.Printf("saved snapshot %s under ref %q: %d chunks (%d newly stored, %s), %s of zeros skipped, in %s\n",
 				rep.SnapshotID, res.Key.GetRef(), rep.ChunksTotal, rep.ChunksWritten, humanBytes(rep.BytesWritten),
@@ -174,6 +238,9 @@ func newSaveCmd() *cobra.Command {
 	fl := cmd.Flags()
 	fl.StringArrayVar(&files, "file", nil, "artifact file NAME=PATH stored whole (repeatable)")
 	fl.StringArrayVar(&chunked, "chunked", nil, "chunked file NAME=PATH split into chunks (repeatable)")
+	fl.StringArrayVar(&diffs, "diff", nil, "chunked file NAME=PATH given as a sparse diff (a VMM's diff snapshot: as long as the memory, data only where pages were dirtied), merged over chunked file NAME of the --diff-base snapshot; only its data regions are read (repeatable)")
+	fl.StringVar(&baseID, "diff-base", "", "snapshot id the --diff files were taken over (default: the snapshot the key set restores now)")
+	fl.StringVar(&pageSize, "page-size", "", "guest page size of the chunked files, e.g. 2MiB for huge-page-backed memory: --chunk-size must be a multiple of it; recorded in the manifest (VM configuration extra "+PageSizeKey+")")
 	fl.Int64Var(&chunkSize, "chunk-size", cow.DefaultChunkSize, "chunk size in bytes (a multiple of 4096)")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object")
 	fl.Int64Var(&vcpus, "vcpus", 0, "VM configuration: vCPUs (recorded in the manifest)")
@@ -207,7 +274,13 @@ type publishPlan struct {
 	alsoKeys                               []*snapshotpb.SnapshotKey
 }
 
-func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan) (*snapshot.SaveResult, error) {
+// savedFiles is a SaveResult plus what merging diffs read.
+type savedFiles struct {
+	*snapshot.SaveResult
+	diffBytesRead int64
+}
+
+func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan, diff *diffPlan) (*savedFiles, error) {
 	ns := e.loader.Namespace(keys.GetWriteKey())
 	var stores []*cow.Store
 	defer func() {
@@ -215,6 +288,22 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 			s.Close()
 		}
 	}()
+	out := &savedFiles{}
+	var merged []*cow.Store
+	if diff != nil {
+		u, ms, err := mergeDiffs(ctx, e, diff)
+		if err != nil {
+			return nil, err
+		}
+		defer u.Close()
+		for _, m := range ms {
+			merged = append(merged, m.store)
+			out.diffBytesRead += m.stats.BytesRead
+		}
+		// New chunks of the other files use the base's digest function,
+		// as the merged stores do: one function per snapshot.
+		ns.Function = diff.base.Function
+	}
 	var split []cow.SaveStats
 	var total int64
 	for _, name := range order {
@@ -241,7 +330,7 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 		Key:           keys.GetWriteKey(),
 		Config:        cfg,
 		Files:         files,
-		Chunked:       stores,
+		Chunked:       append(slices.Clone(stores), merged...),
 		Local:         pub.local,
 		Remote:        pub.remote,
 		LocalManifest: pub.localManifest,
@@ -251,10 +340,12 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 		return nil, err
 	}
 	// The split stored the chunks; the store's own save found them clean.
-	for i := range res.Files {
+	// A merged diff's stats are its save's: the chunks the diff dirtied.
+	for i := range split {
 		res.Files[i].SaveStats = split[i]
 	}
-	return res, nil
+	out.SaveResult = res
+	return out, nil
 }
 
 func humanBytes(n int64) string {
