@@ -31,12 +31,36 @@ var encPool = sync.Pool{New: func() any {
 	return e
 }}
 
-// Read streams a blob, optionally zstd-compressed. The server hashes the
-// whole blob as it streams it and holds back the last message until the
-// hash matches: a blob corrupted at rest is never served whole, the read
-// fails with an Internal error naming its digest, and the blob is dropped
-// from the backend so that FindMissingBlobs reports it missing and a
-// client's re-upload repairs it.
+// compressedReader is a backend that may store blobs zstd-compressed at
+// rest: ReadCompressed opens blob d as it is stored, and the bool says
+// whether the stream is zstd frames that decode to d's content (else it is
+// the raw content, verified as Read verifies it).
+type compressedReader interface {
+	ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error)
+}
+
+// compressedReadVerifier is a compressedReader whose zstd streams carry
+// bytes it has verified to decode to the blob, checked again as they are
+// read (a stream whose bytes differ ends with an Internal error instead of
+// io.EOF): the server passes them on without decoding them. The frames of
+// other backends are decoded alongside and the content hashed.
+type compressedReadVerifier interface {
+	VerifiesCompressedReads()
+}
+
+// Read streams a blob, optionally zstd-compressed. The server verifies the
+// whole blob as it streams it and holds back the last message until it is
+// verified: a blob corrupted at rest is never served whole, the read fails
+// with an Internal error naming its digest, and the blob is dropped from
+// the backend so that FindMissingBlobs reports it missing and a client's
+// re-upload repairs it.
+//
+// A compressed-blobs read of a whole blob that the backend stores
+// compressed is answered with the stored frames as they are (no decoding
+// and re-encoding): they are verified by the backend as they are read when
+// it vouches for them (the local cache checks them against the hash it
+// recorded when it verified them), else decoded alongside and the content
+// hashed. Other compressed reads encode the content.
 func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) (err error) {
 	defer s.m.observe("Read", time.Now(), &err)
 	ctx := stream.Context()
@@ -63,8 +87,16 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 	var vr *verifiedReader
 	var src io.Reader = eofReader{}
 	if d.SizeBytes > 0 {
-		rc, err := s.backend.Read(ctx, ns, d)
-		if err != nil {
+		var rc io.ReadCloser
+		if cr, ok := s.backend.(compressedReader); ok && r.compressed && req.ReadOffset == 0 {
+			var zst bool
+			if rc, zst, err = cr.ReadCompressed(ctx, ns, d); err != nil {
+				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
+			}
+			if zst {
+				return s.sendStored(ctx, ns, d, rc, out)
+			}
+		} else if rc, err = s.backend.Read(ctx, ns, d); err != nil {
 			return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 		}
 		defer rc.Close()
@@ -117,6 +149,39 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 		return fmt.Errorf("reading blob %s at offset %d: %w", digest.String(d), req.ReadOffset, err)
 	}
 	return nil
+}
+
+// sendStored sends the stored zstd frames rc of d, verified (see Read),
+// and closes rc.
+func (s *Server) sendStored(ctx context.Context, ns cache.Namespace, d *repb.Digest, rc io.ReadCloser, out *chunkSender) error {
+	if _, ok := s.backend.(compressedReadVerifier); !ok {
+		vr, err := cache.NewZstdVerifyingReader(rc, ns.Function, d)
+		if err != nil {
+			rc.Close()
+			return err
+		}
+		rc = vr
+	}
+	defer rc.Close()
+	s.m.storedCompressed.Inc()
+	_, err := copyBuffered(out, rc)
+	if err == nil {
+		err = out.flush()
+		if err != nil {
+			err = &sendError{err}
+		}
+	}
+	var se *sendError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &se):
+		return fmt.Errorf("reading blob %s: %w", digest.String(d), se.err)
+	case cache.IsCorrupt(err):
+		s.dropCorrupt(ctx, ns, d, err)
+		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), err)
+	}
+	return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 }
 
 // readFailed turns an error reading d from the backend into the call's

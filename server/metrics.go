@@ -15,6 +15,9 @@ type metrics struct {
 	ac       *prometheus.CounterVec
 	cas      *prometheus.CounterVec
 	corrupt  prometheus.Counter
+	// storedCompressed counts compressed-blobs reads answered with the
+	// backend's stored frames.
+	storedCompressed prometheus.Counter
 }
 
 // evictionCounter is a backend that counts its evictions (the local cache).
@@ -48,7 +51,11 @@ func newMetrics(reg prometheus.Registerer, backend any, uploadMemory func() floa
 		Name: "snaploader_server_corrupt_blobs_total",
 		Help: "Blobs found corrupt while being served, and dropped.",
 	})
-	collectors := []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac, m.cas, m.corrupt,
+	m.storedCompressed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "snaploader_server_stored_compressed_reads_total",
+		Help: "compressed-blobs reads answered with the zstd frames the backend stores, without encoding.",
+	})
+	collectors := []prometheus.Collector{m.requests, m.latency, m.bytes, m.ac, m.cas, m.corrupt, m.storedCompressed,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "snaploader_server_upload_memory_bytes",
 			Help: "Memory charged to uploads in flight (bounded by --max-upload-memory).",

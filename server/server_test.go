@@ -47,7 +47,13 @@ func start(t *testing.T, opts server.Options) *env {
 	if opts.TempDir == "" {
 		opts.TempDir = t.TempDir()
 	}
-	srv, err := server.New(lc, opts)
+	return serveOn(t, lc, lc, opts)
+}
+
+// serveOn serves backend (over the local cache lc) until the test ends.
+func serveOn(t *testing.T, lc *localcache.Cache, backend cache.Cache, opts server.Options) *env {
+	t.Helper()
+	srv, err := server.New(backend, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -108,22 +108,43 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 		return err
 	}
 	defer release()
+	// A backend that stores blobs compressed takes a zstd upload's frames
+	// as they came (the upload file holds them, bounded by the same limit
+	// as the stream); otherwise the file holds the decoded content.
+	cfp, _ := s.backend.(compressedFilePutter)
+	if !r.compressed || cfp == nil || !cfp.Compression() {
+		cfp = nil
+	}
+	claim := d.SizeBytes
+	if cfp != nil {
+		claim = compressedLimit(d)
+	}
 	key := uploadKey{group: ns.Group, name: req.ResourceName}
-	u, err := s.uploads.get(key, ns.Function, d, func() (space, error) { return s.reserve(d.SizeBytes) })
+	u, err := s.uploads.get(key, ns.Function, d, func() (space, error) { return s.reserve(claim) })
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
 	}
 	keep := false
 	defer func() { s.uploads.release(u, keep) }()
 	var cs int64
-	if r.compressed {
-		cs, err = s.receiveCompressed(ctx, rx, key.name, d, u, req)
-	} else {
+	switch {
+	case cfp != nil:
+		if cs, err = s.receiveCompressed(ctx, rx, key.name, ns.Function, d, u, req, true); err == nil {
+			res, _ := u.space.(*localcache.Reservation)
+			if err = cfp.PutCompressedFile(ctx, ns, d, u.f, u.size, res); err == nil {
+				u.stored = true
+			}
+		}
+	case r.compressed:
+		if cs, err = s.receiveCompressed(ctx, rx, key.name, ns.Function, d, u, req, false); err == nil {
+			err = s.commit(ctx, ns, d, u)
+		}
+	default:
 		keep, err = s.receive(ctx, rx, key.name, d, u, req)
 		cs = d.SizeBytes
-	}
-	if err == nil {
-		err = s.commit(ctx, ns, d, u)
+		if err == nil {
+			err = s.commit(ctx, ns, d, u)
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", what, err)
@@ -181,15 +202,38 @@ func (s *Server) receive(ctx context.Context, rx *receiver, name string, d *repb
 	}
 }
 
-// receiveCompressed decodes a zstd upload into u as its messages arrive and
-// returns the compressed bytes received. Decoding stops as soon as the
-// output exceeds the claimed size (a zstd bomb never gets further).
-func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name string, d *repb.Digest, u *upload, first *bspb.WriteRequest) (int64, error) {
+// compressedLimit is the most zstd data an upload of d may send.
+func compressedLimit(d *repb.Digest) int64 { return d.SizeBytes + d.SizeBytes/8 + 64<<10 }
+
+// compressedFilePutter is a backend that stores blobs compressed at rest
+// when Compression says so, and can take a verified zstd upload's frames
+// (the first n bytes of f) by renaming the file.
+type compressedFilePutter interface {
+	Compression() bool
+	PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res *localcache.Reservation) error
+}
+
+// receiveCompressed decodes a zstd upload as its messages arrive and
+// returns the compressed bytes received. With frames false the decoded
+// content goes into u (and is verified by commit); with frames true u
+// holds the compressed bytes as received and the decoded content is only
+// hashed, and verified here. Decoding stops as soon as the output exceeds
+// the claimed size (a zstd bomb never gets further).
+func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name string, fn digest.Function, d *repb.Digest, u *upload, first *bspb.WriteRequest, frames bool) (int64, error) {
 	if err := u.truncate(0); err != nil {
 		return 0, s.internalf(err, "truncating an upload")
 	}
-	rr := &reqReader{ctx: ctx, rx: rx, name: name, next: first, limit: d.SizeBytes + d.SizeBytes/8 + 64<<10, m: s.m}
-	dec, err := zstd.NewReader(rr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
+	rr := &reqReader{ctx: ctx, rx: rx, name: name, next: first, limit: compressedLimit(d), m: s.m}
+	var in io.Reader = rr
+	var v *digest.Verifier
+	if frames {
+		var err error
+		if v, err = digest.NewVerifier(fn, d); err != nil {
+			return 0, status.Error(codes.InvalidArgument, err.Error())
+		}
+		in = io.TeeReader(rr, frameWriter{u})
+	}
+	dec, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
 	if err != nil {
 		return 0, s.internalf(err, "starting a zstd decoder")
 	}
@@ -197,17 +241,32 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
+	var decoded int64
 	for {
 		n, err := dec.Read(buf)
 		if n > 0 {
-			if u.size+int64(n) > d.SizeBytes {
+			if decoded+int64(n) > d.SizeBytes {
 				return rr.n, status.Errorf(codes.InvalidArgument, "zstd data decodes to more than its %d bytes", d.SizeBytes)
 			}
-			if werr := u.write(buf[:n]); werr != nil {
+			decoded += int64(n)
+			if frames {
+				v.Write(buf[:n])
+			} else if werr := u.write(buf[:n]); werr != nil {
 				return rr.n, s.internalf(werr, "storing upload data")
 			}
 		}
 		if errors.Is(err, io.EOF) {
+			if frames {
+				if decoded != d.SizeBytes {
+					return rr.n, status.Errorf(codes.InvalidArgument, "got %d bytes, digest says %d", decoded, d.SizeBytes)
+				}
+				if err := v.Check(); err != nil {
+					return rr.n, status.Errorf(codes.InvalidArgument, "data does not match its digest: %v", err)
+				}
+				if err := u.werr; err != nil {
+					return rr.n, s.internalf(err, "storing upload data")
+				}
+			}
 			return rr.n, nil
 		}
 		if err != nil {
@@ -220,6 +279,23 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 			return rr.n, status.Errorf(codes.InvalidArgument, "bad zstd data after %d compressed bytes: %v", rr.n, err)
 		}
 	}
+}
+
+// frameWriter appends a compressed upload's bytes to its file.
+type frameWriter struct{ u *upload }
+
+func (w frameWriter) Write(p []byte) (int, error) {
+	u := w.u
+	if u.werr != nil {
+		return len(p), nil
+	}
+	if _, err := u.f.WriteAt(p, u.size); err != nil {
+		u.werr = err
+		return len(p), nil
+	}
+	u.size += int64(len(p))
+	u.seen.Store(u.size)
+	return len(p), nil
 }
 
 // reqReader reads the data of a compressed upload's messages.
@@ -418,6 +494,7 @@ type upload struct {
 	timer  *time.Timer // expiry while parked
 	stored bool        // the backend took the file
 	gone   atomic.Bool
+	werr   error // a failure writing compressed bytes to f
 }
 
 func (u *upload) write(b []byte) error {

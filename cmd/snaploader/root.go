@@ -41,6 +41,7 @@ func newRootCmd() *cobra.Command {
 type cacheFlags struct {
 	dir      string
 	maxBytes int64
+	compress bool
 	group    string
 	function string
 	verbose  bool
@@ -53,6 +54,7 @@ type cacheFlags struct {
 func (f *cacheFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.dir, "cache-dir", "", "local cache directory (default: the user cache directory's snaploader/)")
 	cmd.Flags().Int64Var(&f.maxBytes, "cache-max-bytes", DefaultCacheBytes, "bound of the local cache in bytes of disk usage")
+	cmd.Flags().BoolVar(&f.compress, "cache-compression", false, "store new local cache blobs zstd-compressed when that shrinks them (reads then decode; blobs of either form are always read)")
 	cmd.Flags().StringVar(&f.group, "group", "", "tenant owning local manifests (default anonymous)")
 	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256 (with a REAPI remote, default: what the server offers, BLAKE3 first)")
 	cmd.PreRun = func(cmd *cobra.Command, _ []string) { f.functionSet = cmd.Flags().Changed("digest-function") }
@@ -108,7 +110,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 	if err != nil {
 		return nil, err
 	}
-	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes})
+	local, err := localcache.New(dir, localcache.Options{MaxBytes: f.maxBytes, Compression: f.compress})
 	if err != nil {
 		if r.closer != nil {
 			r.closer.Close()

@@ -36,6 +36,7 @@ func newServeCmd() *cobra.Command {
 		maxUpMem    int64
 		uploadTTL   time.Duration
 		idleTimeout time.Duration
+		compression bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -62,7 +63,14 @@ Resource bounds (all the server's own, never a client's claim):
                            client to resume, then deleted (a stream failing for any reason a
                            resumption cannot help deletes it at once)
 Every blob served is hashed as it streams; a corrupt one fails the read naming its digest and is
-dropped, so FindMissingBlobs reports it missing and the next upload repairs it.`,
+dropped, so FindMissingBlobs reports it missing and the next upload repairs it.
+
+Compression at rest (--compression, default true): each blob of 8 KiB or more is stored
+zstd-compressed when that saves at least a sixteenth of its space, raw otherwise; a zstd upload's
+frames are stored as they came (decoded only to verify them). compressed-blobs reads of a blob
+stored compressed are answered with the stored frames, checked against the hash recorded when
+they were verified, without decoding; plain reads decode. Blobs stored raw (by older versions, or
+with --compression=false) are read as before. With --s3, --compression=false stores new objects raw.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -89,6 +97,9 @@ dropped, so FindMissingBlobs reports it missing and the next upload repairs it.`
 					return err
 				}
 				opts.CreateBucket = true
+				if cmd.Flags().Changed("compression") {
+					opts.DisableCompression = !compression
+				}
 				c, err := s3cache.New(ctx, opts)
 				if err != nil {
 					return err
@@ -103,7 +114,7 @@ dropped, so FindMissingBlobs reports it missing and the next upload repairs it.`
 					}
 					dir += "-server"
 				}
-				c, err := localcache.New(dir, localcache.Options{MaxBytes: maxBytes})
+				c, err := localcache.New(dir, localcache.Options{MaxBytes: maxBytes, Compression: compression})
 				if err != nil {
 					return fmt.Errorf("opening cache %s: %w", dir, err)
 				}
@@ -161,6 +172,7 @@ dropped, so FindMissingBlobs reports it missing and the next upload repairs it.`
 	fl.Int64Var(&maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together")
 	fl.DurationVar(&uploadTTL, "upload-ttl", server.DefaultUploadTTL, "how long an interrupted upload is kept for resumption after its last message")
 	fl.DurationVar(&idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "abort a write stream that sends nothing for this long")
+	fl.BoolVar(&compression, "compression", true, "store blobs zstd-compressed at rest when that shrinks them, and answer compressed-blobs reads with the stored frames")
 	return cmd
 }
 
