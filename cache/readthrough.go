@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/singleflight"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -84,14 +86,17 @@ func refetchable(err error) bool {
 // status code (NotFound, Unavailable, Internal for corrupt remote data) and
 // name the digest.
 func (rt *ReadThrough) Open(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, error) {
+	span := trace.SpanFromContext(ctx)
 	b, err := rt.local.Open(ctx, ns, d)
 	if err == nil {
 		rt.localHits.Add(1)
+		span.SetAttributes(attribute.String("tier", "local"))
 		return b, nil
 	}
 	if rt.remote == nil || !refetchable(err) {
 		return nil, err
 	}
+	span.SetAttributes(attribute.String("tier", "remote"))
 	if err := rt.Fetch(ctx, ns, d); err != nil {
 		return nil, err
 	}

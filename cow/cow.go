@@ -26,6 +26,7 @@ import (
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -33,6 +34,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 const (
@@ -98,6 +100,10 @@ type Options struct {
 	// TempDir is where the overlay file holding dirty chunks is created.
 	// Default os.TempDir().
 	TempDir string
+	// Parent carries the values (such as the trace span) chunk fetches run
+	// under; its cancellation does not affect the store, which lives until
+	// Close. Default context.Background().
+	Parent context.Context
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -247,7 +253,11 @@ func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*S
 		cleanSize: cf.GetSize(),
 		chunks:    make(map[int64]*chunk, len(cf.GetChunks())),
 	}
-	s.ctx, s.cancel = context.WithCancel(context.Background())
+	parent := context.Background()
+	if opts.Parent != nil {
+		parent = context.WithoutCancel(opts.Parent)
+	}
+	s.ctx, s.cancel = context.WithCancel(parent)
 	s.pq.max = opts.PrefetchConcurrency
 	s.pq.rate = opts.PrefetchRate
 	for _, c := range cf.GetChunks() {
@@ -401,15 +411,21 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	if s.closed.Load() {
 		return s.errClosed("fetching chunk of", c.off)
 	}
-	b, err := s.src.Open(s.ctx, s.ns, c.d)
+	ctx, span := telemetry.Start(s.ctx, "snaploader.chunk_fetch",
+		attribute.String("file", s.name), attribute.Int64("offset", c.off), attribute.Int64("bytes", c.d.SizeBytes),
+		attribute.String("digest", c.d.GetHash()), attribute.Bool("foreground", foreground))
+	b, err := s.src.Open(ctx, s.ns, c.d)
 	if err == nil && b.Size() != c.d.SizeBytes {
 		b.Close()
 		err = status.Errorf(codes.Internal, "source blob has %d bytes", b.Size())
 	}
 	if err != nil {
 		s.fetchErrors.Add(1)
-		return fmt.Errorf("fetching chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)
+		err = fmt.Errorf("fetching chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)
+		telemetry.End(span, err)
+		return err
 	}
+	telemetry.End(span, nil)
 	if s.closed.Load() {
 		b.Close()
 		return s.errClosed("fetching chunk of", c.off)

@@ -30,6 +30,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // Options configures a Client.
@@ -134,6 +135,9 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 		// defaults stall a blob stream on every 64 KiB round trip.
 		grpc.WithInitialWindowSize(flowWindow),
 		grpc.WithInitialConnWindowSize(4 * flowWindow),
+		// Calls are traced and carry the caller's trace context to the
+		// server (a no-op unless tracing is on).
+		grpc.WithStatsHandler(telemetry.GRPCClientHandler()),
 	}
 	if len(md) > 0 {
 		dopts = append(dopts,

@@ -4,15 +4,18 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // Source names the tier a manifest came from.
@@ -62,19 +65,74 @@ func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySe
 	if err != nil {
 		return nil, err
 	}
+	ctx, span := telemetry.Start(ctx, "snaploader.get_snapshot", attribute.String("ref", keys.GetBranchKey().GetRef()),
+		attribute.Int("fallbacks", len(keys.GetFallbackKeys())), attribute.String("read_policy", opts.ReadPolicy.String()))
 	var last error
 	for i, key := range AllKeys(keys) {
-		snap, err := l.getKey(ctx, key, i, opts)
+		snap, err := l.getKeyTraced(ctx, key, i, opts)
 		if err == nil {
+			span.SetAttributes(attribute.String("source", string(snap.Source)), attribute.Int("fallback_index", i),
+				attribute.String("snapshot_id", snap.Manifest.GetVmMetadata().GetSnapshotId()))
+			telemetry.End(span, nil)
 			return snap, nil
 		}
 		if ctx.Err() != nil {
-			return nil, fmt.Errorf("looking up %s: %w", keyString(key), status.FromContextError(ctx.Err()).Err())
+			err = fmt.Errorf("looking up %s: %w", keyString(key), status.FromContextError(ctx.Err()).Err())
+			telemetry.End(span, err)
+			return nil, err
 		}
-		l.opts.Logger.Debug("no usable snapshot under key", "key", keyString(key), "fallback_index", i, "err", err)
+		l.logRejected(key, i, err)
 		last = errorsJoinLast(last, err)
 	}
-	return nil, fmt.Errorf("no snapshot for %s or its %d fallbacks: %w", keyString(keys.GetBranchKey()), len(keys.GetFallbackKeys()), last)
+	err = fmt.Errorf("no snapshot for %s or its %d fallbacks: %w", keyString(keys.GetBranchKey()), len(keys.GetFallbackKeys()), last)
+	span.SetAttributes(attribute.Bool("cold", true))
+	telemetry.End(span, err)
+	return nil, err
+}
+
+// getKeyTraced is getKey in a span of its own saying which tier served the
+// key or why it was rejected.
+func (l *Loader) getKeyTraced(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
+	ctx, span := telemetry.Start(ctx, "snaploader.get_key", attribute.String("ref", key.GetRef()), attribute.Int("fallback_index", idx))
+	snap, err := l.getKey(ctx, key, idx, opts)
+	if err != nil {
+		span.SetAttributes(attribute.String("rejected", rejection(err)), attribute.String("reason", err.Error()))
+		span.End() // a rejected key is an answer, not a failure
+		return nil, err
+	}
+	span.SetAttributes(attribute.String("tier", string(snap.Source)))
+	span.End()
+	return snap, nil
+}
+
+// rejection classifies why a key yielded no snapshot.
+func rejection(err error) string {
+	msg := err.Error()
+	switch {
+	case strings.Contains(msg, "is stale") || strings.Contains(msg, "treated as stale"):
+		return "stale"
+	case strings.Contains(msg, "referenced blobs are missing") || strings.Contains(msg, "in neither tier"):
+		return "incomplete"
+	case status.Code(err) == codes.NotFound:
+		return "absent"
+	case cache.IsOutage(err):
+		return "unavailable"
+	case status.Code(err) == codes.FailedPrecondition:
+		return "unreadable"
+	}
+	return "invalid"
+}
+
+// logRejected says why a key of the set was passed over: an absent key at
+// debug level, anything else (stale, incomplete, corrupt, unreadable) as a
+// notice naming the key and the reason.
+func (l *Loader) logRejected(key *snapshotpb.SnapshotKey, idx int, err error) {
+	why := rejection(err)
+	if why == "absent" {
+		l.opts.Logger.Debug("no snapshot under key", "key", keyString(key), "fallback_index", idx, "err", err)
+		return
+	}
+	l.opts.Logger.Warn("snapshot under key rejected", "key", keyString(key), "fallback_index", idx, "reason", why, "err", err)
 }
 
 // GetSnapshotByID fetches one exact snapshot by id.

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -20,6 +21,7 @@ import (
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // MaxWorkingSetChunks bounds the working set recorded per chunked file: the
@@ -99,7 +101,25 @@ func (r *SaveResult) Totals() (t FileStats) {
 // goes down before the remote manifest is written does not fail the save:
 // it completes locally, with a local manifest, and SaveResult.RemoteError
 // says why nothing was published.
-func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResult, error) {
+func (l *Loader) CacheSnapshot(ctx context.Context, req *SaveRequest) (res *SaveResult, err error) {
+	ctx, span := telemetry.Start(ctx, "snaploader.save", attribute.Bool("remote_requested", req.Remote), attribute.Bool("local", req.Local))
+	defer func() {
+		if res != nil {
+			t := res.Totals()
+			span.SetAttributes(attribute.String("snapshot_id", res.SnapshotID), attribute.String("ref", res.Key.GetRef()),
+				attribute.Bool("published_remote", res.PublishedRemote), attribute.Bool("published_local", res.PublishedLocal),
+				attribute.Int("chunks_total", t.ChunksTotal), attribute.Int("chunks_written", t.ChunksWritten),
+				attribute.Int64("bytes_written", t.BytesWritten), attribute.Int("remote_chunks_written", t.RemoteChunksWritten))
+			if res.RemoteError != nil {
+				span.SetAttributes(attribute.String("remote_error", res.RemoteError.Error()))
+			}
+		}
+		telemetry.End(span, err)
+	}()
+	return l.cacheSnapshot(ctx, req)
+}
+
+func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResult, error) {
 	start := time.Now()
 	if req.Key == nil {
 		return nil, invalidf("write key is nil")

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -17,6 +18,7 @@ import (
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // UnpackOptions configure UnpackSnapshot.
@@ -61,7 +63,10 @@ func (u *Unpacked) Close() error {
 // UnpackSnapshot writes snap's artifact files into dir and opens a lazy
 // store per chunked file; no chunk is read until touched. Every blob of
 // the snapshot stays pinned in the local cache until Close.
-func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string, opts UnpackOptions) (*Unpacked, error) {
+func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string, opts UnpackOptions) (_ *Unpacked, err error) {
+	ctx, span := telemetry.Start(ctx, "snaploader.unpack", attribute.String("snapshot_id", snap.Manifest.GetVmMetadata().GetSnapshotId()),
+		attribute.Int("files", len(snap.Manifest.GetFiles())), attribute.Int("chunked_files", len(snap.Manifest.GetChunkedFiles())))
+	defer func() { telemetry.End(span, err) }()
 	m := snap.Manifest
 	ns := l.ns(snap.Key.GetInstanceName(), snap.Function)
 	var all []*repb.Digest
@@ -120,6 +125,7 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 			ChunkSize: cf.GetChunkSize(),
 			ReadAhead: readAhead,
 			TempDir:   l.local.TempDir(),
+			Parent:    ctx,
 		})
 		if err != nil {
 			return fail(fmt.Errorf("opening chunked file %q: %w", cf.GetName(), err))

@@ -15,7 +15,10 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := newRootCmd().ExecuteContext(ctx); err != nil {
+	root, tr := newRootCmd()
+	err := root.ExecuteContext(ctx)
+	tr.finish(err)
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "snaploader: %v\n", err)
 		if s, ok := status.FromError(err); ok && s.Code() != 0 {
 			fmt.Fprintf(os.Stderr, "snaploader: error kind: %s\n", s.Code())

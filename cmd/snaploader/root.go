@@ -26,7 +26,7 @@ import (
 // DefaultCacheBytes bounds the local cache when --cache-max-bytes is unset.
 const DefaultCacheBytes = 20 << 30
 
-func newRootCmd() *cobra.Command {
+func newRootCmd() (*cobra.Command, *commandTrace) {
 	root := &cobra.Command{
 		Use:           "snaploader",
 		Short:         "Save and restore microVM snapshots through content-addressed caches",
@@ -34,7 +34,9 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd(), newPagerCmd(), newQemuCmd(), newGCCmd(), newKeygenCmd())
-	return root
+	tr := &commandTrace{}
+	tr.register(root)
+	return root, tr
 }
 
 // cacheFlags select and configure the caches.
