@@ -50,6 +50,10 @@ const (
 	// also what a frame of the reference encoder's levels 1-19 asks for at
 	// most, and what serve accepts in uploads.
 	MaxWindow = 8 << 20
+	// encWindow is the window of the frames the cache writes: a default
+	// chunk (4,096,000 bytes) fits in it. An encoder holds about this much
+	// history.
+	encWindow = 4 << 20
 
 	// minCompressed: blobs smaller than this are always stored raw (a
 	// 4 KiB disk block cannot shrink).
@@ -66,7 +70,7 @@ func worthCompressing(n, raw int64) bool { return n*16 <= raw*15 }
 
 var encPool = sync.Pool{New: func() any {
 	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-		zstd.WithWindowSize(MaxWindow), zstd.WithEncoderCRC(true))
+		zstd.WithWindowSize(encWindow), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(true))
 	if err != nil {
 		panic(err)
 	}
@@ -148,7 +152,11 @@ var errNotWorth = errors.New("does not shrink")
 // at offset 0) as zstd frames plus the trailer, and returns dst's length.
 // It returns errNotWorth as soon as the output is not going to be worth
 // storing in place of raw bytes of disk.
-func compressInto(ctx context.Context, dst *os.File, src io.Reader, size, raw int64) (int64, error) {
+func (c *Cache) compressInto(ctx context.Context, dst *os.File, src io.Reader, size, raw int64) (int64, error) {
+	if err := c.acquireEncoder(ctx); err != nil {
+		return 0, err
+	}
+	defer func() { <-c.encoders }()
 	bw := bufio.NewWriterSize(dst, 256<<10)
 	cw := &countingWriter{w: bw, h: blake3.New()}
 	enc := encPool.Get().(*zstd.Encoder)
@@ -203,10 +211,11 @@ func compressInto(ctx context.Context, dst *os.File, src io.Reader, size, raw in
 
 // compressBytes returns data as zstd frames plus trailer, or nil when that
 // is not worth storing.
-func compressBytes(data []byte) []byte {
-	if len(data) < minCompressed {
+func (c *Cache) compressBytes(ctx context.Context, data []byte) []byte {
+	if len(data) < minCompressed || c.acquireEncoder(ctx) != nil {
 		return nil
 	}
+	defer func() { <-c.encoders }()
 	enc := encPool.Get().(*zstd.Encoder)
 	out := enc.EncodeAll(data, make([]byte, 0, len(data)/2))
 	encPool.Put(enc)
@@ -216,6 +225,17 @@ func compressBytes(data []byte) []byte {
 	}
 	sum := blake3.Sum256(out)
 	return append(out, trailer(sum[:])...)
+}
+
+// acquireEncoder waits for one of the cache's encoder slots, which bound
+// the memory compression takes whatever the number of writers.
+func (c *Cache) acquireEncoder(ctx context.Context) error {
+	select {
+	case c.encoders <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return status.FromContextError(ctx.Err()).Err()
+	}
 }
 
 // frameReader reads a compressed blob's frames, hashing them; at their end

@@ -59,6 +59,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -145,6 +146,8 @@ type Cache struct {
 	scanning  bool
 
 	evictions atomic.Int64
+	// encoders holds a token per zstd encoder in use (Options.Compression).
+	encoders chan struct{}
 }
 
 var (
@@ -174,10 +177,11 @@ func New(dir string, opts Options) (*Cache, error) {
 		}
 	}
 	c := &Cache{
-		dir:     abs,
-		opts:    opts,
-		entries: map[string]*entry{},
-		lru:     list.New(),
+		dir:      abs,
+		opts:     opts,
+		entries:  map[string]*entry{},
+		lru:      list.New(),
+		encoders: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))),
 	}
 	c.cleanTemp()
 	if err := c.Rescan(context.Background()); err != nil {
@@ -643,7 +647,7 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		if err != nil {
 			return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
 		}
-		_, err = compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
+		_, err = c.compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
 		if err == nil {
 			size, err := c.placeFile(g, rel, func(*os.File) error { return nil })
 			if err != nil {
@@ -976,7 +980,7 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 	}
 	var z []byte
 	if c.opts.Compression {
-		z = compressBytes(data)
+		z = c.compressBytes(ctx, data)
 	}
 	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
 		if z != nil {
@@ -1042,7 +1046,7 @@ func (c *Cache) placeCompressed(ctx context.Context, f *os.File, rel string, d *
 		os.Remove(f.Name())
 		return 0, err
 	}
-	_, err = compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
+	_, err = c.compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
 	if errors.Is(err, errNotWorth) {
 		g.Close()
 		os.Remove(g.Name())
