@@ -86,25 +86,38 @@ func refetchable(err error) bool {
 // status code (NotFound, Unavailable, Internal for corrupt remote data) and
 // name the digest.
 func (rt *ReadThrough) Open(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, error) {
+	b, _, err := rt.OpenTier(ctx, ns, d)
+	return b, err
+}
+
+// Tier names of OpenTier.
+const (
+	TierLocal  = "local"
+	TierRemote = "remote"
+)
+
+// OpenTier is Open, also saying which tier served the blob (TierLocal, or
+// TierRemote when it had to be fetched).
+func (rt *ReadThrough) OpenTier(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, string, error) {
 	span := trace.SpanFromContext(ctx)
 	b, err := rt.local.Open(ctx, ns, d)
 	if err == nil {
 		rt.localHits.Add(1)
-		span.SetAttributes(attribute.String("tier", "local"))
-		return b, nil
+		span.SetAttributes(attribute.String("tier", TierLocal))
+		return b, TierLocal, nil
 	}
 	if rt.remote == nil || !refetchable(err) {
-		return nil, err
+		return nil, TierLocal, err
 	}
-	span.SetAttributes(attribute.String("tier", "remote"))
+	span.SetAttributes(attribute.String("tier", TierRemote))
 	if err := rt.Fetch(ctx, ns, d); err != nil {
-		return nil, err
+		return nil, TierRemote, err
 	}
 	b, err = rt.local.Open(ctx, ns, d)
 	if err != nil {
-		return nil, fmt.Errorf("opening blob %s after fetching it: %w", digest.String(d), err)
+		return nil, TierRemote, fmt.Errorf("opening blob %s after fetching it: %w", digest.String(d), err)
 	}
-	return b, nil
+	return b, TierRemote, nil
 }
 
 // Fetch makes sure the local tier holds a verified copy of d, copying it from

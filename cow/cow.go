@@ -24,6 +24,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"go.opentelemetry.io/otel/attribute"
@@ -104,6 +105,28 @@ type Options struct {
 	// under; its cancellation does not affect the store, which lives until
 	// Close. Default context.Background().
 	Parent context.Context
+	// OnFetch, when set, is called after every successful open of a clean
+	// chunk from the source (from several goroutines, with the chunk's lock
+	// held: it must be quick, e.g. count into metrics).
+	OnFetch func(FetchEvent)
+}
+
+// FetchEvent describes one open of a clean chunk from the source.
+type FetchEvent struct {
+	File       string
+	Offset     int64
+	Bytes      int64
+	Foreground bool          // a ReadAt or WriteAt waited for it
+	Wait       time.Duration // how long the open took
+	// Tier is the tier that served it, when the source says (see
+	// TierSource), else "".
+	Tier string
+}
+
+// TierSource is a Source that says which tier served each open (e.g.
+// cache.ReadThrough).
+type TierSource interface {
+	OpenTier(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, string, error)
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -414,7 +437,15 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	ctx, span := telemetry.Start(s.ctx, "snaploader.chunk_fetch",
 		attribute.String("file", s.name), attribute.Int64("offset", c.off), attribute.Int64("bytes", c.d.SizeBytes),
 		attribute.String("digest", c.d.GetHash()), attribute.Bool("foreground", foreground))
-	b, err := s.src.Open(ctx, s.ns, c.d)
+	start := time.Now()
+	var b cache.Blob
+	var tier string
+	var err error
+	if ts, ok := s.src.(TierSource); ok {
+		b, tier, err = ts.OpenTier(ctx, s.ns, c.d)
+	} else {
+		b, err = s.src.Open(ctx, s.ns, c.d)
+	}
 	if err == nil && b.Size() != c.d.SizeBytes {
 		b.Close()
 		err = status.Errorf(codes.Internal, "source blob has %d bytes", b.Size())
@@ -426,6 +457,9 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 		return err
 	}
 	telemetry.End(span, nil)
+	if s.opts.OnFetch != nil {
+		s.opts.OnFetch(FetchEvent{File: s.name, Offset: c.off, Bytes: c.d.SizeBytes, Foreground: foreground, Wait: time.Since(start), Tier: tier})
+	}
 	if s.closed.Load() {
 		b.Close()
 		return s.errClosed("fetching chunk of", c.off)

@@ -542,6 +542,30 @@ func (l *Loader) checkAvailable(ctx context.Context, ns cache.Namespace, cf *sna
 	return status.Errorf(codes.NotFound, "%d chunks are in no cache any more, e.g. %s", len(missing), describeBlob(m, missing[0]))
 }
 
+// PublishDecision is the remote save policy's answer for one save.
+type PublishDecision struct {
+	Publish bool
+	// Reason says why not, when Publish is false; Label is a short
+	// form of it for metrics.
+	Reason, Label string
+}
+
+// DecidePublish applies the remote save policy (SPEC §4) like
+// ShouldPublishRemote and says why a save is not published.
+func DecidePublish(p SavePolicy, writeRef, defaultRef string, loaded *Snapshot) PublishDecision {
+	if ShouldPublishRemote(p, writeRef, defaultRef, loaded) {
+		return PublishDecision{Publish: true}
+	}
+	hint := ""
+	if defaultRef == "" {
+		hint = fmt.Sprintf("; no default ref was given (--default-ref or $%s), so ref %q is not known to be the default branch, whose runs always publish", EnvDefaultBranch, writeRef)
+	}
+	if p == NoneAvailable {
+		return PublishDecision{Label: "snapshot_found", Reason: fmt.Sprintf("save policy none-available: this run started from a snapshot (key ref %q)%s", loaded.Key.GetRef(), hint)}
+	}
+	return PublishDecision{Label: "branch_key_has_snapshot", Reason: fmt.Sprintf("save policy first-non-default-ref: a snapshot already exists under the branch key (ref %q) and the ref is not the default ref%s; use --save-policy always to publish every run", writeRef, hint)}
+}
+
 // ShouldPublishRemote applies the remote save policy (SPEC §4): runs on
 // the default ref always publish; otherwise Always publishes, NoneAvailable
 // only when nothing was loaded, FirstNonDefaultRef only when the run did not

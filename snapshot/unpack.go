@@ -32,6 +32,9 @@ type UnpackOptions struct {
 	// it explicitly: on a restored QEMU guest the working set alone reached
 	// the guest's first output sooner and fetched a quarter fewer bytes.
 	PrefetchWorkingSet bool
+	// OnFetch, when set, observes every chunk opened from a tier (see
+	// cow.Options.OnFetch).
+	OnFetch func(cow.FetchEvent)
 }
 
 // Unpacked is a restored snapshot: artifact files on disk and a lazy
@@ -126,6 +129,7 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 			ReadAhead: readAhead,
 			TempDir:   l.local.TempDir(),
 			Parent:    ctx,
+			OnFetch:   opts.OnFetch,
 		})
 		if err != nil {
 			return fail(fmt.Errorf("opening chunked file %q: %w", cf.GetName(), err))

@@ -86,6 +86,9 @@ func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, err
 			snap, err = e.loader.GetSnapshot(ctx, keys, opts)
 		}
 	}
+	if err == nil || cache.IsNotFound(err) || cache.IsOutage(err) {
+		e.metrics.Lookup(snap, err)
+	}
 	if err != nil {
 		e.Close()
 		return nil, nil, err

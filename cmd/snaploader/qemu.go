@@ -93,7 +93,7 @@ func saveTarget(ctx context.Context, e *env, kf *keyFlags, cf *cacheFlags) (vmm.
 		return vmm.SaveOptions{}, err
 	}
 	// The save policies of `snaploader save`, with their defaults.
-	remote, localManifest := decidePublish(ctx, e, keys, cf.remote.readOnly, snapshot.FirstNonDefaultRef,
+	remote, localManifest, _ := decidePublish(ctx, e, keys, cf.remote.readOnly, snapshot.FirstNonDefaultRef,
 		snapshot.GetOptions{ReadPolicy: snapshot.LocalFirst}, kf.defaultRef)
 	return vmm.SaveOptions{Key: keys.GetWriteKey(), Local: true, LocalManifest: localManifest, Remote: remote}, nil
 }
@@ -162,7 +162,7 @@ func newQemuRestoreCmd() *cobra.Command {
 			defer cleanup()
 			dir = workDir
 			v, err := h.Restore(ctx, snap, vmm.RestoreOptions{Dir: dir, SerialLog: serial,
-				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch}})
+				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched}})
 			if err != nil {
 				return err
 			}

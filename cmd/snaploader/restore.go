@@ -88,7 +88,7 @@ func newRestoreCmd() *cobra.Command {
 // temporary name of fileio.TempNameLen bytes whatever its own name, and
 // renamed into place when complete.
 func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, progress bool) (*report, error) {
-	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{})
+	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{OnFetch: e.metrics.Fetched})
 	if err != nil {
 		return nil, err
 	}

@@ -18,6 +18,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
 	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/clientmetrics"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/snapshot"
@@ -49,6 +50,9 @@ type cacheFlags struct {
 	verbose  bool
 	remote   remoteFlags
 	keyFile  string
+	// metricsFile and metricsAddr: where the host's metrics go.
+	metricsFile string
+	metricsAddr string
 
 	functionSet bool
 }
@@ -61,6 +65,8 @@ func (f *cacheFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256 (with a REAPI remote, default: what the server offers, BLAKE3 first)")
 	cmd.PreRun = func(cmd *cobra.Command, _ []string) { f.functionSet = cmd.Flags().Changed("digest-function") }
 	cmd.Flags().BoolVarP(&f.verbose, "verbose", "v", false, "log debug messages to stderr")
+	cmd.Flags().StringVar(&f.metricsFile, "metrics-textfile", "", "when the command ends, write its metrics (hits, cold starts, bytes fetched by tier, chunk waits, saves, skipped publishes) to this file for node-exporter's textfile collector")
+	cmd.Flags().StringVar(&f.metricsAddr, "metrics-addr", "", "serve the host's metrics at http://ADDR/metrics while the command runs (for long-running commands: qemu restore, pager)")
 	cmd.Flags().StringVar(&f.keyFile, "encryption-key-file", os.Getenv("SNAPLOADER_ENCRYPTION_KEY_FILE"), "group key file: everything stored in the remote tier is encrypted on this host (see keygen; default $SNAPLOADER_ENCRYPTION_KEY_FILE)")
 	f.remote.register(cmd)
 }
@@ -80,6 +86,8 @@ type env struct {
 	// remoteWritable is false when the remote refuses this client's
 	// action-cache updates (a read-only key).
 	remoteWritable bool
+	metrics        *clientmetrics.Metrics
+	metricsFile    string
 	loader         *snapshot.Loader
 	log            *slog.Logger
 	closer         io.Closer
@@ -128,7 +136,15 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 			return nil, err
 		}
 	}
-	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer}
+	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer, metrics: clientmetrics.New(), metricsFile: f.metricsFile}
+	if f.metricsAddr != "" {
+		addr, err := e.metrics.Serve(ctx, f.metricsAddr)
+		if err != nil {
+			e.Close()
+			return nil, err
+		}
+		log.Info("serving metrics", "url", "http://"+addr+"/metrics")
+	}
 	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn, RemoteFunctions: r.fns})
 	if err != nil {
 		e.Close()
@@ -138,6 +154,14 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 }
 
 func (e *env) Close() error {
+	if e.loader != nil && e.loader.RemoteDown() != nil {
+		e.metrics.RemoteUnavailable()
+	}
+	if e.metricsFile != "" {
+		if err := e.metrics.WriteTextfile(e.metricsFile); err != nil {
+			e.log.Warn("writing metrics", "err", err)
+		}
+	}
 	if e.closer != nil {
 		e.closer.Close()
 	}

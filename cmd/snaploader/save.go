@@ -41,6 +41,9 @@ type report struct {
 	// RemoteError says why the remote tier was not used: it was down, and
 	// the command went on with the local cache (a save completed locally).
 	RemoteError string `json:"remote_error,omitempty"`
+	// RemoteSkipped says why the save policy did not publish to the
+	// remote.
+	RemoteSkipped string `json:"remote_skipped,omitempty"`
 	// Invalidated: the key was invalidated while the save ran.
 	Invalidated bool `json:"invalidated,omitempty"`
 	// DiffBase is the snapshot --diff files were merged over, and
@@ -155,7 +158,8 @@ func newSaveCmd() *cobra.Command {
 				return err
 			}
 			pub := publishPlan{local: true, progress: !asJSON && stderrIsTerminal()}
-			pub.remote, pub.localManifest = decidePublish(ctx, e, keys, cf.remote.readOnly, sp, gopts, kf.defaultRef)
+			var skipped string
+			pub.remote, pub.localManifest, skipped = decidePublish(ctx, e, keys, cf.remote.readOnly, sp, gopts, kf.defaultRef)
 			if pub.remote && !e.remoteWritable {
 				return status.Errorf(codes.FailedPrecondition, "saving to remote %s: the remote refuses action-cache updates from this client (a read-only key?), so nothing could be published; pass --remote-read-only to save locally only", cf.remote.url)
 			}
@@ -189,6 +193,7 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			e.metrics.Saved(res.SaveResult)
 			t := res.Totals()
 			source := "local" // the tier manifest_digest names
 			if !res.PublishedLocal {
@@ -221,6 +226,7 @@ func newSaveCmd() *cobra.Command {
 			if res.RemoteError != nil {
 				rep.RemoteError = res.RemoteError.Error()
 			}
+			rep.RemoteSkipped = skipped
 			if asJSON {
 				return printJSON(os.Stdout, rep)
 			}
@@ -256,16 +262,27 @@ func newSaveCmd() *cobra.Command {
 // gets this snapshot, decided by what this run would have started from, and
 // whether a local manifest is written (not under newest when the snapshot
 // is published remotely).
-func decidePublish(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, readOnly bool, sp snapshot.SavePolicy, gopts snapshot.GetOptions, defaultRef string) (remote, localManifest bool) {
-	if e.remote == nil || readOnly {
-		return false, true
+//
+// A save that could publish and does not says why (skipped): on stderr, in
+// --json as remote_skipped, and in the metrics.
+func decidePublish(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, readOnly bool, sp snapshot.SavePolicy, gopts snapshot.GetOptions, defaultRef string) (remote, localManifest bool, skipped string) {
+	if e.remote == nil {
+		return false, true, ""
+	}
+	if readOnly {
+		e.metrics.PublishSkipped("read_only")
+		return false, true, "the remote is read-only here (--remote-read-only)"
 	}
 	loaded, err := e.loader.GetSnapshot(ctx, keys, gopts)
 	if err != nil && status.Code(err) != codes.NotFound {
 		e.log.Warn("looking up the current snapshot before saving", "err", err)
 	}
-	remote = snapshot.ShouldPublishRemote(sp, keys.GetWriteKey().GetRef(), defaultRef, loaded)
-	return remote, !(remote && gopts.ReadPolicy == snapshot.Newest)
+	d := snapshot.DecidePublish(sp, keys.GetWriteKey().GetRef(), defaultRef, loaded)
+	if !d.Publish {
+		e.metrics.PublishSkipped(d.Label)
+		e.log.Warn("not publishing to the remote", "reason", d.Reason)
+	}
+	return d.Publish, !(d.Publish && gopts.ReadPolicy == snapshot.Newest), d.Reason
 }
 
 // publishPlan says where a save goes.
