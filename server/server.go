@@ -35,6 +35,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // APIKey is what an API key grants.
@@ -252,6 +253,9 @@ func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 		grpc.InitialConnWindowSize(4 * streamWindow),
 		grpc.ChainUnaryInterceptor(s.san.unary),
 		grpc.ChainStreamInterceptor(s.san.stream),
+		// Every RPC is traced as a child of its caller's span (a no-op
+		// unless tracing is on).
+		grpc.StatsHandler(telemetry.GRPCServerHandler()),
 	}
 }
 
@@ -380,6 +384,7 @@ func (s *Server) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesR
 			DigestFunctions:                 s.opts.DigestFunctions,
 			ActionCacheUpdateCapabilities:   &repb.ActionCacheUpdateCapabilities{UpdateEnabled: !c.readOnly},
 			MaxBatchTotalSizeBytes:          s.opts.MaxBatchBytes,
+			MaxCasBlobSizeBytes:             s.opts.MaxBlobBytes,
 			SymlinkAbsolutePathStrategy:     repb.SymlinkAbsolutePathStrategy_DISALLOWED,
 			SupportedCompressors:            []repb.Compressor_Value{repb.Compressor_ZSTD},
 			SupportedBatchUpdateCompressors: nil,
