@@ -101,11 +101,11 @@ func BenchmarkSequentialReadCompression(b *testing.B) {
 			}
 			cf := s0.ChunkedFile()
 			s0.Close()
-			b.ReportMetric(float64(lc.Usage())/(1<<20), "stored-MiB")
 			b.SetBytes(size)
 			for b.Loop() {
 				lazyRead(b, cf, lc, dir, io.Discard)
 			}
+			b.ReportMetric(float64(lc.Usage())/(1<<20), "stored-MiB")
 		})
 	}
 }

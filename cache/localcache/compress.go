@@ -447,18 +447,7 @@ func (c *Cache) readCompressedPlain(f *os.File, e *entry, fm form, ns cache.Name
 		f.Close()
 		return nil, err
 	}
-	c.mu.Lock()
-	verified := e.verified
-	c.mu.Unlock()
-	if verified {
-		return dr, nil
-	}
-	vr, err := cache.NewVerifyingReader(dr, ns.DigestFunction(), d)
-	if err != nil {
-		dr.Close()
-		return nil, err
-	}
-	return &checkedReader{ReadCloser: vr, c: c, e: e, f: f}, nil
+	return c.verifiedStream(dr, f, e, ns, d)
 }
 
 // openCompressed is Open of a compressed blob: its content is decoded into

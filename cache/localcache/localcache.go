@@ -399,18 +399,36 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 // unpins it).
 func (c *Cache) readRaw(f *os.File, e *entry, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	c.unpin(e)
+	return c.verifiedStream(f, f, e, ns, d)
+}
+
+// verifiedStream returns the content stream rc of e's file f, verified
+// against d while streaming unless this process has verified it already.
+func (c *Cache) verifiedStream(rc io.ReadCloser, f *os.File, e *entry, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	c.mu.Lock()
 	verified := e.verified
 	c.mu.Unlock()
 	if verified {
-		return f, nil
+		return rc, nil
 	}
-	vr, err := cache.NewVerifyingReader(f, ns.DigestFunction(), d)
+	vr, err := cache.NewVerifyingReader(rc, ns.DigestFunction(), d)
 	if err != nil {
-		f.Close()
+		rc.Close()
 		return nil, err
 	}
 	return &checkedReader{ReadCloser: vr, c: c, e: e, f: f}, nil
+}
+
+// verifiedPresent reports whether the entry rel is present and verified
+// (a write of it can be skipped).
+func (c *Cache) verifiedPresent(rel string) bool {
+	e := c.lookup(rel, false)
+	if e == nil {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return e.verified
 }
 
 // checkedReader records the outcome of a streaming verification.
@@ -626,14 +644,9 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		return fmt.Errorf("writing blob: %w", err)
 	}
 	rel := casRel(ns.DigestFunction(), d)
-	if e := c.lookup(rel, false); e != nil {
-		c.mu.Lock()
-		ok := e.verified
-		c.mu.Unlock()
-		if ok {
-			os.Remove(f.Name())
-			return nil
-		}
+	if c.verifiedPresent(rel) {
+		os.Remove(f.Name())
+		return nil
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
@@ -711,14 +724,9 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 		return fmt.Errorf("writing blob: %w", err)
 	}
 	rel := casRel(ns.DigestFunction(), d)
-	if e := c.lookup(rel, false); e != nil {
-		c.mu.Lock()
-		ok := e.verified
-		c.mu.Unlock()
-		if ok {
-			os.Remove(f.Name())
-			return nil
-		}
+	if c.verifiedPresent(rel) {
+		os.Remove(f.Name())
+		return nil
 	}
 	fail := func(err error) error {
 		return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
@@ -862,13 +870,8 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		return fmt.Errorf("writing blob: %w", err)
 	}
 	rel := casRel(ns.DigestFunction(), d)
-	if e := c.lookup(rel, false); e != nil {
-		c.mu.Lock()
-		ok := e.verified
-		c.mu.Unlock()
-		if ok {
-			return nil
-		}
+	if c.verifiedPresent(rel) {
+		return nil
 	}
 	v, err := digest.NewVerifier(ns.DigestFunction(), d)
 	if err != nil {
@@ -970,13 +973,8 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 		return status.Errorf(codes.InvalidArgument, "writing blob %s: got %d bytes", digest.String(d), len(data))
 	}
 	rel := casRel(ns.DigestFunction(), d)
-	if e := c.lookup(rel, false); e != nil {
-		c.mu.Lock()
-		ok := e.verified
-		c.mu.Unlock()
-		if ok {
-			return nil
-		}
+	if c.verifiedPresent(rel) {
+		return nil
 	}
 	var z []byte
 	if c.opts.Compression {
