@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"bytes"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -51,5 +53,39 @@ func TestRejectedFallbackIsLogged(t *testing.T) {
 	}
 	if !strings.Contains(r.stderr, "rejected") || !strings.Contains(r.stderr, "reason=stale") || !strings.Contains(r.stderr, `ref=\"main\"`) {
 		t.Errorf("the stale fallback's rejection is not logged with its key and reason:\n%s", r.stderr)
+	}
+}
+
+// An artifact file larger than the largest blob the remote takes (serve
+// with --max-blob-bytes, like a third-party cache with a small block size)
+// is stored as chunks and restored as the same file, encrypted or not.
+func TestOversizedArtifactStoredAsChunks(t *testing.T) {
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"), "--max-blob-bytes", "1048576")
+	kernel := filepath.Join(dir, "kernel")
+	want := writeVM(t, kernel, 3<<20+12345, 10)
+	keys := keyFile(t, dir, "keys")
+	for _, tc := range []struct {
+		name  string
+		extra []string
+	}{{"plain", nil}, {"encrypted", []string{"--encryption-key-file", keys}}} {
+		t.Run(tc.name, func(t *testing.T) {
+			key := append([]string{"--remote", srv.url(), "--instance", "i-" + tc.name, "--config-hash", "c", "--ref", "main"}, tc.extra...)
+			run(ctx, append([]string{"save", "--cache-dir", filepath.Join(dir, tc.name+"-a"), "--file", "kernel=" + kernel}, key...)...).must(t, "save of an oversized artifact")
+			out := filepath.Join(dir, tc.name+"-out")
+			r := run(ctx, append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, tc.name+"-b"), "--out", out}, key...)...).must(t, "restore")
+			if rep := r.report(t); rep["source"] != "remote" {
+				t.Errorf("restored from %v, want the remote", rep["source"])
+			}
+			got, err := os.ReadFile(filepath.Join(out, "kernel"))
+			if err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("restored artifact differs (%v)", err)
+			}
+			insp := run(ctx, append([]string{"inspect", "--cache-dir", filepath.Join(dir, tc.name+"-b")}, key...)...).must(t, "inspect")
+			if !strings.Contains(insp.stdout, `"artifact": true`) {
+				t.Errorf("the manifest does not say the artifact is stored as chunks:\n%s", insp.stdout)
+			}
+		})
 	}
 }

@@ -20,3 +20,7 @@ func (c *Client) EntryFunction() digest.Function {
 	}
 	return digest.SHA256
 }
+
+// MaxBlobBytes is the largest blob the server says it accepts
+// (max_cas_blob_size_bytes), 0 when it states no limit.
+func (c *Client) MaxBlobBytes() int64 { return c.maxBlob }

@@ -84,6 +84,7 @@ type Client struct {
 	zstd     bool
 	maxBatch int64
 	canWrite bool
+	maxBlob  int64 // largest blob the server takes, 0 when it states none
 }
 
 var _ cache.Cache = (*Client)(nil)
@@ -239,6 +240,7 @@ func (c *Client) capabilities(ctx context.Context) error {
 		c.maxBatch = m
 	}
 	c.canWrite = cc.ActionCacheUpdateCapabilities.GetUpdateEnabled()
+	c.maxBlob = cc.GetMaxCasBlobSizeBytes()
 	return nil
 }
 

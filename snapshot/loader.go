@@ -120,6 +120,9 @@ type Options struct {
 	// entries are keyed under: BLAKE3 (the default), or SHA-256 for a
 	// remote that only speaks SHA-256.
 	RemoteEntryFunction digest.Function
+	// RemoteMaxBlobBytes is the largest blob the remote accepts (0: no
+	// limit known); larger artifact files are stored there as chunks.
+	RemoteMaxBlobBytes int64
 	// RemoteFunctions are the digest functions the remote accepts
 	// (default: BLAKE3 and SHA-256); manifests are looked up under each.
 	RemoteFunctions []digest.Function

@@ -23,6 +23,8 @@ import (
 const (
 	propSize      = "size"
 	propChunkSize = "chunk_size"
+	// propArtifact marks an artifact file stored as chunks ("1").
+	propArtifact = "artifact"
 )
 
 // maxFileSize bounds sizes a manifest may claim (1 PiB).
@@ -66,6 +68,9 @@ func ChunkedFileTree(cf *snapshotpb.ChunkedFile) *repb.Tree {
 			{Name: propSize, Value: strconv.FormatInt(cf.GetSize(), 10)},
 		}},
 	}
+	if cf.GetArtifact() {
+		dir.NodeProperties.Properties = append(dir.NodeProperties.Properties, &repb.NodeProperty{Name: propArtifact, Value: "1"})
+	}
 	for _, c := range cf.GetChunks() {
 		dir.Files = append(dir.Files, &repb.FileNode{Name: strconv.FormatInt(c.GetOffset(), 10), Digest: c.GetDigest()})
 	}
@@ -80,6 +85,10 @@ func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, er
 	}
 	cf := &snapshotpb.ChunkedFile{Name: name, Size: -1, ChunkSize: -1}
 	for _, p := range root.GetNodeProperties().GetProperties() {
+		if p.GetName() == propArtifact {
+			cf.Artifact = p.GetValue() == "1"
+			continue
+		}
 		v, err := strconv.ParseInt(p.GetValue(), 10, 64)
 		if err != nil {
 			return nil, invalidf("chunked file %q: property %s=%q is not an integer", name, p.GetName(), p.GetValue())

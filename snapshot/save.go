@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"sort"
 	"sync"
 	"time"
@@ -191,6 +192,17 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 			return nil, fmt.Errorf("saving %s: chunked file: %w", keyString(req.Key), err)
 		}
 	}
+	// Artifact files larger than the remote takes as one blob become
+	// chunked files marked as artifacts (restores give back the file).
+	asChunks, names, err := l.artifactsAsChunks(ctx, ns, req, names, publish)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		for _, s := range asChunks {
+			s.Close()
+		}
+	}()
 	files := make([]*repb.OutputFile, len(names))
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(l.opts.Parallelism)
@@ -214,14 +226,16 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 
 	// Chunked files: dirty chunks and the tree into the first tier.
 	trees := map[string]*repb.Digest{}
-	for _, s := range req.Chunked {
-		if _, dup := trees[s.Name()]; dup || req.Files[s.Name()] != "" {
+	for i, s := range append(append([]*cow.Store{}, req.Chunked...), asChunks...) {
+		artifact := i >= len(req.Chunked)
+		if _, dup := trees[s.Name()]; dup || (!artifact && req.Files[s.Name()] != "") {
 			return nil, invalidf("saving %s: duplicate file name %q", keyString(req.Key), s.Name())
 		}
 		cf, st, err := s.Save(ctx, primary)
 		if err != nil {
 			return nil, fmt.Errorf("saving %s: chunked file %q: %w", keyString(req.Key), s.Name(), err)
 		}
+		cf.Artifact = artifact
 		fs := FileStats{Name: s.Name(), SaveStats: st}
 		if !req.Local {
 			fs.RemoteChunksWritten, fs.RemoteBytesWritten = st.ChunksWritten, st.BytesWritten
@@ -287,6 +301,44 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	return res, nil
 }
 
+// artifactsAsChunks splits the artifact files among names that are larger
+// than the remote's largest blob (Options.RemoteMaxBlobBytes, from its
+// capabilities) into chunked stores in the local cache, and returns them
+// with the names left to store whole. Only a save that publishes from the
+// local cache does so; without a limit nothing changes.
+func (l *Loader) artifactsAsChunks(ctx context.Context, ns cache.Namespace, req *SaveRequest, names []string, publish bool) ([]*cow.Store, []string, error) {
+	limit := l.opts.RemoteMaxBlobBytes
+	if !publish || !req.Local || limit <= 0 {
+		return nil, names, nil
+	}
+	// Room for what a wrapping tier adds (encryption: 16 bytes per 64 KiB
+	// and a header).
+	limit -= limit/512 + cow.PageSize
+	cs := min(cow.DefaultChunkSize, limit/cow.PageSize*cow.PageSize)
+	if cs <= 0 {
+		return nil, nil, invalidf("saving %s: the remote takes blobs of at most %d bytes, less than a page", keyString(req.Key), limit)
+	}
+	var stores []*cow.Store
+	var whole []string
+	for _, name := range names {
+		fi, err := os.Stat(req.Files[name])
+		if err != nil || fi.Size() <= limit {
+			whole = append(whole, name)
+			continue
+		}
+		s, _, err := cow.FromFile(ctx, name, req.Files[name], l.local, l.local, cow.Options{Namespace: ns, ChunkSize: cs, TempDir: l.local.TempDir()})
+		if err != nil {
+			for _, s := range stores {
+				s.Close()
+			}
+			return nil, nil, fmt.Errorf("saving %s: artifact file %q of %d bytes, larger than the remote's %d-byte blob limit, as chunks: %w", keyString(req.Key), name, fi.Size(), limit, err)
+		}
+		l.opts.Logger.Info("artifact file larger than the remote's blob limit stored as chunks", "file", name, "bytes", fi.Size(), "limit", limit)
+		stores = append(stores, s)
+	}
+	return stores, whole, nil
+}
+
 // saveFunction is the digest function a save uses: that of the stores'
 // chunks (a restored snapshot keeps its function), else def.
 func saveFunction(def digest.Function, stores []*cow.Store) (digest.Function, error) {
@@ -320,6 +372,13 @@ func (l *Loader) publishBlobs(ctx context.Context, ns cache.Namespace, m *snapsh
 			ds = append(ds, trees[cf.GetName()])
 		}
 		if _, _, err := l.copyMissing(ctx, ns, ds, l.local, l.remote); err != nil {
+			if c := status.Code(err); c == codes.InvalidArgument || c == codes.ResourceExhausted {
+				big := int64(0)
+				for _, f := range m.GetFiles() {
+					big = max(big, f.GetDigest().GetSizeBytes())
+				}
+				return fmt.Errorf("artifact files and trees (the largest artifact file is %d bytes; if the remote limits blob sizes without saying so, pass --remote-max-blob-bytes with its limit and larger files are stored as chunks): %w", big, err)
+			}
 			return fmt.Errorf("artifact files and trees: %w", err)
 		}
 	}

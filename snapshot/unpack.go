@@ -134,6 +134,17 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 		if err != nil {
 			return fail(fmt.Errorf("opening chunked file %q: %w", cf.GetName(), err))
 		}
+		if cf.GetArtifact() {
+			// An artifact file stored as chunks is given back as a file.
+			path := filepath.Join(dir, cf.GetName())
+			err := writeStoreFile(ctx, s, path)
+			s.Close()
+			if err != nil {
+				return fail(fmt.Errorf("unpacking artifact file %q (stored as chunks): %w", cf.GetName(), err))
+			}
+			u.Files[cf.GetName()] = path
+			continue
+		}
 		u.Stores[cf.GetName()] = s
 		if opts.PrefetchWorkingSet && len(ws[cf.GetName()]) > 0 {
 			s.Prefetch(ctx, ws[cf.GetName()])
@@ -184,6 +195,43 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 	if _, err := io.Copy(tmp, io.NewSectionReader(b, 0, b.Size())); err != nil {
 		tmp.Close()
 		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// writeStoreFile writes a store's bytes to path atomically (a locked
+// temporary file renamed into place), leaving holes for hole chunks.
+func writeStoreFile(ctx context.Context, s *cow.Store, path string) error {
+	tmp, err := fileio.CreateTemp(filepath.Dir(path))
+	if err != nil {
+		return status.Errorf(codes.Internal, "writing %s: %v", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	if err := tmp.Chmod(0o644); err != nil {
+		return err
+	}
+	buf := make([]byte, s.ChunkSize())
+	for off := int64(0); off < s.Size(); off += int64(len(buf)) {
+		if err := ctx.Err(); err != nil {
+			return status.FromContextError(err).Err()
+		}
+		n := min(int64(len(buf)), s.Size()-off)
+		if s.IsHole(off) {
+			continue
+		}
+		if _, err := s.ReadAt(buf[:n], off); err != nil && err != io.EOF {
+			return err
+		}
+		if _, err := tmp.WriteAt(buf[:n], off); err != nil {
+			return status.Errorf(codes.Internal, "writing %s at offset %d: %v", path, off, err)
+		}
+	}
+	if err := tmp.Truncate(s.Size()); err != nil {
+		return status.Errorf(codes.Internal, "writing %s: %v", path, err)
 	}
 	if err := tmp.Close(); err != nil {
 		return err

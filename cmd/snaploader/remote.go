@@ -26,6 +26,7 @@ type remoteFlags struct {
 	noCompress bool
 	apiKeyHdr  string
 	timeout    time.Duration
+	maxBlob    int64
 }
 
 func (f *remoteFlags) register(cmd *cobra.Command) {
@@ -38,6 +39,7 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.BoolVar(&f.readOnly, "remote-read-only", false, "load from the remote but never publish to it")
 	fl.BoolVar(&f.noCompress, "no-compression", false, "do not use zstd compressed-blobs with the REAPI remote")
 	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
+	fl.Int64Var(&f.maxBlob, "remote-max-blob-bytes", 0, "largest blob the remote takes, for caches that do not say so (default: what its capabilities say); larger artifact files are stored as chunks")
 }
 
 // openedRemote is the tier named by --remote, as a command uses it.
@@ -49,6 +51,8 @@ type openedRemote struct {
 	entryFn digest.Function
 	// fns are the digest functions it accepts (nil: any).
 	fns []digest.Function
+	// maxBlob is the largest blob it accepts (0: no stated limit).
+	maxBlob int64
 	// writable is false when the remote said this client may not update
 	// its action cache (a read-only key).
 	writable bool
@@ -82,7 +86,7 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, 
 		}
 		r.tier = cache.Verifying(c)
 		r.fn, r.entryFn, r.writable, r.closer = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache(), c
-		r.fns = c.Functions()
+		r.fns, r.maxBlob = c.Functions(), c.MaxBlobBytes()
 	case strings.HasPrefix(f.url, "s3://"):
 		opts, err := s3cache.ParseURL(f.url)
 		if err != nil {
@@ -100,6 +104,9 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, 
 		r.tier = cache.Verifying(c)
 	default:
 		return nil, fmt.Errorf("--remote %q: want grpc://, grpcs://, unix:// or s3://", f.url)
+	}
+	if f.maxBlob > 0 {
+		r.maxBlob = f.maxBlob
 	}
 	r.tier = cache.WithBreaker(r.tier, cache.BreakerOptions{Name: f.url, Logger: log})
 	return r, nil

@@ -111,6 +111,9 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 	defer bar.Finish()
 	for _, cf := range snap.Manifest.GetChunkedFiles() {
 		s := u.Stores[cf.GetName()]
+		if s == nil {
+			continue // an artifact file stored as chunks, unpacked as a file
+		}
 		path := filepath.Join(out, cf.GetName())
 		if err := writeStore(ctx, s, path, bar.Add); err != nil {
 			return nil, fmt.Errorf("writing chunked file %q: %w", cf.GetName(), err)

@@ -145,7 +145,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 		}
 		log.Info("serving metrics", "url", "http://"+addr+"/metrics")
 	}
-	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn, RemoteFunctions: r.fns})
+	e.loader, err = snapshot.New(local, r.tier, snapshot.Options{Group: f.group, Function: r.fn, Logger: log, RemoteReadOnly: f.remote.readOnly, RemoteEntryFunction: r.entryFn, RemoteFunctions: r.fns, RemoteMaxBlobBytes: r.maxBlob})
 	if err != nil {
 		e.Close()
 		return nil, err

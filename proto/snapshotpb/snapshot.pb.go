@@ -539,11 +539,15 @@ func (x *WorkingSet) GetOffsets() []int64 {
 // ChunkedFile is the in-memory form of a chunked file's description. On
 // storage it is a REAPI Tree (see package snapshot).
 type ChunkedFile struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
-	Size          int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
-	ChunkSize     int64                  `protobuf:"varint,3,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
-	Chunks        []*Chunk               `protobuf:"bytes,4,rep,name=chunks,proto3" json:"chunks,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Name      string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Size      int64                  `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	ChunkSize int64                  `protobuf:"varint,3,opt,name=chunk_size,json=chunkSize,proto3" json:"chunk_size,omitempty"`
+	Chunks    []*Chunk               `protobuf:"bytes,4,rep,name=chunks,proto3" json:"chunks,omitempty"`
+	// artifact is true for an artifact file stored as chunks because it is
+	// larger than the remote accepts as one blob: restores give it back as
+	// an artifact file (tree node property "artifact").
+	Artifact      bool `protobuf:"varint,5,opt,name=artifact,proto3" json:"artifact,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -604,6 +608,13 @@ func (x *ChunkedFile) GetChunks() []*Chunk {
 		return x.Chunks
 	}
 	return nil
+}
+
+func (x *ChunkedFile) GetArtifact() bool {
+	if x != nil {
+		return x.Artifact
+	}
+	return false
 }
 
 type Chunk struct {
@@ -1057,13 +1068,14 @@ const file_snapshot_proto_rawDesc = "" +
 	"\n" +
 	"WorkingSet\x12\x1b\n" +
 	"\tfile_name\x18\x01 \x01(\tR\bfileName\x12\x18\n" +
-	"\aoffsets\x18\x02 \x03(\x03R\aoffsets\"\x8b\x01\n" +
+	"\aoffsets\x18\x02 \x03(\x03R\aoffsets\"\xa7\x01\n" +
 	"\vChunkedFile\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\x12\x1d\n" +
 	"\n" +
 	"chunk_size\x18\x03 \x01(\x03R\tchunkSize\x125\n" +
-	"\x06chunks\x18\x04 \x03(\v2\x1d.snaploader.snapshot.v1.ChunkR\x06chunks\"`\n" +
+	"\x06chunks\x18\x04 \x03(\v2\x1d.snaploader.snapshot.v1.ChunkR\x06chunks\x12\x1a\n" +
+	"\bartifact\x18\x05 \x01(\bR\bartifact\"`\n" +
 	"\x05Chunk\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12?\n" +
 	"\x06digest\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06digest\"\xb8\x02\n" +
