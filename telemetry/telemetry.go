@@ -82,10 +82,10 @@ func Setup(ctx context.Context, opts Options) (shutdown func(context.Context) er
 	if err != nil {
 		return noop, fmt.Errorf("trace exporter for %s: %w", ep, err)
 	}
-	res, err := resource.Merge(resource.Default(), resource.NewWithAttributes(semconv.SchemaURL,
+	res, err := resource.Merge(resource.Default(), resource.NewSchemaless(
 		semconv.ServiceName(opts.Service), attribute.String("process.command", opts.Command), semconv.ProcessPID(os.Getpid())))
 	if err != nil {
-		res = resource.Default()
+		return noop, fmt.Errorf("trace resource: %w", err)
 	}
 	tp := sdktrace.NewTracerProvider(sdktrace.WithBatcher(exp, sdktrace.WithBatchTimeout(time.Second)), sdktrace.WithResource(res))
 	otel.SetTracerProvider(tp)

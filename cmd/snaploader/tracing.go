@@ -39,7 +39,7 @@ func (t *commandTrace) register(root *cobra.Command) {
 		if cmd.Name() == "serve" {
 			return nil // each RPC is traced as a child of its caller's span
 		}
-		ctx, span := telemetry.Start(cmd.Context(), "snaploader."+cmd.Name())
+		ctx, span := telemetry.Start(cmd.Context(), "snaploader "+cmd.Name())
 		t.span = span
 		cmd.SetContext(ctx)
 		return nil

@@ -54,8 +54,12 @@ type minioProc struct {
 }
 
 // minioBinary finds the minio server binary on PATH, then in GOPATH/bin.
-func minioBinary() (string, error) {
-	if p, err := exec.LookPath("minio"); err == nil {
+func minioBinary() (string, error) { return serverBinary("minio", ".ci/minio.sh") }
+
+// serverBinary finds the test server binary name on PATH, then in
+// GOPATH/bin, where the CI scripts keep built servers.
+func serverBinary(name, installer string) (string, error) {
+	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
 	}
 	var tried []string
@@ -64,13 +68,13 @@ func minioBinary() (string, error) {
 		gopath = build.Default.GOPATH
 	}
 	for _, dir := range filepath.SplitList(gopath) {
-		p := filepath.Join(dir, "bin", "minio")
+		p := filepath.Join(dir, "bin", name)
 		tried = append(tried, p)
 		if st, err := os.Stat(p); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("minio is not on PATH nor at %s (install it with .ci/minio.sh)", strings.Join(tried, ", "))
+	return "", fmt.Errorf("%s is not on PATH nor at %s (install it with %s)", name, strings.Join(tried, ", "), installer)
 }
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
