@@ -29,6 +29,8 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -38,6 +40,7 @@ import (
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/qemu"
 	"github.com/snaploader/snaploader/snapshot"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // Names of a snapshot's files.
@@ -199,6 +202,10 @@ type VM struct {
 	saves     int
 	closeOnce sync.Once
 	closeErr  error
+	// traceCtx and started place the serving summary spans of a restored
+	// VM in the trace of its restore.
+	traceCtx context.Context
+	started  time.Time
 }
 
 // BootOptions configure Boot.
@@ -328,7 +335,7 @@ func (h *Host) Restore(ctx context.Context, snap *snapshot.Snapshot, opts Restor
 	}
 	// The stores, mount and NBD server live as long as the VM.
 	life, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	v := &VM{host: h, dir: opts.Dir, snap: snap, cancel: cancel}
+	v := &VM{host: h, dir: opts.Dir, snap: snap, cancel: cancel, traceCtx: life, started: start}
 	fail := func(err error) (*VM, error) {
 		v.Close()
 		return nil, fmt.Errorf("restoring snapshot %s: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err)
@@ -595,6 +602,7 @@ func (v *VM) Close() error {
 		if v.fuse != nil {
 			v.fuse.Wait()
 		}
+		v.traceServing()
 		if v.unpacked != nil {
 			if err := v.unpacked.Close(); err != nil && v.closeErr == nil {
 				v.closeErr = err
@@ -602,6 +610,29 @@ func (v *VM) Close() error {
 		}
 	})
 	return v.closeErr
+}
+
+// traceServing records what the NBD server and the stores served while the
+// VM ran, as spans from its restore to now.
+func (v *VM) traceServing() {
+	if v.traceCtx == nil {
+		return
+	}
+	if v.nbdSrv != nil {
+		st := v.nbdSrv.Stats()
+		_, span := telemetry.Tracer().Start(v.traceCtx, "snaploader.nbd_serve", trace.WithTimestamp(v.started), trace.WithAttributes(
+			attribute.Int64("reads", st.Reads), attribute.Int64("writes", st.Writes), attribute.Int64("bytes_read", st.BytesRead),
+			attribute.Int64("bytes_written", st.BytesWritten), attribute.Int64("errors", st.Errors), attribute.Int64("connections", st.Connections)))
+		span.End()
+	}
+	for name, s := range v.Stores() {
+		st := s.Stats()
+		_, span := telemetry.Tracer().Start(v.traceCtx, "snaploader.store_serve", trace.WithTimestamp(v.started), trace.WithAttributes(
+			attribute.String("file", name), attribute.Int64("fetched", st.Fetched), attribute.Int64("fetched_bytes", st.FetchedBytes),
+			attribute.Int64("foreground_fetches", st.ForegroundFetches), attribute.Int64("prefetched", st.Prefetched),
+			attribute.Int("dirty", st.Dirty), attribute.Int("touched", st.Touched)))
+		span.End()
+	}
 }
 
 // WriteFile copies a store's current contents (dirty chunks included) into

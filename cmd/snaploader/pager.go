@@ -7,8 +7,10 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"go.opentelemetry.io/otel/attribute"
 
 	"github.com/snaploader/snaploader/snapshot"
+	"github.com/snaploader/snaploader/telemetry"
 	"github.com/snaploader/snaploader/uffd"
 )
 
@@ -59,7 +61,7 @@ It exits when the VMM does, printing the fault statistics.`,
 				return err
 			}
 			defer e.Close()
-			u, err := e.loader.UnpackSnapshot(ctx, snap, dir, snapshot.UnpackOptions{PrefetchWorkingSet: prefetch})
+			u, err := e.loader.UnpackSnapshot(ctx, snap, dir, snapshot.UnpackOptions{PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched})
 			if err != nil {
 				return err
 			}
@@ -88,8 +90,13 @@ It exits when the VMM does, printing the fault statistics.`,
 				fmt.Fprintf(os.Stderr, "serving guest memory %q of snapshot %s on %s\n", memName, snap.Manifest.GetVmMetadata().GetSnapshotId(), socket)
 			}
 			srv := uffd.NewServer(mem, uffd.Options{ChunkSize: mem.ChunkSize()})
+			_, span := telemetry.Start(ctx, "snaploader.uffd_serve", attribute.String("file", memName))
 			serr := srv.Serve(ctx, lis)
 			st, ms := srv.Stats(), mem.Stats()
+			span.SetAttributes(attribute.Int64("faults", int64(st.Faults)), attribute.Int64("pages_copied", int64(st.PagesCopied)),
+				attribute.Int64("zero_pages", int64(st.ZeroPages)), attribute.Int64("chunk_fetches", ms.Fetched),
+				attribute.Int64("fetched_bytes", ms.FetchedBytes), attribute.Int64("fault_latency_p99_us", st.LatencyP99.Microseconds()))
+			telemetry.End(span, serr)
 			rep := pagerReport{
 				SnapshotID:   snap.Manifest.GetVmMetadata().GetSnapshotId(),
 				Source:       string(snap.Source),
