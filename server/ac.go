@@ -31,11 +31,12 @@ func (s *Server) GetActionResult(ctx context.Context, req *repb.GetActionResultR
 	}
 	if err != nil {
 		if status.Code(err) == codes.NotFound {
-			s.m.ac.WithLabelValues("miss").Inc()
+			s.m.acLookup(false)
 		}
 		return nil, fmt.Errorf("getting action result %s: %w", digest.String(req.ActionDigest), err)
 	}
-	s.m.ac.WithLabelValues("hit").Inc()
+	s.m.acLookup(true)
+	s.reads.record(readKey{ns.Group, ns.Instance, req.ActionDigest.GetHash()}, time.Now())
 	return ar, nil
 }
 

@@ -2,6 +2,7 @@ package server
 
 import (
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +19,8 @@ type metrics struct {
 	// storedCompressed counts compressed-blobs reads answered with the
 	// backend's stored frames.
 	storedCompressed prometheus.Counter
+	// The lookup counts again, for the status page.
+	acHits, acMisses, casHits, casMisses atomic.Int64
 }
 
 // evictionCounter is a backend that counts its evictions (the local cache).
@@ -92,6 +95,19 @@ func (m *metrics) observe(method string, start time.Time, err *error) {
 func (m *metrics) lookups(asked, missing int) {
 	m.cas.WithLabelValues("hit").Add(float64(asked - missing))
 	m.cas.WithLabelValues("miss").Add(float64(missing))
+	m.casHits.Add(int64(asked - missing))
+	m.casMisses.Add(int64(missing))
+}
+
+// acLookup records a GetActionResult outcome.
+func (m *metrics) acLookup(hit bool) {
+	if hit {
+		m.ac.WithLabelValues("hit").Inc()
+		m.acHits.Add(1)
+		return
+	}
+	m.ac.WithLabelValues("miss").Inc()
+	m.acMisses.Add(1)
 }
 
 func (m *metrics) in(n int)  { m.bytes.WithLabelValues("in").Add(float64(n)) }

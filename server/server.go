@@ -35,6 +35,9 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/gc"
+	"github.com/snaploader/snaploader/proto/inventorypb"
+	"github.com/snaploader/snaploader/statuspage"
 	"github.com/snaploader/snaploader/telemetry"
 )
 
@@ -98,6 +101,13 @@ type Options struct {
 	// Logger receives server-side failures whose details are withheld
 	// from clients (default slog.Default()).
 	Logger *slog.Logger
+	// Inventory is the Store a group's listing (ListSnapshots, the status
+	// page) reads; nil means the backend's own when it is a local cache
+	// directory or an S3 tier, and listing is Unimplemented otherwise.
+	Inventory func(group string) gc.Store
+	// Retention is the retention the status page judges snapshots' states
+	// by (default gc.DefaultRetention).
+	Retention time.Duration
 }
 
 // Defaults of the resource bounds.
@@ -128,11 +138,16 @@ type Server struct {
 	scratch  *scratchBudget
 	log      *slog.Logger
 	san      *sanitizer
+	// reads is when each action-cache entry was last returned.
+	reads reads
+	// collector runs CollectEvery.
+	collector collector
 
 	repb.UnimplementedCapabilitiesServer
 	repb.UnimplementedActionCacheServer
 	repb.UnimplementedContentAddressableStorageServer
 	bspb.UnimplementedByteStreamServer
+	inventorypb.UnimplementedInventoryServer
 }
 
 // New returns a Server over backend.
@@ -224,14 +239,15 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 	return s, nil
 }
 
-// Register adds the Capabilities, ActionCache, ContentAddressableStorage
-// and ByteStream services to gs. gs should accept messages of at least
+// Register adds the Capabilities, ActionCache, ContentAddressableStorage,
+// ByteStream and Inventory services to gs. gs should accept messages of at least
 // MaxBatchBytes plus 64 KiB (grpc.MaxRecvMsgSize); Serve does that.
 func (s *Server) Register(gs *grpc.Server) {
 	repb.RegisterCapabilitiesServer(gs, s)
 	repb.RegisterActionCacheServer(gs, s)
 	repb.RegisterContentAddressableStorageServer(gs, s)
 	bspb.RegisterByteStreamServer(gs, s)
+	inventorypb.RegisterInventoryServer(gs, s)
 }
 
 // MetricsHandler serves the metrics in the Prometheus text format.
@@ -282,10 +298,14 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, extra ...grpc.Serv
 	return err
 }
 
-// ServeMetrics serves MetricsHandler at /metrics on lis until ctx is done.
+// ServeMetrics serves MetricsHandler at /metrics and the status page
+// (package statuspage) at /status on lis until ctx is done.
 func (s *Server) ServeMetrics(ctx context.Context, lis net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", s.MetricsHandler())
+	page := statuspage.Handler(s)
+	mux.Handle("/status", page)
+	mux.Handle("/status/snapshot", page)
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()

@@ -5,17 +5,24 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/gc"
+	"github.com/snaploader/snaploader/proto/inventorypb"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/remote"
+	"github.com/snaploader/snaploader/server"
 	"github.com/snaploader/snaploader/snapshot"
 )
 
@@ -130,11 +137,14 @@ func newLsCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "ls",
-		Short: "List the snapshots in the local cache, or with --remote s3://... in a bucket",
+		Short: "List the snapshots in the local cache, with --remote s3://... in a bucket, with --remote grpc://... in a snaploader serve",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			if cf.remote.url != "" {
 				sf := storeFlags{remote: cf.remote.url, retention: retention, now: now, clockFromMetadata: fromMeta}
+				if isREAPI(cf.remote.url) {
+					return listServer(ctx, &cf.remote, &sf, asJSON)
+				}
 				return listRemote(ctx, &sf, asJSON)
 			}
 			e, err := cf.open(ctx)
@@ -209,31 +219,25 @@ func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
 	if opts.Now != nil {
 		now = opts.Now()
 	}
-	rows := make([]remoteListing, 0, len(inv.Snapshots))
-	for _, l := range inv.Snapshots {
-		s := l.Snapshot
-		r := remoteListing{
-			Instance: s.Key.GetInstanceName(), Scope: s.Scope, PlatformHash: s.Key.GetPlatformHash(),
-			ConfigurationHash: s.Key.GetConfigurationHash(), Runner: s.Key.GetRunnerId(), VersionID: s.Key.GetVersionId(),
-			Ref: s.Key.GetRef(), SnapshotID: s.SnapshotID, DigestFunction: digest.FunctionName(s.Function),
-			Completed: s.Created, AgeSeconds: int64(now.Sub(s.Created).Seconds()), Newest: len(s.KeyEntries) > 0, Live: s.Live,
-			Broken: l.Broken, LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: l.Blobs, MissingBlobs: l.Missing,
-			PreviousID: l.PreviousID,
-		}
-		if l.PreviousID != "" {
-			r.SharedChunks = &l.SharedChunks
-		}
-		rows = append(rows, r)
-	}
+	return printListing(listingOfServer(server.InventoryResponse(inv), now), asJSON, "the bucket's blobs")
+}
+
+// listingTotals are the totals of ls --remote.
+type listingTotals struct {
+	Snapshots             []remoteListing `json:"snapshots"`
+	LiveStoredBytes       int64           `json:"live_stored_bytes"`
+	ReferencedStoredBytes int64           `json:"referenced_stored_bytes"`
+	StoredBytes           int64           `json:"stored_bytes"`
+	Blobs                 int64           `json:"blobs"`
+}
+
+// printListing prints ls --remote's table (or JSON); store names the
+// blob store in the totals line.
+func printListing(lt *listingTotals, asJSON bool, store string) error {
 	if asJSON {
-		return printJSON(os.Stdout, struct {
-			Snapshots             []remoteListing `json:"snapshots"`
-			LiveStoredBytes       int64           `json:"live_stored_bytes"`
-			ReferencedStoredBytes int64           `json:"referenced_stored_bytes"`
-			StoredBytes           int64           `json:"stored_bytes"`
-			Blobs                 int64           `json:"blobs"`
-		}{rows, inv.LiveStoredBytes, inv.ReferencedStoredBytes, inv.StoredBytes, inv.Blobs})
+		return printJSON(os.Stdout, lt)
 	}
+	rows := lt.Snapshots
 	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "INSTANCE\tPLATFORM\tCONFIG\tRUNNER\tVERSION\tREF\tSNAPSHOT\tAGE\tLOGICAL\tSTORED\tSHARED\tSTATE")
 	for _, r := range rows {
@@ -256,9 +260,75 @@ func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	fmt.Printf("%d snapshots; stored, each blob once: %s for live snapshots, %s for all; the bucket's blobs: %d, %s\n",
-		len(rows), humanBytes(inv.LiveStoredBytes), humanBytes(inv.ReferencedStoredBytes), inv.Blobs, humanBytes(inv.StoredBytes))
+	fmt.Printf("%d snapshots; stored, each blob once: %s for live snapshots, %s for all; %s: %d, %s\n",
+		len(rows), humanBytes(lt.LiveStoredBytes), humanBytes(lt.ReferencedStoredBytes), store, lt.Blobs, humanBytes(lt.StoredBytes))
 	return nil
+}
+
+func isREAPI(url string) bool {
+	return strings.HasPrefix(url, "grpc://") || strings.HasPrefix(url, "grpcs://") || strings.HasPrefix(url, "unix://")
+}
+
+// listServer lists the snapshots a snaploader serve holds for this
+// client's group, through its Inventory service. Other REAPI caches do
+// not offer it (UNIMPLEMENTED): they cannot list their contents.
+func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON bool) error {
+	opts, err := sf.options()
+	if err != nil {
+		return err
+	}
+	if sf.clockFromMetadata {
+		return status.Errorf(codes.InvalidArgument, "--clock-from-metadata is for s3:// remotes; a server judges ages by its own backend")
+	}
+	apiKey := rf.apiKey
+	if apiKey == "" {
+		apiKey = os.Getenv("SNAPLOADER_API_KEY")
+	}
+	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
+	c, err := remote.Dial(ctx, rf.url, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
+		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
+	if err != nil {
+		return fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot)
+	}
+	defer c.Close()
+	req := &inventorypb.ListSnapshotsRequest{RetentionSeconds: int64(opts.Retention / time.Second)}
+	now := time.Now()
+	if opts.Now != nil {
+		now = opts.Now()
+		req.Now = timestamppb.New(now)
+	}
+	resp, err := inventorypb.NewInventoryClient(c.Conn()).ListSnapshots(ctx, req)
+	if status.Code(err) == codes.Unimplemented {
+		return status.Errorf(codes.InvalidArgument, "ls --remote %s: REAPI caches cannot list their contents (the Remote Execution API has no listing call), and this one does not offer snaploader serve's listing; they evict by themselves", rf.url)
+	}
+	if err != nil {
+		return fmt.Errorf("listing the snapshots of %s: %w", rf.url, err)
+	}
+	return printListing(listingOfServer(resp, now), asJSON, "the server's blobs")
+}
+
+// listingOfServer is the ls --remote listing of an inventory in the
+// listing service's form, ages as of now.
+func listingOfServer(resp *inventorypb.ListSnapshotsResponse, now time.Time) *listingTotals {
+	lt := &listingTotals{Snapshots: make([]remoteListing, 0, len(resp.GetSnapshots())), LiveStoredBytes: resp.GetLiveStoredBytes(),
+		ReferencedStoredBytes: resp.GetReferencedStoredBytes(), StoredBytes: resp.GetStoredBytes(), Blobs: resp.GetBlobs()}
+	for _, l := range resp.GetSnapshots() {
+		k, created := l.GetKey(), l.GetCompleted().AsTime()
+		r := remoteListing{
+			Instance: k.GetInstanceName(), Scope: l.GetScope(), PlatformHash: k.GetPlatformHash(),
+			ConfigurationHash: k.GetConfigurationHash(), Runner: k.GetRunnerId(), VersionID: k.GetVersionId(),
+			Ref: k.GetRef(), SnapshotID: l.GetSnapshotId(), DigestFunction: l.GetDigestFunction(),
+			Completed: created, AgeSeconds: int64(now.Sub(created).Seconds()), Newest: l.GetNewest(), Live: l.GetLive(),
+			Broken: l.GetBroken(), LogicalBytes: l.GetLogicalBytes(), StoredBytes: l.GetStoredBytes(), Blobs: int(l.GetBlobs()),
+			MissingBlobs: int(l.GetMissingBlobs()), PreviousID: l.GetPreviousSnapshotId(),
+		}
+		if r.PreviousID != "" {
+			shared := l.GetSharedChunks()
+			r.SharedChunks = &shared
+		}
+		lt.Snapshots = append(lt.Snapshots, r)
+	}
+	return lt
 }
 
 func newVerifyCmd() *cobra.Command {

@@ -19,6 +19,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cache/s3cache"
+	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/server"
 )
 
@@ -37,6 +38,10 @@ func newServeCmd() *cobra.Command {
 		uploadTTL   time.Duration
 		idleTimeout time.Duration
 		compression bool
+		gcInterval  time.Duration
+		retention   string
+		grace       string
+		gcSkew      time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -70,7 +75,15 @@ zstd-compressed when that saves at least a sixteenth of its space, raw otherwise
 frames are stored as they came (decoded only to verify them). compressed-blobs reads of a blob
 stored compressed are answered with the stored frames, checked against the hash recorded when
 they were verified, without decoding; plain reads decode. Blobs stored raw (by older versions, or
-with --compression=false) are read as before. With --s3, --compression=false stores new objects raw.`,
+with --compression=false) are read as before. With --s3, --compression=false stores new objects raw.
+
+Garbage collection (--s3 only; --gc-interval, off by default): every interval (the first one after
+one interval) the server collects the bucket as snaploader gc does, with --retention and --grace;
+runs never overlap, each report is logged and the last few are on the status page. The disk
+backend needs none: it evicts least recently used entries under --max-bytes.
+
+With --metrics-addr, http://ADDR/status is a status page (snapshots by group, instance, key and ref
+with sizes, ages and last reads; hit rates; recent collections), as JSON with ?format=json.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -88,9 +101,23 @@ with --compression=false) are read as before. With --s3, --compression=false sto
 			}
 			var backend cache.Cache
 			var where, tempDir string
+			var collect func(context.Context, *server.Server) error
+			if gcInterval < 0 {
+				return fmt.Errorf("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
+			}
+			ret, err := parseDuration(retention)
+			if err != nil || ret <= 0 {
+				return fmt.Errorf("--retention %q: want a positive duration such as 7d or 36h", retention)
+			}
+			gr, err := parseDuration(grace)
+			if err != nil || gr <= 0 {
+				return fmt.Errorf("--grace %q: want a positive duration such as 1h", grace)
+			}
 			switch {
 			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
 				return fmt.Errorf("give either --cache-dir or --s3, not both")
+			case s3URL == "" && gcInterval > 0:
+				return fmt.Errorf("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
 			case s3URL != "":
 				opts, err := s3cache.ParseURL(s3URL)
 				if err != nil {
@@ -105,6 +132,15 @@ with --compression=false) are read as before. With --s3, --compression=false sto
 					return err
 				}
 				backend, where = c, "bucket "+opts.Bucket
+				if gcInterval > 0 {
+					gopts := gc.Options{Retention: ret, Grace: gr, Logger: log}
+					if gcSkew != 0 {
+						gopts.Now = func() time.Time { return time.Now().Add(gcSkew) }
+					}
+					collect = func(ctx context.Context, srv *server.Server) error {
+						return srv.CollectEvery(ctx, gc.S3(c), gcInterval, gopts)
+					}
+				}
 			default:
 				dir := cacheDir
 				if dir == "" {
@@ -127,7 +163,7 @@ with --compression=false) are read as before. With --s3, --compression=false sto
 			srv, err := server.New(backend, server.Options{
 				APIKeys: keys, TempDir: tempDir, Logger: log,
 				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem,
-				UploadTTL: uploadTTL, IdleTimeout: idleTimeout,
+				UploadTTL: uploadTTL, IdleTimeout: idleTimeout, Retention: ret,
 			})
 			if err != nil {
 				return err
@@ -138,6 +174,10 @@ with --compression=false) are read as before. With --s3, --compression=false sto
 			}
 			g, gctx := errgroup.WithContext(ctx)
 			g.Go(func() error { return srv.Serve(gctx, lis) })
+			if collect != nil {
+				g.Go(func() error { return collect(gctx, srv) })
+				log.Info("collecting the bucket periodically", "every", gcInterval, "retention", ret, "grace", gr)
+			}
 			if metricsAddr != "" {
 				ml, err := net.Listen("tcp", metricsAddr)
 				if err != nil {
@@ -172,6 +212,11 @@ with --compression=false) are read as before. With --s3, --compression=false sto
 	fl.Int64Var(&maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together")
 	fl.DurationVar(&uploadTTL, "upload-ttl", server.DefaultUploadTTL, "how long an interrupted upload is kept for resumption after its last message")
 	fl.DurationVar(&idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "abort a write stream that sends nothing for this long")
+	fl.DurationVar(&gcInterval, "gc-interval", 0, "with --s3: collect the bucket's garbage (as snaploader gc) this often; 0: never")
+	fl.StringVar(&retention, "retention", "7d", "how long a snapshot that is no longer the newest under its key is kept by --gc-interval collections, and judged live on the status page")
+	fl.StringVar(&grace, "grace", "1h", "with --gc-interval: unreferenced blobs younger than this are kept; longer than any save")
+	fl.DurationVar(&gcSkew, "gc-clock-offset", 0, "added to the collector's clock (tests)")
+	_ = fl.MarkHidden("gc-clock-offset")
 	fl.BoolVar(&compression, "compression", true, "store blobs zstd-compressed at rest when that shrinks them, and answer compressed-blobs reads with the stored frames")
 	return cmd
 }
