@@ -195,7 +195,9 @@ func (r lsRow) SharedChunksOr0() *float64 {
 
 // capsOnly is an REAPI cache that offers nothing beyond Capabilities, as a
 // third-party cache offers no listing.
-type capsOnly struct{ repb.UnimplementedCapabilitiesServer }
+type capsOnly struct {
+	repb.UnimplementedCapabilitiesServer
+}
 
 func (capsOnly) GetCapabilities(context.Context, *repb.GetCapabilitiesRequest) (*repb.ServerCapabilities, error) {
 	return &repb.ServerCapabilities{CacheCapabilities: &repb.CacheCapabilities{DigestFunctions: []repb.DigestFunction_Value{repb.DigestFunction_SHA256}}}, nil
