@@ -94,6 +94,13 @@ func saveTwo(t *testing.T, env []string, url, ref string, seed uint64, extra ...
 	return p
 }
 
+// keyVia is p's key flags with the remote replaced by url.
+func (p *savedPair) keyVia(url string) []string {
+	k := append([]string(nil), p.key...)
+	k[1] = url
+	return k
+}
+
 // checkPair checks that ls rows list p's snapshots as saved.
 func checkPair(t *testing.T, ls lsOut, p *savedPair) {
 	t.Helper()
