@@ -34,7 +34,7 @@ func newRootCmd() (*cobra.Command, *commandTrace) {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd(), newPagerCmd(), newQemuCmd(), newGCCmd(), newKeygenCmd())
+	root.AddCommand(newSaveCmd(), newRestoreCmd(), newInvalidateCmd(), newInspectCmd(), newLsCmd(), newVerifyCmd(), newDemoCmd(), newServeCmd(), newPagerCmd(), newQemuCmd(), newGCCmd(), newKeygenCmd(), newBenchCmd())
 	tr := &commandTrace{}
 	tr.register(root)
 	return root, tr
