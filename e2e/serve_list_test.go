@@ -61,6 +61,7 @@ type savedPair struct {
 	ids    [2]string
 	mem    [2][]byte
 	key    []string // the key flags
+	ref    string
 	dir    string
 	memImg string
 }
@@ -68,7 +69,7 @@ type savedPair struct {
 // saveTwo saves two snapshots through url (extra: e.g. --api-key).
 func saveTwo(t *testing.T, env []string, url, ref string, seed uint64, extra ...string) *savedPair {
 	t.Helper()
-	p := &savedPair{dir: t.TempDir()}
+	p := &savedPair{dir: t.TempDir(), ref: ref}
 	p.memImg = filepath.Join(p.dir, "mem.img")
 	p.key = append([]string{"--remote", url, "--instance", "ci", "--platform", "os=linux", "--config-hash", "c1", "--ref", ref}, extra...)
 	p.mem[0] = writeVM(t, p.memImg, 2<<20, seed)
@@ -108,8 +109,8 @@ func checkPair(t *testing.T, ls lsOut, p *savedPair) {
 		t.Fatalf("ls lists %d snapshots, want 2: %+v", len(ls.Snapshots), ls.Snapshots)
 	}
 	for i, r := range ls.Snapshots {
-		if r.SnapshotID != p.ids[i] || r.Instance != "ci" || r.ConfigurationHash != "c1" || r.Ref != "main" || r.PlatformHash == "" || r.VersionID == "" {
-			t.Errorf("row %d: %+v, want snapshot %s of instance ci, config c1, ref main", i, r, p.ids[i])
+		if r.SnapshotID != p.ids[i] || r.Instance != "ci" || r.ConfigurationHash != "c1" || r.Ref != p.ref || r.PlatformHash == "" || r.VersionID == "" {
+			t.Errorf("row %d: %+v, want snapshot %s of instance ci, config c1, ref %s", i, r, p.ids[i], p.ref)
 		}
 		if r.LogicalBytes != 2<<20 || r.StoredBytes <= 0 || r.Blobs == 0 || r.MissingBlobs != 0 {
 			t.Errorf("row %d: logical %d (want %d), stored %d, blobs %d, missing %d", i, r.LogicalBytes, 2<<20, r.StoredBytes, r.Blobs, r.MissingBlobs)
