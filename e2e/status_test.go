@@ -39,7 +39,7 @@ func chromium(t *testing.T, bin, url string, args ...string) []byte {
 // domRow is a snapshot row of the rendered page.
 type domRow struct {
 	group, state, lastRead, href string
-	logical, stored, age       int64
+	logical, stored, age         int64
 }
 
 var (
