@@ -95,6 +95,21 @@ func DefaultTestGuestDir() (string, error) {
 // tool or an unobtainable kernel package is Unavailable. Concurrent builders
 // are safe: each builds privately and renames into place.
 func BuildTestGuest(ctx context.Context, dir string) (*TestGuest, error) {
+	return buildCachedGuest(ctx, dir, guestRecipe{format: testGuestFormat, init: testGuestInit, appendLine: testGuestAppend})
+}
+
+// guestRecipe is what a cached guest build is made of.
+type guestRecipe struct {
+	format, init, appendLine string
+	// extraKey is added to the cache key when not empty (e.g. the sources
+	// and toolchain of extra binaries).
+	extraKey string
+	// extra, when set, adds files to the initramfs tree rooted at root;
+	// work is a private scratch directory.
+	extra func(ctx context.Context, work, root string) error
+}
+
+func buildCachedGuest(ctx context.Context, dir string, r guestRecipe) (*TestGuest, error) {
 	if dir == "" {
 		d, err := DefaultTestGuestDir()
 		if err != nil {
@@ -117,13 +132,16 @@ func BuildTestGuest(ctx context.Context, dir string) (*TestGuest, error) {
 		return nil, status.Errorf(codes.Unavailable, "building test guest: hashing %s: %v", busybox, err)
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s=%s\n%s\n%s\n%s\n%s\n", testGuestFormat, pkg, version, busyboxSum, testGuestInit, testGuestAppend, strings.Join(testGuestModules, ","))
+	fmt.Fprintf(h, "%s\n%s=%s\n%s\n%s\n%s\n%s\n", r.format, pkg, version, busyboxSum, r.init, r.appendLine, strings.Join(testGuestModules, ","))
+	if r.extraKey != "" {
+		fmt.Fprintf(h, "%s\n", r.extraKey)
+	}
 	key := hex.EncodeToString(h.Sum(nil))[:16]
 	dest := filepath.Join(dir, key)
 	tg := &TestGuest{
 		Kernel:        filepath.Join(dest, "vmlinuz"),
 		Initrd:        filepath.Join(dest, "initrd.cpio"),
-		Append:        testGuestAppend,
+		Append:        r.appendLine,
 		KernelPackage: pkg + "=" + version,
 	}
 	if _, err := os.Stat(filepath.Join(dest, "ready")); err == nil {
@@ -138,7 +156,7 @@ func BuildTestGuest(ctx context.Context, dir string) (*TestGuest, error) {
 	}
 	defer os.RemoveAll(work)
 	out := filepath.Join(work, "out")
-	if err := buildTestGuest(ctx, work, out, pkg+"="+version, busybox); err != nil {
+	if err := buildTestGuest(ctx, work, out, pkg+"="+version, busybox, r); err != nil {
 		return nil, err
 	}
 	if err := os.WriteFile(filepath.Join(out, "ready"), []byte(tg.KernelPackage+"\n"), 0o644); err != nil {
@@ -176,7 +194,7 @@ func parseKernelDepends(meta string, show []byte) (string, string, error) {
 	return string(m[1]), string(m[2]), nil
 }
 
-func buildTestGuest(ctx context.Context, work, out, pkgVersion, busybox string) error {
+func buildTestGuest(ctx context.Context, work, out, pkgVersion, busybox string, r guestRecipe) error {
 	run := func(dir string, stdin io.Reader, stdout io.Writer, name string, args ...string) error {
 		cmd := exec.CommandContext(ctx, name, args...)
 		cmd.Dir = dir
@@ -224,8 +242,13 @@ func buildTestGuest(ctx context.Context, work, out, pkgVersion, busybox string) 
 	if err := copyFile(busybox, filepath.Join(root, "bin", "busybox"), 0o755); err != nil {
 		return err
 	}
-	if err := os.WriteFile(filepath.Join(root, "init"), []byte(testGuestInit), 0o755); err != nil {
+	if err := os.WriteFile(filepath.Join(root, "init"), []byte(r.init), 0o755); err != nil {
 		return status.Errorf(codes.Internal, "building test guest: %v", err)
+	}
+	if r.extra != nil {
+		if err := r.extra(ctx, work, root); err != nil {
+			return err
+		}
 	}
 	modules := map[string]string{}
 	filepath.WalkDir(filepath.Join(extract, "lib", "modules"), func(p string, d os.DirEntry, err error) error {
