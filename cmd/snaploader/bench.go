@@ -121,13 +121,11 @@ func parseBytes(flag, s string) (int64, error) {
 	return n * mult, nil
 }
 
-// benchTask is the key of the benchmark snapshot of a given size.
-func benchTask(size int64) snapshot.Task {
-	return snapshot.Task{
-		InstanceName:      "snaploader-bench",
-		ConfigurationHash: fmt.Sprintf("bench-v1-%d", size),
-		Env:               map[string]string{snapshot.EnvBranch: "snaploader-bench"},
-	}
+// benchKeys is the key of the benchmark snapshot of a given size: the same
+// as the flags --instance snaploader-bench --config-hash bench-v1-SIZE
+// --ref snaploader-bench give any other command.
+func benchKeys(size int64) keyFlags {
+	return keyFlags{instance: "snaploader-bench", configHash: fmt.Sprintf("bench-v1-%d", size), ref: "snaploader-bench"}
 }
 
 func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir string) (*benchReport, error) {
@@ -271,7 +269,8 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 		return err
 	}
 	defer e.Close()
-	ks, err := e.loader.KeySet(ctx, benchTask(rep.SizeBytes), snapshot.KeySetOptions{})
+	kf := benchKeys(rep.SizeBytes)
+	ks, err := kf.keySet(ctx, e)
 	if err != nil {
 		return err
 	}
@@ -330,7 +329,8 @@ func benchOpen(ctx context.Context, cf cacheFlags, dir string, remote bool, size
 		e.Close()
 		return nil, nil, nil, err
 	}
-	ks, err := e.loader.KeySet(ctx, benchTask(size), snapshot.KeySetOptions{})
+	kf := benchKeys(size)
+	ks, err := kf.keySet(ctx, e)
 	if err != nil {
 		return fail(err)
 	}
