@@ -89,13 +89,14 @@ func medianDur(d []time.Duration) time.Duration {
 //     lazy sequential read into an empty cache (cold-read-x-cp, a
 //     throughput ratio), time to first byte of unfetched chunks
 //     (cold-first-byte-p50/p99-µs) and the same from the warm local cache;
+//
 //   - a full `snaploader restore` into files from serve into an empty cache
 //     (cold-restore-x-cp-time: restore time over cp time), and from the
 //     local cache it filled (warm-restore-x-cp-time); each iteration runs
 //     cp, the cold restore and the warm restore in turn, after a warm-up
 //     round, and the medians are reported.
 //
-//	SNAPLOADER_BENCH_MIB=1024 go test -run '^$' -bench ColdHost -benchtime 5x ./e2e/
+//     SNAPLOADER_BENCH_MIB=1024 go test -run '^$' -bench ColdHost -benchtime 5x ./e2e/
 func BenchmarkColdHost(b *testing.B) {
 	if runtime.NumCPU() < 2 {
 		b.Skip("needs two CPUs to pin the server and the client apart")
