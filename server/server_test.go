@@ -26,6 +26,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/proto/inventorypb"
 	"github.com/snaploader/snaploader/server"
 )
 
@@ -36,6 +37,7 @@ type env struct {
 	ac  repb.ActionCacheClient
 	bs  bspb.ByteStreamClient
 	cap repb.CapabilitiesClient
+	inv inventorypb.InventoryClient
 }
 
 func start(t *testing.T, opts server.Options) *env {
@@ -77,7 +79,7 @@ func serveOn(t *testing.T, lc *localcache.Cache, backend cache.Cache, opts serve
 	t.Cleanup(func() { conn.Close() })
 	return &env{lc: lc, srv: srv,
 		cas: repb.NewContentAddressableStorageClient(conn), ac: repb.NewActionCacheClient(conn),
-		bs: bspb.NewByteStreamClient(conn), cap: repb.NewCapabilitiesClient(conn)}
+		bs: bspb.NewByteStreamClient(conn), cap: repb.NewCapabilitiesClient(conn), inv: inventorypb.NewInventoryClient(conn)}
 }
 
 func sha(b []byte) *repb.Digest { return digest.Compute(digest.SHA256, b) }
