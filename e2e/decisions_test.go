@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -83,7 +84,16 @@ func TestOversizedArtifactStoredAsChunks(t *testing.T) {
 				t.Fatalf("restored artifact differs (%v)", err)
 			}
 			insp := run(ctx, append([]string{"inspect", "--cache-dir", filepath.Join(dir, tc.name+"-b")}, key...)...).must(t, "inspect")
-			if !strings.Contains(insp.stdout, `"artifact": true`) {
+			var m struct {
+				ChunkedFiles []struct {
+					Name     string `json:"name"`
+					Artifact bool   `json:"artifact"`
+				} `json:"chunked_files"`
+			}
+			if err := json.Unmarshal([]byte(insp.stdout), &m); err != nil {
+				t.Fatal(err)
+			}
+			if len(m.ChunkedFiles) != 1 || m.ChunkedFiles[0].Name != "kernel" || !m.ChunkedFiles[0].Artifact {
 				t.Errorf("the manifest does not say the artifact is stored as chunks:\n%s", insp.stdout)
 			}
 		})

@@ -120,6 +120,10 @@ type Options struct {
 	// entries are keyed under: BLAKE3 (the default), or SHA-256 for a
 	// remote that only speaks SHA-256.
 	RemoteEntryFunction digest.Function
+	// VersionSettle is how long a host that created a key's first
+	// version on the remote waits before reading back the one stored
+	// (default 250ms; only the first save of a new key pays it).
+	VersionSettle time.Duration
 	// RemoteMaxBlobBytes is the largest blob the remote accepts (0: no
 	// limit known); larger artifact files are stored there as chunks.
 	RemoteMaxBlobBytes int64
@@ -158,6 +162,9 @@ func New(local LocalCache, remote cache.Cache, opts Options) (*Loader, error) {
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.VersionSettle <= 0 {
+		opts.VersionSettle = 250 * time.Millisecond
 	}
 	return &Loader{local: local, remote: remote, opts: opts}, nil
 }
@@ -320,9 +327,12 @@ func (l *Loader) remoteVersion(ctx context.Context, key *snapshotpb.SnapshotKey)
 	return v, nil
 }
 
-// createRemoteVersion writes a fresh version id to the remote, then reads
-// back the one stored: when hosts create one at the same moment, the one
-// stored last is what everybody reads from then on.
+// createRemoteVersion writes a fresh version id to the remote, then, after
+// Options.VersionSettle, reads back the one stored: hosts that found no
+// version at the same moment all write one within about a round trip of
+// each other, and the one stored last is what everybody reads from then
+// on. A save that still ends under another id republishes under the
+// winner (republishIfRaced).
 func (l *Loader) createRemoteVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (*repb.ActionResult, error) {
 	ar, err := versionResult(NewVersionID(), false)
 	if err != nil {
@@ -331,6 +341,13 @@ func (l *Loader) createRemoteVersion(ctx context.Context, key *snapshotpb.Snapsh
 	ns := l.entryNS(l.remote, key.GetInstanceName())
 	if err := l.remote.UpdateActionResult(ctx, ns, VersionKey(key), ar); err != nil {
 		return nil, fmt.Errorf("writing version of key %s to the remote: %w", keyString(key), err)
+	}
+	t := time.NewTimer(l.opts.VersionSettle)
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+		t.Stop()
+		return nil, status.FromContextError(ctx.Err()).Err()
 	}
 	if stored, err := l.remote.GetActionResult(ctx, ns, VersionKey(key)); err == nil {
 		if v, _ := versionFromResult(stored); v != "" {
