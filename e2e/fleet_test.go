@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -259,5 +260,58 @@ func TestBadSaveInputIsRefusedEarly(t *testing.T) {
 	})
 	if blobs != 0 {
 		t.Errorf("the server holds %d blobs after a refused read-only save", blobs)
+	}
+}
+
+// Bad flags and files are refused at once with a clear error, never a hang
+// or a silent default: FIFOs as key and CA files, non-positive bounds,
+// malformed URLs and endpoints, nothing to save.
+func TestBadFlagsAreRefused(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mem := filepath.Join(dir, "mem")
+	writeVM(t, mem, 64<<10, 14)
+	host := []string{"--cache-dir", filepath.Join(dir, "host"), "--instance", "i", "--config-hash", "c", "--ref", "main"}
+	save := append([]string{"save", "--chunked", "mem=" + mem}, host...)
+	restore := append([]string{"restore", "--out", filepath.Join(dir, "out")}, host...)
+	serve := []string{"serve", "--listen", "127.0.0.1:0", "--cache-dir", filepath.Join(dir, "serve")}
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"key file is a FIFO (save)", append(append([]string{}, save...), "--encryption-key-file", fifo), "not a regular file"},
+		{"key file is a FIFO (restore)", append(append([]string{}, restore...), "--encryption-key-file", fifo), "not a regular file"},
+		{"keygen --add-to a FIFO", []string{"keygen", "--add-to", fifo, "--out", filepath.Join(dir, "k")}, "not a regular file"},
+		{"CA file is a FIFO", append(append([]string{}, save...), "--remote", "grpcs://127.0.0.1:1", "--ca-file", fifo), "not a regular file"},
+		{"port out of range", append(append([]string{}, save...), "--remote", "grpc://127.0.0.1:99999"), "1-65535"},
+		{"host with a space", append(append([]string{}, save...), "--remote", "grpc://a b:1"), "not a host name"},
+		{"zero remote timeout", append(append([]string{}, save...), "--remote-timeout", "0s"), "--remote-timeout"},
+		{"negative remote timeout", append(append([]string{}, save...), "--remote-timeout", "-1s"), "--remote-timeout"},
+		{"negative max stale", append(append([]string{}, restore...), "--max-stale", "-1h"), "--max-stale"},
+		{"garbage trace endpoint", append(append([]string{}, restore...), "--trace-endpoint", "garbage:::"), "trace endpoint"},
+		{"nothing to save", append([]string{"save"}, host...), "nothing to save"},
+		{"serve --max-bytes 0", append(append([]string{}, serve...), "--max-bytes", "0"), "--max-bytes"},
+		{"serve --max-bytes -1", append(append([]string{}, serve...), "--max-bytes", "-1"), "--max-bytes"},
+		{"serve --max-blob-bytes -1", append(append([]string{}, serve...), "--max-blob-bytes", "-1"), "--max-blob-bytes"},
+		{"serve --max-upload-memory 0", append(append([]string{}, serve...), "--max-upload-memory", "0"), "--max-upload-memory"},
+		{"serve --idle-timeout 0s", append(append([]string{}, serve...), "--idle-timeout", "0s"), "--idle-timeout"},
+		{"serve --upload-ttl -1s", append(append([]string{}, serve...), "--upload-ttl", "-1s"), "--upload-ttl"},
+		{"serve --max-scratch-bytes -1", append(append([]string{}, serve...), "--max-scratch-bytes", "-1"), "--max-scratch-bytes"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			r := run(ctx, tc.args...)
+			if ctx.Err() != nil {
+				t.Fatalf("still running after 15s")
+			}
+			if r.err == nil || !strings.Contains(r.stderr, tc.want) || !strings.Contains(r.stderr, "error kind") {
+				t.Errorf("got %v, stderr %q; want an error containing %q and its kind", r.err, r.stderr, tc.want)
+			}
+		})
 	}
 }

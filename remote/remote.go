@@ -12,10 +12,11 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -30,6 +31,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/telemetry"
 )
 
@@ -166,6 +168,37 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	return c, nil
 }
 
+// hostPort checks the HOST:PORT of a target: a port in 1-65535 and a host
+// without spaces or control characters. It returns the host.
+func hostPort(target, hp string) (string, error) {
+	host, port, err := net.SplitHostPort(hp)
+	if err != nil {
+		return "", status.Errorf(codes.InvalidArgument, "remote cache target %q: %v", target, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 1 || n > 65535 {
+		return "", status.Errorf(codes.InvalidArgument, "remote cache target %q: port %q is not a number in 1-65535", target, port)
+	}
+	if host == "" || strings.ContainsFunc(host, func(r rune) bool { return r <= ' ' || r == 0x7f }) {
+		return "", status.Errorf(codes.InvalidArgument, "remote cache target %q: host %q is not a host name or address", target, host)
+	}
+	return host, nil
+}
+
+// readCAFile reads a PEM bundle without blocking on a FIFO or reading a
+// device.
+func readCAFile(path string) ([]byte, error) {
+	f, err := fileio.OpenRegular(path)
+	if err != nil {
+		return nil, fmt.Errorf("remote cache CA file: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, 16<<20))
+	if err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "remote cache CA file %s: %v", path, err)
+	}
+	return b, nil
+}
+
 func parseTarget(target, caFile string) (string, credentials.TransportCredentials, error) {
 	scheme, rest, ok := strings.Cut(target, "://")
 	if !ok || rest == "" {
@@ -173,20 +206,20 @@ func parseTarget(target, caFile string) (string, credentials.TransportCredential
 	}
 	switch scheme {
 	case "grpc":
-		if _, _, err := net.SplitHostPort(rest); err != nil {
-			return "", nil, status.Errorf(codes.InvalidArgument, "remote cache target %q: %v", target, err)
+		if _, err := hostPort(target, rest); err != nil {
+			return "", nil, err
 		}
 		return "passthrough:///" + rest, insecure.NewCredentials(), nil
 	case "grpcs":
-		host, _, err := net.SplitHostPort(rest)
+		host, err := hostPort(target, rest)
 		if err != nil {
-			return "", nil, status.Errorf(codes.InvalidArgument, "remote cache target %q: %v", target, err)
+			return "", nil, err
 		}
 		cfg := &tls.Config{ServerName: host, MinVersion: tls.VersionTLS12}
 		if caFile != "" {
-			pem, err := os.ReadFile(caFile)
+			pem, err := readCAFile(caFile)
 			if err != nil {
-				return "", nil, status.Errorf(codes.InvalidArgument, "remote cache CA file: %v", err)
+				return "", nil, err
 			}
 			pool := x509.NewCertPool()
 			if !pool.AppendCertsFromPEM(pem) {

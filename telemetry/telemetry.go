@@ -11,6 +11,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"strings"
@@ -19,14 +20,16 @@ import (
 	"go.opentelemetry.io/contrib/instrumentation/google.golang.org/grpc/otelgrpc"
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
+	otelcodes "go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/propagation"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	semconv "go.opentelemetry.io/otel/semconv/v1.26.0"
 	"go.opentelemetry.io/otel/trace"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/status"
 )
 
 // Name is the instrumentation scope of snaploader's spans.
@@ -66,17 +69,20 @@ func Setup(ctx context.Context, opts Options) (shutdown func(context.Context) er
 		return noop, nil
 	}
 	var eopts []otlptracegrpc.Option
+	hostport, insecure := ep, true
 	if strings.Contains(ep, "://") {
 		u, err := url.Parse(ep)
-		if err != nil {
-			return noop, fmt.Errorf("trace endpoint %q: %w", ep, err)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") {
+			return noop, status.Errorf(codes.InvalidArgument, "trace endpoint %q: want HOST:PORT, http://HOST:PORT or https://HOST:PORT", ep)
 		}
-		eopts = append(eopts, otlptracegrpc.WithEndpoint(u.Host))
-		if u.Scheme == "http" {
-			eopts = append(eopts, otlptracegrpc.WithInsecure())
-		}
-	} else {
-		eopts = append(eopts, otlptracegrpc.WithEndpoint(ep), otlptracegrpc.WithInsecure())
+		hostport, insecure = u.Host, u.Scheme == "http"
+	}
+	if h, p, err := net.SplitHostPort(hostport); err != nil || h == "" || p == "" {
+		return noop, status.Errorf(codes.InvalidArgument, "trace endpoint %q: want HOST:PORT, http://HOST:PORT or https://HOST:PORT", ep)
+	}
+	eopts = append(eopts, otlptracegrpc.WithEndpoint(hostport))
+	if insecure {
+		eopts = append(eopts, otlptracegrpc.WithInsecure())
 	}
 	exp, err := otlptracegrpc.New(ctx, eopts...)
 	if err != nil {
@@ -108,7 +114,7 @@ func Start(ctx context.Context, name string, attrs ...attribute.KeyValue) (conte
 func End(span trace.Span, err error) {
 	if err != nil {
 		span.RecordError(err)
-		span.SetStatus(codes.Error, err.Error())
+		span.SetStatus(otelcodes.Error, err.Error())
 	}
 	span.End()
 }

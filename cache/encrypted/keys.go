@@ -12,6 +12,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/internal/fileio"
 )
 
 // keyLine starts every key line of a key file:
@@ -101,9 +103,10 @@ func (r *Keyring) Keys() []Key { return append([]Key(nil), r.keys...) }
 // users may read (a key must be mode 0600 or stricter) and anything that
 // is not a regular file.
 func ReadKeyFile(path string) (*Keyring, error) {
-	f, err := os.OpenFile(path, os.O_RDONLY, 0)
+	// Never blocks: a FIFO or device is refused, not opened for reading.
+	f, err := fileio.OpenRegular(path)
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "reading key file: %v", err)
+		return nil, fmt.Errorf("reading key file: %w", err)
 	}
 	defer f.Close()
 	fi, err := f.Stat()

@@ -36,6 +36,9 @@ func (f *getFlags) options() (snapshot.GetOptions, error) {
 	if err != nil {
 		return snapshot.GetOptions{}, fmt.Errorf("--max-stale: %w", err)
 	}
+	if d <= 0 {
+		return snapshot.GetOptions{}, fmt.Errorf("--max-stale %s: want a positive duration", f.maxStale)
+	}
 	return snapshot.GetOptions{ReadPolicy: p, MaxStaleFallbackAge: d}, nil
 }
 

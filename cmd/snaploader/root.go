@@ -116,6 +116,12 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 	if f.maxBytes <= 0 {
 		return nil, fmt.Errorf("--cache-max-bytes %d: want a positive number of bytes", f.maxBytes)
 	}
+	if f.remote.timeout <= 0 {
+		return nil, fmt.Errorf("--remote-timeout %s: want a positive duration", f.remote.timeout)
+	}
+	if f.remote.maxBlob < 0 {
+		return nil, fmt.Errorf("--remote-max-blob-bytes %d: want a positive number of bytes", f.remote.maxBlob)
+	}
 	r, err := f.remote.open(ctx, fn, f.functionSet, log)
 	if err != nil {
 		return nil, err

@@ -114,6 +114,9 @@ func newSaveCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			if len(fileMap)+len(chunkMap)+len(diffs) == 0 {
+				return fmt.Errorf("nothing to save: give at least one --file, --chunked or --diff")
+			}
 			for n := range chunkMap {
 				if _, dup := fileMap[n]; dup {
 					return fmt.Errorf("name %q given as both --file and --chunked", n)

@@ -105,6 +105,21 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			if gcInterval < 0 {
 				return fmt.Errorf("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
 			}
+			for _, b := range []struct {
+				flag string
+				bad  bool
+			}{
+				{"max-bytes", maxBytes <= 0},
+				{"max-blob-bytes", maxBlob < 0 || (cmd.Flags().Changed("max-blob-bytes") && maxBlob == 0)},
+				{"max-scratch-bytes", maxScratch <= 0},
+				{"max-upload-memory", maxUpMem <= 0},
+				{"upload-ttl", uploadTTL <= 0},
+				{"idle-timeout", idleTimeout <= 0},
+			} {
+				if b.bad {
+					return fmt.Errorf("--%s %s: want a positive value", b.flag, cmd.Flags().Lookup(b.flag).Value)
+				}
+			}
 			ret, err := parseDuration(retention)
 			if err != nil || ret <= 0 {
 				return fmt.Errorf("--retention %q: want a positive duration such as 7d or 36h", retention)
