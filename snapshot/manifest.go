@@ -52,6 +52,8 @@ func ValidateName(name string) error {
 		return invalidf("file name %q has the form of a restore's temporary file", name)
 	case strings.ContainsAny(name, "/\\\x00"):
 		return invalidf("file name %q contains a path separator or NUL", name)
+	case strings.ContainsFunc(name, func(r rune) bool { return r < ' ' || r == 0x7f }):
+		return invalidf("file name %q contains a control character", name)
 	case filepath.IsAbs(name), filepath.Base(name) != name:
 		return invalidf("file name %q is not a base name", name)
 	}

@@ -29,6 +29,10 @@ func TestValidateName(t *testing.T) {
 		{"a/b", false},
 		{`a\b`, false},
 		{"a\x00b", false},
+		{"a\x01b", false},
+		{"tab\there", false},
+		{"del\x7f", false},
+		{"naïve", true},
 		{".snaploader-tmp-0123456789abcdef", false}, // a restore's temporary
 		{".snaploader-tmp", true},
 	} {

@@ -214,6 +214,11 @@ func (f *keyFlags) task() (snapshot.Task, error) {
 	if f.configHash == "" {
 		return snapshot.Task{}, fmt.Errorf("--config-hash is required")
 	}
+	for flag, ref := range map[string]string{"--ref": f.ref, "--base-ref": f.baseRef, "--default-ref": f.defaultRef, "--universal-ref": f.universal} {
+		if strings.ContainsFunc(ref, func(r rune) bool { return r < ' ' || r == 0x7f }) {
+			return snapshot.Task{}, fmt.Errorf("%s %q: a git ref has no control characters", flag, ref)
+		}
+	}
 	return snapshot.Task{
 		InstanceName:      f.instance,
 		PlatformHash:      ph,
