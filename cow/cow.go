@@ -220,6 +220,8 @@ type Store struct {
 
 	touchMu sync.Mutex
 	touched []int64
+	wsEnd   int // with wsEnded, the working set is touched[:wsEnd] (workingset.go)
+	wsEnded bool
 
 	pq prefetchQueue
 
@@ -720,9 +722,13 @@ func (s *Store) ChunkedFile() *snapshotpb.ChunkedFile {
 
 // Touched returns the offsets of the non-hole chunks read or written so
 // far, in order of first access: the working set to Prefetch next time.
+// Once EndWorkingSet was called it stops growing (Accessed does not).
 func (s *Store) Touched() []int64 {
 	s.touchMu.Lock()
 	defer s.touchMu.Unlock()
+	if s.wsEnded {
+		return slices.Clone(s.touched[:s.wsEnd])
+	}
 	return slices.Clone(s.touched)
 }
 
