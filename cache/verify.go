@@ -115,3 +115,24 @@ func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 
 // Down forwards the wrapped tier's health (see Health).
 func (v verifying) Down() error { return TierDown(v.Cache) }
+
+// VerifiedWriter is implemented by tiers that can store content the caller
+// has already verified against its digest (e.g. read from the local cache,
+// whose reads verify) without hashing it again.
+type VerifiedWriter interface {
+	WriteVerified(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error
+}
+
+// WriteVerified stores r, which the caller has verified yields d, in c: by
+// c's WriteVerified when it has one, else by Write.
+func WriteVerified(ctx context.Context, c Cache, ns Namespace, d *repb.Digest, r io.Reader) error {
+	if vw, ok := c.(VerifiedWriter); ok {
+		return vw.WriteVerified(ctx, ns, d, r)
+	}
+	return c.Write(ctx, ns, d, r)
+}
+
+// WriteVerified forwards to the wrapped tier (see VerifiedWriter).
+func (v verifying) WriteVerified(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+	return WriteVerified(ctx, v.Cache, ns, d, r)
+}

@@ -69,6 +69,7 @@ type Cache struct {
 	mu sync.Mutex
 	// sealed maps a plaintext blob, under one key, to its ciphertext blob.
 	sealed map[plainKey]*repb.Digest
+	bufs   sync.Pool // *bytes.Buffer holding a sealed blob before upload
 }
 
 type plainKey struct {
@@ -89,7 +90,9 @@ func New(inner cache.Cache, opts Options) (*Cache, error) {
 	if opts.MemoryLimit <= 0 {
 		opts.MemoryLimit = 64 << 20
 	}
-	return &Cache{inner: inner, opts: opts, sealed: map[plainKey]*repb.Digest{}}, nil
+	c := &Cache{inner: cache.Verifying(inner), opts: opts, sealed: map[plainKey]*repb.Digest{}}
+	c.bufs.New = func() any { return new(bytes.Buffer) }
+	return c, nil
 }
 
 // Down forwards the wrapped tier's health.
@@ -211,8 +214,30 @@ func (o *openedBlob) Read(p []byte) (int, error) {
 }
 
 // Write seals the plaintext blob d under the current key and stores the
-// ciphertext unless the wrapped tier has it.
+// ciphertext unless the wrapped tier has it; the plaintext is verified
+// against d while it is sealed.
 func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	vr, err := cache.NewVerifyingReader(io.NopCloser(r), ns.DigestFunction(), d)
+	if err != nil {
+		return err
+	}
+	return c.write(ctx, ns, d, vr)
+}
+
+// WriteVerified is Write of a plaintext the caller has verified (see
+// cache.VerifiedWriter): it is not hashed again.
+func (c *Cache) WriteVerified(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return c.write(ctx, ns, d, r)
+}
+
+// VerifiesReads marks the tier as verifying what it returns (see
+// cache.ReadVerifier): a sealed blob opens only under the key derived from
+// its plaintext digest, every segment authenticated, and a blob stored in
+// the clear is verified by the wrapped tier (New wraps it in
+// cache.Verifying when it does not verify itself).
+func (c *Cache) VerifiesReads() {}
+
+func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, vr io.Reader) error {
 	fn := ns.DigestFunction()
 	k := c.opts.Keys.Current()
 	h, err := digest.New(fn)
@@ -220,8 +245,10 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		return status.Errorf(codes.InvalidArgument, "sealing blob %s: %v", digest.String(d), err)
 	}
 	size := sealedSize(d.GetSizeBytes(), len(k.ID))
-	var buf bytes.Buffer
-	var w io.Writer = &buf
+	buf := c.bufs.Get().(*bytes.Buffer)
+	buf.Reset()
+	defer c.bufs.Put(buf)
+	var w io.Writer = buf
 	var tmp *os.File
 	if size > c.opts.MemoryLimit {
 		if tmp, err = os.CreateTemp(c.opts.TempDir, "sealed-*"); err != nil {
@@ -232,11 +259,6 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		w = tmp
 	} else {
 		buf.Grow(int(size))
-	}
-	// The plaintext is verified against d while it is sealed.
-	vr, err := cache.NewVerifyingReader(io.NopCloser(r), fn, d)
-	if err != nil {
-		return err
 	}
 	cw := &countingWriter{}
 	if err := sealBlob(io.MultiWriter(w, h, cw), k, fn, d, vr); err != nil {
@@ -254,7 +276,7 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		return fmt.Errorf("storing sealed blob of %s: %w", digest.String(d), err)
 	}
 	if len(missing) > 0 {
-		var body io.Reader = &buf
+		var body io.Reader = buf
 		if tmp != nil {
 			if _, err := tmp.Seek(0, io.SeekStart); err != nil {
 				return status.Errorf(codes.Internal, "sealing blob %s: %v", digest.String(d), err)
