@@ -13,8 +13,8 @@
 // initrd as artifact files, and the machine in the VM configuration. A
 // booted guest's files are split into chunks on save; a restored guest's
 // stores are saved incrementally (only dirty chunks are written) and carry
-// the chunks the guest touched, in order, as the working set the next
-// restore may prefetch.
+// the chunks the guest touched, in order, until the rate of new touches
+// settled, as the working set the next restore may prefetch.
 package vmm
 
 import (
@@ -198,6 +198,9 @@ type VM struct {
 	nbdDone  chan struct{}
 	cancel   context.CancelFunc
 	restore  RestoreStats
+	// recording runs each store's working-set recording until it settles
+	// or the VM closes.
+	recording sync.WaitGroup
 
 	saves     int
 	closeOnce sync.Once
@@ -322,6 +325,13 @@ type RestoreOptions struct {
 	// Unpack configures the lazy stores (read-ahead, working-set
 	// prefetch).
 	Unpack snapshot.UnpackOptions
+	// Settle says when the guest's working set is complete: once the guest
+	// runs, each store records the chunks it touches, in order, until the
+	// rate of new ones settles (see cow.Store.RecordWorkingSet; by default
+	// fewer than 2 new chunks per 250 ms for 1 s). The next save records
+	// that list for the next restore to prefetch; a save before then
+	// records every chunk touched so far.
+	Settle cow.SettleOptions
 }
 
 // Restore runs snap lazily: its stores are opened without reading a
@@ -400,6 +410,13 @@ func (h *Host) Restore(ctx context.Context, snap *snapshot.Snapshot, opts Restor
 	v.guest = g
 	v.restore.Resume = time.Since(resumeStart)
 	v.restore.Total = time.Since(start)
+	for _, s := range u.Stores {
+		v.recording.Add(1)
+		go func() {
+			defer v.recording.Done()
+			s.RecordWorkingSet(life, opts.Settle)
+		}()
+	}
 	return v, nil
 }
 
@@ -596,6 +613,7 @@ func (v *VM) Close() error {
 		if v.cancel != nil {
 			v.cancel()
 		}
+		v.recording.Wait()
 		if v.nbdDone != nil {
 			<-v.nbdDone
 		}
