@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"sync"
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -33,14 +34,40 @@ type hashedPutter interface {
 // once; larger blobs stream and are verified by both tiers.
 const maxBufferedFetch = 64 << 20
 
+// DefaultHandoffBytes bounds the memory of fetched blobs a ReadThrough
+// keeps serving from the buffer they were verified in.
+const DefaultHandoffBytes = 64 << 20
+
+// ReadThroughOptions configure a ReadThrough. The zero value gives the
+// defaults.
+type ReadThroughOptions struct {
+	// HandoffBytes bounds the bytes of fetched blobs served from memory: a
+	// blob fetched from the remote (up to 64 MiB) is verified once into a
+	// buffer, handed to its readers from that buffer at once, and written
+	// into the local tier in the background; once the write is done and
+	// more than HandoffBytes are held, the oldest buffers are dropped and
+	// their readers go on from the local tier's file. Default
+	// DefaultHandoffBytes; negative: every fetch is written into the local
+	// tier before it is served, and served from there.
+	HandoffBytes int64
+}
+
 // ReadThrough serves blobs from a local tier, filling it from a remote tier
 // on a miss. A blob fetched from the remote is verified against its digest
-// while streaming, written into the local tier (which verifies again) and
-// served from there. Concurrent misses on one blob fetch it once.
+// while streaming, then written into the local tier once; readers get the
+// verified bytes from memory while the write completes (see
+// ReadThroughOptions.HandoffBytes). Concurrent misses on one blob fetch it
+// once.
 type ReadThrough struct {
 	local  LocalTier
 	remote Cache
+	opts   ReadThroughOptions
 	sf     singleflight.Group
+
+	mu    sync.Mutex
+	live  map[string]*handoff // fetched blobs whose buffer is held
+	held  []*handoff          // the same, oldest first
+	heldB int64               // bytes of their buffers
 
 	localHits     atomic.Int64
 	remoteFetches atomic.Int64
@@ -58,10 +85,18 @@ type ReadThroughStats struct {
 	RemoteErrors  int64 // fetches that failed
 }
 
-// NewReadThrough returns a ReadThrough over local and remote; a nil remote
-// makes it a plain view of local.
+// NewReadThrough returns a ReadThrough over local and remote with default
+// options; a nil remote makes it a plain view of local.
 func NewReadThrough(local LocalTier, remote Cache) *ReadThrough {
-	return &ReadThrough{local: local, remote: remote}
+	return NewReadThroughOptions(local, remote, ReadThroughOptions{})
+}
+
+// NewReadThroughOptions is NewReadThrough with options.
+func NewReadThroughOptions(local LocalTier, remote Cache, opts ReadThroughOptions) *ReadThrough {
+	if opts.HandoffBytes == 0 {
+		opts.HandoffBytes = DefaultHandoffBytes
+	}
+	return &ReadThrough{local: local, remote: remote, opts: opts, live: map[string]*handoff{}}
 }
 
 // Stats returns the counters so far.
@@ -100,6 +135,13 @@ const (
 // TierRemote when it had to be fetched).
 func (rt *ReadThrough) OpenTier(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, string, error) {
 	span := trace.SpanFromContext(ctx)
+	key := blobKey(ns, d)
+	if h := rt.acquire(key); h != nil {
+		// Fetched a moment ago: still in memory.
+		rt.localHits.Add(1)
+		span.SetAttributes(attribute.String("tier", TierLocal))
+		return h.handle(), TierLocal, nil
+	}
 	b, err := rt.local.Open(ctx, ns, d)
 	if err == nil {
 		rt.localHits.Add(1)
@@ -110,8 +152,11 @@ func (rt *ReadThrough) OpenTier(ctx context.Context, ns Namespace, d *repb.Diges
 		return nil, TierLocal, err
 	}
 	span.SetAttributes(attribute.String("tier", TierRemote))
-	if err := rt.Fetch(ctx, ns, d); err != nil {
+	if err := rt.fetchShared(ctx, ns, d, key); err != nil {
 		return nil, TierRemote, err
+	}
+	if h := rt.acquire(key); h != nil {
+		return h.handle(), TierRemote, nil
 	}
 	b, err = rt.local.Open(ctx, ns, d)
 	if err != nil {
@@ -120,10 +165,13 @@ func (rt *ReadThrough) OpenTier(ctx context.Context, ns Namespace, d *repb.Diges
 	return b, TierRemote, nil
 }
 
+func blobKey(ns Namespace, d *repb.Digest) string {
+	return fmt.Sprintf("%d/%s/%s/%d", ns.DigestFunction(), ns.Instance, d.GetHash(), d.GetSizeBytes())
+}
+
 // Fetch makes sure the local tier holds a verified copy of d, copying it from
-// the remote if needed (read-ahead uses it). Concurrent calls for one blob
-// share one copy; a caller whose ctx ends stops waiting, but the copy runs on
-// for the others.
+// the remote if needed. Concurrent calls for one blob share one copy; a
+// caller whose ctx ends stops waiting, but the copy runs on for the others.
 func (rt *ReadThrough) Fetch(ctx context.Context, ns Namespace, d *repb.Digest) error {
 	if rt.remote == nil {
 		b, err := rt.local.Open(ctx, ns, d)
@@ -132,9 +180,28 @@ func (rt *ReadThrough) Fetch(ctx context.Context, ns Namespace, d *repb.Digest) 
 		}
 		return b.Close()
 	}
-	key := fmt.Sprintf("%d/%s/%s/%d", ns.DigestFunction(), ns.Instance, d.GetHash(), d.GetSizeBytes())
+	key := blobKey(ns, d)
+	if err := rt.fetchShared(ctx, ns, d, key); err != nil {
+		return err
+	}
+	h := rt.acquire(key)
+	if h == nil {
+		return nil
+	}
+	defer h.release()
+	select {
+	case <-ctx.Done():
+		return fmt.Errorf("fetching blob %s: %w", digest.String(d), status.FromContextError(ctx.Err()).Err())
+	case <-h.done:
+		return h.err
+	}
+}
+
+// fetchShared fetches d once for all concurrent callers; it returns when
+// the blob is verified, in the local tier or in an inflight handoff.
+func (rt *ReadThrough) fetchShared(ctx context.Context, ns Namespace, d *repb.Digest, key string) error {
 	ch := rt.sf.DoChan(key, func() (any, error) {
-		return nil, rt.fetch(context.WithoutCancel(ctx), ns, d)
+		return nil, rt.fetch(context.WithoutCancel(ctx), ns, d, key)
 	})
 	select {
 	case <-ctx.Done():
@@ -144,21 +211,33 @@ func (rt *ReadThrough) Fetch(ctx context.Context, ns Namespace, d *repb.Digest) 
 	}
 }
 
-func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest) error {
+func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest, key string) error {
 	// A fetch that finished just before this one started already did the
-	// work; a corrupt local copy is removed by this Open.
+	// work (its bytes may still be on their way into the local tier); a
+	// corrupt local copy is removed by this Open.
+	rt.mu.Lock()
+	_, live := rt.live[key]
+	rt.mu.Unlock()
+	if live {
+		return nil
+	}
 	if b, err := rt.local.Open(ctx, ns, d); err == nil {
 		return b.Close()
 	}
 	if hs, ok := rt.local.(hashedPutter); ok && d.GetSizeBytes() <= maxBufferedFetch {
-		// Verify once while reading, then store without hashing again.
+		// Verify once while reading; store without hashing again.
 		b, err := ReadAll(ctx, Verifying(rt.remote), ns, d)
-		if err == nil {
-			err = hs.PutHashed(ctx, ns, d, b)
-		}
 		if err != nil {
 			rt.remoteErrors.Add(1)
 			return fmt.Errorf("fetching blob %s from remote: %w", digest.String(d), err)
+		}
+		if rt.opts.HandoffBytes < 0 {
+			if err := hs.PutHashed(ctx, ns, d, b); err != nil {
+				rt.remoteErrors.Add(1)
+				return fmt.Errorf("fetching blob %s from remote: %w", digest.String(d), err)
+			}
+		} else {
+			rt.handOff(ctx, ns, d, key, b, hs)
 		}
 		rt.remoteFetches.Add(1)
 		rt.remoteBytes.Add(d.GetSizeBytes())
@@ -177,6 +256,160 @@ func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest) 
 	rt.remoteFetches.Add(1)
 	rt.remoteBytes.Add(d.GetSizeBytes())
 	return nil
+}
+
+// handoff is a fetched, verified blob served from memory while (and after)
+// it is written into the local tier. It stays in ReadThrough.live, buffer
+// and all, until trimLocked drops it (its write has ended and more than
+// HandoffBytes are held); the local tier's file then serves its open
+// handles, and is closed with the last of them.
+type handoff struct {
+	rt   *ReadThrough
+	d    *repb.Digest
+	key  string
+	buf  atomic.Pointer[[]byte] // nil once dropped
+	done chan struct{}          // closed when the local write has ended
+	err  error                  // the write's error; set before done closes
+	file Blob                   // the stored blob, once written (nil on error)
+	refs int                    // under rt.mu: handles, plus one for the write
+}
+
+// handOff makes data (verified against d) available to readers at once and
+// writes it into the local tier in the background.
+func (rt *ReadThrough) handOff(ctx context.Context, ns Namespace, d *repb.Digest, key string, data []byte, hs hashedPutter) {
+	h := &handoff{rt: rt, d: d, key: key, done: make(chan struct{}), refs: 1}
+	h.buf.Store(&data)
+	rt.mu.Lock()
+	rt.live[key] = h
+	rt.held = append(rt.held, h)
+	rt.heldB += int64(len(data))
+	rt.trimLocked()
+	rt.mu.Unlock()
+	go func() {
+		err := hs.PutHashed(ctx, ns, d, data)
+		var f Blob
+		if err == nil {
+			f, err = rt.local.Open(ctx, ns, d)
+		}
+		if err != nil {
+			rt.remoteErrors.Add(1)
+			err = fmt.Errorf("storing blob %s fetched from remote in the local tier: %w", digest.String(d), err)
+		}
+		h.file, h.err = f, err
+		close(h.done)
+		rt.mu.Lock()
+		rt.trimLocked()
+		rt.mu.Unlock()
+		h.release()
+	}()
+}
+
+// trimLocked drops the oldest handoffs whose write has ended while more
+// than HandoffBytes are held.
+func (rt *ReadThrough) trimLocked() {
+	kept := rt.held[:0]
+	for _, h := range rt.held {
+		written := false
+		select {
+		case <-h.done:
+			written = true
+		default:
+		}
+		if rt.heldB > rt.opts.HandoffBytes && written {
+			if bp := h.buf.Swap(nil); bp != nil {
+				rt.heldB -= int64(len(*bp))
+			}
+			delete(rt.live, h.key)
+			if h.refs == 0 && h.file != nil {
+				h.file.Close()
+			}
+			continue
+		}
+		kept = append(kept, h)
+	}
+	clear(rt.held[len(kept):])
+	rt.held = kept
+}
+
+// acquire returns the live handoff of key with a reference taken, or nil.
+func (rt *ReadThrough) acquire(key string) *handoff {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	h := rt.live[key]
+	if h != nil {
+		h.refs++
+	}
+	return h
+}
+
+func (h *handoff) release() {
+	h.rt.mu.Lock()
+	h.refs--
+	closeFile := h.refs == 0 && h.buf.Load() == nil
+	h.rt.mu.Unlock()
+	if closeFile && h.file != nil {
+		h.file.Close()
+	}
+}
+
+func (h *handoff) handle() Blob { return &handoffBlob{h: h} }
+
+// handoffBlob is one opener's view of a handoff.
+type handoffBlob struct {
+	h    *handoff
+	once sync.Once
+}
+
+func (b *handoffBlob) Size() int64 { return b.h.d.GetSizeBytes() }
+
+func (b *handoffBlob) ReadAt(p []byte, off int64) (int, error) {
+	h := b.h
+	if bp := h.buf.Load(); bp != nil {
+		data := *bp
+		if off < 0 || off >= int64(len(data)) {
+			if off == int64(len(data)) {
+				return 0, io.EOF
+			}
+			return 0, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d: outside its %d bytes", digest.String(h.d), off, len(data))
+		}
+		n := copy(p, data[off:])
+		if n < len(p) {
+			return n, io.EOF
+		}
+		return n, nil
+	}
+	<-h.done
+	if h.file == nil {
+		return 0, fmt.Errorf("reading blob %s at offset %d: %w", digest.String(h.d), off, h.err)
+	}
+	return h.file.ReadAt(p, off)
+}
+
+// Close releases the view. It waits for the blob's write into the local
+// tier to end, so that a closed blob is in the local tier (unless the write
+// failed: then that error is returned).
+func (b *handoffBlob) Close() error {
+	var err error
+	b.once.Do(func() {
+		<-b.h.done
+		err = b.h.err
+		b.h.release()
+	})
+	return err
+}
+
+// Stored is the local tier's blob once the write has ended and the buffer
+// is gone, else nil: in-kernel copies (restore) use it.
+func (b *handoffBlob) Stored() Blob {
+	if b.h.buf.Load() != nil {
+		return nil
+	}
+	select {
+	case <-b.h.done:
+		return b.h.file
+	default:
+		return nil
+	}
 }
 
 // Read is Open as a stream: the blob is in the local tier and verified

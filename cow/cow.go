@@ -422,6 +422,47 @@ func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
 	}
 }
 
+// WithCleanChunk calls fn with the source blob of the chunk holding off when
+// that chunk is clean, fetching it first as a read would (and scheduling
+// read-ahead); no write changes the chunk while fn runs. It returns false
+// without calling fn when the chunk is a hole or has a private copy (read
+// those with ReadAt). fn's error is returned wrapped with the file, offset
+// and digest.
+func (s *Store) WithCleanChunk(off int64, fn func(b cache.Blob) error) (bool, error) {
+	if s.closed.Load() {
+		return false, s.errClosed("reading", off)
+	}
+	if off < 0 || off >= s.Size() {
+		return false, status.Errorf(codes.InvalidArgument, "reading chunked file %q: offset %d is outside its size %d", s.name, off, s.Size())
+	}
+	idx := off / s.cs
+	c := s.lookup(idx)
+	if c == nil {
+		return false, nil
+	}
+	s.touch(c, idx)
+	for {
+		c.mu.RLock()
+		switch {
+		case c.overlay || c.d == nil:
+			c.mu.RUnlock()
+			return false, nil
+		case c.blob != nil:
+			err := fn(c.blob)
+			d := c.d
+			c.mu.RUnlock()
+			if err != nil {
+				return true, fmt.Errorf("reading chunked file %q at offset %d (digest %s): %w", s.name, c.off, digest.String(d), err)
+			}
+			return true, nil
+		}
+		c.mu.RUnlock()
+		if err := s.fetch(c, true); err != nil {
+			return false, err
+		}
+	}
+}
+
 // fetch opens c's blob unless it needs none.
 func (s *Store) fetch(c *chunk, foreground bool) error {
 	c.mu.Lock()

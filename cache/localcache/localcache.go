@@ -861,6 +861,13 @@ func (b *blob) Close() error {
 	return err
 }
 
+// File is the open file holding the blob's raw content from offset 0 (the
+// cached blob itself, or the decoded copy of a compressed one), sparse
+// where the content has long zero runs: for in-kernel copies
+// (copy_file_range, FICLONERANGE) and SEEK_DATA/SEEK_HOLE. Callers must
+// neither write to it nor close it, and must not use it after Close.
+func (b *blob) File() *os.File { return b.f }
+
 // Write stores the blob d read from r. The content is verified while it is
 // written to a temporary file; on a mismatch nothing is stored and the error
 // is InvalidArgument naming d. An error from r keeps its status code. A blob
