@@ -286,7 +286,7 @@ func (r *streamReader) open() error {
 	r.cancel = cancel
 	r.buf, r.rawErr, r.openErr = nil, nil, nil
 	name := ReadResourceName(r.inst, r.fn, r.d, r.compressed)
-	stream, err := r.c.bs.Read(ctx, &bspb.ReadRequest{ResourceName: name, ReadOffset: r.off})
+	stream, err := r.c.reader().Read(ctx, &bspb.ReadRequest{ResourceName: name, ReadOffset: r.off})
 	if err != nil {
 		r.openErr = err
 		return err

@@ -11,6 +11,7 @@ import (
 	crand "crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -18,6 +19,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -71,6 +73,11 @@ type Options struct {
 	// FindMissingBatch is the most digests per FindMissingBlobs call
 	// (default 10000, about 1 MB).
 	FindMissingBatch int
+	// Connections is how many connections ByteStream reads are spread
+	// over, round robin (default 1; other calls use the first). Each
+	// connection is one TCP stream with its own flow-control windows and
+	// its own reader goroutine on each side.
+	Connections int
 }
 
 // Client talks to one REAPI cache.
@@ -81,6 +88,9 @@ type Client struct {
 	cas      repb.ContentAddressableStorageClient
 	ac       repb.ActionCacheClient
 	bs       bspb.ByteStreamClient
+	readers  []bspb.ByteStreamClient // ByteStream reads, round robin
+	extra    []*grpc.ClientConn      // connections beyond conn
+	next     atomic.Uint32
 	fn       digest.Function
 	fns      []digest.Function
 	zstd     bool
@@ -161,8 +171,18 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 		ac:  repb.NewActionCacheClient(conn),
 		bs:  bspb.NewByteStreamClient(conn),
 	}
+	c.readers = []bspb.ByteStreamClient{c.bs}
+	for range max(1, opts.Connections) - 1 {
+		cc, err := grpc.NewClient(addr, dopts...)
+		if err != nil {
+			c.Close()
+			return nil, status.Errorf(codes.InvalidArgument, "remote cache %s: %v", target, err)
+		}
+		c.extra = append(c.extra, cc)
+		c.readers = append(c.readers, bspb.NewByteStreamClient(cc))
+	}
 	if err := c.capabilities(ctx); err != nil {
-		conn.Close()
+		c.Close()
 		return nil, err
 	}
 	return c, nil
@@ -292,8 +312,19 @@ func (c *Client) UpdateEnabled() bool { return c.canWrite }
 // CanUpdateActionCache is UpdateEnabled.
 func (c *Client) CanUpdateActionCache() bool { return c.canWrite }
 
-// Close closes the connection.
-func (c *Client) Close() error { return c.conn.Close() }
+// Close closes the connections.
+func (c *Client) Close() error {
+	errs := []error{c.conn.Close()}
+	for _, cc := range c.extra {
+		errs = append(errs, cc.Close())
+	}
+	return errors.Join(errs...)
+}
+
+// reader returns the ByteStream client of the next connection.
+func (c *Client) reader() bspb.ByteStreamClient {
+	return c.readers[int(c.next.Add(1))%len(c.readers)]
+}
 
 // String names the target.
 func (c *Client) String() string { return c.target }
