@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -48,6 +47,21 @@ func hashesByChunk(s *Store) map[int64]string {
 		out[c.Offset/s.ChunkSize()] = c.Digest.Hash
 	}
 	return out
+}
+
+// openOrder returns the chunk indexes of s that cas opened, in order.
+func openOrder(s *Store, cas *dirCAS) string {
+	chunkOf := map[string]int64{}
+	for i, h := range hashesByChunk(s) {
+		chunkOf[h] = i
+	}
+	cas.mu.Lock()
+	defer cas.mu.Unlock()
+	var got []string
+	for _, h := range cas.order {
+		got = append(got, fmt.Sprint(chunkOf[h]))
+	}
+	return strings.Join(got, " ")
 }
 
 // TestForegroundReadNotQueuedBehindPrefetch saturates prefetch with opens
@@ -122,10 +136,6 @@ func TestPrefetchFollowsRecordedOrder(t *testing.T) {
 	opts.PrefetchConcurrency = 1
 	s, cas, _ := newStore(t, "ddddhddddddd", 0, opts)
 	hashes := hashesByChunk(s)
-	chunkOf := map[string]int64{}
-	for i, h := range hashes {
-		chunkOf[h] = i
-	}
 	src := newGatedSource(cas)
 	src.free[hashes[6]] = true
 	recorded := []int64{9, 2, 11, 4 /* hole */, 0, 6, 7, 1, 10, 3, 5, 8}
@@ -141,13 +151,7 @@ func TestPrefetchFollowsRecordedOrder(t *testing.T) {
 	}
 	close(src.gate)
 	waitFor(t, "the working set", func() bool { return s.Stats().Prefetched == 10 })
-	cas.mu.Lock()
-	var got []string
-	for _, h := range cas.order {
-		got = append(got, fmt.Sprint(chunkOf[h]))
-	}
-	cas.mu.Unlock()
-	if g, w := strings.Join(got, " "), "9 6 2 11 0 7 1 10 3 5 8"; g != w {
+	if g, w := openOrder(s, cas), "9 6 2 11 0 7 1 10 3 5 8"; g != w {
 		t.Fatalf("chunks opened in order %s, want %s (the recorded order, the foreground read of 6 first, holes and settled chunks skipped)", g, w)
 	}
 }
@@ -161,13 +165,8 @@ func TestPrefetchOrderSurvivesConcurrentRequests(t *testing.T) {
 	opts.ReadAhead = 2
 	s, cas, _ := newStore(t, "dddddddddd", 0, opts)
 	hashes := hashesByChunk(s)
-	chunkOf := map[string]int64{}
-	for i, h := range hashes {
-		chunkOf[h] = i
-	}
 	src := newGatedSource(cas)
 	src.free[hashes[0]] = true
-	var mu sync.Mutex
 	// Touching chunk 0 queues read-ahead of 1 and 2; the first is held.
 	if _, err := s.ReadAt(make([]byte, 1), 0); err != nil {
 		t.Fatal(err)
@@ -176,15 +175,7 @@ func TestPrefetchOrderSurvivesConcurrentRequests(t *testing.T) {
 	s.Prefetch(context.Background(), []int64{8 * testCS, 5 * testCS, 2 * testCS, 7 * testCS})
 	close(src.gate)
 	waitFor(t, "all opens", func() bool { return s.Stats().Prefetched == 5 })
-	mu.Lock()
-	defer mu.Unlock()
-	cas.mu.Lock()
-	var got []string
-	for _, h := range cas.order {
-		got = append(got, fmt.Sprint(chunkOf[h]))
-	}
-	cas.mu.Unlock()
-	if g, w := strings.Join(got, " "), "0 1 8 5 2 7"; g != w {
+	if g, w := openOrder(s, cas), "0 1 8 5 2 7"; g != w {
 		t.Fatalf("chunks opened in order %s, want %s", g, w)
 	}
 }

@@ -10,13 +10,10 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
@@ -27,30 +24,13 @@ import (
 	"github.com/snaploader/snaploader/vmm"
 )
 
-var (
-	fillGuestOnce sync.Once
-	fillGuestVal  *qemu.TestGuest
-	fillGuestErr  error
-)
-
 // needFillGuest returns the fill variant of the test guest (see
 // qemu.BuildFillGuest), skipping (failing under CI) where it cannot be
 // built.
 func needFillGuest(t testing.TB) *qemu.TestGuest {
 	t.Helper()
 	needGuest(t)
-	fillGuestOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		fillGuestVal, fillGuestErr = qemu.BuildFillGuest(ctx, "")
-	})
-	if status.Code(fillGuestErr) == codes.Unavailable {
-		testutil.Unavailable(t, "fill guest: "+fillGuestErr.Error())
-	}
-	if fillGuestErr != nil {
-		t.Fatal(fillGuestErr)
-	}
-	return fillGuestVal
+	return fillGuest.get(t, "fill guest", qemu.BuildFillGuest)
 }
 
 // fillMachine describes a fill guest run.

@@ -36,11 +36,33 @@ const (
 var vmTask = snapshot.Task{InstanceName: "vms", PlatformHash: "x86_64-tcg", ConfigurationHash: "testguest",
 	Env: map[string]string{snapshot.EnvBranch: "main", snapshot.EnvDefaultBranch: "main"}}
 
-var (
-	guestOnce sync.Once
-	guestVal  *qemu.TestGuest
-	guestErr  error
-)
+// guestBuild builds a test guest once per test binary (and once per
+// machine thanks to its cache directory).
+type guestBuild struct {
+	once sync.Once
+	tg   *qemu.TestGuest
+	err  error
+}
+
+var smallGuest, fillGuest guestBuild
+
+// get returns the guest build makes, skipping (failing under CI) where it
+// cannot be had.
+func (g *guestBuild) get(t testing.TB, what string, build func(context.Context, string) (*qemu.TestGuest, error)) *qemu.TestGuest {
+	t.Helper()
+	g.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		g.tg, g.err = build(ctx, "")
+	})
+	if status.Code(g.err) == codes.Unavailable {
+		testutil.Unavailable(t, what+": "+g.err.Error())
+	}
+	if g.err != nil {
+		t.Fatal(g.err)
+	}
+	return g.tg
+}
 
 // needGuest returns the busybox test guest, skipping (failing under CI)
 // where QEMU or the guest's tools cannot be had.
@@ -49,18 +71,7 @@ func needGuest(t testing.TB) *qemu.TestGuest {
 	testutil.LookPath(t, "qemu-system-x86_64")
 	testutil.LookPath(t, "mkfs.ext4")
 	testutil.LookPath(t, "debugfs")
-	guestOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		guestVal, guestErr = qemu.BuildTestGuest(ctx, "")
-	})
-	if status.Code(guestErr) == codes.Unavailable {
-		testutil.Unavailable(t, "test guest: "+guestErr.Error())
-	}
-	if guestErr != nil {
-		t.Fatal(guestErr)
-	}
-	return guestVal
+	return smallGuest.get(t, "test guest", qemu.BuildTestGuest)
 }
 
 // serveProc is a `snaploader serve` process for tests and benchmarks.
