@@ -47,8 +47,8 @@ const (
 	MaxChunkSize = 1 << 30
 	// MaxSize is the largest accepted file size (1 PiB).
 	MaxSize = 1 << 50
-	// DefaultReadAhead is how many chunks after a touched one are scheduled
-	// for background opening.
+	// DefaultReadAhead is the most chunks after a touched one scheduled for
+	// background opening (see Options.ReadAhead).
 	DefaultReadAhead = 32
 	// DefaultPrefetchConcurrency bounds concurrent background opens.
 	DefaultPrefetchConcurrency = 4
@@ -83,8 +83,11 @@ type Options struct {
 	// the ChunkedFile). Default DefaultChunkSize; must be a multiple of
 	// PageSize and at most MaxChunkSize.
 	ChunkSize int64
-	// ReadAhead is how many chunks after a touched one are opened in the
-	// background. Default DefaultReadAhead; negative disables read-ahead.
+	// ReadAhead is the most chunks after a touched one that are opened in
+	// the background: a reader touching chunk after chunk gets as many as
+	// it consumes while two fetches complete, up to ReadAhead; a first or
+	// out-of-order touch gets 4. Default DefaultReadAhead; negative
+	// disables read-ahead.
 	ReadAhead int
 	// PrefetchConcurrency bounds concurrent background opens. Default
 	// DefaultPrefetchConcurrency.
@@ -224,6 +227,10 @@ type Store struct {
 	wsEnded bool
 
 	pq prefetchQueue
+	ra readAheadState
+	// fetchLat is a moving average of the time an open from the source
+	// takes (nanoseconds), which sizes read-ahead.
+	fetchLat atomic.Int64
 
 	bufs sync.Pool // *[]byte of chunk size
 
@@ -283,6 +290,7 @@ func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*S
 		parent = context.WithoutCancel(opts.Parent)
 	}
 	s.ctx, s.cancel = context.WithCancel(parent)
+	s.ra.last = -1
 	s.pq.max = opts.PrefetchConcurrency
 	s.pq.rate = opts.PrefetchRate
 	for _, c := range cf.GetChunks() {
@@ -500,8 +508,14 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 		return err
 	}
 	telemetry.End(span, nil)
+	wait := time.Since(start)
+	if old := s.fetchLat.Load(); old == 0 {
+		s.fetchLat.Store(int64(wait))
+	} else {
+		s.fetchLat.Store((7*old + int64(wait)) / 8)
+	}
 	if s.opts.OnFetch != nil {
-		s.opts.OnFetch(FetchEvent{File: s.name, Offset: c.off, Bytes: c.d.SizeBytes, Foreground: foreground, Wait: time.Since(start), Tier: tier})
+		s.opts.OnFetch(FetchEvent{File: s.name, Offset: c.off, Bytes: c.d.SizeBytes, Foreground: foreground, Wait: wait, Tier: tier})
 	}
 	if s.closed.Load() {
 		b.Close()
@@ -528,7 +542,68 @@ func (s *Store) touch(c *chunk, idx int64) {
 	s.touched = append(s.touched, c.off)
 	s.touchMu.Unlock()
 	if s.opts.ReadAhead > 0 {
-		s.readAhead(idx)
+		s.scheduleAhead(idx, s.ra.depth(idx, s.opts.ReadAhead, time.Duration(s.fetchLat.Load())))
+	}
+}
+
+// minReadAhead is the read-ahead depth of a first or out-of-order touch.
+const minReadAhead = 4
+
+// readAheadState sizes read-ahead to the reader: a reader that touches
+// chunk after chunk gets as many chunks scheduled as it consumes while two
+// fetches complete (fast readers up to Options.ReadAhead); a first or
+// out-of-order touch gets minReadAhead, so that scattered accesses (a VM
+// faulting here and there) do not pull in chunks nobody reads.
+type readAheadState struct {
+	mu       sync.Mutex
+	last     int64 // index of the previous first touch, -1 before any
+	lastAt   time.Time
+	interval time.Duration // moving average of the time between sequential first touches
+}
+
+// depth returns how many chunks after idx to schedule, given the longest
+// allowed and the fetches' average latency.
+func (r *readAheadState) depth(idx int64, most int, fetchLat time.Duration) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	now := time.Now()
+	seq := r.lastAt != (time.Time{}) && idx == r.last+1
+	if seq {
+		gap := now.Sub(r.lastAt)
+		if r.interval == 0 {
+			r.interval = gap
+		} else {
+			r.interval = (3*r.interval + gap) / 4
+		}
+	} else {
+		r.interval = 0
+	}
+	r.last, r.lastAt = idx, now
+	low := min(minReadAhead, most)
+	if !seq {
+		return low
+	}
+	if r.interval <= 0 || fetchLat <= 0 {
+		return most
+	}
+	// Chunks consumed while two fetches complete, plus a margin.
+	n := int64(2*fetchLat/r.interval) + 2
+	return int(max(int64(low), min(n, int64(most))))
+}
+
+// scheduleAhead schedules the n chunks after idx, nearest served first.
+func (s *Store) scheduleAhead(idx int64, n int) {
+	items := make([]prefetchItem, 0, n)
+	s.mu.RLock()
+	last := (s.size - 1) / s.cs
+	for i := min(idx+int64(n), last); i > idx; i-- {
+		if c := s.chunks[i]; c != nil && !c.settled.Load() {
+			items = append(items, prefetchItem{c: c})
+		}
+	}
+	s.mu.RUnlock()
+	if len(items) > 0 {
+		s.push(items)
 	}
 }
 
