@@ -127,6 +127,21 @@ type coldWarmRun struct {
 	remote       int64 // bytes fetched from the remote
 	touched      int64 // bytes of the chunks the guest touched
 	memPrefetchQ int64 // memory chunks queued for prefetch
+	saved        *vmm.SaveStats
+}
+
+// saveAfterCounter saves r's guest on h as soon as it prints a counter line
+// newer than any so far, so that the guest is paused between reading back
+// its filled area and its next read: the next restore reads all of it
+// before its first new counter. It returns the last counter printed.
+func saveAfterCounter(ctx context.Context, t testing.TB, h *vmHost, r *coldWarmRun) int {
+	t.Helper()
+	serial := filepath.Join(r.dir, "serial.log")
+	nums := qemu.ParseCounters(readFile(t, serial))
+	nextCounter(ctx, t, r.vm.Guest(), nums[len(nums)-1]+1)
+	r.saved = h.save(ctx, t, r.vm)
+	nums = qemu.ParseCounters(readFile(t, serial))
+	return nums[len(nums)-1]
 }
 
 // measureRestore restores snap on h and waits for its first new counter;
@@ -194,8 +209,9 @@ func TestQEMUFillGuestRestored(t *testing.T) {
 	}
 	await("the memory working set to settle", mem.WorkingSetEnded)
 	ws := mem.Touched()
-	lastB := nextCounter(ctx, t, r.vm.Guest(), r.first+3)
-	saveB := b.save(ctx, t, r.vm)
+	nextCounter(ctx, t, r.vm.Guest(), r.first+2)
+	lastB := saveAfterCounter(ctx, t, b, r)
+	saveB := r.saved
 	var recorded []int64
 	for _, w := range saveB.Result.Manifest.GetVmMetadata().GetWorkingSets() {
 		if w.GetFileName() == vmm.MemoryFile {
@@ -205,10 +221,7 @@ func TestQEMUFillGuestRestored(t *testing.T) {
 	if len(ws) == 0 || !slices.Equal(recorded, ws[:min(len(ws), snapshot.MaxWorkingSetChunks)]) {
 		t.Errorf("saved working set has %d chunks, want the %d recorded until the touches settled", len(recorded), len(ws))
 	}
-	serialB := readFile(t, filepath.Join(r.dir, "serial.log"))
-	checkFillSerial(t, "restored fill guest", serialB, 0)
-	nums := qemu.ParseCounters(serialB)
-	lastB = max(lastB, nums[len(nums)-1])
+	checkFillSerial(t, "restored fill guest", readFile(t, filepath.Join(r.dir, "serial.log")), 0)
 	r.vm.Close()
 
 	c, closeC := newHostIn(ctx, t, url, t.TempDir(), m.chunk)
@@ -368,11 +381,7 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 			b.Fatal("the recording restore's working set did not settle")
 		}
 	}
-	nextCounter(ctx, b, rr.vm.Guest(), rr.first+1)
-	rec.save(ctx, b, rr.vm)
-	serial := readFile(b, filepath.Join(rr.dir, "serial.log"))
-	nums := qemu.ParseCounters(serial)
-	last := nums[len(nums)-1]
+	last := saveAfterCounter(ctx, b, rec, rr)
 	rr.vm.Close()
 	b.Logf("recording restore: working set of %d memory chunks (%d touched by the save)", len(mem.Touched()), len(mem.Accessed()))
 
