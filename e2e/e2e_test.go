@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -49,7 +50,26 @@ type server struct {
 	args []string
 	env  []string
 	cmd  *exec.Cmd
-	log  *strings.Builder
+	log  *syncLog
+}
+
+// syncLog is a process's stderr, written by one goroutine and read by the
+// test.
+type syncLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *syncLog) WriteString(s string) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.WriteString(s)
+}
+
+func (l *syncLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 // startServe starts `snaploader serve` on a free port with extra args.
@@ -63,7 +83,7 @@ func startServe(t testing.TB, env []string, args ...string) *server {
 
 func (s *server) start(t testing.TB) {
 	t.Helper()
-	s.log = &strings.Builder{}
+	s.log = &syncLog{}
 	cmd := exec.Command(binary, append([]string{"serve", "--listen", s.addr}, s.args...)...)
 	cmd.Env = append(os.Environ(), s.env...)
 	stderr, err := cmd.StderrPipe()
