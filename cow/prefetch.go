@@ -117,22 +117,6 @@ func (s *Store) prefetchWorker() {
 	}
 }
 
-// readAhead schedules the chunks after idx, nearest served first.
-func (s *Store) readAhead(idx int64) {
-	n := int64(s.opts.ReadAhead)
-	items := make([]prefetchItem, 0, n)
-	s.mu.RLock()
-	last := (s.size - 1) / s.cs
-	for i := min(idx+n, last); i > idx; i-- {
-		if c := s.chunks[i]; c != nil && !c.settled.Load() {
-			items = append(items, prefetchItem{c: c})
-		}
-	}
-	s.mu.RUnlock()
-	if len(items) > 0 {
-		s.push(items)
-	}
-}
 
 // Prefetch schedules the chunks at offsets (e.g. a previous run's Touched)
 // for background opening, the first offset served first, ahead of earlier
