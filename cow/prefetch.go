@@ -117,7 +117,6 @@ func (s *Store) prefetchWorker() {
 	}
 }
 
-
 // Prefetch schedules the chunks at offsets (e.g. a previous run's Touched)
 // for background opening, the first offset served first, ahead of earlier
 // requests. It returns at once; items still queued when ctx is done are
