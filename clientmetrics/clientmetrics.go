@@ -22,7 +22,8 @@ import (
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-// Metrics is one process's metrics, in a registry of its own.
+// Metrics is one process's metrics, in a registry of its own. A nil
+// *Metrics records nothing.
 type Metrics struct {
 	reg        *prometheus.Registry
 	hits       *prometheus.CounterVec
@@ -83,6 +84,9 @@ func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 // Lookup records the outcome of a GetSnapshot: a hit (snap) or, when err
 // says nothing was found, a cold start.
 func (m *Metrics) Lookup(snap *snapshot.Snapshot, err error) {
+	if m == nil {
+		return
+	}
 	if err == nil && snap != nil {
 		m.hits.WithLabelValues(string(snap.Source), strconv.Itoa(snap.FallbackIndex)).Inc()
 		return
@@ -92,6 +96,9 @@ func (m *Metrics) Lookup(snap *snapshot.Snapshot, err error) {
 
 // Fetched records one chunk fetch; it fits cow.Options.OnFetch.
 func (m *Metrics) Fetched(ev cow.FetchEvent) {
+	if m == nil {
+		return
+	}
 	tier := ev.Tier
 	if tier == "" {
 		tier = "unknown"
@@ -107,6 +114,9 @@ func (m *Metrics) Fetched(ev cow.FetchEvent) {
 
 // Saved records a save.
 func (m *Metrics) Saved(res *snapshot.SaveResult) {
+	if m == nil {
+		return
+	}
 	t := res.Totals()
 	m.saveBytes.Add(float64(t.BytesWritten))
 	m.saveChunks.Add(float64(t.ChunksWritten))
@@ -123,10 +133,18 @@ func (m *Metrics) Saved(res *snapshot.SaveResult) {
 }
 
 // PublishSkipped records a save that did not publish remotely, and why.
-func (m *Metrics) PublishSkipped(reason string) { m.skipped.WithLabelValues(reason).Inc() }
+func (m *Metrics) PublishSkipped(reason string) {
+	if m != nil {
+		m.skipped.WithLabelValues(reason).Inc()
+	}
+}
 
 // RemoteUnavailable records a command that degraded to the local tier.
-func (m *Metrics) RemoteUnavailable() { m.remoteDown.Inc() }
+func (m *Metrics) RemoteUnavailable() {
+	if m != nil {
+		m.remoteDown.Inc()
+	}
+}
 
 // WriteTextfile writes the metrics in the text exposition format to path,
 // atomically, for node-exporter's textfile collector.

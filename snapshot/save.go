@@ -278,7 +278,7 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	keys := append([]*snapshotpb.SnapshotKey{req.Key, idKey}, req.AlsoKeys...)
 	writeLocal := req.LocalManifest || (req.Remote && !publish)
 	if publish {
-		if err := l.writeManifests(ctx, l.remote, ns, m, trees, keys, res); err != nil {
+		if err := l.writeManifests(ctx, true, ns, m, trees, keys, res); err != nil {
 			if !req.Local || !l.degraded(err) {
 				return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 			}
@@ -288,7 +288,7 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		}
 	}
 	if writeLocal {
-		if err := l.writeManifests(ctx, l.local, ns, m, trees, keys, res); err != nil {
+		if err := l.writeManifests(ctx, false, ns, m, trees, keys, res); err != nil {
 			return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 		}
 	}
@@ -424,24 +424,24 @@ func (l *Loader) repairRemote(ctx context.Context, ns cache.Namespace, m *snapsh
 	}
 }
 
-// writeManifests writes m under every key in keys to tier c (remote or
-// local manifest keys) in the data's namespace ns, and records the write
-// key's manifest key in res.
-func (l *Loader) writeManifests(ctx context.Context, c cache.Cache, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
+// writeManifests writes m under every key in keys to the remote tier
+// (remote manifest keys) or the local one (local manifest keys) in the
+// data's namespace ns, and records the write key's manifest key in res.
+func (l *Loader) writeManifests(ctx context.Context, remote bool, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
 	ar, err := ManifestActionResult(m, trees)
 	if err != nil {
 		return err
 	}
-	where := "local"
-	if c != l.local {
-		where = "remote"
+	c, where := cache.Cache(l.local), "local"
+	if remote {
+		c, where = l.remote, "remote"
 	}
 	for i, k := range keys {
 		var mk *repb.Digest
-		if c == l.local {
-			mk, err = LocalManifestKey(l.opts.Group, k)
-		} else {
+		if remote {
 			mk, err = RemoteManifestKey(k)
+		} else {
+			mk, err = LocalManifestKey(l.opts.Group, k)
 		}
 		if err != nil {
 			return err
@@ -491,13 +491,13 @@ func (l *Loader) republishIfRaced(ctx context.Context, ns cache.Namespace, m *sn
 		}
 		m.VmMetadata.SnapshotKey = moved[0]
 		if res.PublishedRemote {
-			if err := l.writeManifests(ctx, l.remote, ns, m, trees, moved, res); err != nil {
+			if err := l.writeManifests(ctx, true, ns, m, trees, moved, res); err != nil {
 				l.opts.Logger.Warn("republishing under the current version id", "key", keyString(moved[0]), "err", err)
 				return
 			}
 		}
 		if res.PublishedLocal {
-			if err := l.writeManifests(ctx, l.local, ns, m, trees, moved, res); err != nil {
+			if err := l.writeManifests(ctx, false, ns, m, trees, moved, res); err != nil {
 				l.opts.Logger.Warn("republishing locally under the current version id", "key", keyString(moved[0]), "err", err)
 				return
 			}
