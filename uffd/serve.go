@@ -611,7 +611,12 @@ func (ss *session) installCopy(r *region, rn run, src []byte, installed []bool, 
 				return status.Errorf(codes.Internal, "UFFDIO_COPY at address %#x (offset %d) made no progress", dst+done, r.off+(dst+done-r.base))
 			}
 		case unix.EEXIST:
-			done += r.page // present already: skip it
+			// Present already: skip it, but count it as in place, so
+			// that the block's wake covers its waiters and a later fault
+			// on it is only woken, never fetched again (a fetch that
+			// finds it present again would wake no one).
+			installed[done/r.page] = true
+			done += r.page
 		case unix.EAGAIN, unix.ENOENT, unix.EINTR:
 			if retries++; retries > maxRetries {
 				return status.Errorf(codes.Internal, "UFFDIO_COPY at address %#x (offset %d): %v after %d retries", dst+done, r.off+(dst+done-r.base), err, maxRetries)
@@ -685,6 +690,7 @@ func (ss *session) installZeropage(r *region, rn run, installed []bool) error {
 				return status.Errorf(codes.Internal, "UFFDIO_ZEROPAGE at address %#x (offset %d) made no progress", dst+done, r.off+(dst+done-r.base))
 			}
 		case unix.EEXIST:
+			installed[done/r.page] = true // present already (see installCopy)
 			done += r.page
 		case unix.EAGAIN, unix.ENOENT, unix.EINTR:
 			if retries++; retries > maxRetries {
