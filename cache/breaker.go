@@ -245,3 +245,17 @@ func (u unreachable) UpdateActionResult(context.Context, Namespace, *repb.Digest
 type Creator interface {
 	CreateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) (*repb.ActionResult, bool, error)
 }
+
+// ReadRange implements RangeReader when the wrapped tier does; else it is
+// an Unimplemented error.
+func (b *Breaker) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (rc io.ReadCloser, err error) {
+	rr, ok := b.c.(RangeReader)
+	if !ok {
+		return nil, status.Errorf(codes.Unimplemented, "tier has no range reads")
+	}
+	err = b.call(ctx, func() error { rc, err = rr.ReadRange(ctx, ns, d, off, n); return err })
+	if err != nil {
+		return nil, err
+	}
+	return &breakerReader{ReadCloser: rc, b: b, ctx: ctx}, nil
+}

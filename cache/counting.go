@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // Counting is a Cache that counts the calls and bytes passing through to
@@ -15,6 +17,7 @@ type Counting struct {
 
 	findMissing, findMissingDigests atomic.Int64
 	reads, readBytes                atomic.Int64
+	rangeReads, rangeBytes          atomic.Int64
 	writes, writeBytes              atomic.Int64
 	acGets, acPuts                  atomic.Int64
 }
@@ -28,6 +31,8 @@ type CountingStats struct {
 	FindMissingDigests int64 // digests asked about
 	Reads              int64 // Read calls
 	ReadBytes          int64 // bytes read from returned readers
+	RangeReads         int64 // ReadRange calls
+	RangeBytes         int64 // bytes read from their readers
 	Writes             int64 // Write calls
 	WriteBytes         int64 // bytes consumed from writers' readers
 	ACGets             int64 // GetActionResult calls
@@ -44,6 +49,8 @@ func (c *Counting) Stats() CountingStats {
 		FindMissingDigests: c.findMissingDigests.Load(),
 		Reads:              c.reads.Load(),
 		ReadBytes:          c.readBytes.Load(),
+		RangeReads:         c.rangeReads.Load(),
+		RangeBytes:         c.rangeBytes.Load(),
 		Writes:             c.writes.Load(),
 		WriteBytes:         c.writeBytes.Load(),
 		ACGets:             c.acGets.Load(),
@@ -66,6 +73,21 @@ func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 		return nil, err
 	}
 	return countingReader{rc, &c.readBytes}, nil
+}
+
+// ReadRange counts the call and the bytes read, when the wrapped cache
+// reads ranges (see RangeReader); else it is an Unimplemented error.
+func (c *Counting) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	rr, ok := c.c.(RangeReader)
+	if !ok {
+		return nil, status.Errorf(codes.Unimplemented, "tier has no range reads")
+	}
+	c.rangeReads.Add(1)
+	rc, err := rr.ReadRange(ctx, ns, d, off, n)
+	if err != nil {
+		return nil, err
+	}
+	return countingReader{rc, &c.rangeBytes}, nil
 }
 
 // Write counts the call and the bytes consumed from r.

@@ -73,6 +73,8 @@ type ReadThrough struct {
 	remoteFetches atomic.Int64
 	remoteBytes   atomic.Int64
 	remoteErrors  atomic.Int64
+	rangeReads    atomic.Int64
+	rangeBytes    atomic.Int64
 }
 
 var _ Opener = (*ReadThrough)(nil)
@@ -83,6 +85,8 @@ type ReadThroughStats struct {
 	RemoteFetches int64 // blobs copied from the remote into the local tier
 	RemoteBytes   int64 // bytes of those blobs
 	RemoteErrors  int64 // fetches that failed
+	RangeReads    int64 // verified range reads served from the remote
+	RangeBytes    int64 // bytes of those ranges
 }
 
 // NewReadThrough returns a ReadThrough over local and remote with default
@@ -106,6 +110,8 @@ func (rt *ReadThrough) Stats() ReadThroughStats {
 		RemoteFetches: rt.remoteFetches.Load(),
 		RemoteBytes:   rt.remoteBytes.Load(),
 		RemoteErrors:  rt.remoteErrors.Load(),
+		RangeReads:    rt.rangeReads.Load(),
+		RangeBytes:    rt.rangeBytes.Load(),
 	}
 }
 

@@ -108,6 +108,9 @@ type Options struct {
 	// under; its cancellation does not affect the store, which lives until
 	// Close. Default context.Background().
 	Parent context.Context
+	// NoOutboards: Save and FromFile do not compute and store chunk
+	// outboards (they do for BLAKE3 otherwise; see RangeSource).
+	NoOutboards bool
 	// OnFetch, when set, is called after every successful open of a clean
 	// chunk from the source (from several goroutines, with the chunk's lock
 	// held: it must be quick, e.g. count into metrics).
@@ -124,6 +127,19 @@ type FetchEvent struct {
 	// Tier is the tier that served it, when the source says (see
 	// TierSource), else "".
 	Tier string
+}
+
+// RangeSource is a Source that can serve a verified range of a chunk
+// without fetching it whole, given the digest of the chunk's outboard
+// (cache.ReadThrough implements it). ReadVerifiedRange fills p with the
+// bytes of d at off, verified against d before it returns; an error
+// wrapping cache.ErrNoRange means it cannot, and the chunk is fetched and
+// verified whole. Fetch makes sure the whole blob of d is verified and at
+// hand, so that the next Open is quick; the whole chunk streams in behind a
+// range read with it, without holding the chunk's lock.
+type RangeSource interface {
+	ReadVerifiedRange(ctx context.Context, ns cache.Namespace, d, outboard *repb.Digest, p []byte, off int64) error
+	Fetch(ctx context.Context, ns cache.Namespace, d *repb.Digest) error
 }
 
 // TierSource is a Source that says which tier served each open (e.g.
@@ -184,6 +200,8 @@ type chunk struct {
 	// d is the digest of the chunk's last clean content (loaded or saved);
 	// nil for a hole. A dirty chunk keeps its last clean digest here.
 	d *repb.Digest
+	// ob is the digest of d's outboard, when known (see RangeSource).
+	ob *repb.Digest
 	// blob is the source blob of a clean chunk once opened.
 	blob cache.Blob
 	// overlay: the chunk's current content is in the overlay file.
@@ -195,6 +213,8 @@ type chunk struct {
 	gen uint64
 
 	settled atomic.Bool // needs no fetch: open, in the overlay or a hole
+	behind  atomic.Bool // a background fetch of the whole chunk was started
+	noRange atomic.Bool // the source cannot serve verified ranges of it
 	touched atomic.Bool // accessed by a read or write
 	queued  atomic.Bool // in the prefetch queue
 }
@@ -212,6 +232,12 @@ type Store struct {
 	closed atomic.Bool
 
 	saveMu sync.Mutex // serialises Save and Resize
+
+	// behind counts the whole-chunk fetches started behind verified range
+	// reads; Close waits for them (closing stops new ones).
+	behindMu sync.Mutex
+	closing  bool
+	behind   sync.WaitGroup
 
 	mu        sync.RWMutex
 	size      int64
@@ -238,6 +264,7 @@ type Store struct {
 	fetched      atomic.Int64
 	fetchedBytes atomic.Int64
 	fetchErrors  atomic.Int64
+	rangeReads   atomic.Int64
 	fgFetches    atomic.Int64
 	prefetched   atomic.Int64
 	queuedTotal  atomic.Int64
@@ -251,7 +278,8 @@ type Stats struct {
 	Touched           int   // chunks read or written at least once
 	Fetched           int64 // blobs opened from the source (any reason)
 	FetchedBytes      int64 // total size of those blobs
-	FetchErrors       int64 // failed opens
+	FetchErrors       int64 // failed opens and verified range reads
+	RangeReads        int64 // reads served by a verified range read
 	ForegroundFetches int64 // opens a ReadAt or WriteAt waited for
 	Prefetched        int64 // opens done by read-ahead or Prefetch
 	PrefetchQueued    int64 // chunks ever put in the prefetch queue
@@ -294,7 +322,7 @@ func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*S
 	s.pq.max = opts.PrefetchConcurrency
 	s.pq.rate = opts.PrefetchRate
 	for _, c := range cf.GetChunks() {
-		s.chunks[c.GetOffset()/s.cs] = &chunk{off: c.GetOffset(), d: c.GetDigest()}
+		s.chunks[c.GetOffset()/s.cs] = &chunk{off: c.GetOffset(), d: c.GetDigest(), ob: c.GetOutboard()}
 	}
 	return s, nil
 }
@@ -423,11 +451,52 @@ func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
 			}
 			return fmt.Errorf("reading chunked file %q at offset %d (chunk %d, digest %s): %w", s.name, c.off+in, c.off, digest.String(d), err)
 		}
+		ob, d := c.ob, c.d
 		c.mu.RUnlock()
+		if done, err := s.readRange(c, d, ob, p, in); done || err != nil {
+			return err
+		}
 		if err := s.fetch(c, true); err != nil {
 			return err
 		}
 	}
+}
+
+// readRange serves p at in of unfetched chunk c (digest d, outboard ob)
+// with a verified range read when the source can, starting the fetch of
+// the whole chunk behind it. It reports whether it served p.
+func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (bool, error) {
+	rs, ok := s.src.(RangeSource)
+	// A read of much of the chunk waits for the whole of it instead.
+	if !ok || ob == nil || c.noRange.Load() || len(p) == 0 || int64(len(p)) > d.GetSizeBytes()/4 {
+		return false, nil
+	}
+	err := rs.ReadVerifiedRange(s.ctx, s.ns, d, ob, p, in)
+	if errors.Is(err, cache.ErrNoRange) {
+		c.noRange.Store(true)
+		return false, nil
+	}
+	if err != nil {
+		s.fetchErrors.Add(1)
+		start, end := cache.AlignRange(d.GetSizeBytes(), in, int64(len(p)))
+		return false, fmt.Errorf("reading chunked file %q at offset %d (chunk at offset %d, digest %s, outboard %s, range [%d, %d)): %w", s.name, c.off+in, c.off, digest.String(d), digest.String(ob), start, end, err)
+	}
+	s.rangeReads.Add(1)
+	// The whole chunk streams in behind the range, once it is served.
+	if !c.behind.Swap(true) {
+		s.behindMu.Lock()
+		if !s.closing {
+			s.behind.Add(1)
+			go func() {
+				defer s.behind.Done()
+				if rs.Fetch(s.ctx, s.ns, d) != nil || s.fetch(c, false) != nil {
+					c.behind.Store(false) // a later read tries again
+				}
+			}()
+		}
+		s.behindMu.Unlock()
+	}
+	return true, nil
 }
 
 // WithCleanChunk calls fn with the source blob of the chunk holding off when
@@ -827,10 +896,10 @@ func (s *Store) ChunkedFile() *snapshotpb.ChunkedFile {
 	cf := &snapshotpb.ChunkedFile{Name: s.name, Size: size, ChunkSize: s.cs}
 	for _, c := range s.snapshotChunks() {
 		c.mu.RLock()
-		d := c.d
+		d, ob := c.d, c.ob
 		c.mu.RUnlock()
 		if d != nil && c.off < size {
-			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: c.off, Digest: d})
+			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: c.off, Digest: d, Outboard: ob})
 		}
 	}
 	return cf
@@ -856,6 +925,7 @@ func (s *Store) Stats() Stats {
 		Fetched:           s.fetched.Load(),
 		FetchedBytes:      s.fetchedBytes.Load(),
 		FetchErrors:       s.fetchErrors.Load(),
+		RangeReads:        s.rangeReads.Load(),
 		ForegroundFetches: s.fgFetches.Load(),
 		Prefetched:        s.prefetched.Load(),
 		PrefetchQueued:    s.queuedTotal.Load(),
@@ -873,9 +943,15 @@ func (s *Store) Stats() Stats {
 	return st
 }
 
-// Close stops read-ahead, releases the source blobs and removes the overlay.
-// Later reads and writes fail with FailedPrecondition.
+// Close waits for the whole-chunk fetches started behind verified range
+// reads (so that the chunks read are in the cache), stops read-ahead,
+// releases the source blobs and removes the overlay. Later reads and writes
+// fail with FailedPrecondition.
 func (s *Store) Close() error {
+	s.behindMu.Lock()
+	s.closing = true
+	s.behindMu.Unlock()
+	s.behind.Wait()
 	if s.closed.Swap(true) {
 		return nil
 	}

@@ -450,8 +450,8 @@ func TestSave(t *testing.T) {
 			if st.ChunksWritten != tc.wantWritten || st.ChunksDirty != tc.wantDirty || st.ChunksTotal != tc.wantTotal || st.BytesSkippedZero != tc.wantZero {
 				t.Fatalf("SaveStats = %+v; want written %d dirty %d total %d zero %d", st, tc.wantWritten, tc.wantDirty, tc.wantTotal, tc.wantZero)
 			}
-			if got := cas.writes.Load() - writesBefore; got != int64(tc.wantWritten) {
-				t.Fatalf("sink received %d writes, want %d", got, tc.wantWritten)
+			if got := cas.writes.Load() - writesBefore; got != 2*int64(tc.wantWritten) {
+				t.Fatalf("sink received %d writes, want %d (chunks and their outboards)", got, 2*tc.wantWritten)
 			}
 			if st.BytesWritten > int64(tc.wantWritten)*testCS {
 				t.Fatalf("BytesWritten = %d for %d chunks", st.BytesWritten, tc.wantWritten)
@@ -747,8 +747,8 @@ func TestFromFileSparse(t *testing.T) {
 	if st.ChunksDirty != 3 || st.ChunksWritten != 2 || st.ChunksTotal != 2 || st.BytesSkippedZero != 6*testCS || st.BytesWritten != 2*testCS {
 		t.Fatalf("SaveStats = %+v", st)
 	}
-	if n, _ := os.ReadDir(cas.dir); len(n) != 2 {
-		t.Fatalf("sink holds %d blobs, want 2", len(n))
+	if n, _ := os.ReadDir(cas.dir); len(n) != 4 {
+		t.Fatalf("sink holds %d blobs, want 4 (2 chunks and their outboards)", len(n))
 	}
 	if got := readAll(t, s); !bytes.Equal(got, want) {
 		t.Fatal("content differs")

@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -49,6 +50,8 @@ type saveJob struct {
 
 	// Results.
 	d    *repb.Digest // nil when zero
+	od   *repb.Digest // the outboard's digest, when computed
+	ob   []byte       // the outboard, until stored or found present
 	gen  uint64
 	zero bool
 }
@@ -56,6 +59,8 @@ type saveJob struct {
 type hashed struct {
 	j   *saveJob
 	buf *[]byte
+	// What the sink lacks: the chunk, its outboard.
+	putChunk, putOb bool
 }
 
 // saver runs the hash → FindMissing → Write pipeline with bounded memory:
@@ -142,9 +147,16 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 					release(bp)
 					continue
 				}
-				j.d = digest.Compute(fn, buf)
+				if fn == digest.BLAKE3 && !sv.opts.NoOutboards {
+					// One pass gives the outboard and its root, which is
+					// the chunk's BLAKE3 digest.
+					j.ob, j.d = cache.Outboard(buf)
+					j.od = digest.Compute(fn, j.ob)
+				} else {
+					j.d = digest.Compute(fn, buf)
+				}
 				select {
-				case hashedCh <- hashed{j, bp}:
+				case hashedCh <- hashed{j: j, buf: bp}:
 				case <-ctx.Done():
 					release(bp)
 					return ctx.Err()
@@ -184,10 +196,11 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 			var ask []*repb.Digest
 			asked := map[string]bool{}
 			for _, h := range batch {
-				k := h.j.d.Hash
-				if !claimed[k] && !asked[k] {
-					asked[k] = true
-					ask = append(ask, h.j.d)
+				for _, d := range []*repb.Digest{h.j.d, h.j.od} {
+					if d != nil && !claimed[d.Hash] && !asked[d.Hash] {
+						asked[d.Hash] = true
+						ask = append(ask, d)
+					}
 				}
 			}
 			missing := map[string]bool{}
@@ -205,12 +218,17 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 			}
 			for _, h := range batch {
 				k := h.j.d.Hash
-				if claimed[k] || !missing[k] {
-					claimed[k] = true
+				h.putChunk = !claimed[k] && missing[k]
+				claimed[k] = true
+				if od := h.j.od; od != nil {
+					h.putOb = !claimed[od.Hash] && missing[od.Hash]
+					claimed[od.Hash] = true
+				}
+				if !h.putChunk && !h.putOb {
+					h.j.ob = nil
 					release(h.buf)
 					continue
 				}
-				claimed[k] = true
 				select {
 				case uploadCh <- h:
 				case <-ctx.Done():
@@ -232,13 +250,25 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 		g.Go(func() error {
 			for h := range uploadCh {
 				j := h.j
-				err := put(j.d, (*h.buf)[:j.length])
+				var err error
+				if h.putChunk {
+					err = put(j.d, (*h.buf)[:j.length])
+				}
 				release(h.buf)
 				if err != nil {
 					return fmt.Errorf("storing chunk at offset %d (digest %s) of %q: %w", j.off, digest.String(j.d), sv.name, err)
 				}
-				sv.written.Add(1)
-				sv.bytesWritten.Add(j.length)
+				if h.putOb {
+					err = put(j.od, j.ob)
+				}
+				j.ob = nil
+				if err != nil {
+					return fmt.Errorf("storing the outboard (digest %s) of chunk at offset %d (digest %s) of %q: %w", digest.String(j.od), j.off, digest.String(j.d), sv.name, err)
+				}
+				if h.putChunk {
+					sv.written.Add(1)
+					sv.bytesWritten.Add(j.length)
+				}
 			}
 			return nil
 		})
@@ -298,7 +328,7 @@ func (s *Store) Save(ctx context.Context, sink Sink) (*snapshotpb.ChunkedFile, S
 	for _, c := range chunks {
 		c.mu.Lock()
 		if j := jobOf[c]; j != nil {
-			c.d = j.d
+			c.d, c.ob = j.d, j.od
 			if j.zero {
 				st.BytesSkippedZero += j.length
 			}
@@ -311,10 +341,10 @@ func (s *Store) Save(ctx context.Context, sink Sink) (*snapshotpb.ChunkedFile, S
 				}
 			}
 		}
-		d := c.d
+		d, ob := c.d, c.ob
 		c.mu.Unlock()
 		if d != nil {
-			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: c.off, Digest: d})
+			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: c.off, Digest: d, Outboard: ob})
 		}
 	}
 	st.ChunksTotal = len(cf.Chunks)
@@ -389,7 +419,7 @@ func FromFile(ctx context.Context, name, path string, src Source, sink Sink, opt
 	for _, j := range jobs {
 		dataBytes += j.length
 		if !j.zero {
-			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: j.off, Digest: j.d})
+			cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: j.off, Digest: j.d, Outboard: j.od})
 		} else {
 			st.BytesSkippedZero += j.length
 		}

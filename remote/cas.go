@@ -617,3 +617,51 @@ func (r *streamReader) WriteTo(w io.Writer) (int64, error) {
 		}
 	}
 }
+
+// ReadRange reads n bytes of blob d from off (fewer at its end) with one
+// ByteStream read (read_offset, read_limit) of the uncompressed resource,
+// retrying. The bytes are not verified: the caller checks them (see
+// cache.RangeReader).
+func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	inst, fn, err := c.ns(ns)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkDigest(d); err != nil {
+		return nil, err
+	}
+	if off < 0 || n <= 0 || off >= d.SizeBytes {
+		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, d.SizeBytes)
+	}
+	n = min(n, d.SizeBytes-off)
+	buf := make([]byte, 0, n)
+	err = c.retry(ctx, func(ctx context.Context) error {
+		buf = buf[:0]
+		stream, err := c.reader().Read(ctx, &bspb.ReadRequest{ResourceName: ReadResourceName(inst, fn, d, false), ReadOffset: off, ReadLimit: n})
+		if err != nil {
+			return err
+		}
+		for {
+			msg, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			if int64(len(buf)+len(msg.Data)) > n {
+				return status.Errorf(codes.Internal, "server sent more than the %d bytes asked for", n)
+			}
+			buf = append(buf, msg.Data...)
+			if int64(len(buf)) == n {
+				// Done: the server may still be checking the rest of
+				// the blob, which this read does not wait for.
+				return nil
+			}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("reading blob %s at [%d, %d) from %s: %w", digest.String(d), off, off+n, c.target, err)
+	}
+	return io.NopCloser(bytes.NewReader(buf)), nil
+}

@@ -25,6 +25,9 @@ const (
 	propChunkSize = "chunk_size"
 	// propArtifact marks an artifact file stored as chunks ("1").
 	propArtifact = "artifact"
+	// propOutboard, a chunk FileNode's property, is "<hash>/<size>": the
+	// blob of the chunk's BLAKE3 outboard (see snapshotpb.Chunk.outboard).
+	propOutboard = "outboard"
 )
 
 // maxFileSize bounds sizes a manifest may claim (1 PiB).
@@ -74,7 +77,13 @@ func ChunkedFileTree(cf *snapshotpb.ChunkedFile) *repb.Tree {
 		dir.NodeProperties.Properties = append(dir.NodeProperties.Properties, &repb.NodeProperty{Name: propArtifact, Value: "1"})
 	}
 	for _, c := range cf.GetChunks() {
-		dir.Files = append(dir.Files, &repb.FileNode{Name: strconv.FormatInt(c.GetOffset(), 10), Digest: c.GetDigest()})
+		fn := &repb.FileNode{Name: strconv.FormatInt(c.GetOffset(), 10), Digest: c.GetDigest()}
+		if ob := c.GetOutboard(); ob != nil {
+			fn.NodeProperties = &repb.NodeProperties{Properties: []*repb.NodeProperty{
+				{Name: propOutboard, Value: ob.GetHash() + "/" + strconv.FormatInt(ob.GetSizeBytes(), 10)},
+			}}
+		}
+		dir.Files = append(dir.Files, fn)
 	}
 	return &repb.Tree{Root: dir}
 }
@@ -110,12 +119,37 @@ func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, er
 		if err != nil || strconv.FormatInt(off, 10) != f.GetName() {
 			return nil, invalidf("chunked file %q: chunk name %q is not a decimal offset", name, f.GetName())
 		}
-		cf.Chunks = append(cf.Chunks, &snapshotpb.Chunk{Offset: off, Digest: f.GetDigest()})
+		c := &snapshotpb.Chunk{Offset: off, Digest: f.GetDigest()}
+		for _, p := range f.GetNodeProperties().GetProperties() {
+			if p.GetName() != propOutboard {
+				continue
+			}
+			ob, err := parseOutboard(p.GetValue())
+			if err != nil {
+				return nil, invalidf("chunked file %q: chunk at offset %d: property %s=%q: %v", name, off, propOutboard, p.GetValue(), err)
+			}
+			c.Outboard = ob
+		}
+		cf.Chunks = append(cf.Chunks, c)
 	}
 	if err := cow.ValidateChunkedFile(cf); err != nil {
 		return nil, err
 	}
 	return cf, nil
+}
+
+// parseOutboard parses an outboard property value, "<hash>/<size>".
+func parseOutboard(v string) (*repb.Digest, error) {
+	h, sz, ok := strings.Cut(v, "/")
+	n, err := strconv.ParseInt(sz, 10, 64)
+	if !ok || err != nil || strconv.FormatInt(n, 10) != sz {
+		return nil, fmt.Errorf("not <hash>/<size>")
+	}
+	d := &repb.Digest{Hash: h, SizeBytes: n}
+	if err := digest.Validate(d); err != nil {
+		return nil, err
+	}
+	return d, nil
 }
 
 // ManifestActionResult encodes a manifest as an ActionResult: auxiliary

@@ -394,6 +394,22 @@ func (l *Loader) publishBlobs(ctx context.Context, ns cache.Namespace, m *snapsh
 		}
 		res.Files[i].RemoteChunksWritten += n
 		res.Files[i].RemoteBytesWritten += b
+		// Outboards only speed up first reads: one the local cache lost
+		// (reads of its chunk verify the chunk whole) does not fail the save.
+		var obs []*repb.Digest
+		for _, c := range cf.GetChunks() {
+			if ob := c.GetOutboard(); ob != nil {
+				obs = append(obs, ob)
+			}
+		}
+		if len(obs) > 0 {
+			if _, _, err := l.copyMissing(ctx, ns, obs, l.local, l.remote); err != nil {
+				if cache.IsOutage(err) {
+					return fmt.Errorf("chunked file %q: outboards: %w", cf.GetName(), err)
+				}
+				l.opts.Logger.Warn("chunk outboards not uploaded; first reads of those chunks will verify them whole", "file", cf.GetName(), "err", err)
+			}
+		}
 	}
 	return nil
 }

@@ -1323,3 +1323,20 @@ func (c *Cache) Pin(ns cache.Namespace, ds []*repb.Digest) (release func()) {
 		})
 	}
 }
+
+// ReadRange reads n bytes of blob d from off (fewer at its end); see
+// cache.RangeReader.
+func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	b, err := c.Open(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	if off < 0 || off > b.Size() || n < 0 {
+		b.Close()
+		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, b.Size())
+	}
+	return struct {
+		io.Reader
+		io.Closer
+	}{io.NewSectionReader(b, off, min(n, b.Size()-off)), b}, nil
+}

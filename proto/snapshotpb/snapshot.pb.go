@@ -618,9 +618,13 @@ func (x *ChunkedFile) GetArtifact() bool {
 }
 
 type Chunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Offset        int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
-	Digest        *v2.Digest             `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Offset int64                  `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
+	Digest *v2.Digest             `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	// outboard is the blob of the chunk's BLAKE3 verified-streaming outboard
+	// (bao, chunk group 4: 16 KiB leaves), when it was saved with one: it
+	// verifies any 16 KiB-aligned range of the chunk against digest.
+	Outboard      *v2.Digest `protobuf:"bytes,3,opt,name=outboard,proto3" json:"outboard,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -665,6 +669,13 @@ func (x *Chunk) GetOffset() int64 {
 func (x *Chunk) GetDigest() *v2.Digest {
 	if x != nil {
 		return x.Digest
+	}
+	return nil
+}
+
+func (x *Chunk) GetOutboard() *v2.Digest {
+	if x != nil {
+		return x.Outboard
 	}
 	return nil
 }
@@ -1075,10 +1086,11 @@ const file_snapshot_proto_rawDesc = "" +
 	"\n" +
 	"chunk_size\x18\x03 \x01(\x03R\tchunkSize\x125\n" +
 	"\x06chunks\x18\x04 \x03(\v2\x1d.snaploader.snapshot.v1.ChunkR\x06chunks\x12\x1a\n" +
-	"\bartifact\x18\x05 \x01(\bR\bartifact\"`\n" +
+	"\bartifact\x18\x05 \x01(\bR\bartifact\"\xa5\x01\n" +
 	"\x05Chunk\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x03R\x06offset\x12?\n" +
-	"\x06digest\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06digest\"\xb8\x02\n" +
+	"\x06digest\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06digest\x12C\n" +
+	"\boutboard\x18\x03 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\boutboard\"\xb8\x02\n" +
 	"\x10SnapshotManifest\x12R\n" +
 	"\x10vm_configuration\x18\x01 \x01(\v2'.snaploader.snapshot.v1.VMConfigurationR\x0fvmConfiguration\x12C\n" +
 	"\vvm_metadata\x18\x02 \x01(\v2\".snaploader.snapshot.v1.VMMetadataR\n" +
@@ -1151,18 +1163,19 @@ var file_snapshot_proto_depIdxs = []int32{
 	16, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
 	8,  // 10: snaploader.snapshot.v1.ChunkedFile.chunks:type_name -> snaploader.snapshot.v1.Chunk
 	17, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
-	2,  // 12: snaploader.snapshot.v1.SnapshotManifest.vm_configuration:type_name -> snaploader.snapshot.v1.VMConfiguration
-	4,  // 13: snaploader.snapshot.v1.SnapshotManifest.vm_metadata:type_name -> snaploader.snapshot.v1.VMMetadata
-	18, // 14: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
-	7,  // 15: snaploader.snapshot.v1.SnapshotManifest.chunked_files:type_name -> snaploader.snapshot.v1.ChunkedFile
-	14, // 16: snaploader.snapshot.v1.SealedPayload.blobs:type_name -> snaploader.snapshot.v1.BlobMapping
-	17, // 17: snaploader.snapshot.v1.BlobMapping.plain:type_name -> build.bazel.remote.execution.v2.Digest
-	17, // 18: snaploader.snapshot.v1.BlobMapping.sealed:type_name -> build.bazel.remote.execution.v2.Digest
-	19, // [19:19] is the sub-list for method output_type
-	19, // [19:19] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	17, // 12: snaploader.snapshot.v1.Chunk.outboard:type_name -> build.bazel.remote.execution.v2.Digest
+	2,  // 13: snaploader.snapshot.v1.SnapshotManifest.vm_configuration:type_name -> snaploader.snapshot.v1.VMConfiguration
+	4,  // 14: snaploader.snapshot.v1.SnapshotManifest.vm_metadata:type_name -> snaploader.snapshot.v1.VMMetadata
+	18, // 15: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
+	7,  // 16: snaploader.snapshot.v1.SnapshotManifest.chunked_files:type_name -> snaploader.snapshot.v1.ChunkedFile
+	14, // 17: snaploader.snapshot.v1.SealedPayload.blobs:type_name -> snaploader.snapshot.v1.BlobMapping
+	17, // 18: snaploader.snapshot.v1.BlobMapping.plain:type_name -> build.bazel.remote.execution.v2.Digest
+	17, // 19: snaploader.snapshot.v1.BlobMapping.sealed:type_name -> build.bazel.remote.execution.v2.Digest
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_snapshot_proto_init() }
