@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/internal/testutil"
@@ -31,13 +32,23 @@ func benchMiB(b *testing.B) int {
 
 // benchHost is a host with a fresh cache dir and a remote at url.
 func benchHost(b *testing.B, url string) (*localcache.Cache, *snapshot.Loader) {
+	return benchHostWith(b, url, nil)
+}
+
+// benchHostWith is benchHost with the remote tier wrapped by wrap (nil:
+// as it is).
+func benchHostWith(b *testing.B, url string, wrap func(cache.Cache, *localcache.Cache) cache.Cache) (*localcache.Cache, *snapshot.Loader) {
 	b.Helper()
 	lc, err := localcache.New(b.TempDir(), localcache.Options{MaxBytes: 16 << 30})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { lc.Close() })
-	l, err := snapshot.New(lc, dial(b, url), snapshot.Options{})
+	var tier cache.Cache = dial(b, url)
+	if wrap != nil {
+		tier = wrap(cache.Verifying(tier), lc)
+	}
+	l, err := snapshot.New(lc, tier, snapshot.Options{})
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -45,9 +56,12 @@ func benchHost(b *testing.B, url string) (*localcache.Cache, *snapshot.Loader) {
 }
 
 // saveRemote splits path on a fresh host and publishes it to url.
-func saveRemote(b *testing.B, url, path string) {
+func saveRemote(b *testing.B, url, path string) { saveRemoteWith(b, url, path, nil) }
+
+// saveRemoteWith is saveRemote through a wrapped remote tier.
+func saveRemoteWith(b *testing.B, url, path string, wrap func(cache.Cache, *localcache.Cache) cache.Cache) {
 	ctx := context.Background()
-	lc, l := benchHost(b, url)
+	lc, l := benchHostWith(b, url, wrap)
 	ks, err := l.KeySet(ctx, task, snapshot.KeySetOptions{})
 	if err != nil {
 		b.Fatal(err)

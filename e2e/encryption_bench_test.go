@@ -9,7 +9,6 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
 	"github.com/snaploader/snaploader/cache/localcache"
-	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/snapshot"
 )
 
@@ -28,44 +27,21 @@ func BenchmarkEncryption(b *testing.B) {
 		b.Fatal(err)
 	}
 	keys, _ := encrypted.NewKeyring(k)
-	host := func(b *testing.B, url string, seal bool) (*localcache.Cache, *snapshot.Loader) {
-		lc, err := localcache.New(b.TempDir(), localcache.Options{MaxBytes: 16 << 30})
-		if err != nil {
-			b.Fatal(err)
+	sealed := func(seal bool) func(cache.Cache, *localcache.Cache) cache.Cache {
+		if !seal {
+			return nil
 		}
-		b.Cleanup(func() { lc.Close() })
-		var tier cache.Cache = cache.Verifying(dial(b, url))
-		if seal {
+		return func(tier cache.Cache, lc *localcache.Cache) cache.Cache {
 			e, err := encrypted.New(tier, encrypted.Options{Keys: keys, TempDir: lc.TempDir()})
 			if err != nil {
 				b.Fatal(err)
 			}
-			tier = cache.Verifying(e)
+			return cache.Verifying(e)
 		}
-		l, err := snapshot.New(lc, tier, snapshot.Options{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		return lc, l
 	}
 	ctx := context.Background()
-	save := func(b *testing.B, url string, seal bool) {
-		lc, l := host(b, url, seal)
-		ks, err := l.KeySet(ctx, task, snapshot.KeySetOptions{})
-		if err != nil {
-			b.Fatal(err)
-		}
-		s, _, err := cow.FromFile(ctx, "memory.img", path, lc, lc, cow.Options{Namespace: l.Namespace(ks.GetWriteKey()), TempDir: lc.TempDir()})
-		if err != nil {
-			b.Fatal(err)
-		}
-		defer s.Close()
-		if _, err := l.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: ks.GetWriteKey(), Chunked: []*cow.Store{s}, Local: true, Remote: true}); err != nil {
-			b.Fatal(err)
-		}
-	}
 	read := func(b *testing.B, url string, seal bool) {
-		_, l := host(b, url, seal)
+		_, l := benchHostWith(b, url, sealed(seal))
 		ks, _ := l.KeySet(ctx, task, snapshot.KeySetOptions{})
 		snap, err := l.GetSnapshot(ctx, ks, snapshot.GetOptions{ReadPolicy: snapshot.LocalFirst})
 		if err != nil {
@@ -94,7 +70,7 @@ func BenchmarkEncryption(b *testing.B) {
 				b.StopTimer()
 				s := startServe(b, nil, "--cache-dir", b.TempDir())
 				b.StartTimer()
-				save(b, s.url(), mode.seal)
+				saveRemoteWith(b, s.url(), path, sealed(mode.seal))
 				b.StopTimer()
 				s.stop()
 				b.StartTimer()
@@ -102,7 +78,7 @@ func BenchmarkEncryption(b *testing.B) {
 		})
 		b.Run("lazy-read/"+mode.name, func(b *testing.B) {
 			s := startServe(b, nil, "--cache-dir", b.TempDir())
-			save(b, s.url(), mode.seal)
+			saveRemoteWith(b, s.url(), path, sealed(mode.seal))
 			b.SetBytes(size)
 			for b.Loop() {
 				read(b, s.url(), mode.seal)
