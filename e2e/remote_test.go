@@ -379,6 +379,7 @@ func TestSlowRemote(t *testing.T) {
 	if err := srv.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	waitStopped(t, srv.cmd.Process.Pid)
 	buf := make([]byte, 64)
 	_, err = s.ReadAt(buf, victim.GetOffset())
 	srv.cmd.Process.Signal(syscall.SIGCONT)
@@ -388,4 +389,22 @@ func TestSlowRemote(t *testing.T) {
 	if _, err := s.ReadAt(buf, victim.GetOffset()); err != nil || !bytes.Equal(buf, want[victim.GetOffset():victim.GetOffset()+64]) {
 		t.Errorf("read after the remote recovered: %v", err)
 	}
+}
+
+// waitStopped waits until process pid is stopped (state T in
+// /proc/PID/stat): a signal is delivered asynchronously.
+func waitStopped(t *testing.T, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i := bytes.LastIndexByte(b, ')'); i >= 0 && i+2 < len(b) && (b[i+2] == 'T' || b[i+2] == 't') {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("process %d did not stop", pid)
 }

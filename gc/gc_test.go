@@ -147,6 +147,9 @@ func (h *host) save(t testing.TB, tk snapshot.Task, mem, vmstate []byte) *saved 
 		sv.blobs = append(sv.blobs, digest.Compute(digest.BLAKE3, tb))
 		for _, c := range cf.GetChunks() {
 			sv.blobs = append(sv.blobs, c.GetDigest())
+			if o := c.GetOutboard(); o != nil {
+				sv.blobs = append(sv.blobs, o)
+			}
 		}
 	}
 	return sv

@@ -249,8 +249,8 @@ type fileBlobs struct {
 	broken  bool // a tree is missing or corrupt: the snapshot cannot restore
 }
 
-// blobsOf lists the blobs s names: artifact files, trees and the chunks the
-// trees list. A tree that is missing or corrupt makes the snapshot broken
+// blobsOf lists the blobs s names: artifact files, trees, and the chunks
+// (with their outboards) the trees list. A tree that is missing or corrupt makes the snapshot broken
 // (it can no longer restore, so its chunks need not be kept); any other
 // read failure is an error.
 func blobsOf(ctx context.Context, st Store, s *Snapshot, log *slog.Logger) (*fileBlobs, error) {
@@ -287,6 +287,9 @@ func blobsOf(ctx context.Context, st Store, s *Snapshot, log *slog.Logger) (*fil
 		fb.logical += cf.GetSize()
 		for _, c := range cf.GetChunks() {
 			add(c.GetDigest(), true)
+			if o := c.GetOutboard(); o != nil {
+				add(o, false) // the chunk's verified-streaming outboard
+			}
 		}
 	}
 	return fb, nil

@@ -428,6 +428,9 @@ func (l *Loader) repairRemote(ctx context.Context, ns cache.Namespace, m *snapsh
 		ds = append(ds, trees[cf.GetName()])
 		for _, c := range cf.GetChunks() {
 			ds = append(ds, c.GetDigest())
+			if o := c.GetOutboard(); o != nil {
+				ds = append(ds, o)
+			}
 		}
 	}
 	n, _, err := l.copyMissing(ctx, ns, ds, l.local, l.remote)
