@@ -3,7 +3,6 @@ package cow
 import (
 	"context"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -12,6 +11,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
 
 // FromFile refuses anything but a regular file, promptly and naming the
@@ -39,8 +40,8 @@ func TestFromFileRefusesNonRegular(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			if _, err := os.Stat(tc.path); err != nil {
-				t.Skipf("%s: %v", tc.path, err)
+			if strings.HasPrefix(tc.path, "/dev/") {
+				testutil.RequireDevice(t, tc.path)
 			}
 			cas := newDirCAS(t)
 			done := make(chan error, 1)

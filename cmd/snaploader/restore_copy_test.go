@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
 
 // chunkyVM is 3 default chunks and a short last one: chunk 1 is all zeros
@@ -98,7 +100,7 @@ func procIO(t *testing.T) (rchar, wchar int64) {
 	t.Helper()
 	b, err := os.ReadFile("/proc/self/io")
 	if err != nil {
-		t.Skipf("no /proc/self/io: %v", err)
+		testutil.Unavailable(t, "/proc/self/io: "+err.Error())
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		k, v, _ := strings.Cut(line, ": ")
