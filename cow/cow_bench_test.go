@@ -7,27 +7,18 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
 
 // benchSize is SNAPLOADER_BENCH_MIB MiB (default 1024).
-func benchSize(b *testing.B) int64 {
-	mib := int64(1024)
-	if v := os.Getenv("SNAPLOADER_BENCH_MIB"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n <= 0 {
-			b.Fatalf("bad SNAPLOADER_BENCH_MIB %q", v)
-		}
-		mib = n
-	}
-	return mib << 20
-}
+func benchSize(b *testing.B) int64 { return testutil.BenchMiB(b, 1024) << 20 }
 
 // benchFile writes a file of VM-like pages: ~30% zero pages, the rest
 // random, into a fresh directory under os.TempDir(); removed after b.

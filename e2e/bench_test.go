@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"testing"
 	"time"
 
@@ -19,16 +18,7 @@ import (
 )
 
 // benchMiB is SNAPLOADER_BENCH_MIB (default 1024).
-func benchMiB(b *testing.B) int {
-	if v := os.Getenv("SNAPLOADER_BENCH_MIB"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			b.Fatalf("bad SNAPLOADER_BENCH_MIB %q", v)
-		}
-		return n
-	}
-	return 1024
-}
+func benchMiB(b *testing.B) int { return int(testutil.BenchMiB(b, 1024)) }
 
 // benchHost is a host with a fresh cache dir and a remote at url.
 func benchHost(b *testing.B, url string) (*localcache.Cache, *snapshot.Loader) {

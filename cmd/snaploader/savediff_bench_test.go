@@ -6,24 +6,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
 
 // benchMiB is SNAPLOADER_BENCH_MIB (default 256).
-func benchMiB(b *testing.B) int64 {
-	mib := int64(256)
-	if v := os.Getenv("SNAPLOADER_BENCH_MIB"); v != "" {
-		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n <= 0 {
-			b.Fatalf("bad SNAPLOADER_BENCH_MIB %q", v)
-		}
-		mib = n
-	}
-	return mib
-}
+func benchMiB(b *testing.B) int64 { return testutil.BenchMiB(b, 256) }
 
 // benchMemory writes a memory file of VM-like pages: 30% zero pages, the
 // rest random.

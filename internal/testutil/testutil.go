@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 )
 
@@ -69,4 +70,19 @@ func BuildMain(pkgDir, name string) (string, func(), error) {
 		return "", nil, fmt.Errorf("building %s: %v\n%s", pkgDir, err, out)
 	}
 	return bin, func() { os.RemoveAll(dir) }, nil
+}
+
+// BenchMiB is the benchmark file size in MiB from SNAPLOADER_BENCH_MIB,
+// def when it is unset; a value that is not a positive integer fails b.
+func BenchMiB(b testing.TB, def int64) int64 {
+	b.Helper()
+	v := os.Getenv("SNAPLOADER_BENCH_MIB")
+	if v == "" {
+		return def
+	}
+	n, err := strconv.ParseInt(v, 10, 64)
+	if err != nil || n <= 0 {
+		b.Fatalf("bad SNAPLOADER_BENCH_MIB %q: want a positive number of MiB", v)
+	}
+	return n
 }
