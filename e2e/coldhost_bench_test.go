@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -70,15 +69,6 @@ func runPinned(b *testing.B, name string, args ...string) (time.Duration, []byte
 		b.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, stderr.String())
 	}
 	return d, out
-}
-
-func medianDur(d []time.Duration) time.Duration {
-	s := slices.Clone(d)
-	slices.Sort(s)
-	if len(s) == 0 {
-		return 0
-	}
-	return s[len(s)/2]
 }
 
 // BenchmarkColdHost emulates two hosts on this machine: `snaploader serve`
@@ -172,11 +162,11 @@ func BenchmarkColdHost(b *testing.B) {
 		round(i, true)
 		i++
 	}
-	mcp := medianDur(cp).Seconds()
+	mcp := median(cp).Seconds()
 	b.ReportMetric(float64(size)/1e6/mcp, "cp-MB/s")
-	b.ReportMetric(float64(size)/(1<<20)/medianDur(cold).Seconds(), "cold-restore-MiB/s")
-	b.ReportMetric(medianDur(cold).Seconds()/mcp, "cold-restore-x-cp-time")
-	b.ReportMetric(medianDur(warm).Seconds()/mcp, "warm-restore-x-cp-time")
+	b.ReportMetric(float64(size)/(1<<20)/median(cold).Seconds(), "cold-restore-MiB/s")
+	b.ReportMetric(median(cold).Seconds()/mcp, "cold-restore-x-cp-time")
+	b.ReportMetric(median(warm).Seconds()/mcp, "warm-restore-x-cp-time")
 	b.ReportMetric(rep.ColdReadMBs, "cold-read-MB/s")
 	b.ReportMetric(rep.ColdReadXCp, "cold-read-x-cp")
 	b.ReportMetric(rep.WarmReadXCp, "warm-read-x-cp")

@@ -28,21 +28,10 @@ func parsePageSize(s string) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	num, mult := strings.TrimSpace(s), int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
-		if strings.HasSuffix(num, u.suffix) {
-			num, mult = strings.TrimSuffix(num, u.suffix), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || n <= 0 || n > (1<<30)/mult {
+	n, err := parseBytes("--page-size", s)
+	if err != nil || n > 1<<30 {
 		return 0, fmt.Errorf("--page-size %q: want a size such as 4KiB, 2MiB or 1GiB", s)
 	}
-	n *= mult
 	if n < cow.PageSize || bits.OnesCount64(uint64(n)) != 1 {
 		return 0, fmt.Errorf("--page-size %q: want a power of two from 4KiB to 1GiB", s)
 	}
