@@ -200,7 +200,7 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 	if err != nil {
 		return nil, err
 	}
-	ar, err := l.getManifest(ctx, l.local, key.GetInstanceName(), mk)
+	ar, err := l.getManifest(ctx, false, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("local manifest for %s: %w", keyString(key), err)
 	}
@@ -237,7 +237,7 @@ func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx
 	if err != nil {
 		return nil, err
 	}
-	ar, err := l.getManifest(ctx, l.remote, key.GetInstanceName(), mk)
+	ar, err := l.getManifest(ctx, true, key.GetInstanceName(), mk)
 	if err != nil {
 		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
 	}

@@ -177,24 +177,24 @@ func (l *Loader) ns(instance string, fn digest.Function) cache.Namespace {
 	return cache.Namespace{Group: l.opts.Group, Instance: instance, Function: fn}
 }
 
-// entryNS is the namespace version entries live under in tier c, whatever
-// digest function the snapshot data uses, so that every host sees one
-// version per key (SPEC §3): BLAKE3, or SHA-256 on a remote that only
+// entryNS is the namespace version entries live under in the local tier
+// (or, when remote, the remote one), whatever digest function the snapshot
+// data uses, so that every host sees one version per key (SPEC §3): BLAKE3, or SHA-256 on a remote that only
 // speaks SHA-256. Version entries name no blobs, so any namespace holds
 // them; manifests do, and live under their data's digest function (what
 // REAPI caches check completeness in).
-func (l *Loader) entryNS(c cache.Cache, instance string) cache.Namespace {
-	if c != l.local && l.opts.RemoteEntryFunction != repb.DigestFunction_UNKNOWN {
+func (l *Loader) entryNS(remote bool, instance string) cache.Namespace {
+	if remote && l.opts.RemoteEntryFunction != repb.DigestFunction_UNKNOWN {
 		return l.ns(instance, l.opts.RemoteEntryFunction)
 	}
 	return l.ns(instance, digest.BLAKE3)
 }
 
-// getEntry reads a version entry of tier c. Version entries written before
-// they had one namespace live under the writer's digest function; a miss
-// is looked up there too.
-func (l *Loader) getEntry(ctx context.Context, c cache.Cache, instance string, key *repb.Digest) (*repb.ActionResult, error) {
-	ns := l.entryNS(c, instance)
+// getEntry reads a version entry of the local or (remote) the remote tier.
+// Version entries written before they had one namespace live under the
+// writer's digest function; a miss is looked up there too.
+func (l *Loader) getEntry(ctx context.Context, remote bool, instance string, key *repb.Digest) (*repb.ActionResult, error) {
+	c, ns := l.tier(remote), l.entryNS(remote, instance)
 	ar, err := c.GetActionResult(ctx, ns, key)
 	if cache.IsNotFound(err) && l.opts.Function != ns.Function {
 		if old, oerr := c.GetActionResult(ctx, l.ns(instance, l.opts.Function), key); oerr == nil {
@@ -204,11 +204,11 @@ func (l *Loader) getEntry(ctx context.Context, c cache.Cache, instance string, k
 	return ar, err
 }
 
-// functions lists the digest functions manifests of tier c may be stored
-// under, this loader's own first.
-func (l *Loader) functions(c cache.Cache) []digest.Function {
+// functions lists the digest functions manifests of the local or (remote)
+// the remote tier may be stored under, this loader's own first.
+func (l *Loader) functions(remote bool) []digest.Function {
 	all := []digest.Function{digest.BLAKE3, digest.SHA256}
-	if c != l.local && len(l.opts.RemoteFunctions) > 0 {
+	if remote && len(l.opts.RemoteFunctions) > 0 {
 		all = l.opts.RemoteFunctions
 	}
 	out := []digest.Function{l.opts.Function}
@@ -220,12 +220,13 @@ func (l *Loader) functions(c cache.Cache) []digest.Function {
 	return out
 }
 
-// getManifest reads the manifest under key from tier c, looking under each
-// digest function the tier offers (a snapshot saved with SHA-256 is found
+// getManifest reads the manifest under key from the local or (remote) the
+// remote tier, looking under each digest function the tier offers (a snapshot saved with SHA-256 is found
 // by a host whose own function is BLAKE3, and the reverse).
-func (l *Loader) getManifest(ctx context.Context, c cache.Cache, instance string, key *repb.Digest) (*repb.ActionResult, error) {
+func (l *Loader) getManifest(ctx context.Context, remote bool, instance string, key *repb.Digest) (*repb.ActionResult, error) {
+	c := l.tier(remote)
 	var first error
-	for _, fn := range l.functions(c) {
+	for _, fn := range l.functions(remote) {
 		ar, err := c.GetActionResult(ctx, l.ns(instance, fn), key)
 		if err == nil {
 			return ar, nil
@@ -238,6 +239,16 @@ func (l *Loader) getManifest(ctx context.Context, c cache.Cache, instance string
 		}
 	}
 	return nil, first
+}
+
+// tier is the remote tier when remote, else the local one. Callers say
+// which tier they mean: in a loader whose two tiers are one cache (a host
+// reading another host's cache as its second tier) comparing tiers cannot.
+func (l *Loader) tier(remote bool) cache.Cache {
+	if remote {
+		return l.remote
+	}
+	return l.local
 }
 
 // remoteUp reports whether the remote tier may be used: configured and not
@@ -307,7 +318,7 @@ func (l *Loader) CurrentVersion(ctx context.Context, key *snapshotpb.SnapshotKey
 // remoteVersion reads (or creates) the remote's version id and keeps it
 // locally.
 func (l *Loader) remoteVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
-	ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), VersionKey(key))
+	ar, err := l.getEntry(ctx, true, key.GetInstanceName(), VersionKey(key))
 	if err != nil && !cache.IsNotFound(err) {
 		return "", fmt.Errorf("reading version of key %s from the remote: %w", keyString(key), err)
 	}
@@ -338,7 +349,7 @@ func (l *Loader) createRemoteVersion(ctx context.Context, key *snapshotpb.Snapsh
 	if err != nil {
 		return nil, err
 	}
-	ns := l.entryNS(l.remote, key.GetInstanceName())
+	ns := l.entryNS(true, key.GetInstanceName())
 	if err := l.remote.UpdateActionResult(ctx, ns, VersionKey(key), ar); err != nil {
 		return nil, fmt.Errorf("writing version of key %s to the remote: %w", keyString(key), err)
 	}
@@ -360,7 +371,7 @@ func (l *Loader) createRemoteVersion(ctx context.Context, key *snapshotpb.Snapsh
 // keepLocally records the remote's version entry in the local cache when
 // it differs from the one kept there.
 func (l *Loader) keepLocally(ctx context.Context, key *snapshotpb.SnapshotKey, ar *repb.ActionResult, v string) {
-	ns := l.entryNS(l.local, key.GetInstanceName())
+	ns := l.entryNS(false, key.GetInstanceName())
 	if cur, err := l.local.GetActionResult(ctx, ns, VersionKey(key)); err == nil {
 		if cv, _ := versionFromResult(cur); cv == v {
 			return
@@ -374,8 +385,8 @@ func (l *Loader) keepLocally(ctx context.Context, key *snapshotpb.SnapshotKey, a
 // localVersion reads the local cache's version id, creating one
 // atomically when there is none.
 func (l *Loader) localVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (string, error) {
-	ns := l.entryNS(l.local, key.GetInstanceName())
-	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), VersionKey(key))
+	ns := l.entryNS(false, key.GetInstanceName())
+	ar, err := l.getEntry(ctx, false, key.GetInstanceName(), VersionKey(key))
 	if err != nil && !cache.IsNotFound(err) && !cache.IsCorrupt(err) {
 		return "", fmt.Errorf("reading version of key %s: %w", keyString(key), err)
 	}
@@ -408,7 +419,7 @@ func (l *Loader) localVersion(ctx context.Context, key *snapshotpb.SnapshotKey) 
 // written by Invalidate.
 func (l *Loader) storedVersion(ctx context.Context, key *snapshotpb.SnapshotKey) (v string, invalidation bool, err error) {
 	if l.remoteUp() {
-		ar, err := l.getEntry(ctx, l.remote, key.GetInstanceName(), VersionKey(key))
+		ar, err := l.getEntry(ctx, true, key.GetInstanceName(), VersionKey(key))
 		if err == nil || cache.IsNotFound(err) {
 			if v, inv := versionFromResult(ar); v != "" || !l.opts.RemoteReadOnly {
 				return v, inv, nil
@@ -417,7 +428,7 @@ func (l *Loader) storedVersion(ctx context.Context, key *snapshotpb.SnapshotKey)
 			return "", false, err
 		}
 	}
-	ar, err := l.getEntry(ctx, l.local, key.GetInstanceName(), VersionKey(key))
+	ar, err := l.getEntry(ctx, false, key.GetInstanceName(), VersionKey(key))
 	if err != nil && !cache.IsNotFound(err) {
 		return "", false, err
 	}
@@ -442,11 +453,11 @@ func (l *Loader) Invalidate(ctx context.Context, key *snapshotpb.SnapshotKey) (s
 		if l.opts.RemoteReadOnly {
 			return "", status.Errorf(codes.FailedPrecondition, "invalidating %s: the remote holding version ids is read-only here", keyString(key))
 		}
-		if err := l.remote.UpdateActionResult(ctx, l.entryNS(l.remote, key.GetInstanceName()), VersionKey(key), ar); err != nil {
+		if err := l.remote.UpdateActionResult(ctx, l.entryNS(true, key.GetInstanceName()), VersionKey(key), ar); err != nil {
 			return "", fmt.Errorf("invalidating %s on the remote: %w", keyString(key), err)
 		}
 	}
-	if err := l.local.UpdateActionResult(ctx, l.entryNS(l.local, key.GetInstanceName()), VersionKey(key), ar); err != nil {
+	if err := l.local.UpdateActionResult(ctx, l.entryNS(false, key.GetInstanceName()), VersionKey(key), ar); err != nil {
 		if l.remote == nil {
 			return "", fmt.Errorf("invalidating %s: %w", keyString(key), err)
 		}

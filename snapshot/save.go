@@ -451,9 +451,9 @@ func (l *Loader) writeManifests(ctx context.Context, remote bool, ns cache.Names
 	if err != nil {
 		return err
 	}
-	c, where := cache.Cache(l.local), "local"
+	c, where := l.tier(remote), "local"
 	if remote {
-		c, where = l.remote, "remote"
+		where = "remote"
 	}
 	for i, k := range keys {
 		var mk *repb.Digest
