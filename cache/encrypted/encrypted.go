@@ -69,7 +69,9 @@ type Cache struct {
 	mu sync.Mutex
 	// sealed maps a plaintext blob, under one key, to its ciphertext blob.
 	sealed map[plainKey]*repb.Digest
-	bufs   sync.Pool // *bytes.Buffer holding a sealed blob before upload
+	// trees holds the file digests of trees already parsed (keyID "").
+	trees map[plainKey][]*repb.Digest
+	bufs  sync.Pool // *bytes.Buffer holding a sealed blob before upload
 }
 
 type plainKey struct {
@@ -90,7 +92,7 @@ func New(inner cache.Cache, opts Options) (*Cache, error) {
 	if opts.MemoryLimit <= 0 {
 		opts.MemoryLimit = 64 << 20
 	}
-	c := &Cache{inner: cache.Verifying(inner), opts: opts, sealed: map[plainKey]*repb.Digest{}}
+	c := &Cache{inner: cache.Verifying(inner), opts: opts, sealed: map[plainKey]*repb.Digest{}, trees: map[plainKey][]*repb.Digest{}}
 	c.bufs.New = func() any { return new(bytes.Buffer) }
 	return c, nil
 }
@@ -291,6 +293,42 @@ func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, v
 	return nil
 }
 
+// treeFiles lists the file digests of the plaintext tree d. A save writes
+// its manifest under several keys (the write key, the snapshot id, maybe
+// more): each tree is read and parsed once per process, not once per key.
+func (c *Cache) treeFiles(ctx context.Context, ns cache.Namespace, d *repb.Digest) ([]*repb.Digest, error) {
+	tk := pk("", ns.DigestFunction(), d)
+	c.mu.Lock()
+	files, ok := c.trees[tk]
+	c.mu.Unlock()
+	if ok {
+		return files, nil
+	}
+	b, err := cache.ReadAll(ctx, c, ns, d)
+	if err != nil {
+		return nil, fmt.Errorf("reading tree %s: %w", digest.String(d), err)
+	}
+	t := &repb.Tree{}
+	if err := proto.Unmarshal(b, t); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "tree %s: %v", digest.String(d), err)
+	}
+	for _, dir := range append([]*repb.Directory{t.GetRoot()}, t.GetChildren()...) {
+		for _, f := range dir.GetFiles() {
+			files = append(files, f.GetDigest())
+		}
+	}
+	c.mu.Lock()
+	if len(c.trees) >= maxTrees {
+		clear(c.trees)
+	}
+	c.trees[tk] = files
+	c.mu.Unlock()
+	return files, nil
+}
+
+// maxTrees bounds the trees whose file lists a Cache keeps.
+const maxTrees = 256
+
 // reseal seals blob d, known under an older key, under the current one.
 func (c *Cache) reseal(ctx context.Context, ns cache.Namespace, d *repb.Digest) error {
 	rc, err := c.Read(ctx, ns, d)
@@ -361,19 +399,13 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 		if err := add(od.GetTreeDigest(), true); err != nil {
 			return err
 		}
-		b, err := cache.ReadAll(ctx, c, ns, od.GetTreeDigest())
+		files, err := c.treeFiles(ctx, ns, od.GetTreeDigest())
 		if err != nil {
-			return fmt.Errorf("sealing action result %s: reading tree %s: %w", digest.String(key), digest.String(od.GetTreeDigest()), err)
+			return fmt.Errorf("sealing action result %s: %w", digest.String(key), err)
 		}
-		t := &repb.Tree{}
-		if err := proto.Unmarshal(b, t); err != nil {
-			return status.Errorf(codes.InvalidArgument, "sealing action result %s: tree %s: %v", digest.String(key), digest.String(od.GetTreeDigest()), err)
-		}
-		for _, dir := range append([]*repb.Directory{t.GetRoot()}, t.GetChildren()...) {
-			for _, f := range dir.GetFiles() {
-				if err := add(f.GetDigest(), false); err != nil {
-					return err
-				}
+		for _, d := range files {
+			if err := add(d, false); err != nil {
+				return err
 			}
 		}
 	}
