@@ -96,7 +96,8 @@ func (b *Breaker) Down() error {
 // Unwrap returns the wrapped tier.
 func (b *Breaker) Unwrap() Cache { return b.c }
 
-// VerifiesReads is forwarded: the breaker does not change what is read.
+// verifies reports whether the wrapped tier verifies its reads; WithBreaker
+// keeps that marker, since the breaker does not change what is read.
 func (b *Breaker) verifies() bool {
 	_, ok := b.c.(ReadVerifier)
 	return ok
