@@ -321,8 +321,11 @@ func Open(name string, cf *snapshotpb.ChunkedFile, src Source, opts Options) (*S
 	s.ra.last = -1
 	s.pq.max = opts.PrefetchConcurrency
 	s.pq.rate = opts.PrefetchRate
-	for _, c := range cf.GetChunks() {
-		s.chunks[c.GetOffset()/s.cs] = &chunk{off: c.GetOffset(), d: c.GetDigest(), ob: c.GetOutboard()}
+	slab := make([]chunk, len(cf.GetChunks()))
+	for i, c := range cf.GetChunks() {
+		k := &slab[i]
+		k.off, k.d, k.ob = c.GetOffset(), c.GetDigest(), c.GetOutboard()
+		s.chunks[k.off/s.cs] = k
 	}
 	return s, nil
 }

@@ -34,7 +34,7 @@ func ValidateChunkedFile(cf *snapshotpb.ChunkedFile) error {
 	if err := checkChunkSize(cs); err != nil {
 		return bad("%v", err)
 	}
-	seen := make(map[int64]bool, len(cf.GetChunks()))
+	seen := newChunkSet(size/cs+1, len(cf.GetChunks()))
 	for i, c := range cf.GetChunks() {
 		off := c.GetOffset()
 		switch {
@@ -42,10 +42,9 @@ func ValidateChunkedFile(cf *snapshotpb.ChunkedFile) error {
 			return bad("chunk %d: offset %d is outside the file's size %d", i, off, size)
 		case off%cs != 0:
 			return bad("chunk %d: offset %d is not a multiple of the chunk size %d", i, off, cs)
-		case seen[off]:
+		case !seen.add(off / cs):
 			return bad("chunk %d: offset %d is listed twice", i, off)
 		}
-		seen[off] = true
 		d := c.GetDigest()
 		if err := digest.Validate(d); err != nil {
 			return bad("chunk at offset %d: %v", off, err)
@@ -55,4 +54,37 @@ func ValidateChunkedFile(cf *snapshotpb.ChunkedFile) error {
 		}
 	}
 	return nil
+}
+
+// chunkSet is a set of chunk indexes below n: a bitmap when the file's
+// chunks are listed densely enough that it costs at most 8 bytes per listed
+// chunk (a restore checks every chunk of a large guest), a map otherwise
+// (a sparse file, or a hostile size).
+type chunkSet struct {
+	bits []uint64
+	m    map[int64]bool
+}
+
+func newChunkSet(n int64, listed int) chunkSet {
+	if n <= 64*int64(listed)+64 {
+		return chunkSet{bits: make([]uint64, (n+63)/64)}
+	}
+	return chunkSet{m: make(map[int64]bool, listed)}
+}
+
+// add adds i and reports whether it was absent.
+func (s chunkSet) add(i int64) bool {
+	if s.bits == nil {
+		if s.m[i] {
+			return false
+		}
+		s.m[i] = true
+		return true
+	}
+	w, b := i/64, uint64(1)<<(i%64)
+	if s.bits[w]&b != 0 {
+		return false
+	}
+	s.bits[w] |= b
+	return true
 }

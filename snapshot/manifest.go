@@ -318,12 +318,3 @@ func decodeManifest(ar *repb.ActionResult) (*decodedManifest, error) {
 	}
 	return dm, nil
 }
-
-// decodeTree parses a stored tree blob.
-func decodeTree(name string, b []byte) (*snapshotpb.ChunkedFile, error) {
-	t := &repb.Tree{}
-	if err := proto.Unmarshal(b, t); err != nil {
-		return nil, invalidf("chunked file %q: decoding tree: %v", name, err)
-	}
-	return ChunkedFileFromTree(name, t)
-}

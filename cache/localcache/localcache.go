@@ -36,7 +36,10 @@
 // that are not pinned are removed until usage is under the bound. Lookups
 // (FindMissing of a present blob, Read, Open, GetActionResult) refresh an
 // entry's recency and record it as the file's mtime, so the index rebuilt by
-// New (a walk of the directory) keeps the LRU order across restarts.
+// New (a walk of the directory) keeps the LRU order across restarts. The
+// batch lookups of a restore (FindMissing, Pin) answer indexed entries from
+// memory and write their mtimes in the background (Close waits for it), so
+// that a restore's readiness costs no system call per chunk.
 //
 // Several processes may share one directory: files appear only by rename,
 // a file removed by another process is NotFound, and each process rescans
@@ -144,6 +147,11 @@ type Cache struct {
 	sinceScan int64
 	lastScan  time.Time
 	scanning  bool
+	// touchQ holds recencies still to be written as mtimes (lookupMany),
+	// by one goroutine at a time (touching), which touchers tracks.
+	touchQ   map[*entry]time.Time
+	touching bool
+	touchers sync.WaitGroup
 
 	evictions atomic.Int64
 	// encoders holds a token per zstd encoder in use (Options.Compression).
@@ -219,6 +227,7 @@ func (c *Cache) Usage() int64 {
 // Close rescans the directory and evicts down to the bound. The Cache must
 // not be used afterwards.
 func (c *Cache) Close() error {
+	c.touchers.Wait()
 	return c.Rescan(context.Background())
 }
 
@@ -233,8 +242,10 @@ func (c *Cache) Path(ns cache.Namespace, d *repb.Digest) string {
 	return filepath.Join(c.dir, casRel(ns.DigestFunction(), d))
 }
 
+// casRel is the path of blob d relative to the cache directory, for a
+// valid digest (built without filepath.Join: a restore forms one per chunk).
 func casRel(fn digest.Function, d *repb.Digest) string {
-	return filepath.Join(casDir, digest.FunctionName(fn), d.Hash[:2], d.Hash+"-"+strconv.FormatInt(d.SizeBytes, 10))
+	return casDir + "/" + digest.FunctionName(fn) + "/" + d.Hash[:2] + "/" + d.Hash + "-" + strconv.FormatInt(d.SizeBytes, 10)
 }
 
 func groupDir(group string) (string, error) {
@@ -311,9 +322,17 @@ func (c *Cache) lookup(rel string, pin bool) *entry {
 		}
 		return e
 	}
-	// Not indexed: another process may have stored it.
-	if err := os.Chtimes(path, now, now); err != nil {
-		return nil
+	return c.lookupDisk(rel, path, pin, now, true)
+}
+
+// lookupDisk indexes rel if another process stored it (nil if there is
+// nothing at path; what is there is checked when it is opened), recording now as its recency on disk when touch
+// is set.
+func (c *Cache) lookupDisk(rel, path string, pin bool, now time.Time, touch bool) *entry {
+	if touch {
+		if err := os.Chtimes(path, now, now); err != nil {
+			return nil
+		}
 	}
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
@@ -321,7 +340,8 @@ func (c *Cache) lookup(rel string, pin bool) *entry {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if e = c.entries[rel]; e == nil {
+	e := c.entries[rel]
+	if e == nil {
 		e = &entry{rel: rel, size: st.Blocks * 512}
 		c.addLocked(e)
 	}
@@ -330,6 +350,78 @@ func (c *Cache) lookup(rel string, pin bool) *entry {
 		e.pins++
 	}
 	return e
+}
+
+// lookupMany is lookup of many entries at once, for the checks that a
+// restore makes of every chunk of a snapshot (FindMissing, Pin): indexed
+// entries are answered from memory under one lock, and their recency is
+// written to disk (mtimes) in the background, so that readiness does not
+// cost a system call per chunk. A file that another process removed
+// meanwhile is found when it is opened (NotFound, and a read-through then
+// fetches it again), as it would be had it been removed just after a
+// check. Entries not indexed are looked up on disk. The result has nil
+// for rels not present.
+func (c *Cache) lookupMany(rels []string, pin bool) []*entry {
+	now := time.Now()
+	out := make([]*entry, len(rels))
+	var unknown []int
+	c.mu.Lock()
+	for i, rel := range rels {
+		e := c.entries[rel]
+		if e == nil {
+			unknown = append(unknown, i)
+			continue
+		}
+		c.touchLocked(e, now)
+		c.queueTouchLocked(e, now)
+		if pin {
+			e.pins++
+		}
+		out[i] = e
+	}
+	c.mu.Unlock()
+	for _, i := range unknown {
+		out[i] = c.lookupDisk(rels[i], filepath.Join(c.dir, rels[i]), pin, now, true)
+	}
+	return out
+}
+
+// queueTouchLocked schedules writing e's recency as its file's mtime, by a
+// background goroutine that Close waits for.
+func (c *Cache) queueTouchLocked(e *entry, now time.Time) {
+	if c.touchQ == nil {
+		c.touchQ = map[*entry]time.Time{}
+	}
+	c.touchQ[e] = now
+	if !c.touching {
+		c.touching = true
+		c.touchers.Add(1)
+		go c.applyTouches()
+	}
+}
+
+// applyTouches writes queued recencies to disk until the queue is empty,
+// dropping entries whose files are gone.
+func (c *Cache) applyTouches() {
+	defer c.touchers.Done()
+	for {
+		c.mu.Lock()
+		q := c.touchQ
+		c.touchQ = nil
+		if len(q) == 0 {
+			c.touching = false
+			c.mu.Unlock()
+			return
+		}
+		c.mu.Unlock()
+		for e, t := range q {
+			if err := os.Chtimes(filepath.Join(c.dir, e.rel), t, t); err != nil && errors.Is(err, fs.ErrNotExist) {
+				c.mu.Lock()
+				c.dropLocked(e)
+				c.mu.Unlock()
+			}
+		}
+	}
 }
 
 func (c *Cache) touchLocked(e *entry, now time.Time) {
@@ -365,16 +457,24 @@ func (c *Cache) unpin(e *entry) {
 // FindMissing returns the digests in ds that are not in the cache, and
 // refreshes the recency of those that are.
 func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, status.FromContextError(err).Err()
+	}
+	if err := checkNS(ns); err != nil {
+		return nil, fmt.Errorf("finding missing blobs: %w", err)
+	}
+	fn := ns.DigestFunction()
+	rels := make([]string, len(ds))
+	for i, d := range ds {
+		if err := digest.Validate(d); err != nil {
+			return nil, fmt.Errorf("finding missing blobs: %w", status.Errorf(codes.InvalidArgument, "%v", err))
+		}
+		rels[i] = casRel(fn, d)
+	}
 	var missing []*repb.Digest
-	for _, d := range ds {
-		if err := ctx.Err(); err != nil {
-			return nil, status.FromContextError(err).Err()
-		}
-		if err := checkDigest(ns, d); err != nil {
-			return nil, fmt.Errorf("finding missing blobs: %w", err)
-		}
-		if c.lookup(casRel(ns.DigestFunction(), d), false) == nil {
-			missing = append(missing, d)
+	for i, e := range c.lookupMany(rels, false) {
+		if e == nil {
+			missing = append(missing, ds[i])
 		}
 	}
 	return missing, nil
@@ -1304,12 +1404,18 @@ type pinSet struct{ entries []*entry }
 // present are ignored; lookups refresh recency.
 func (c *Cache) Pin(ns cache.Namespace, ds []*repb.Digest) (release func()) {
 	ps := &pinSet{}
-	for _, d := range ds {
-		if checkDigest(ns, d) != nil {
-			continue
+	if checkNS(ns) == nil {
+		fn := ns.DigestFunction()
+		rels := make([]string, 0, len(ds))
+		for _, d := range ds {
+			if digest.Validate(d) == nil {
+				rels = append(rels, casRel(fn, d))
+			}
 		}
-		if e := c.lookup(casRel(ns.DigestFunction(), d), true); e != nil {
-			ps.entries = append(ps.entries, e)
+		for _, e := range c.lookupMany(rels, true) {
+			if e != nil {
+				ps.entries = append(ps.entries, e)
+			}
 		}
 	}
 	var once sync.Once
