@@ -28,8 +28,9 @@
 // chunks cost little disk. Nothing is fsynced: a blob torn by a crash is
 // caught by verification, because blobs this process did not write itself
 // (found at start, or written by another process) are verified against
-// their digest on first Read or Open; a mismatch removes the file and is an
-// Internal ("corrupt") error.
+// their digest on first Read or Open, unless a process of the same boot
+// verified them (a marker in an extended attribute, see verifiedAttr); a
+// mismatch removes the file and is an Internal ("corrupt") error.
 //
 // Every entry (blob or action-cache entry) counts its st_blocks*512 bytes
 // toward Options.MaxBytes. After a write the least recently used entries
@@ -108,6 +109,10 @@ type Options struct {
 	// blobs decode (Open decodes the whole blob into an unnamed scratch
 	// file), which a host's page faults should not wait for.
 	Compression bool
+	// BootID names the running boot of this host, for verification markers
+	// (see the package documentation); empty means the kernel's
+	// /proc/sys/kernel/random/boot_id. Markers are off if it is unknown.
+	BootID string
 }
 
 const (
@@ -190,6 +195,11 @@ func New(dir string, opts Options) (*Cache, error) {
 		entries:  map[string]*entry{},
 		lru:      list.New(),
 		encoders: make(chan struct{}, max(2, runtime.GOMAXPROCS(0))),
+	}
+	if c.opts.BootID == "" {
+		if b, err := os.ReadFile("/proc/sys/kernel/random/boot_id"); err == nil {
+			c.opts.BootID = strings.TrimSpace(string(b))
+		}
 	}
 	c.cleanTemp()
 	if err := c.Rescan(context.Background()); err != nil {
@@ -508,7 +518,7 @@ func (c *Cache) verifiedStream(rc io.ReadCloser, f *os.File, e *entry, ns cache.
 	c.mu.Lock()
 	verified := e.verified
 	c.mu.Unlock()
-	if verified {
+	if verified || c.markedVerified(f, e.rel) {
 		return rc, nil
 	}
 	vr, err := cache.NewVerifyingReader(rc, ns.DigestFunction(), d)
@@ -546,6 +556,7 @@ func (r *checkedReader) Read(p []byte) (int, error) {
 		r.c.mu.Lock()
 		r.e.verified = true
 		r.c.mu.Unlock()
+		r.c.markVerified(r.f, r.e.rel)
 	case cache.IsCorrupt(err):
 		r.c.removeCorrupt(r.e, r.f)
 	}
@@ -915,6 +926,12 @@ func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (c
 	c.mu.Lock()
 	verified := e.verified
 	c.mu.Unlock()
+	if !verified && c.markedVerified(f, e.rel) {
+		verified = true
+		c.mu.Lock()
+		e.verified = true
+		c.mu.Unlock()
+	}
 	if !verified {
 		v, err := digest.NewVerifier(ns.DigestFunction(), d)
 		if err == nil {
@@ -938,6 +955,7 @@ func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (c
 		c.mu.Lock()
 		e.verified = true
 		c.mu.Unlock()
+		c.markVerified(f, e.rel)
 	}
 	return &blob{f: f, size: d.SizeBytes, c: c, e: e}, nil
 }
@@ -1242,6 +1260,9 @@ func (c *Cache) storedReserved(rel string, size int64, verified bool, res *Reser
 		victims = c.evictLocked(e)
 	}
 	c.mu.Unlock()
+	if verified {
+		c.markVerified(nil, rel)
+	}
 	c.remove(victims)
 	if due {
 		c.Rescan(context.Background())

@@ -477,7 +477,9 @@ func TestCorruptBlobsAreDetected(t *testing.T) {
 				data := content(600, mib)
 				d := put(t, c1, ns, data)
 				tt.damage(t, c1.Path(ns, d))
-				c2 := newCache(t, dir, Options{})
+				// The damage is what a crash leaves: the next boot
+				// trusts no verification marker of the last one.
+				c2 := newCache(t, dir, Options{BootID: "after-a-crash"})
 				var err error
 				if how == "Read" {
 					_, err = cache.ReadAll(ctx, c2, ns, d)
