@@ -28,10 +28,17 @@ func randBytes(seed uint64, n int) []byte {
 
 func newLocal(t testing.TB, dir string) *localcache.Cache {
 	t.Helper()
+	return newLocalBoot(t, dir, "")
+}
+
+// newLocalBoot is newLocal as a process of the boot named boot would open
+// it ("" for this one): after a crash, nothing written before is trusted.
+func newLocalBoot(t testing.TB, dir, boot string) *localcache.Cache {
+	t.Helper()
 	if dir == "" {
 		dir = t.TempDir()
 	}
-	c, err := localcache.New(dir, localcache.Options{})
+	c, err := localcache.New(dir, localcache.Options{BootID: boot})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -65,7 +65,7 @@ func TestReadThrough(t *testing.T) {
 			damage(t, l.Path(ns, d), "flip")
 			r := newLocal(t, "")
 			put(t, r, data)
-			return newLocal(t, l.Dir()), r // a restart: the local copy is unverified
+			return newLocalBoot(t, l.Dir(), "after-a-crash"), r // the local copy is unverified
 		}, codes.OK, 1},
 		{"missing everywhere", func(t *testing.T) (*localcache.Cache, cache.Cache) {
 			return newLocal(t, ""), newLocal(t, "")

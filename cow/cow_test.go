@@ -895,7 +895,9 @@ func TestWithLocalCache(t *testing.T) {
 	if err := os.Remove(lc.Path(ns, d5)); err != nil {
 		t.Fatal(err)
 	}
-	lc3, err := localcache.New(dir, localcache.Options{})
+	// The damage stands for a write torn by a crash: the next boot trusts
+	// no verification of the last one.
+	lc3, err := localcache.New(dir, localcache.Options{BootID: "after-a-crash"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -48,6 +48,15 @@ type compressedReadVerifier interface {
 	VerifiesCompressedReads()
 }
 
+// rangeVerifier is a backend whose ReadRange (it is a cache.RangeReader)
+// returns only content it has verified against the digest: a corrupt blob
+// is a corrupt error (cache.IsCorrupt), and the backend drops it. The
+// server answers a read of part of a blob from that range alone instead
+// of reading and hashing the whole blob (see ranged).
+type rangeVerifier interface {
+	VerifiesRanges()
+}
+
 // Read streams a blob, optionally zstd-compressed. The server verifies the
 // whole blob as it streams it and holds back the last message until it is
 // verified: a blob corrupted at rest is never served whole, the read fails
@@ -96,19 +105,23 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 			if zst {
 				return s.sendStored(ctx, ns, d, rc, out)
 			}
-		} else if rc, err = s.backend.Read(ctx, ns, d); err != nil {
-			return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
+		} else if rc, err = s.openRead(ctx, ns, d, req.ReadOffset, n); err != nil {
+			return s.readFailed(ctx, ns, d, req.ReadOffset, err)
 		}
 		defer rc.Close()
-		if vr, err = newVerifiedReader(ns.Function, d, rc); err != nil {
-			return err
-		}
-		if req.ReadOffset > 0 {
-			if _, err := copyBuffered(io.Discard, io.LimitReader(vr, req.ReadOffset)); err != nil {
-				return s.readFailed(ctx, ns, d, req.ReadOffset, err)
+		if s.ranged(d, req.ReadOffset, n) {
+			src = rc
+		} else {
+			if vr, err = newVerifiedReader(ns.Function, d, rc); err != nil {
+				return err
 			}
+			if req.ReadOffset > 0 {
+				if _, err := copyBuffered(io.Discard, io.LimitReader(vr, req.ReadOffset)); err != nil {
+					return s.readFailed(ctx, ns, d, req.ReadOffset, err)
+				}
+			}
+			src = io.LimitReader(vr, n)
 		}
-		src = io.LimitReader(vr, n)
 	}
 	if r.compressed {
 		enc := encPool.Get().(*zstd.Encoder)
@@ -184,9 +197,42 @@ func (s *Server) sendStored(ctx context.Context, ns cache.Namespace, d *repb.Dig
 	return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 }
 
+// rangeReader is the backend as a cache.RangeReader that verifies what it
+// returns, or nil.
+func (s *Server) rangeReader() cache.RangeReader {
+	if _, ok := s.backend.(rangeVerifier); !ok {
+		return nil
+	}
+	rr, _ := s.backend.(cache.RangeReader)
+	return rr
+}
+
+// ranged reports whether a read of n bytes of d from off is answered from
+// the range alone: a part of the blob, from a backend that verifies ranges
+// itself. A whole blob is always hashed by the server as it is sent, so
+// that one corrupted at rest is never served whole (even when the backend
+// already verified it once); a client checks a range it reads against the
+// chunk's outboard, and falls back to the whole blob if it does not match.
+func (s *Server) ranged(d *repb.Digest, off, n int64) bool {
+	return s.rangeReader() != nil && (off > 0 || n < d.SizeBytes)
+}
+
+// openRead opens the content of d for a read of n bytes from off: the
+// range alone when ranged, else the whole blob from its start.
+func (s *Server) openRead(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	if s.ranged(d, off, n) {
+		return s.rangeReader().ReadRange(ctx, ns, d, off, n)
+	}
+	return s.backend.Read(ctx, ns, d)
+}
+
 // readFailed turns an error reading d from the backend into the call's
 // error, dropping d from the backend when its content is corrupt.
 func (s *Server) readFailed(ctx context.Context, ns cache.Namespace, d *repb.Digest, off int64, err error) error {
+	if cache.IsCorrupt(err) {
+		s.dropCorrupt(ctx, ns, d, err)
+		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), err)
+	}
 	if errors.Is(err, errCorrupt) {
 		s.dropCorrupt(ctx, ns, d, err)
 		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), errors.Unwrap(err))

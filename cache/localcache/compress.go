@@ -393,6 +393,11 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 // streams are verified: it passes them on without decoding them.
 func (c *Cache) VerifiesCompressedReads() {}
 
+// VerifiesRanges tells a server that ReadRange returns only content
+// verified against the digest (a corrupt blob is an Internal error and is
+// removed), so it may serve a range without hashing the whole blob.
+func (c *Cache) VerifiesRanges() {}
+
 // Compression reports whether the cache stores new blobs compressed when
 // that shrinks them (Options.Compression).
 func (c *Cache) Compression() bool { return c.opts.Compression }

@@ -1453,17 +1453,71 @@ func (c *Cache) Pin(ns cache.Namespace, ds []*repb.Digest) (release func()) {
 
 // ReadRange reads n bytes of blob d from off (fewer at its end); see
 // cache.RangeReader.
+//
+// A raw blob is opened (verified first unless it is known verified, see
+// Open) and the range read from it. A compressed one is decoded as a
+// stream: the bytes before the range are skipped, and once the range is
+// read the rest is decoded too, so that the stream ends with an error
+// instead of io.EOF if the blob is corrupt, without a scratch copy.
 func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	if off < 0 || off > d.GetSizeBytes() || n < 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, d.GetSizeBytes())
+	}
+	n = min(n, d.SizeBytes-off)
+	f, e, size, err := c.openFile(ctx, ns, d)
+	if err != nil {
+		return nil, err
+	}
+	if fm := formOf(f, d, size); fm.zst {
+		defer c.unpin(e)
+		rc, err := c.readCompressedPlain(f, e, fm, ns, d)
+		if err != nil {
+			return nil, err
+		}
+		if _, err := copyBuffer(io.Discard, io.LimitReader(rc, off)); err != nil {
+			rc.Close()
+			return nil, fmt.Errorf("reading blob %s at offset %d: %w", digest.String(d), off, err)
+		}
+		return &verifiedRange{rc: rc, n: n}, nil
+	}
+	f.Close()
+	c.unpin(e)
 	b, err := c.Open(ctx, ns, d)
 	if err != nil {
 		return nil, err
 	}
-	if off < 0 || off > b.Size() || n < 0 {
-		b.Close()
-		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, b.Size())
-	}
 	return struct {
 		io.Reader
 		io.Closer
-	}{io.NewSectionReader(b, off, min(n, b.Size()-off)), b}, nil
+	}{io.NewSectionReader(b, off, n), b}, nil
 }
+
+// verifiedRange is the next n bytes of a verifying stream rc, whose rest
+// is drained at the end of the range so that its verdict replaces io.EOF.
+type verifiedRange struct {
+	rc io.ReadCloser
+	n  int64
+}
+
+func (r *verifiedRange) Read(p []byte) (int, error) {
+	if r.n <= 0 {
+		if _, err := copyBuffer(io.Discard, r.rc); err != nil {
+			return 0, err
+		}
+		return 0, io.EOF
+	}
+	if int64(len(p)) > r.n {
+		p = p[:r.n]
+	}
+	k, err := r.rc.Read(p)
+	r.n -= int64(k)
+	if err == io.EOF && r.n > 0 {
+		err = io.ErrUnexpectedEOF
+	}
+	if err == io.EOF {
+		err = nil
+	}
+	return k, err
+}
+
+func (r *verifiedRange) Close() error { return r.rc.Close() }
