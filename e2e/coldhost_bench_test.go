@@ -29,9 +29,16 @@ func pinned(cpu, name string, args ...string) *exec.Cmd {
 // startPinnedServe starts `snaploader serve` over a fresh directory, pinned
 // to serverCPU, and returns its URL.
 func startPinnedServe(b *testing.B) string {
+	url, _ := startPinnedServeWith(b)
+	return url
+}
+
+// startPinnedServeWith is startPinnedServe with extra serve flags; it also
+// returns the process (taskset execs serve: its pid is serve's).
+func startPinnedServeWith(b *testing.B, flags ...string) (string, *exec.Cmd) {
 	b.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(b))
-	cmd := pinned(serverCPU, binary, "serve", "--listen", addr, "--cache-dir", b.TempDir())
+	cmd := pinned(serverCPU, binary, append([]string{"serve", "--listen", addr, "--cache-dir", b.TempDir()}, flags...)...)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
 		b.Fatal(err)
@@ -49,11 +56,11 @@ func startPinnedServe(b *testing.B) string {
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		if c, err := net.Dial("tcp", addr); err == nil {
 			c.Close()
-			return "grpc://" + addr
+			return "grpc://" + addr, cmd
 		}
 	}
 	b.Fatalf("pinned serve did not listen on %s", addr)
-	return ""
+	return "", nil
 }
 
 // runPinned runs a client command on clientCPU and returns its duration.
