@@ -29,8 +29,17 @@ func pinned(cpu, name string, args ...string) *exec.Cmd {
 // startPinnedServe starts `snaploader serve` over a fresh directory, pinned
 // to serverCPU, and returns its URL.
 func startPinnedServe(b *testing.B) string {
-	url, _ := startPinnedServeWith(b)
+	url, _ := startPinnedServeWith(b, benchServeFlags()...)
 	return url
+}
+
+// benchServeFlags are the serve flags of the two-host benchmarks:
+// SNAPLOADER_BENCH_COMPRESSION=0 turns off zstd at rest (on by default).
+func benchServeFlags() []string {
+	if os.Getenv("SNAPLOADER_BENCH_COMPRESSION") == "0" {
+		return []string{"--compression=false"}
+	}
+	return nil
 }
 
 // startPinnedServeWith is startPinnedServe with extra serve flags; it also
@@ -94,6 +103,8 @@ func runPinned(b *testing.B, name string, args ...string) (time.Duration, []byte
 //     round, and the medians are reported.
 //
 //     SNAPLOADER_BENCH_MIB=1024 go test -run '^$' -bench ColdHost -benchtime 5x ./e2e/
+//
+// SNAPLOADER_BENCH_COMPRESSION=0 runs serve without zstd at rest.
 func BenchmarkColdHost(b *testing.B) {
 	if runtime.NumCPU() < 2 {
 		b.Skip("needs two CPUs to pin the server and the client apart")

@@ -68,11 +68,7 @@ func BenchmarkFleetRestore(b *testing.B) {
 		b.Skip("taskset not installed")
 	}
 	size := testutil.BenchMiB(b, 256) << 20
-	flags := []string{"--max-upload-memory", fmt.Sprint(64 << 20)}
-	if os.Getenv("SNAPLOADER_BENCH_COMPRESSION") == "0" {
-		flags = append(flags, "--compression=false")
-	}
-	url, srv := startPinnedServeWith(b, flags...)
+	url, srv := startPinnedServeWith(b, append(benchServeFlags(), "--max-upload-memory", fmt.Sprint(64<<20))...)
 	work := b.TempDir()
 	// Seed the remote with bench's snapshot (one short run).
 	runPinned(b, binary, "bench", "--remote", url, "--work-dir", work, "--cache-dir", filepath.Join(work, "unused"),
