@@ -120,8 +120,8 @@ func TestCorruptChunkDetected(t *testing.T) {
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	// A fresh process's view of the cache (entries it did not write).
-	h2 := reopen(t, h)
+	// A fresh process's view of the cache after a crash tore the file.
+	h2 := reopenBoot(t, h, "after-a-crash")
 	snap, err := h2.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalOnly})
 	if err != nil {
 		t.Fatal(err)

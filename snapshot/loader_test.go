@@ -401,7 +401,14 @@ func TestIncrementalSaveWritesOnlyDirtyChunks(t *testing.T) {
 // reopen opens h's cache directory again, as a new process would.
 func reopen(t *testing.T, h *host) *host {
 	t.Helper()
-	lc, err := localcache.New(h.dir, localcache.Options{MaxBytes: 1 << 30})
+	return reopenBoot(t, h, "")
+}
+
+// reopenBoot is reopen by a process of the boot named boot ("" for this
+// one): after a crash, no verification of the last boot is trusted.
+func reopenBoot(t *testing.T, h *host, boot string) *host {
+	t.Helper()
+	lc, err := localcache.New(h.dir, localcache.Options{MaxBytes: 1 << 30, BootID: boot})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,7 +37,13 @@ func storeFromFile(t *testing.T, path string, chunk int64, corrupt func(lc *loca
 	}
 	s.Close()
 	lc.Close()
-	lc2, err := localcache.New(dir, localcache.Options{})
+	opts := localcache.Options{}
+	if corrupt != nil {
+		// The damage stands for a write torn by a crash: the next boot
+		// trusts no verification of the last one.
+		opts.BootID = "after-a-crash"
+	}
+	lc2, err := localcache.New(dir, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

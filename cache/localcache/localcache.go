@@ -364,14 +364,14 @@ func (c *Cache) lookupDisk(rel, path string, pin bool, now time.Time, touch bool
 
 // lookupMany is lookup of many entries at once, for the checks that a
 // restore makes of every chunk of a snapshot (FindMissing, Pin): indexed
-// entries are answered from memory under one lock, and their recency is
+// entries are found in memory under one lock, and their recency is
 // written to disk (mtimes) in the background, so that readiness does not
-// cost a system call per chunk. A file that another process removed
-// meanwhile is found when it is opened (NotFound, and a read-through then
-// fetches it again), as it would be had it been removed just after a
-// check. Entries not indexed are looked up on disk. The result has nil
+// cost a system call per chunk. With exact, each indexed file is also
+// checked to exist (FindMissing); without (FindMissingIndexed, Pin), a
+// file that another process removed is found when it is opened. Entries
+// not indexed are looked up on disk. The result has nil
 // for rels not present.
-func (c *Cache) lookupMany(rels []string, pin bool) []*entry {
+func (c *Cache) lookupMany(rels []string, pin, exact bool) []*entry {
 	now := time.Now()
 	out := make([]*entry, len(rels))
 	var unknown []int
@@ -390,6 +390,23 @@ func (c *Cache) lookupMany(rels []string, pin bool) []*entry {
 		out[i] = e
 	}
 	c.mu.Unlock()
+	if exact {
+		// An answer others act on (a client that skips an upload, a
+		// completeness check): each indexed file is checked to exist.
+		for i, e := range out {
+			var st unix.Stat_t
+			if e == nil || unix.Stat(filepath.Join(c.dir, e.rel), &st) == nil {
+				continue
+			}
+			c.mu.Lock()
+			if pin {
+				e.pins--
+			}
+			c.dropLocked(e)
+			c.mu.Unlock()
+			out[i] = nil
+		}
+	}
 	for _, i := range unknown {
 		out[i] = c.lookupDisk(rels[i], filepath.Join(c.dir, rels[i]), pin, now, true)
 	}
@@ -465,8 +482,22 @@ func (c *Cache) unpin(e *entry) {
 }
 
 // FindMissing returns the digests in ds that are not in the cache, and
-// refreshes the recency of those that are.
+// refreshes the recency of those that are. Each present file is checked to
+// exist on disk.
 func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	return c.findMissing(ctx, ns, ds, true)
+}
+
+// FindMissingIndexed is FindMissing answered from this process's index for
+// the entries it has: no system call per present blob, for a restore's
+// check of every chunk of a large guest. A file another process removed
+// meanwhile is found when it is opened (NotFound, and a read-through then
+// fetches it again), as if it had been removed just after the check.
+func (c *Cache) FindMissingIndexed(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	return c.findMissing(ctx, ns, ds, false)
+}
+
+func (c *Cache) findMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest, exact bool) ([]*repb.Digest, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, status.FromContextError(err).Err()
 	}
@@ -482,7 +513,7 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 		rels[i] = casRel(fn, d)
 	}
 	var missing []*repb.Digest
-	for i, e := range c.lookupMany(rels, false) {
+	for i, e := range c.lookupMany(rels, false, exact) {
 		if e == nil {
 			missing = append(missing, ds[i])
 		}
@@ -1433,7 +1464,7 @@ func (c *Cache) Pin(ns cache.Namespace, ds []*repb.Digest) (release func()) {
 				rels = append(rels, casRel(fn, d))
 			}
 		}
-		for _, e := range c.lookupMany(rels, true) {
+		for _, e := range c.lookupMany(rels, true, false) {
 			if e != nil {
 				ps.entries = append(ps.entries, e)
 			}
