@@ -178,12 +178,14 @@ func TestRestoreKeepsLiveTemporaries(t *testing.T) {
 	}
 	run(t, false, append(small, "restore", "--out", out)...)
 	overlapped := true
+	var aErr error
 	select {
-	case <-aDone:
+	case aErr = <-aDone:
 		overlapped = false
 	default:
+		aErr = <-aDone
 	}
-	if err := <-aDone; err != nil {
+	if err := aErr; err != nil {
 		t.Fatalf("restore running while another restored into the same directory failed: %v\n%s", err, a.Stderr.(*bytes.Buffer))
 	}
 	t.Logf("second restore ran while the first was writing: %v", overlapped)
