@@ -220,8 +220,8 @@ func (s *Server) ranged(d *repb.Digest, off, n int64) bool {
 // openRead opens the content of d for a read of n bytes from off: the
 // range alone when ranged, else the whole blob from its start.
 func (s *Server) openRead(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
-	if s.ranged(d, off, n) {
-		return s.rangeReader().ReadRange(ctx, ns, d, off, n)
+	if rr := s.rangeReader(); rr != nil && s.ranged(d, off, n) {
+		return rr.ReadRange(ctx, ns, d, off, n)
 	}
 	return s.backend.Read(ctx, ns, d)
 }

@@ -96,28 +96,17 @@ func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, er
 	}
 	cf := &snapshotpb.ChunkedFile{Name: name, Size: -1, ChunkSize: -1}
 	for _, p := range root.GetNodeProperties().GetProperties() {
-		if p.GetName() == propArtifact {
-			cf.Artifact = p.GetValue() == "1"
-			continue
-		}
-		v, err := strconv.ParseInt(p.GetValue(), 10, 64)
-		if err != nil {
-			return nil, invalidf("chunked file %q: property %s=%q is not an integer", name, p.GetName(), p.GetValue())
-		}
-		switch p.GetName() {
-		case propSize:
-			cf.Size = v
-		case propChunkSize:
-			cf.ChunkSize = v
+		if err := setDirProperty(cf, p.GetName(), p.GetValue()); err != nil {
+			return nil, err
 		}
 	}
 	if cf.Size < 0 || cf.ChunkSize < 0 {
 		return nil, invalidf("chunked file %q: tree lacks the %q and %q properties or they are negative", name, propSize, propChunkSize)
 	}
 	for _, f := range root.GetFiles() {
-		off, err := strconv.ParseInt(f.GetName(), 10, 64)
-		if err != nil || strconv.FormatInt(off, 10) != f.GetName() {
-			return nil, invalidf("chunked file %q: chunk name %q is not a decimal offset", name, f.GetName())
+		off, err := chunkOffset(name, f.GetName())
+		if err != nil {
+			return nil, err
 		}
 		c := &snapshotpb.Chunk{Offset: off, Digest: f.GetDigest()}
 		for _, p := range f.GetNodeProperties().GetProperties() {
@@ -136,6 +125,34 @@ func ChunkedFileFromTree(name string, t *repb.Tree) (*snapshotpb.ChunkedFile, er
 		return nil, err
 	}
 	return cf, nil
+}
+
+// setDirProperty applies a property of a chunk tree's root directory to cf.
+func setDirProperty(cf *snapshotpb.ChunkedFile, name, value string) error {
+	if name == propArtifact {
+		cf.Artifact = value == "1"
+		return nil
+	}
+	v, err := strconv.ParseInt(value, 10, 64)
+	if err != nil {
+		return invalidf("chunked file %q: property %s=%q is not an integer", cf.GetName(), name, value)
+	}
+	switch name {
+	case propSize:
+		cf.Size = v
+	case propChunkSize:
+		cf.ChunkSize = v
+	}
+	return nil
+}
+
+// chunkOffset parses the name of a chunk's FileNode, its decimal offset.
+func chunkOffset(file, name string) (int64, error) {
+	off, err := strconv.ParseInt(name, 10, 64)
+	if err != nil || strconv.FormatInt(off, 10) != name {
+		return 0, invalidf("chunked file %q: chunk name %q is not a decimal offset", file, name)
+	}
+	return off, nil
 }
 
 // parseOutboard parses an outboard property value, "<hash>/<size>".

@@ -1,7 +1,6 @@
 package snapshot
 
 import (
-	"strconv"
 	"unicode/utf8"
 	"unsafe"
 
@@ -100,21 +99,7 @@ func decodeChunkTree(name string, b []byte) (cf *snapshotpb.ChunkedFile, ok bool
 		switch num {
 		case dirProperties:
 			return eachProperty(v, func(pn, pv string) bool {
-				if pn == propArtifact {
-					cf.Artifact = pv == "1"
-					return true
-				}
-				x, err := strconv.ParseInt(pv, 10, 64)
-				if err != nil {
-					return false // the full decoder names the property
-				}
-				switch pn {
-				case propSize:
-					cf.Size = x
-				case propChunkSize:
-					cf.ChunkSize = x
-				}
-				return true
+				return setDirProperty(cf, pn, pv) == nil // else the full decoder says why
 			})
 		case dirFiles:
 			i := len(cf.Chunks)
@@ -153,8 +138,8 @@ func decodeChunkTree(name string, b []byte) (cf *snapshotpb.ChunkedFile, ok bool
 			}) {
 				return false
 			}
-			off, err := strconv.ParseInt(fname, 10, 64)
-			if err != nil || strconv.FormatInt(off, 10) != fname {
+			off, err := chunkOffset(name, fname)
+			if err != nil {
 				return false
 			}
 			c.Offset = off

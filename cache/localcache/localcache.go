@@ -954,6 +954,13 @@ func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (c
 			return c.openCompressed(ctx, f, e, fm, ns, d)
 		}
 	}
+	return c.openRaw(f, e, ns, d)
+}
+
+// openRaw is Open of a raw blob's file f, whose entry e is pinned (the
+// Blob unpins it, or openRaw on failure): f is hashed first unless it is
+// known verified.
+func (c *Cache) openRaw(f *os.File, e *entry, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
 	c.mu.Lock()
 	verified := e.verified
 	c.mu.Unlock()
@@ -1511,9 +1518,7 @@ func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Diges
 		}
 		return &verifiedRange{rc: rc, n: n}, nil
 	}
-	f.Close()
-	c.unpin(e)
-	b, err := c.Open(ctx, ns, d)
+	b, err := c.openRaw(f, e, ns, d)
 	if err != nil {
 		return nil, err
 	}
