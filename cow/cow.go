@@ -111,6 +111,17 @@ type Options struct {
 	// NoOutboards: Save and FromFile do not compute and store chunk
 	// outboards (they do for BLAKE3 otherwise; see RangeSource).
 	NoOutboards bool
+	// BehindQuiet is how long the store waits, after a verified range read
+	// of an unfetched chunk, for the reader to go quiet (no other range
+	// read) before the whole chunk streams in behind: on a machine whose
+	// client core is busy receiving, hashing and storing a 4 MB chunk for
+	// milliseconds, the next fault's range read would otherwise wait behind
+	// it. Default DefaultBehindQuiet; negative starts the whole chunk at
+	// once.
+	BehindQuiet time.Duration
+	// BehindMaxDelay bounds that wait, so that a reader that never pauses
+	// still gets whole chunks. Default DefaultBehindMaxDelay.
+	BehindMaxDelay time.Duration
 	// OnFetch, when set, is called after every successful open of a clean
 	// chunk from the source (from several goroutines, with the chunk's lock
 	// held: it must be quick, e.g. count into metrics).
@@ -176,8 +187,23 @@ func (o Options) withDefaults() (Options, error) {
 	if o.TempDir == "" {
 		o.TempDir = os.TempDir()
 	}
+	if o.BehindQuiet == 0 {
+		o.BehindQuiet = DefaultBehindQuiet
+	}
+	if o.BehindMaxDelay <= 0 {
+		o.BehindMaxDelay = DefaultBehindMaxDelay
+	}
 	return o, nil
 }
+
+// Defaults of the wait before a whole chunk streams in behind a range read
+// (see Options.BehindQuiet): sequential first-byte reads through `serve`
+// on two pinned CPUs took p50 4.8 ms / p99 12.9 ms with no wait and 1.6 /
+// 2.3 ms with it.
+const (
+	DefaultBehindQuiet    = 10 * time.Millisecond
+	DefaultBehindMaxDelay = 100 * time.Millisecond
+)
 
 func checkChunkSize(cs int64) error {
 	switch {
@@ -238,6 +264,11 @@ type Store struct {
 	behindMu sync.Mutex
 	closing  bool
 	behind   sync.WaitGroup
+	// closingCh, once made (by awaitQuiet), is closed by Close.
+	closingCh chan struct{}
+	// lastRange is when the last verified range read was served (unix
+	// nanoseconds), for awaitQuiet.
+	lastRange atomic.Int64
 
 	mu        sync.RWMutex
 	size      int64
@@ -485,13 +516,15 @@ func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (boo
 		return false, fmt.Errorf("reading chunked file %q at offset %d (chunk at offset %d, digest %s, outboard %s, range [%d, %d)): %w", s.name, c.off+in, c.off, digest.String(d), digest.String(ob), start, end, err)
 	}
 	s.rangeReads.Add(1)
-	// The whole chunk streams in behind the range, once it is served.
+	s.lastRange.Store(time.Now().UnixNano())
+	// The whole chunk streams in behind the range, once the reader pauses.
 	if !c.behind.Swap(true) {
 		s.behindMu.Lock()
 		if !s.closing {
 			s.behind.Add(1)
 			go func() {
 				defer s.behind.Done()
+				s.awaitQuiet()
 				if rs.Fetch(s.ctx, s.ns, d) != nil || s.fetch(c, false) != nil {
 					c.behind.Store(false) // a later read tries again
 				}
@@ -500,6 +533,41 @@ func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (boo
 		s.behindMu.Unlock()
 	}
 	return true, nil
+}
+
+// awaitQuiet returns once no range read has been served for
+// Options.BehindQuiet, Options.BehindMaxDelay has passed, or the store is
+// closing (Close waits for the fetches behind, which then run at once).
+func (s *Store) awaitQuiet() {
+	quiet := s.opts.BehindQuiet
+	if quiet < 0 {
+		return
+	}
+	s.behindMu.Lock()
+	if s.closing {
+		s.behindMu.Unlock()
+		return
+	}
+	if s.closingCh == nil {
+		s.closingCh = make(chan struct{})
+	}
+	closing := s.closingCh
+	s.behindMu.Unlock()
+	deadline := time.Now().Add(s.opts.BehindMaxDelay)
+	for {
+		now := time.Now()
+		wait := quiet - now.Sub(time.Unix(0, s.lastRange.Load()))
+		if wait <= 0 || !now.Before(deadline) {
+			return
+		}
+		t := time.NewTimer(min(wait, deadline.Sub(now)))
+		select {
+		case <-closing:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // WithCleanChunk calls fn with the source blob of the chunk holding off when
@@ -952,7 +1020,12 @@ func (s *Store) Stats() Stats {
 // fail with FailedPrecondition.
 func (s *Store) Close() error {
 	s.behindMu.Lock()
-	s.closing = true
+	if !s.closing {
+		s.closing = true
+		if s.closingCh != nil {
+			close(s.closingCh)
+		}
+	}
 	s.behindMu.Unlock()
 	s.behind.Wait()
 	if s.closed.Swap(true) {

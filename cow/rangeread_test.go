@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -32,7 +33,8 @@ type gatedRemote struct {
 	gate   chan struct{}
 	once   sync.Once
 
-	chunkBytes atomic.Int64 // bytes of chunks served by Read
+	chunkStarts atomic.Int64 // whole-chunk Reads started (gated or not)
+	chunkBytes  atomic.Int64 // bytes of chunks served by Read
 	otherBytes atomic.Int64 // bytes of other blobs (outboards) served by Read
 	rangeBytes atomic.Int64 // bytes served by ReadRange
 	flipRange  atomic.Bool
@@ -43,6 +45,7 @@ func (g *gatedRemote) open() { g.once.Do(func() { close(g.gate) }) }
 func (g *gatedRemote) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	n := &g.otherBytes
 	if g.chunks[d.GetHash()] {
+		g.chunkStarts.Add(1)
 		select {
 		case <-g.gate:
 		case <-ctx.Done():
@@ -291,5 +294,55 @@ func checkCorrupt(t *testing.T, s *Store, d *repb.Digest, off int64) {
 	}
 	if !bytes.Equal(p, make([]byte, len(p))) {
 		t.Fatal("bytes of a corrupt range reached the reader")
+	}
+}
+
+// TestWholeChunkWaitsForTheReaderToPause checks when the whole chunk
+// starts streaming in behind a range read: not while range reads go on
+// (they would queue behind it), but once the reader pauses, once the
+// longest wait has passed, at once when asked, and at Close.
+func TestWholeChunkWaitsForTheReaderToPause(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		quiet, max time.Duration
+		wantStart  bool // the whole chunks start while the store is open
+	}{
+		{"reader never pauses", time.Hour, time.Hour, false},
+		{"reader pauses", 5 * time.Millisecond, time.Hour, true},
+		{"longest wait passes", time.Hour, 20 * time.Millisecond, true},
+		{"no wait", -1, time.Hour, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cf, remote, want := rangeFixture(t, "dd", 0, Options{})
+			g := gated(cf, remote)
+			g.open()
+			s, rt := openCold(t, cf, g, Options{BehindQuiet: tc.quiet, BehindMaxDelay: tc.max})
+			for _, off := range []int64{100, rangeCS + 100} {
+				p := make([]byte, 4096)
+				if _, err := s.ReadAt(p, off); err != nil || !bytes.Equal(p, want[off:off+4096]) {
+					t.Fatalf("ReadAt(%d): %v or wrong bytes", off, err)
+				}
+			}
+			if tc.wantStart {
+				for deadline := time.Now().Add(10 * time.Second); g.chunkStarts.Load() < 2 && time.Now().Before(deadline); {
+					time.Sleep(time.Millisecond)
+				}
+				if n := g.chunkStarts.Load(); n != 2 {
+					t.Fatalf("%d whole chunks started, want 2", n)
+				}
+			} else {
+				time.Sleep(50 * time.Millisecond)
+				if n := g.chunkStarts.Load(); n != 0 {
+					t.Fatalf("%d whole chunks started while the reader had not paused", n)
+				}
+			}
+			// Close lets the waiting fetches run and waits for them.
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if st := rt.Stats(); st.RemoteFetches != 4 {
+				t.Errorf("remote fetches after Close = %d, want 4 (2 chunks, 2 outboards)", st.RemoteFetches)
+			}
+		})
 	}
 }
