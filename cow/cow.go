@@ -119,8 +119,9 @@ type Options struct {
 	// it. Default DefaultBehindQuiet; negative starts the whole chunk at
 	// once.
 	BehindQuiet time.Duration
-	// BehindMaxDelay bounds that wait, so that a reader that never pauses
-	// still gets whole chunks. Default DefaultBehindMaxDelay.
+	// BehindMaxDelay bounds that wait: a reader that never pauses still
+	// gets one whole chunk per BehindMaxDelay (one such fetch runs at a
+	// time). Default DefaultBehindMaxDelay.
 	BehindMaxDelay time.Duration
 	// OnFetch, when set, is called after every successful open of a clean
 	// chunk from the source (from several goroutines, with the chunk's lock
@@ -197,12 +198,13 @@ func (o Options) withDefaults() (Options, error) {
 }
 
 // Defaults of the wait before a whole chunk streams in behind a range read
-// (see Options.BehindQuiet): sequential first-byte reads through `serve`
-// on two pinned CPUs took p50 4.8 ms / p99 12.9 ms with no wait and 1.6 /
-// 2.3 ms with it.
+// (see Options.BehindQuiet). First bytes of every chunk of 1 GiB in turn,
+// through `serve` on two pinned CPUs (e2e BenchmarkColdHost): p50 5.3 ms /
+// p99 13.4 ms with no wait; p50 1.6 ms with it, and p99 5.3 ms with one
+// forced whole chunk per 100 ms, 3.2 ms with one per 250 ms.
 const (
 	DefaultBehindQuiet    = 10 * time.Millisecond
-	DefaultBehindMaxDelay = 100 * time.Millisecond
+	DefaultBehindMaxDelay = 250 * time.Millisecond
 )
 
 func checkChunkSize(cs int64) error {
@@ -264,10 +266,14 @@ type Store struct {
 	behindMu sync.Mutex
 	closing  bool
 	behind   sync.WaitGroup
-	// closingCh, once made (by awaitQuiet), is closed by Close.
-	closingCh chan struct{}
+	// closingCh, once made (by awaitTurn), is closed by Close; behindTurn
+	// holds the turn of the one whole-chunk fetch behind range reads that
+	// runs, and lastBehind is when the last one started.
+	closingCh  chan struct{}
+	behindTurn chan struct{}
+	lastBehind atomic.Int64
 	// lastRange is when the last verified range read was served (unix
-	// nanoseconds), for awaitQuiet.
+	// nanoseconds), for awaitTurn.
 	lastRange atomic.Int64
 
 	mu        sync.RWMutex
@@ -524,7 +530,8 @@ func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (boo
 			s.behind.Add(1)
 			go func() {
 				defer s.behind.Done()
-				s.awaitQuiet()
+				release := s.awaitTurn()
+				defer release()
 				if rs.Fetch(s.ctx, s.ns, d) != nil || s.fetch(c, false) != nil {
 					c.behind.Store(false) // a later read tries again
 				}
@@ -535,39 +542,48 @@ func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (boo
 	return true, nil
 }
 
-// awaitQuiet returns once no range read has been served for
-// Options.BehindQuiet, Options.BehindMaxDelay has passed, or the store is
-// closing (Close waits for the fetches behind, which then run at once).
-func (s *Store) awaitQuiet() {
-	quiet := s.opts.BehindQuiet
-	if quiet < 0 {
-		return
-	}
+// awaitTurn waits until the whole chunk behind a range read may stream
+// in, and returns the release of its turn: one such fetch runs at a time,
+// once no range read has been served for Options.BehindQuiet, or once
+// Options.BehindMaxDelay has passed since the last one started (so that a
+// reader that never pauses still gets whole chunks, one per interval, and
+// only the few of its reads that meet one wait behind it). While the store
+// is closing, every waiting fetch runs at once (Close waits for them).
+func (s *Store) awaitTurn() (release func()) {
 	s.behindMu.Lock()
 	if s.closing {
 		s.behindMu.Unlock()
-		return
+		return func() {}
 	}
 	if s.closingCh == nil {
-		s.closingCh = make(chan struct{})
+		s.closingCh, s.behindTurn = make(chan struct{}), make(chan struct{}, 1)
+		s.lastBehind.Store(time.Now().UnixNano())
 	}
-	closing := s.closingCh
+	closing, turn := s.closingCh, s.behindTurn
 	s.behindMu.Unlock()
-	deadline := time.Now().Add(s.opts.BehindMaxDelay)
-	for {
+	select {
+	case turn <- struct{}{}:
+	case <-closing:
+		return func() {}
+	}
+	release = func() { <-turn }
+	for quiet := s.opts.BehindQuiet; quiet >= 0; {
 		now := time.Now()
 		wait := quiet - now.Sub(time.Unix(0, s.lastRange.Load()))
-		if wait <= 0 || !now.Before(deadline) {
-			return
+		forced := s.opts.BehindMaxDelay - now.Sub(time.Unix(0, s.lastBehind.Load()))
+		if wait <= 0 || forced <= 0 {
+			break
 		}
-		t := time.NewTimer(min(wait, deadline.Sub(now)))
+		t := time.NewTimer(min(wait, forced))
 		select {
 		case <-closing:
 			t.Stop()
-			return
+			return release
 		case <-t.C:
 		}
 	}
+	s.lastBehind.Store(time.Now().UnixNano())
+	return release
 }
 
 // WithCleanChunk calls fn with the source blob of the chunk holding off when
