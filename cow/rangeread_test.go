@@ -35,9 +35,9 @@ type gatedRemote struct {
 
 	chunkStarts atomic.Int64 // whole-chunk Reads started (gated or not)
 	chunkBytes  atomic.Int64 // bytes of chunks served by Read
-	otherBytes atomic.Int64 // bytes of other blobs (outboards) served by Read
-	rangeBytes atomic.Int64 // bytes served by ReadRange
-	flipRange  atomic.Bool
+	otherBytes  atomic.Int64 // bytes of other blobs (outboards) served by Read
+	rangeBytes  atomic.Int64 // bytes served by ReadRange
+	flipRange   atomic.Bool
 }
 
 func (g *gatedRemote) open() { g.once.Do(func() { close(g.gate) }) }

@@ -52,11 +52,12 @@ func peakRSS(pid int, stop <-chan struct{}) <-chan int64 {
 }
 
 // BenchmarkFleetRestore has cold hosts restore one snapshot from one
-// `serve` at once: serve pinned to CPU 1 (with --max-upload-memory of 64 MiB,
-// its memory budget), every client `snaploader restore` (own empty cache
+// `serve` at once: serve pinned to CPU 1 (with memory budgets of 64 MiB for
+// uploads and 64 MiB for reads, so a soft memory limit of 256 MiB), every client `snaploader restore` (own empty cache
 // directory) pinned to CPU 0. It reports the throughput of one host alone
 // and the aggregate of eight together (bytes restored over wall time), and
-// serve's peak RSS in each phase, sampled every 5 ms, with its idle RSS.
+// serve's peak RSS in each phase, sampled every 5 ms, with its RSS when
+// idle and after the snapshot's save.
 // SNAPLOADER_BENCH_COMPRESSION=0 runs serve without zstd at rest.
 //
 //	SNAPLOADER_BENCH_MIB=256 go test -run '^$' -bench FleetRestore -benchtime 3x ./e2e/
@@ -68,13 +69,14 @@ func BenchmarkFleetRestore(b *testing.B) {
 		b.Skip("taskset not installed")
 	}
 	size := testutil.BenchMiB(b, 256) << 20
-	url, srv := startPinnedServeWith(b, append(benchServeFlags(), "--max-upload-memory", fmt.Sprint(64<<20))...)
+	url, srv := startPinnedServeWith(b, append(benchServeFlags(), "--max-upload-memory", fmt.Sprint(64<<20), "--max-read-memory", fmt.Sprint(64<<20))...)
 	work := b.TempDir()
+	idle := rssBytes(srv.Process.Pid)
 	// Seed the remote with bench's snapshot (one short run).
 	runPinned(b, binary, "bench", "--remote", url, "--work-dir", work, "--cache-dir", filepath.Join(work, "unused"),
 		"--size", fmt.Sprint(size), "--runs", "1", "--json")
 	key := []string{"--instance", "snaploader-bench", "--config-hash", fmt.Sprintf("bench-v1-%d", size), "--ref", "snaploader-bench", "--remote", url}
-	idle := rssBytes(srv.Process.Pid)
+	seeded := rssBytes(srv.Process.Pid)
 
 	round := 0
 	restoreAll := func(hosts int) (time.Duration, int64) {
@@ -125,6 +127,7 @@ func BenchmarkFleetRestore(b *testing.B) {
 	b.ReportMetric(mib/median(one).Seconds(), "one-host-MiB/s")
 	b.ReportMetric(8*mib/median(eight).Seconds(), "eight-hosts-aggregate-MiB/s")
 	b.ReportMetric(float64(idle)/1e6, "serve-idle-RSS-MB")
+	b.ReportMetric(float64(seeded)/1e6, "serve-RSS-after-save-MB")
 	b.ReportMetric(float64(rss1)/1e6, "serve-peak-RSS-one-MB")
 	b.ReportMetric(float64(rss8)/1e6, "serve-peak-RSS-eight-MB")
 }

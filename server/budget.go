@@ -16,18 +16,20 @@ import (
 	"github.com/snaploader/snaploader/cache/localcache"
 )
 
-// memBudget bounds the memory that uploads in flight may hold at once
-// (gRPC's per-stream receive window, the messages being handled, zstd
-// decoder history), across all streams.
+// memBudget bounds the memory that streams of one kind in flight may hold
+// at once, across all streams: uploads (gRPC's per-stream receive window,
+// the messages being handled, zstd decoder history) or reads (the copy
+// buffer, the message being built and its encoding).
 type memBudget struct {
-	max int64
-	sem *semaphore.Weighted
-	mu  sync.Mutex
-	use int64
+	kind string // "upload" or "read", for errors
+	max  int64
+	sem  *semaphore.Weighted
+	mu   sync.Mutex
+	use  int64
 }
 
-func newMemBudget(max int64) *memBudget {
-	return &memBudget{max: max, sem: semaphore.NewWeighted(max)}
+func newMemBudget(kind string, max int64) *memBudget {
+	return &memBudget{kind: kind, max: max, sem: semaphore.NewWeighted(max)}
 }
 
 // acquire takes n bytes, waiting up to wait for them; it is
@@ -35,7 +37,7 @@ func newMemBudget(max int64) *memBudget {
 // whole budget.
 func (b *memBudget) acquire(ctx context.Context, n int64, wait time.Duration, what string) (release func(), err error) {
 	if n > b.max {
-		return nil, status.Errorf(codes.ResourceExhausted, "%s: needs %d bytes of memory, more than the server's upload memory budget of %d bytes", what, n, b.max)
+		return nil, status.Errorf(codes.ResourceExhausted, "%s: needs %d bytes of memory, more than the server's %s memory budget of %d bytes", what, n, b.kind, b.max)
 	}
 	wctx, cancel := context.WithTimeout(ctx, wait)
 	defer cancel()
@@ -43,7 +45,7 @@ func (b *memBudget) acquire(ctx context.Context, n int64, wait time.Duration, wh
 		if ctx.Err() != nil {
 			return nil, status.FromContextError(ctx.Err()).Err()
 		}
-		return nil, status.Errorf(codes.ResourceExhausted, "%s: the server's upload memory budget of %d bytes stayed in use for %v; retry later", what, b.max, wait)
+		return nil, status.Errorf(codes.ResourceExhausted, "%s: the server's %s memory budget of %d bytes stayed in use for %v; retry later", what, b.kind, b.max, wait)
 	}
 	b.mu.Lock()
 	b.use += n

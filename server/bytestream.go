@@ -21,6 +21,11 @@ import (
 // chunkBytes is the payload size of each ByteStream read response.
 const chunkBytes = 1 << 20
 
+// readCharge is what one ByteStream read holds, charged to the read memory
+// budget: the copy buffer, the message being filled, and its encoding in
+// the transport.
+const readCharge = 3 * chunkBytes
+
 var bufPool = sync.Pool{New: func() any { b := make([]byte, chunkBytes); return &b }}
 
 var encPool = sync.Pool{New: func() any {
@@ -92,7 +97,13 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 	if req.ReadLimit > 0 && req.ReadLimit < n {
 		n = req.ReadLimit
 	}
+	release, err := s.readMem.acquire(ctx, readCharge, s.opts.IdleTimeout, fmt.Sprintf("reading blob %s", digest.String(d)))
+	if err != nil {
+		return err
+	}
+	defer release()
 	out := &chunkSender{stream: stream, m: s.m}
+	defer out.free()
 	var vr *verifiedReader
 	var src io.Reader = eofReader{}
 	if d.SizeBytes > 0 {
@@ -355,7 +366,7 @@ func (c *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
 	for len(p) > 0 {
 		if c.buf == nil {
-			c.buf = make([]byte, 0, chunkBytes)
+			c.buf = (*bufPool.Get().(*[]byte))[:0]
 		}
 		if len(c.buf) >= c.limit() {
 			if err := c.flush(); err != nil {
@@ -367,6 +378,15 @@ func (c *chunkSender) Write(p []byte) (int, error) {
 		p = p[k:]
 	}
 	return n, nil
+}
+
+// free returns the message buffer to the pool once the read is over.
+func (c *chunkSender) free() {
+	if c.buf != nil {
+		b := c.buf[:cap(c.buf)]
+		bufPool.Put(&b)
+		c.buf = nil
+	}
 }
 
 func (c *chunkSender) flush() error {

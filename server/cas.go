@@ -137,6 +137,13 @@ func (s *Server) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsReq
 			return nil, status.Errorf(codes.InvalidArgument, "batch read of more than %d bytes (limit %d): use ByteStream", total, s.opts.MaxBatchBytes)
 		}
 	}
+	// The blobs read are held until the response is handed to gRPC, which
+	// encodes it: charged for both.
+	release, err := s.readMem.acquire(ctx, min(2*total, s.opts.MaxReadMemory), s.opts.IdleTimeout, fmt.Sprintf("batch read of %d blobs", len(req.Digests)))
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	resp := &repb.BatchReadBlobsResponse{}
 	for _, d := range req.Digests {
 		r := &repb.BatchReadBlobsResponse_Response{Digest: d, Compressor: repb.Compressor_IDENTITY}

@@ -513,3 +513,54 @@ func TestCapabilitiesUpdateEnabled(t *testing.T) {
 		}
 	}
 }
+
+// TestReadMemoryBudget checks that reads in flight share one memory
+// budget: with room for one read, a second read waits while the first is
+// stalled by its client, is ResourceExhausted after the idle timeout, and
+// a read after the first has ended goes through.
+func TestReadMemoryBudget(t *testing.T) {
+	e := startBounded(t, 1<<30, server.Options{MaxReadMemory: 3 << 20, IdleTimeout: 300 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	b := data(16 << 20)
+	d := sha(b)
+	var reqs []*bspb.WriteRequest
+	for off := 0; off < len(b); off += 1 << 20 {
+		reqs = append(reqs, &bspb.WriteRequest{ResourceName: uploadName(d, "m"), WriteOffset: int64(off), Data: b[off : off+1<<20], FinishWrite: off+1<<20 == len(b)})
+	}
+	if _, err := e.write(ctx, reqs...); err != nil {
+		t.Fatal(err)
+	}
+	name := fmt.Sprintf("blobs/%s/%d", d.Hash, d.SizeBytes)
+	first, err := e.bs.Read(ctx, &bspb.ReadRequest{ResourceName: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Recv(); err != nil { // the first read holds the budget, stalled
+		t.Fatal(err)
+	}
+	second, err := e.bs.Read(ctx, &bspb.ReadRequest{ResourceName: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := second.Recv(); status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), "read memory budget") {
+		t.Fatalf("a read beyond the budget: %v, want ResourceExhausted naming the read memory budget", err)
+	}
+	got := 0
+	for {
+		m, err := first.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		got += len(m.Data)
+	}
+	if got < len(b)-(1<<20) {
+		t.Fatalf("first read got %d bytes", got)
+	}
+	if got := readStream(t, e, name); !bytes.Equal(got, b) {
+		t.Fatal("a read after the budget freed returned wrong bytes")
+	}
+}

@@ -98,6 +98,11 @@ type Options struct {
 	// that finds it in use waits for up to IdleTimeout, then is
 	// ResourceExhausted.
 	MaxUploadMemory int64
+	// MaxReadMemory bounds the memory all reads in flight may hold at once
+	// (ByteStream reads and batch reads; default DefaultMaxReadMemory). A
+	// read that finds it in use waits for up to IdleTimeout, then is
+	// ResourceExhausted.
+	MaxReadMemory int64
 	// Logger receives server-side failures whose details are withheld
 	// from clients (default slog.Default()).
 	Logger *slog.Logger
@@ -117,6 +122,7 @@ const (
 	DefaultMaxBlobBytes    = 2 << 30
 	DefaultMaxScratchBytes = 8 << 30
 	DefaultMaxUploadMemory = 256 << 20
+	DefaultMaxReadMemory   = 64 << 20
 )
 
 // streamWindow is the HTTP/2 flow-control window of each stream: what the
@@ -134,7 +140,8 @@ type Server struct {
 	m        *metrics
 	gatherer prometheus.Gatherer
 	uploads  *uploads
-	mem      *memBudget
+	mem      *memBudget // uploads
+	readMem  *memBudget
 	scratch  *scratchBudget
 	log      *slog.Logger
 	san      *sanitizer
@@ -189,11 +196,18 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 	if least := uploadCharge(0, false); opts.MaxUploadMemory < least {
 		return nil, fmt.Errorf("server: upload memory budget of %d bytes is below the %d one upload needs", opts.MaxUploadMemory, least)
 	}
+	if opts.MaxReadMemory <= 0 {
+		opts.MaxReadMemory = DefaultMaxReadMemory
+	}
+	if opts.MaxReadMemory < readCharge {
+		return nil, fmt.Errorf("server: read memory budget of %d bytes is below the %d one read needs", opts.MaxReadMemory, readCharge)
+	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	s := &Server{backend: backend, opts: opts, fns: map[digest.Function]bool{},
-		mem: newMemBudget(opts.MaxUploadMemory), scratch: &scratchBudget{max: opts.MaxScratchBytes}, log: opts.Logger}
+		mem: newMemBudget("upload", opts.MaxUploadMemory), readMem: newMemBudget("read", opts.MaxReadMemory),
+		scratch: &scratchBudget{max: opts.MaxScratchBytes}, log: opts.Logger}
 	var dirs []string
 	if abs, err := filepath.Abs(opts.TempDir); err == nil {
 		dirs = append(dirs, abs, filepath.Clean(opts.TempDir))

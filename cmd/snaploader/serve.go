@@ -35,6 +35,7 @@ func newServeCmd() *cobra.Command {
 		maxBlob     int64
 		maxScratch  int64
 		maxUpMem    int64
+		maxReadMem  int64
 		uploadTTL   time.Duration
 		idleTimeout time.Duration
 		compression bool
@@ -61,8 +62,11 @@ Resource bounds (all the server's own, never a client's claim):
   --max-scratch-bytes      with --s3: disk of the uploads in flight in the scratch directory
   --max-upload-memory      memory of all uploads in flight together (receive windows, messages,
                            zstd decoders with at most 8 MiB windows); an upload waits up to
-                           --idle-timeout for it, then is RESOURCE_EXHAUSTED. Also sets the Go
-                           runtime's soft memory limit to this plus 128 MiB unless GOMEMLIMIT is set.
+                           --idle-timeout for it, then is RESOURCE_EXHAUSTED
+  --max-read-memory        memory of all reads in flight together (3 MiB each: copy buffer, message,
+                           its encoding); a read waits up to --idle-timeout for it, then is
+                           RESOURCE_EXHAUSTED. The Go runtime's soft memory limit is set to the two
+                           memory budgets plus 128 MiB unless GOMEMLIMIT is set.
   --idle-timeout           a write stream that sends nothing this long is aborted and freed
   --upload-ttl             an interrupted upload is kept this long after its last message for the
                            client to resume, then deleted (a stream failing for any reason a
@@ -113,6 +117,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				{"max-blob-bytes", maxBlob < 0 || (cmd.Flags().Changed("max-blob-bytes") && maxBlob == 0)},
 				{"max-scratch-bytes", maxScratch <= 0},
 				{"max-upload-memory", maxUpMem <= 0},
+				{"max-read-memory", maxReadMem <= 0},
 				{"upload-ttl", uploadTTL <= 0},
 				{"idle-timeout", idleTimeout <= 0},
 			} {
@@ -173,11 +178,11 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				backend, where, tempDir = c, "directory "+dir, c.TempDir()
 			}
 			if os.Getenv("GOMEMLIMIT") == "" {
-				debug.SetMemoryLimit(maxUpMem + 128<<20)
+				debug.SetMemoryLimit(maxUpMem + maxReadMem + 128<<20)
 			}
 			srv, err := server.New(backend, server.Options{
 				APIKeys: keys, TempDir: tempDir, Logger: log,
-				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem,
+				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem, MaxReadMemory: maxReadMem,
 				UploadTTL: uploadTTL, IdleTimeout: idleTimeout, Retention: ret,
 			})
 			if err != nil {
@@ -225,6 +230,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 	fl.Int64Var(&maxBlob, "max-blob-bytes", 0, "largest blob a write may claim (default: a quarter of --max-bytes; with --s3, 2 GiB)")
 	fl.Int64Var(&maxScratch, "max-scratch-bytes", server.DefaultMaxScratchBytes, "with --s3: disk space of uploads in flight")
 	fl.Int64Var(&maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together")
+	fl.Int64Var(&maxReadMem, "max-read-memory", server.DefaultMaxReadMemory, "memory of all reads in flight together")
 	fl.DurationVar(&uploadTTL, "upload-ttl", server.DefaultUploadTTL, "how long an interrupted upload is kept for resumption after its last message")
 	fl.DurationVar(&idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "abort a write stream that sends nothing for this long")
 	fl.DurationVar(&gcInterval, "gc-interval", 0, "with --s3: collect the bucket's garbage (as snaploader gc) this often; 0: never")
