@@ -119,6 +119,18 @@ func (s *Store) WorkingSetEnded() bool {
 	return s.wsEnded
 }
 
+// Touched returns the offsets of the non-hole chunks read or written so
+// far, in order of first access: the working set to Prefetch next time.
+// Once EndWorkingSet was called it stops growing (Accessed does not).
+func (s *Store) Touched() []int64 {
+	s.touchMu.Lock()
+	defer s.touchMu.Unlock()
+	if s.wsEnded {
+		return slices.Clone(s.touched[:s.wsEnd])
+	}
+	return slices.Clone(s.touched)
+}
+
 // Accessed returns the offsets of every non-hole chunk read or written so
 // far, in order of first access, including those after the working set
 // ended.
