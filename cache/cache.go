@@ -14,10 +14,9 @@ import (
 	"io"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // Namespace says where a request lives.
@@ -47,11 +46,11 @@ type Cache interface {
 }
 
 // IsNotFound reports whether err means "absent".
-func IsNotFound(err error) bool { return status.Code(err) == codes.NotFound }
+func IsNotFound(err error) bool { return errkind.Is(err, errkind.NotFound) }
 
 // NotFoundf returns a NotFound error.
 func NotFoundf(format string, args ...any) error {
-	return status.Error(codes.NotFound, fmt.Sprintf(format, args...))
+	return errkind.New(errkind.NotFound, format, args...)
 }
 
 // ReadAll reads a whole blob.

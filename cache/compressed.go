@@ -47,7 +47,7 @@ const MaxZstdWindow = 64 << 20
 // NewZstdVerifyingReader passes the zstd stream rc through unchanged while
 // decoding it alongside (memory bounded by MaxZstdWindow, output by d's
 // size) and verifying the decoded content against d with fn. At the end of
-// the stream it returns an Internal error naming d instead of io.EOF when
+// the stream it returns a DataLoss error naming d instead of io.EOF when
 // the stream does not decode to d's content, withholding the bytes of that
 // last call. Close closes rc.
 func NewZstdVerifyingReader(rc io.ReadCloser, fn digest.Function, d *repb.Digest) (io.ReadCloser, error) {

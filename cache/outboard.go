@@ -53,11 +53,11 @@ func AlignRange(size, off, n int64) (start, end int64) {
 
 // VerifyRange checks data, the bytes of blob d at [start, start+len(data))
 // (an aligned range, see AlignRange), against d's BLAKE3 digest through the
-// blob's outboard. A mismatch is an Internal error naming the digest and
+// blob's outboard. A mismatch is a DataLoss error naming the digest and
 // range.
 func VerifyRange(d *repb.Digest, outboard, data []byte, start int64) error {
 	bad := func(format string, args ...any) error {
-		return status.Errorf(codes.Internal, "blob %s, range [%d, %d): %s", digest.String(d), start, start+int64(len(data)), fmt.Sprintf(format, args...))
+		return Corruptf("blob %s, range [%d, %d): %s", digest.String(d), start, start+int64(len(data)), fmt.Sprintf(format, args...))
 	}
 	root, err := hex.DecodeString(d.GetHash())
 	if err != nil || len(root) != 32 {
@@ -85,7 +85,7 @@ func VerifyRange(d *repb.Digest, outboard, data []byte, start int64) error {
 // just verified), else by reading only the aligned range p needs from the
 // remote and checking it against the blob's outboard (fetched once and kept
 // in the local tier). An error wrapping ErrNoRange means no verified range
-// read is possible; corrupt data or outboard is an Internal error naming
+// read is possible; corrupt data or outboard is a DataLoss error naming
 // the digest and range.
 func (rt *ReadThrough) ReadVerifiedRange(ctx context.Context, ns Namespace, d, outboard *repb.Digest, p []byte, off int64) error {
 	if off < 0 || len(p) == 0 || off+int64(len(p)) > d.GetSizeBytes() {
@@ -129,7 +129,7 @@ func (rt *ReadThrough) ReadVerifiedRange(ctx context.Context, ns Namespace, d, o
 	if err != nil {
 		<-obCh
 		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
-			err = status.Errorf(codes.Internal, "the remote sent %d bytes: short", n)
+			err = Corruptf("the remote sent %d bytes: short", n)
 		}
 		return fmt.Errorf("reading blob %s at [%d, %d) from the remote: %w", digest.String(d), start, end, err)
 	}

@@ -118,8 +118,7 @@ func (rt *ReadThrough) Stats() ReadThroughStats {
 // refetchable reports whether a local error should be answered from the
 // remote: the blob is absent or failed verification (and was removed).
 func refetchable(err error) bool {
-	c := status.Code(err)
-	return c == codes.NotFound || c == codes.Internal
+	return IsNotFound(err) || IsCorrupt(err)
 }
 
 // Open opens d from the local tier, fetching it from the remote first when

@@ -75,13 +75,13 @@ func TestReadThrough(t *testing.T) {
 			put(t, r, data)
 			damage(t, r.Path(ns, d), "flip") // r trusts its own write
 			return newLocal(t, ""), r
-		}, codes.Internal, 0},
+		}, codes.DataLoss, 0},
 		{"truncated in remote", func(t *testing.T) (*localcache.Cache, cache.Cache) {
 			r := newLocal(t, "")
 			put(t, r, data)
 			damage(t, r.Path(ns, d), "truncate")
 			return newLocal(t, ""), r
-		}, codes.Internal, 0},
+		}, codes.DataLoss, 0},
 		{"remote down", func(t *testing.T) (*localcache.Cache, cache.Cache) {
 			return newLocal(t, ""), down{newLocal(t, "")}
 		}, codes.Unavailable, 0},

@@ -3,7 +3,6 @@ package cache
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -11,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // DigestFunction is ns.Function, or digest.Default when it is unset.
@@ -21,16 +21,16 @@ func (ns Namespace) DigestFunction() digest.Function {
 	return ns.Function
 }
 
-// Corruptf returns an Internal error: data that failed digest verification.
-func Corruptf(format string, args ...any) error {
-	return status.Error(codes.Internal, fmt.Sprintf(format, args...))
-}
+// Corruptf returns a DataLoss error: stored data that failed digest
+// verification. Only a verified mismatch creates one.
+func Corruptf(format string, args ...any) error { return errkind.DataLossf(format, args...) }
 
-// IsCorrupt reports whether err means "data failed digest verification".
-func IsCorrupt(err error) bool { return status.Code(err) == codes.Internal }
+// IsCorrupt reports whether err means "data failed verification" (kind
+// DataLoss): the only error after which a tier may drop the entry.
+func IsCorrupt(err error) bool { return errkind.Is(err, errkind.DataLoss) }
 
 // NewVerifyingReader returns a reader over rc that hashes the bytes as they
-// pass. At the end of the stream it returns an Internal error naming d
+// pass. At the end of the stream it returns a DataLoss error naming d
 // instead of io.EOF when the content or the length does not match d; it
 // fails as soon as rc yields more bytes than d's size. Close closes rc.
 func NewVerifyingReader(rc io.ReadCloser, fn digest.Function, d *repb.Digest) (io.ReadCloser, error) {
@@ -85,7 +85,7 @@ type ReadVerifier interface {
 }
 
 // Verifying returns a Cache whose Read verifies the blob while streaming:
-// at the end of the stream a content or length mismatch is an Internal
+// at the end of the stream a content or length mismatch is a DataLoss
 // error naming the digest instead of io.EOF. Other methods pass through.
 // A cache that already verifies its reads is returned as it is.
 func Verifying(c Cache) Cache {

@@ -51,7 +51,7 @@ func TestVerifying(t *testing.T) {
 				}
 				return
 			}
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 				t.Fatalf("ReadAll: %v, want Internal naming the digest", err)
 			}
 		})

@@ -106,7 +106,7 @@ func (c *dirCAS) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (
 		return nil, err
 	}
 	if got := digest.Compute(ns.Function, b); !digest.Equal(got, d) {
-		return nil, status.Errorf(codes.Internal, "blob %s is corrupt", digest.String(d))
+		return nil, status.Errorf(codes.DataLoss, "blob %s is corrupt", digest.String(d))
 	}
 	f, err := os.Open(c.path(d))
 	if err != nil {
@@ -657,7 +657,7 @@ func TestSourceErrors(t *testing.T) {
 			b, _ := os.ReadFile(cas.path(d))
 			b[10] ^= 1
 			os.WriteFile(cas.path(d), b, 0o644)
-		}, codes.Internal},
+		}, codes.DataLoss},
 		{"unavailable", func(cas *dirCAS, d *repb.Digest) {
 			cas.openErr = func(x *repb.Digest) error {
 				if digest.Equal(x, d) {
@@ -911,7 +911,7 @@ func TestWithLocalCache(t *testing.T) {
 		off  int64
 		d    *repb.Digest
 		code codes.Code
-	}{{testCS, d1, codes.Internal}, {5 * testCS, d5, codes.NotFound}} {
+	}{{testCS, d1, codes.DataLoss}, {5 * testCS, d5, codes.NotFound}} {
 		_, err := s3.ReadAt(make([]byte, 10), tc.off+3)
 		if status.Code(err) != tc.code || !strings.Contains(err.Error(), tc.d.Hash) || !strings.Contains(err.Error(), fmt.Sprint(tc.off)) {
 			t.Fatalf("read at %d: err = %v; want %v naming offset and digest", tc.off, err, tc.code)

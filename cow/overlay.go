@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 )
 
@@ -93,7 +94,7 @@ func (s *Store) copyToOverlay(c *chunk) error {
 	if int64(m) == n {
 		err = nil
 	} else if err == nil || errors.Is(err, io.EOF) {
-		err = status.Errorf(codes.Internal, "blob is shorter than its digest says")
+		err = cache.Corruptf("blob is shorter than its digest says")
 	}
 	if err != nil {
 		return fmt.Errorf("copying chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)

@@ -284,7 +284,7 @@ func checkCorrupt(t *testing.T, s *Store, d *repb.Digest, off int64) {
 	t.Helper()
 	p := make([]byte, 4096)
 	_, err := s.ReadAt(p, off)
-	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), digest.String(d)) {
+	if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), digest.String(d)) {
 		t.Fatalf("corrupt range: err = %v, want Internal naming %s", err, digest.String(d))
 	}
 	for _, want := range []string{"chunk at offset 262144", "range [16384, 32768)"} {

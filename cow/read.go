@@ -76,7 +76,7 @@ func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
 				return nil
 			}
 			if err == nil || errors.Is(err, io.EOF) {
-				err = status.Errorf(codes.Internal, "blob is shorter than %d bytes", in+int64(len(p)))
+				err = cache.Corruptf("blob is shorter than %d bytes", in+int64(len(p)))
 			}
 			return fmt.Errorf("reading chunked file %q at offset %d (chunk %d, digest %s): %w", s.name, c.off+in, c.off, digest.String(d), err)
 		}
@@ -160,7 +160,7 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	}
 	if err == nil && b.Size() != c.d.SizeBytes {
 		b.Close()
-		err = status.Errorf(codes.Internal, "source blob has %d bytes", b.Size())
+		err = cache.Corruptf("source blob has %d bytes", b.Size())
 	}
 	if err != nil {
 		s.fetchErrors.Add(1)

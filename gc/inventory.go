@@ -173,7 +173,7 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 		sc.entries.ExaminedBytes += e.Size
 		m, err := snapshot.DecodeManifestEntry(r.ar)
 		if err != nil {
-			if status.Code(err) == codes.Internal {
+			if cache.IsCorrupt(err) {
 				opts.Logger.Warn("corrupt manifest kept as it is; its blobs are not kept for it", "entry", e.ID, "err", err)
 			}
 			sc.kept = append(sc.kept, e)

@@ -149,7 +149,7 @@ func (c *Client) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb
 func (c *Client) VerifiesReads() {}
 
 // Read opens a blob; its content is verified against d as it is read (a
-// mismatch is an Internal error at the end). A missing blob is NotFound.
+// mismatch is a DataLoss error at the end). A missing blob is NotFound.
 func (c *Client) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	inst, fn, err := c.ns(ns)
 	if err != nil {
@@ -203,13 +203,13 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 	case repb.Compressor_ZSTD:
 		data, err = decodeAll(data, d.SizeBytes)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "decompressing: %v", err)
+			return nil, cache.Corruptf("decompressing: %v", err)
 		}
 	default:
 		return nil, status.Errorf(codes.Internal, "server used compressor %v, which was not asked for", r.Compressor)
 	}
 	if got := digest.Compute(fn, data); !digest.Equal(got, d) {
-		return nil, status.Errorf(codes.Internal, "data is %s: corrupt", digest.String(got))
+		return nil, cache.Corruptf("data is %s: corrupt", digest.String(got))
 	}
 	return data, nil
 }
@@ -300,7 +300,7 @@ func (r *streamReader) open() error {
 			err = r.dec.Reset(raw)
 		}
 		if err != nil {
-			r.openErr = status.Errorf(codes.Internal, "zstd: %v", err)
+			r.openErr = cache.Corruptf("zstd: %v", err)
 			return r.openErr
 		}
 	}
@@ -347,7 +347,7 @@ func (r *streamReader) Read(p []byte) (int, error) {
 			r.v.Write(p[:n])
 			r.off += int64(n)
 			if r.off > r.d.SizeBytes {
-				r.err = status.Errorf(codes.Internal, "blob %s from %s: server sent more than %d bytes", digest.String(r.d), r.c.target, r.d.SizeBytes)
+				r.err = cache.Corruptf("blob %s from %s: server sent more than %d bytes", digest.String(r.d), r.c.target, r.d.SizeBytes)
 				return 0, r.err
 			}
 			return n, nil
@@ -355,7 +355,7 @@ func (r *streamReader) Read(p []byte) (int, error) {
 		switch {
 		case errors.Is(err, io.EOF):
 			if cerr := r.v.Check(); cerr != nil {
-				r.err = status.Errorf(codes.Internal, "reading from %s: corrupt: %v", r.c.target, cerr)
+				r.err = cache.Corruptf("reading from %s: corrupt: %v", r.c.target, cerr)
 				return 0, r.err
 			}
 			r.err = io.EOF
@@ -369,7 +369,7 @@ func (r *streamReader) Read(p []byte) (int, error) {
 			r.open() // a failure is seen by the next read
 		case err != nil:
 			if status.Code(err) == codes.Unknown {
-				err = status.Errorf(codes.Internal, "decompressing: %v", err)
+				err = cache.Corruptf("decompressing: %v", err)
 			}
 			r.err = fmt.Errorf("reading blob %s from %s at offset %d: %w", digest.String(r.d), r.c.target, r.off, err)
 		}
@@ -650,7 +650,7 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 				return err
 			}
 			if int64(len(buf)+len(msg.Data)) > n {
-				return status.Errorf(codes.Internal, "server sent more than the %d bytes asked for", n)
+				return cache.Corruptf("server sent more than the %d bytes asked for", n)
 			}
 			buf = append(buf, msg.Data...)
 			if int64(len(buf)) == n {

@@ -627,7 +627,7 @@ func TestReadDetectsCorruption(t *testing.T) {
 				t.Fatal(err)
 			}
 			_, err := cache.ReadAll(ctx, c, cache.Namespace{}, d)
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 				t.Fatalf("%d bytes compression=%v: %v, want Internal naming the digest", n, compression, err)
 			}
 		}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // chunkBytes is the payload size of each ByteStream read response.
@@ -46,7 +47,7 @@ type compressedReader interface {
 
 // compressedReadVerifier is a compressedReader whose zstd streams carry
 // bytes it has verified to decode to the blob, checked again as they are
-// read (a stream whose bytes differ ends with an Internal error instead of
+// read (a stream whose bytes differ ends with a DataLoss error instead of
 // io.EOF): the server passes them on without decoding them. The frames of
 // other backends are decoded alongside and the content hashed.
 type compressedReadVerifier interface {
@@ -65,7 +66,7 @@ type rangeVerifier interface {
 // Read streams a blob, optionally zstd-compressed. The server verifies the
 // whole blob as it streams it and holds back the last message until it is
 // verified: a blob corrupted at rest is never served whole, the read fails
-// with an Internal error naming its digest, and the blob is dropped from
+// with a DataLoss error naming its digest, and the blob is dropped from
 // the backend so that FindMissingBlobs reports it missing and a client's
 // re-upload repairs it.
 //
@@ -203,7 +204,7 @@ func (s *Server) sendStored(ctx context.Context, ns cache.Namespace, d *repb.Dig
 		return fmt.Errorf("reading blob %s: %w", digest.String(d), se.err)
 	case cache.IsCorrupt(err):
 		s.dropCorrupt(ctx, ns, d, err)
-		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), err)
+		return corruptOnServer(d, err)
 	}
 	return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 }
@@ -242,11 +243,11 @@ func (s *Server) openRead(ctx context.Context, ns cache.Namespace, d *repb.Diges
 func (s *Server) readFailed(ctx context.Context, ns cache.Namespace, d *repb.Digest, off int64, err error) error {
 	if cache.IsCorrupt(err) {
 		s.dropCorrupt(ctx, ns, d, err)
-		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), err)
+		return corruptOnServer(d, err)
 	}
 	if errors.Is(err, errCorrupt) {
 		s.dropCorrupt(ctx, ns, d, err)
-		return status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), errors.Unwrap(err))
+		return corruptOnServer(d, errors.Unwrap(err))
 	}
 	return fmt.Errorf("reading blob %s at offset %d: %w", digest.String(d), off, err)
 }
@@ -277,12 +278,18 @@ func (s *Server) readVerified(ctx context.Context, ns cache.Namespace, d *repb.D
 	if got := digest.Compute(ns.Function, b); !digest.Equal(got, d) {
 		cause := fmt.Errorf("content is %s", digest.String(got))
 		s.dropCorrupt(ctx, ns, d, cause)
-		return nil, status.Errorf(codes.Internal, "blob %s is corrupt on the server (%v); it was dropped: upload it again", digest.String(d), cause)
+		return nil, corruptOnServer(d, cause)
 	}
 	return b, nil
 }
 
 var errCorrupt = errors.New("corrupt")
+
+// corruptOnServer is the DataLoss error a client gets for a blob that
+// failed verification on the server (and was dropped there).
+func corruptOnServer(d *repb.Digest, cause error) error {
+	return errkind.DataLossf("blob %s is corrupt on the server (%s); it was dropped: upload it again", digest.String(d), errkind.Text(cause))
+}
 
 // sendError is a failure to send to the client (not the backend's).
 type sendError struct{ err error }

@@ -200,7 +200,7 @@ func TestCorruptStoredFramesAreNeverServed(t *testing.T) {
 			for {
 				m, err := stream.Recv()
 				if err != nil {
-					if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+					if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 						t.Fatalf("reading the corrupt blob: %v, want Internal naming it", err)
 					}
 					break

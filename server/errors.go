@@ -3,11 +3,13 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"regexp"
 	"strings"
 
+	"github.com/snaploader/snaploader/errkind"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -19,26 +21,37 @@ import (
 func pathFree(err error) error {
 	var pe *fs.PathError
 	if errors.As(err, &pe) {
-		return errors.New(pe.Op + ": " + pe.Err.Error())
+		return fmt.Errorf("%s: %w", pe.Op, pe.Err)
 	}
 	var le *os.LinkError
 	if errors.As(err, &le) {
-		return errors.New(le.Op + ": " + le.Err.Error())
+		return fmt.Errorf("%s: %w", le.Op, le.Err)
 	}
 	return err
 }
 
-// internalf is an Internal error about a server-side failure (disk, scratch
-// files); the cause is logged in full and sent without file names.
-func (s *Server) internalf(err error, what string) error {
+// ioErr is the error of a server-side I/O failure (disk, scratch files),
+// of the kind its cause says: a full disk is ResourceExhausted, no
+// descriptors left or a scratch directory that is gone Unavailable. The
+// cause is logged in full and sent without file names.
+func (s *Server) ioErr(err error, what string) error {
 	s.log.Error(what, "err", err)
-	return status.Errorf(codes.Internal, "%s: %v", what, pathFree(err))
+	return scratchErr(err, what)
+}
+
+// scratchErr is ioErr without the log line.
+func scratchErr(err error, what string) error {
+	k := errkind.OfIO(err)
+	if k == errkind.NotFound {
+		k = errkind.Unavailable // the server's own directory is gone: not an absent blob
+	}
+	return &errkind.Error{Kind: k, Msg: what + ": " + errkind.Text(pathFree(err)), Err: err}
 }
 
 var nestedStatus = regexp.MustCompile(`rpc error: code = \w+ desc = `)
 
-// sanitizer rewrites the errors every RPC returns: context errors get
-// their gRPC codes, errors without a code become Internal, and no message
+// sanitizer rewrites the errors every RPC returns: context and system
+// errors get their kinds, other errors without a code become Internal, and no message
 // names a server directory (the scratch directory or the backend's).
 type sanitizer struct {
 	dirs *regexp.Regexp // nil when there is nothing to hide
@@ -67,14 +80,7 @@ func (z *sanitizer) clean(err error) error {
 		code, msg = codes.Unknown, err.Error()
 	}
 	if code == codes.Unknown {
-		switch {
-		case errors.Is(err, context.Canceled):
-			code = codes.Canceled
-		case errors.Is(err, context.DeadlineExceeded):
-			code = codes.DeadlineExceeded
-		default:
-			code = codes.Internal
-		}
+		code = errkind.Of(err) // a cancelled context, a system error's kind, else Internal
 	}
 	// Wrapped status errors: one code, said once.
 	msg = nestedStatus.ReplaceAllString(msg, "")

@@ -271,7 +271,7 @@ func TestWriteErrorsNameNoServerPaths(t *testing.T) {
 		{"negative write_offset, fresh upload", e, &bspb.WriteRequest{ResourceName: uploadName(d, "neg"), WriteOffset: -1, Data: b[:10]}, codes.InvalidArgument},
 		{"negative write_offset, resumed upload", e, &bspb.WriteRequest{ResourceName: uploadName(d, "half"), WriteOffset: -5, Data: b[:10]}, codes.InvalidArgument},
 		{"write_offset beyond the size", e, &bspb.WriteRequest{ResourceName: uploadName(d, "beyond"), WriteOffset: d.SizeBytes + 1, Data: b[:10]}, codes.InvalidArgument},
-		{"scratch directory gone", broken, &bspb.WriteRequest{ResourceName: uploadName(d, "x"), Data: b, FinishWrite: true}, codes.Internal},
+		{"scratch directory gone", broken, &bspb.WriteRequest{ResourceName: uploadName(d, "x"), Data: b, FinishWrite: true}, codes.Unavailable},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := tc.e.write(ctx, tc.req)
@@ -444,7 +444,7 @@ func TestReadsVerifyWhatIsServed(t *testing.T) {
 				for {
 					m, err := stream.Recv()
 					if err != nil {
-						if status.Code(err) != codes.Internal && status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), d.Hash) {
+						if status.Code(err) != codes.DataLoss && status.Code(err) != codes.NotFound || !strings.Contains(err.Error(), d.Hash) {
 							t.Fatalf("reading a corrupt blob: %v, want Internal (or NotFound once dropped) naming it", err)
 						}
 						break
@@ -479,7 +479,7 @@ func TestReadsVerifyWhatIsServed(t *testing.T) {
 	bad[0] ^= 1
 	os.WriteFile(path, bad, 0o644)
 	rr, err := e.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{Digests: []*repb.Digest{d}})
-	if err != nil || codes.Code(rr.Responses[0].Status.Code) != codes.Internal || !strings.Contains(rr.Responses[0].Status.Message, d.Hash) || len(rr.Responses[0].Data) != 0 {
+	if err != nil || codes.Code(rr.Responses[0].Status.Code) != codes.DataLoss || !strings.Contains(rr.Responses[0].Status.Message, d.Hash) || len(rr.Responses[0].Data) != 0 {
 		t.Fatalf("batch read of a corrupt blob: %v %v", rr, err)
 	}
 	if e.present(t, digest.SHA256, d) {

@@ -87,7 +87,7 @@ func TestRangeReadsVerifyTheBackend(t *testing.T) {
 			}
 			e2 := serveOn(t, lc2, lc2, server.Options{TempDir: t.TempDir()})
 			_, err = read(e2, 1<<20, 4096)
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 				t.Fatalf("range read of a damaged blob: %v, want Internal naming it", err)
 			}
 			if e2.present(t, digest.SHA256, d) {

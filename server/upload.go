@@ -23,6 +23,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // maxDecoderWindow is the largest zstd window an upload may use: the
@@ -160,7 +161,7 @@ func (s *Server) receive(ctx context.Context, rx *receiver, name string, d *repb
 		return u.size > 0, status.Errorf(codes.InvalidArgument, "write_offset %d beyond the %d bytes committed", req.WriteOffset, u.size)
 	case req.WriteOffset < u.size:
 		if err := u.truncate(req.WriteOffset); err != nil {
-			return false, s.internalf(err, "truncating an upload")
+			return false, s.ioErr(err, "truncating an upload")
 		}
 	}
 	charged := int64(chunkBytes)
@@ -180,7 +181,7 @@ func (s *Server) receive(ctx context.Context, rx *receiver, name string, d *repb
 			charged = l
 		}
 		if err := u.write(req.Data); err != nil {
-			return false, s.internalf(err, "storing upload data")
+			return false, s.ioErr(err, "storing upload data")
 		}
 		s.m.in(len(req.Data))
 		if req.FinishWrite {
@@ -221,7 +222,7 @@ type compressedFilePutter interface {
 // the claimed size (a zstd bomb never gets further).
 func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name string, fn digest.Function, d *repb.Digest, u *upload, first *bspb.WriteRequest, frames bool) (int64, error) {
 	if err := u.truncate(0); err != nil {
-		return 0, s.internalf(err, "truncating an upload")
+		return 0, s.ioErr(err, "truncating an upload")
 	}
 	rr := &reqReader{ctx: ctx, rx: rx, name: name, next: first, limit: compressedLimit(d), m: s.m}
 	var in io.Reader = rr
@@ -235,7 +236,7 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 	}
 	dec, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
 	if err != nil {
-		return 0, s.internalf(err, "starting a zstd decoder")
+		return 0, errkind.New(errkind.Internal, "starting a zstd decoder: %w", err)
 	}
 	defer dec.Close()
 	bp := bufPool.Get().(*[]byte)
@@ -252,7 +253,7 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 			if frames {
 				v.Write(buf[:n])
 			} else if werr := u.write(buf[:n]); werr != nil {
-				return rr.n, s.internalf(werr, "storing upload data")
+				return rr.n, s.ioErr(werr, "storing upload data")
 			}
 		}
 		if errors.Is(err, io.EOF) {
@@ -264,7 +265,7 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 					return rr.n, status.Errorf(codes.InvalidArgument, "data does not match its digest: %v", err)
 				}
 				if err := u.werr; err != nil {
-					return rr.n, s.internalf(err, "storing upload data")
+					return rr.n, s.ioErr(err, "storing upload data")
 				}
 			}
 			return rr.n, nil
@@ -365,7 +366,7 @@ func (s *Server) commit(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		return status.Errorf(codes.InvalidArgument, "got %d bytes, digest says %d", u.size, d.SizeBytes)
 	}
 	if err := u.f.Truncate(u.size); err != nil {
-		return s.internalf(err, "sizing an upload")
+		return s.ioErr(err, "sizing an upload")
 	}
 	v := u.v
 	if v == nil || u.hashed != u.size {
@@ -375,7 +376,7 @@ func (s *Server) commit(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 			return status.Error(codes.InvalidArgument, err.Error())
 		}
 		if _, err := copyBuffered(v, io.NewSectionReader(u.f, 0, u.size)); err != nil {
-			return s.internalf(err, "reading an upload back")
+			return s.ioErr(err, "reading an upload back")
 		}
 	}
 	if err := v.Check(); err != nil {
@@ -614,7 +615,7 @@ func (us *uploads) get(key uploadKey, fn digest.Function, d *repb.Digest, reserv
 				us.mu.Unlock()
 				sp.Release()
 				us.log.Error("creating an upload file", "err", err)
-				return nil, status.Errorf(codes.Internal, "creating an upload file: %v", pathFree(err))
+				return nil, scratchErr(err, "creating an upload file")
 			}
 			unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 			u = &upload{key: key, path: f.Name(), f: f, space: sp}
@@ -647,7 +648,7 @@ func (us *uploads) get(key uploadKey, fn digest.Function, d *repb.Digest, reserv
 				us.drop(u)
 				u.mu.Unlock()
 				us.log.Error("reopening an upload file", "err", err)
-				return nil, status.Errorf(codes.Internal, "reopening an interrupted upload: %v", pathFree(err))
+				return nil, scratchErr(err, "reopening an interrupted upload")
 			}
 			unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 			u.f = f

@@ -24,7 +24,7 @@ type ManifestInfo struct {
 // DecodeManifestEntry decodes and validates an action-cache entry as a
 // snapshot manifest (seal included). Entries that are not manifests
 // (version entries, foreign action results) are an InvalidArgument error;
-// a manifest altered since it was sealed is Internal.
+// a manifest altered since it was sealed is DataLoss.
 func DecodeManifestEntry(ar *repb.ActionResult) (*ManifestInfo, error) {
 	dm, err := decodeManifest(ar)
 	if err != nil {

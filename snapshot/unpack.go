@@ -10,12 +10,12 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"go.opentelemetry.io/otel/attribute"
 	"golang.org/x/sync/errgroup"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/telemetry"
@@ -185,7 +185,7 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 	// as stale by the next one (removeStaleTemps).
 	tmp, err := fileio.CreateTemp(filepath.Dir(path))
 	if err != nil {
-		return status.Errorf(codes.Internal, "unpacking blob %s to %s: %v", digest.String(d), path, err)
+		return errkind.IO(err, "unpacking blob %s to %s", digest.String(d), path)
 	}
 	defer os.Remove(tmp.Name())
 	if err := tmp.Chmod(0o644); err != nil {
@@ -207,31 +207,31 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 func writeStoreFile(ctx context.Context, s *cow.Store, path string) error {
 	tmp, err := fileio.CreateTemp(filepath.Dir(path))
 	if err != nil {
-		return status.Errorf(codes.Internal, "writing %s: %v", path, err)
+		return errkind.IO(err, "writing %s", path)
 	}
 	defer os.Remove(tmp.Name())
 	defer tmp.Close()
 	if err := tmp.Chmod(0o644); err != nil {
 		return err
 	}
+	// Only the chunks the tree lists hold data; the rest are holes. Walking
+	// the listed chunks, not every offset up to the declared size, keeps a
+	// hostile tree with a huge size and few chunks cheap.
 	buf := make([]byte, s.ChunkSize())
-	for off := int64(0); off < s.Size(); off += int64(len(buf)) {
+	for _, c := range s.ChunkedFile().GetChunks() {
 		if err := ctx.Err(); err != nil {
 			return status.FromContextError(err).Err()
 		}
-		n := min(int64(len(buf)), s.Size()-off)
-		if s.IsHole(off) {
-			continue
-		}
+		off, n := c.GetOffset(), c.GetDigest().GetSizeBytes()
 		if _, err := s.ReadAt(buf[:n], off); err != nil && err != io.EOF {
 			return err
 		}
 		if _, err := tmp.WriteAt(buf[:n], off); err != nil {
-			return status.Errorf(codes.Internal, "writing %s at offset %d: %v", path, off, err)
+			return errkind.IO(err, "writing %s at offset %d", path, off)
 		}
 	}
 	if err := tmp.Truncate(s.Size()); err != nil {
-		return status.Errorf(codes.Internal, "writing %s: %v", path, err)
+		return errkind.IO(err, "writing %s", path)
 	}
 	if err := tmp.Close(); err != nil {
 		return err

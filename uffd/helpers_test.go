@@ -119,7 +119,7 @@ type failMem struct {
 
 func (m *failMem) ReadAt(p []byte, off int64) (int, error) {
 	if m.bad >= off && m.bad < off+int64(len(p)) {
-		return 0, status.Errorf(codes.Internal, "chunk at offset %d failed digest verification", m.bad)
+		return 0, status.Errorf(codes.DataLoss, "chunk at offset %d failed digest verification", m.bad)
 	}
 	return m.fileMem.ReadAt(p, off)
 }

@@ -111,7 +111,7 @@ func TestServeCorruptChunkFailsRestore(t *testing.T) {
 	s := serve(t, context.Background(), st, Options{ChunkSize: chunk})
 	stub := startStub(t, s.sock, path)
 	err := s.wait(t, 60*time.Second)
-	if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), victim) {
+	if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), victim) {
 		t.Fatalf("Serve error %v, want Internal naming digest %s", err, victim)
 	}
 	werr := stub.finish(t, 10*time.Second)

@@ -176,7 +176,7 @@ func TestServeReadErrorKillsVMM(t *testing.T) {
 			s := serve(t, context.Background(), &failMem{fileMem: openMem(t, path), bad: bad}, opts)
 			st := startStub(t, s.sock, path)
 			err := s.wait(t, 30*time.Second)
-			if status.Code(err) != codes.Internal {
+			if status.Code(err) != codes.DataLoss {
 				t.Fatalf("Serve error %v (code %v), want Internal", err, status.Code(err))
 			}
 			wantOff := badBlock

@@ -35,6 +35,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/fusefs"
 	"github.com/snaploader/snaploader/nbd"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -230,7 +231,7 @@ func (h *Host) Boot(ctx context.Context, m Machine, opts BootOptions) (*VM, erro
 		return nil, status.Error(codes.InvalidArgument, "boot: a directory is required")
 	}
 	if err := os.MkdirAll(opts.Dir, 0o755); err != nil {
-		return nil, status.Errorf(codes.Internal, "boot: %v", err)
+		return nil, errkind.IO(err, "boot")
 	}
 	v := &VM{host: h, machine: m, dir: opts.Dir, memPath: filepath.Join(opts.Dir, MemoryFile)}
 	cfg := h.qemuConfig(m, v.memPath, opts.Dir, opts.SerialLog)
@@ -261,7 +262,7 @@ func (h *Host) Attach(m Machine, memPath, qmpSocket, dir string) (*VM, error) {
 		return nil, status.Errorf(codes.InvalidArgument, "memory file %s has %d bytes, the machine %d", memPath, fi.Size(), m.MemoryBytes)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return nil, status.Errorf(codes.Internal, "attach: %v", err)
+		return nil, errkind.IO(err, "attach")
 	}
 	return &VM{host: h, machine: m, dir: dir, memPath: memPath, qmpSock: qmpSocket}, nil
 }
@@ -372,7 +373,7 @@ func (h *Host) Restore(ctx context.Context, snap *snapshot.Snapshot, opts Restor
 	serveStart := time.Now()
 	mnt := filepath.Join(opts.Dir, "mnt")
 	if err := os.MkdirAll(mnt, 0o755); err != nil {
-		return fail(status.Errorf(codes.Internal, "creating mount point: %v", err))
+		return fail(errkind.IO(err, "creating mount point"))
 	}
 	v.fuse, err = fusefs.Mount(life, mnt, map[string]fusefs.File{MemoryFile: mem}, fusefs.Options{Logger: h.opts.Logger})
 	if err != nil {
@@ -574,7 +575,7 @@ func snapshotExternal(ctx context.Context, sock, stateFile string) (qemu.Snapsho
 	st.Total = time.Since(start)
 	fi, err := os.Stat(stateFile)
 	if err != nil {
-		return st, status.Errorf(codes.Internal, "state file %s: %v", stateFile, err)
+		return st, errkind.IO(err, "state file %s", stateFile)
 	}
 	st.StateBytes = fi.Size()
 	return st, nil
@@ -659,12 +660,12 @@ func (v *VM) traceServing() {
 func WriteFile(ctx context.Context, s *cow.Store, path string) error {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o644)
 	if err != nil {
-		return status.Errorf(codes.Internal, "writing %q to %s: %v", s.Name(), path, err)
+		return errkind.IO(err, "writing %q to %s", s.Name(), path)
 	}
 	defer f.Close()
 	size := s.Size()
 	if err := f.Truncate(size); err != nil {
-		return status.Errorf(codes.Internal, "writing %q to %s: %v", s.Name(), path, err)
+		return errkind.IO(err, "writing %q to %s", s.Name(), path)
 	}
 	cs := s.ChunkSize()
 	buf := make([]byte, cs)
@@ -681,11 +682,11 @@ func WriteFile(ctx context.Context, s *cow.Store, path string) error {
 			continue
 		}
 		if _, err := f.WriteAt(buf[:n], off); err != nil {
-			return status.Errorf(codes.Internal, "writing %q to %s at offset %d: %v", s.Name(), path, off, err)
+			return errkind.IO(err, "writing %q to %s at offset %d", s.Name(), path, off)
 		}
 	}
 	if err := f.Close(); err != nil {
-		return status.Errorf(codes.Internal, "writing %q to %s: %v", s.Name(), path, err)
+		return errkind.IO(err, "writing %q to %s", s.Name(), path)
 	}
 	return nil
 }

@@ -246,7 +246,7 @@ func TestTamperingIsDetected(t *testing.T) {
 			if err == nil {
 				t.Fatalf("an altered ciphertext opened (%d bytes)", len(got))
 			}
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), plain.GetHash()) {
+			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), plain.GetHash()) {
 				t.Fatalf("got %v, want Internal naming %s", err, plain.GetHash())
 			}
 		})
@@ -268,14 +268,14 @@ func TestSwappedCiphertextAndEntryDoNotOpen(t *testing.T) {
 	// are valid ciphertexts of this group.
 	liar := wrap(t, &redirect{Cache: inner, from: c.lookupAny(ns.Function, art), to: c.lookupAny(ns.Function, tree)}, r)
 	liar.GetActionResult(ctx, ns, key)
-	if _, err := cache.ReadAll(ctx, liar, ns, art); status.Code(err) != codes.Internal {
+	if _, err := cache.ReadAll(ctx, liar, ns, art); status.Code(err) != codes.DataLoss {
 		t.Errorf("a swapped ciphertext: %v, want Internal", err)
 	}
 	// An entry moved to another key does not open.
 	stored, _ := inner.GetActionResult(ctx, ns, key)
 	other := &repb.Digest{Hash: digest.StringListHash("elsewhere"), SizeBytes: 1}
 	inner.UpdateActionResult(ctx, ns, other, stored)
-	if _, err := c.GetActionResult(ctx, ns, other); status.Code(err) != codes.Internal {
+	if _, err := c.GetActionResult(ctx, ns, other); status.Code(err) != codes.DataLoss {
 		t.Errorf("a moved entry: %v, want Internal", err)
 	}
 }

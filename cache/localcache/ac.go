@@ -24,11 +24,14 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // GetActionResult returns the action-cache entry under key in ns's group,
-// instance and digest function; NotFound when absent. An entry that does not
-// parse is removed and is an Internal error.
+// instance and digest function; NotFound when absent. An entry that fails
+// its checksum or does not parse is removed and is a DataLoss error; a
+// failure to read it (no descriptors left, EIO) keeps it and is
+// Unavailable.
 func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	if err := checkDigest(ns, key); err != nil {
 		return nil, fmt.Errorf("getting action result: %w", err)
@@ -41,24 +44,20 @@ func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *re
 	if e == nil {
 		return nil, cache.NotFoundf("action result %s not in local cache", digest.String(key))
 	}
-	b, err := readEntryFile(filepath.Join(c.dir, rel))
-	if err != nil {
+	ar, fi, err := readEntry(filepath.Join(c.dir, rel))
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		c.mu.Lock()
 		c.dropLocked(e)
 		c.mu.Unlock()
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, cache.NotFoundf("action result %s not in local cache (evicted)", digest.String(key))
-		}
-		os.Remove(filepath.Join(c.dir, rel))
-		return nil, cache.Corruptf("unreadable action result %s in local cache (removed): %v", digest.String(key), err)
-	}
-	ar, err := decodeEntry(b)
-	if err != nil {
-		c.mu.Lock()
-		c.dropLocked(e)
-		c.mu.Unlock()
-		os.Remove(filepath.Join(c.dir, rel))
+		return nil, cache.NotFoundf("action result %s not in local cache (evicted)", digest.String(key))
+	case cache.IsCorrupt(err):
+		c.removeCorruptFile(e, fi)
 		return nil, cache.Corruptf("corrupt action result %s in local cache (removed): %v", digest.String(key), err)
+	case err != nil:
+		// A failure to read (no descriptors left, EIO) says nothing of
+		// the entry: it stays, and the error is retryable.
+		return nil, errkind.IO(err, "reading action result %s in local cache", digest.String(key))
 	}
 	return ar, nil
 }
@@ -81,7 +80,7 @@ func (c *Cache) UpdateActionResult(ctx context.Context, ns cache.Namespace, key 
 	}
 	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
 		if _, err := f.Write(b); err != nil {
-			return status.Errorf(codes.Internal, "writing: %v", err)
+			return errkind.IO(err, "writing")
 		}
 		return nil
 	})
@@ -98,7 +97,7 @@ func (c *Cache) recordInstance(ctx context.Context, ns cache.Namespace) error {
 	instPath := filepath.Join(c.dir, instRel, instFile)
 	if _, err := os.Stat(instPath); err != nil {
 		if err := os.MkdirAll(filepath.Dir(instPath), 0o755); err != nil {
-			return status.Errorf(codes.Internal, "recording instance: %v", err)
+			return errkind.IO(errnoOf(err), "recording instance")
 		}
 		if _, err := c.writeFile(ctx, filepath.Join(instRel, instFile), func(f *os.File) error {
 			_, err := f.WriteString(ns.Instance)
@@ -159,23 +158,23 @@ func (c *Cache) CreateActionResult(ctx context.Context, ns cache.Namespace, key 
 func (c *Cache) linkNew(rel string, b []byte) (bool, int64, error) {
 	dst := filepath.Join(c.dir, rel)
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return false, 0, status.Errorf(codes.Internal, "creating %s: %v", filepath.Dir(rel), err)
+		return false, 0, errkind.IO(errnoOf(err), "creating %s", filepath.Dir(rel))
 	}
 	f, err := os.CreateTemp(filepath.Join(c.dir, tmpDir), "ac-*.tmp")
 	if err != nil {
-		return false, 0, status.Errorf(codes.Internal, "creating temporary file: %v", err)
+		return false, 0, errkind.IO(errnoOf(err), "creating temporary file")
 	}
 	defer os.Remove(f.Name())
 	defer f.Close()
 	// The lock tells other processes cleaning tmp/ that this file is live.
 	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
 	if _, err := f.Write(b); err != nil {
-		return false, 0, status.Errorf(codes.Internal, "writing temporary file: %v", err)
+		return false, 0, errkind.IO(errnoOf(err), "writing temporary file")
 	}
 	created := true
 	if err := os.Link(f.Name(), dst); err != nil {
 		if !errors.Is(err, fs.ErrExist) {
-			return false, 0, status.Errorf(codes.Internal, "linking %s: %v", rel, err)
+			return false, 0, errkind.IO(unwrapLink(err), "linking %s", rel)
 		}
 		created = false
 	}
@@ -208,7 +207,7 @@ func (c *Cache) ListActionResults(ctx context.Context, group string) ([]ACEntry,
 		return nil, nil
 	}
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "listing action results of group %q: %v", group, err)
+		return nil, errkind.IO(errnoOf(err), "listing action results of group %q", group)
 	}
 	var out []ACEntry
 	for _, inst := range insts {
@@ -237,15 +236,7 @@ func (c *Cache) ListActionResults(ctx context.Context, group string) ([]ACEntry,
 				}
 				h, s, _ := strings.Cut(de.Name(), "-")
 				size, _ := strconv.ParseInt(s, 10, 64)
-				b, err := readEntryFile(p)
-				if err != nil {
-					return nil
-				}
-				ar, err := decodeEntry(b)
-				if err != nil {
-					return nil
-				}
-				fi, err := os.Stat(p)
+				ar, fi, err := readEntry(p)
 				if err != nil {
 					return nil
 				}
@@ -288,41 +279,52 @@ func encodeEntry(ar *repb.ActionResult) ([]byte, error) {
 	return out, nil
 }
 
+// decodeEntry parses an entry file's content; a checksum mismatch or a
+// payload that does not parse is a DataLoss error.
 func decodeEntry(b []byte) (*repb.ActionResult, error) {
 	payload := b
 	if rest, ok := bytes.CutPrefix(b, []byte(entryMagic)); ok {
 		if len(rest) < sha256.Size {
-			return nil, errors.New("entry is truncated")
+			return nil, cache.Corruptf("entry is truncated")
 		}
 		payload = rest[sha256.Size:]
 		if sum := sha256.Sum256(payload); !bytes.Equal(sum[:], rest[:sha256.Size]) {
-			return nil, errors.New("entry checksum mismatch")
+			return nil, cache.Corruptf("entry checksum mismatch")
 		}
 	}
 	ar := &repb.ActionResult{}
 	if err := proto.Unmarshal(payload, ar); err != nil {
-		return nil, err
+		return nil, cache.Corruptf("entry does not parse: %v", err)
 	}
 	return ar, nil
 }
 
-// readEntryFile reads an entry file without blocking on a FIFO or reading
-// a device or an oversized file placed at its path.
-func readEntryFile(path string) ([]byte, error) {
+// readEntry reads and decodes an entry file without blocking on a FIFO
+// or reading a device or an oversized file placed at its path. It returns
+// the file's identity too (nil when it could not be opened), so that a
+// corrupt entry is removed only while it is still the same file. Only
+// content that is not an entry is a DataLoss error; a failure to read
+// keeps its cause.
+func readEntry(path string) (*repb.ActionResult, os.FileInfo, error) {
 	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer f.Close()
 	fi, err := f.Stat()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("not a regular file (%s)", fi.Mode().Type())
+		return nil, fi, cache.Corruptf("not a regular file (%s)", fi.Mode().Type())
 	}
 	if fi.Size() > maxEntryBytes {
-		return nil, fmt.Errorf("%d bytes is larger than any entry", fi.Size())
+		return nil, fi, cache.Corruptf("%d bytes is larger than any entry", fi.Size())
 	}
-	return io.ReadAll(io.LimitReader(f, maxEntryBytes+1))
+	b, err := io.ReadAll(io.LimitReader(f, maxEntryBytes+1))
+	if err != nil {
+		return nil, fi, err
+	}
+	ar, err := decodeEntry(b)
+	return ar, fi, err
 }

@@ -19,6 +19,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // Compressed blobs at rest (Options.Compression).
@@ -201,10 +202,10 @@ func (c *Cache) compressInto(ctx context.Context, dst *os.File, src io.Reader, s
 		return 0, errNotWorth
 	}
 	if _, err := bw.Write(trailer(cw.h.Sum(nil))); err != nil {
-		return 0, status.Errorf(codes.Internal, "writing compressed content: %v", errnoOf(err))
+		return 0, errkind.IO(errnoOf(err), "writing compressed content")
 	}
 	if err := bw.Flush(); err != nil {
-		return 0, status.Errorf(codes.Internal, "writing compressed content: %v", errnoOf(err))
+		return 0, errkind.IO(errnoOf(err), "writing compressed content")
 	}
 	return n, nil
 }
@@ -272,7 +273,7 @@ func (r *frameReader) Read(p []byte) (int, error) {
 		}
 		r.err = io.EOF
 	case err != nil:
-		r.err = status.Errorf(codes.Internal, "reading blob %s: %v", digest.String(r.d), errnoOf(err))
+		r.err = errkind.IO(errnoOf(err), "reading blob %s", digest.String(r.d))
 		return n, r.err
 	}
 	return n, err
@@ -297,6 +298,9 @@ func newDecodingReader(f *os.File, fm form, d *repb.Digest, bad func()) (*decodi
 	dec := decPool.Get().(*zstd.Decoder)
 	if err := dec.Reset(fr); err != nil {
 		putDecoder(dec)
+		if fr.err != nil && !errors.Is(fr.err, io.EOF) {
+			return nil, fr.err // a failure to read, or corruption already reported
+		}
 		bad()
 		return nil, cache.Corruptf("corrupt blob %s in local cache: %v (removed)", digest.String(d), err)
 	}
@@ -324,7 +328,7 @@ func (r *decodingReader) Read(p []byte) (int, error) {
 		r.err = io.EOF
 	case err != nil:
 		if r.fr.err != nil && !errors.Is(r.fr.err, io.EOF) {
-			r.err = r.fr.err // already reported (and removed)
+			r.err = r.fr.err // a failure to read, or corruption already reported
 		} else {
 			r.fail(err)
 		}
@@ -360,7 +364,7 @@ func (s *frameStream) Close() error { return s.f.Close() }
 // process has verified to decode to d's content, once (when it wrote them,
 // or here, decoding them before returning); the frames are hashed as they
 // are read and checked against the hash recorded when they were verified,
-// so the stream ends with an Internal error naming d instead of io.EOF
+// so the stream ends with a DataLoss error naming d instead of io.EOF
 // when a byte differs (and the blob is removed). When compressed is false
 // the stream is the raw content, verified as Read verifies it. A missing
 // blob is NotFound.
@@ -394,7 +398,7 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 func (c *Cache) VerifiesCompressedReads() {}
 
 // VerifiesRanges tells a server that ReadRange returns only content
-// verified against the digest (a corrupt blob is an Internal error and is
+// verified against the digest (a corrupt blob is a DataLoss error and is
 // removed), so it may serve a range without hashing the whole blob.
 func (c *Cache) VerifiesRanges() {}
 
@@ -472,7 +476,7 @@ func (c *Cache) openCompressed(ctx context.Context, f *os.File, e *entry, fm for
 	}
 	out, err := c.scratchFile()
 	if err != nil {
-		return fail(status.Errorf(codes.Internal, "opening blob %s: decoded copy: %v", digest.String(d), errnoOf(err)))
+		return fail(errkind.IO(errnoOf(err), "opening blob %s: decoded copy", digest.String(d)))
 	}
 	dr, err := newDecodingReader(f, fm, d, bad)
 	if err != nil {
@@ -504,7 +508,7 @@ func (c *Cache) openCompressed(ctx context.Context, f *os.File, e *entry, fm for
 			err = dr.err
 		}
 		if status.Code(err) == codes.Unknown {
-			err = status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
+			err = errkind.IO(errnoOf(err), "opening blob %s", digest.String(d))
 		}
 		return fail(err)
 	}

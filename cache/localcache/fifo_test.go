@@ -75,7 +75,7 @@ func TestNonRegularBlobFileIsCorrupt(t *testing.T) {
 				}
 				t.Fatal("reading a blob whose file is not a regular file blocked")
 			}
-			if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 				t.Fatalf("got %v, want Internal naming the digest", err)
 			}
 			if strings.Contains(err.Error(), c.Dir()) {

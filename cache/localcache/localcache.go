@@ -30,7 +30,7 @@
 // (found at start, or written by another process) are verified against
 // their digest on first Read or Open, unless a process of the same boot
 // verified them (a marker in an extended attribute, see verifiedAttr); a
-// mismatch removes the file and is an Internal ("corrupt") error.
+// mismatch removes the file and is a DataLoss ("corrupt") error.
 //
 // Every entry (blob or action-cache entry) counts its st_blocks*512 bytes
 // toward Options.MaxBytes. After a write the least recently used entries
@@ -80,6 +80,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // DefaultMaxBytes is the default bound on disk usage: 20 GiB.
@@ -522,7 +523,7 @@ func (c *Cache) findMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 }
 
 // Read opens the blob d for streaming. A blob this process has not verified
-// is verified while streaming: a mismatch is an Internal error at the end of
+// is verified while streaming: a mismatch is a DataLoss error at the end of
 // the stream (and the file is removed) instead of io.EOF.
 func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	f, e, size, err := c.openFile(ctx, ns, d)
@@ -629,16 +630,18 @@ func (c *Cache) openFile(ctx context.Context, ns cache.Namespace, d *repb.Digest
 			os.Remove(path)
 			return nil, nil, 0, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
 		}
-		return nil, nil, 0, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), errnoOf(err))
+		return nil, nil, 0, errkind.IO(errnoOf(err), "opening blob %s", digest.String(d))
 	}
 	var st unix.Stat_t
-	if err := unix.Fstat(int(f.Fd()), &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+		c.unpin(e)
+		f.Close()
+		return nil, nil, 0, errkind.IO(err, "opening blob %s: stat", digest.String(d))
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
 		c.unpin(e)
 		c.removeCorrupt(e, f)
 		f.Close()
-		if err != nil {
-			return nil, nil, 0, status.Errorf(codes.Internal, "opening blob %s: %v", digest.String(d), err)
-		}
 		return nil, nil, 0, cache.Corruptf("corrupt blob %s in local cache: not a regular file (removed)", digest.String(d))
 	}
 	return f, e, st.Size, nil
@@ -667,7 +670,7 @@ func (c *Cache) Discard(ctx context.Context, ns cache.Namespace, d *repb.Digest)
 	}
 	c.mu.Unlock()
 	if err := os.Remove(filepath.Join(c.dir, rel)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return status.Errorf(codes.Internal, "discarding blob %s: %v", digest.String(d), errnoOf(err))
+		return errkind.IO(errnoOf(err), "discarding blob %s", digest.String(d))
 	}
 	return nil
 }
@@ -792,7 +795,7 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return status.Errorf(codes.Internal, "writing blob %s to local cache: stat: %v", digest.String(d), err)
+		return errkind.IO(errnoOf(err), "writing blob %s to local cache: stat", digest.String(d))
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != d.SizeBytes {
 		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: the file holds %d bytes", digest.String(d), st.Size)
@@ -821,7 +824,7 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	err := c.renameInto(f, rel)
 	if errors.Is(err, unix.EXDEV) {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
-			return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
+			return errkind.IO(errnoOf(err), "writing blob %s to local cache", digest.String(d))
 		}
 		if err := c.Write(ctx, ns, d, f); err != nil {
 			return err
@@ -830,7 +833,7 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		return nil
 	}
 	if err != nil {
-		return status.Errorf(codes.Internal, "writing blob %s to local cache: renaming into place: %v", digest.String(d), unwrapLink(err))
+		return errkind.IO(unwrapLink(err), "writing blob %s to local cache: renaming into place", digest.String(d))
 	}
 	c.storedReserved(rel, st.Blocks*512, true, res)
 	return nil
@@ -871,7 +874,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 		return nil
 	}
 	fail := func(err error) error {
-		return status.Errorf(codes.Internal, "writing blob %s to local cache: %v", digest.String(d), errnoOf(err))
+		return errkind.IO(errnoOf(err), "writing blob %s to local cache", digest.String(d))
 	}
 	if total := n + trailerLen; d.SizeBytes >= minCompressed && total < d.SizeBytes && worthCompressing(total, d.SizeBytes) {
 		h := blake3.New()
@@ -889,7 +892,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 			return fail(err)
 		}
 		if err := c.renameInto(f, rel); err != nil {
-			return status.Errorf(codes.Internal, "writing blob %s to local cache: renaming into place: %v", digest.String(d), unwrapLink(err))
+			return errkind.IO(unwrapLink(err), "writing blob %s to local cache: renaming into place", digest.String(d))
 		}
 		c.storedReserved(rel, st.Blocks*512, true, res)
 		return nil
@@ -928,22 +931,31 @@ func unwrapLink(err error) error {
 	return errnoOf(err)
 }
 
-// removeCorrupt drops e and removes its file if it is still the file f.
+// removeCorrupt drops e and removes its file if it is still the file f:
+// only the entry that failed verification, never one written since.
 func (c *Cache) removeCorrupt(e *entry, f *os.File) {
+	fi, err := f.Stat()
+	if err != nil {
+		fi = nil
+	}
+	c.removeCorruptFile(e, fi)
+}
+
+// removeCorruptFile drops e and removes its file if it is still the file
+// fi describes (nothing is removed when fi is nil).
+func (c *Cache) removeCorruptFile(e *entry, fi os.FileInfo) {
 	c.mu.Lock()
 	c.dropLocked(e)
 	c.mu.Unlock()
 	path := filepath.Join(c.dir, e.rel)
-	fi, err1 := f.Stat()
-	pi, err2 := os.Stat(path)
-	if err1 == nil && err2 == nil && os.SameFile(fi, pi) {
+	if pi, err := os.Lstat(path); fi != nil && err == nil && os.SameFile(fi, pi) {
 		os.Remove(path)
 	}
 }
 
 // Open opens the blob d for random reads; the entry is pinned against
 // eviction until the Blob is closed. A blob this process has not verified is
-// hashed before Open returns; a mismatch removes it and is an Internal error.
+// hashed before Open returns; a mismatch removes it and is a DataLoss error.
 func (c *Cache) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
 	f, e, size, err := c.openFile(ctx, ns, d)
 	if err != nil {
@@ -988,7 +1000,7 @@ func (c *Cache) openRaw(f *os.File, e *entry, ns cache.Namespace, d *repb.Digest
 		if err != nil {
 			c.unpin(e)
 			f.Close()
-			return nil, status.Errorf(codes.Internal, "verifying blob %s: %v", digest.String(d), errnoOf(err))
+			return nil, errkind.IO(errnoOf(err), "verifying blob %s", digest.String(d))
 		}
 		c.mu.Lock()
 		e.verified = true
@@ -1087,7 +1099,7 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 		}
 	}
 	if err := f.Truncate(off); err != nil {
-		return off, status.Errorf(codes.Internal, "truncating to %d: %v", off, errnoOf(err))
+		return off, errkind.IO(errnoOf(err), "truncating to %d", off)
 	}
 	return off, nil
 }
@@ -1112,14 +1124,14 @@ func writeSparse(f *os.File, b []byte, off int64) error {
 		}
 		if run < i {
 			if _, err := f.WriteAt(b[run:i], off+int64(run)); err != nil {
-				return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), errnoOf(err))
+				return errkind.IO(errnoOf(err), "writing at offset %d", off+int64(run))
 			}
 		}
 		i, run = z, z
 	}
 	if run < len(b) {
 		if _, err := f.WriteAt(b[run:], off+int64(run)); err != nil {
-			return status.Errorf(codes.Internal, "writing at offset %d: %v", off+int64(run), errnoOf(err))
+			return errkind.IO(errnoOf(err), "writing at offset %d", off+int64(run))
 		}
 	}
 	return nil
@@ -1146,7 +1158,7 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 	size, err := c.writeFile(ctx, rel, func(f *os.File) error {
 		if z != nil {
 			if _, err := f.Write(z); err != nil {
-				return status.Errorf(codes.Internal, "writing compressed content: %v", errnoOf(err))
+				return errkind.IO(errnoOf(err), "writing compressed content")
 			}
 			return nil
 		}
@@ -1199,7 +1211,7 @@ func (c *Cache) placeCompressed(ctx context.Context, f *os.File, rel string, d *
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		f.Close()
 		os.Remove(f.Name())
-		return 0, status.Errorf(codes.Internal, "stat of the temporary file: %v", err)
+		return 0, errkind.IO(errnoOf(err), "stat of the temporary file")
 	}
 	g, err := c.tempFile()
 	if err != nil {
@@ -1225,7 +1237,7 @@ func (c *Cache) tempFile() (*os.File, error) {
 	tmp := filepath.Join(c.dir, tmpDir, hex.EncodeToString(rnd[:])+".tmp")
 	f, err := os.OpenFile(tmp, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return nil, status.Errorf(codes.Internal, "creating temporary file: %v", errnoOf(err))
+		return nil, errkind.IO(errnoOf(err), "creating temporary file")
 	}
 	// The lock tells other processes cleaning tmp/ that this file is live.
 	unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
@@ -1248,18 +1260,18 @@ func (c *Cache) placeFile(f *os.File, rel string, fill func(*os.File) error) (in
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return 0, status.Errorf(codes.Internal, "stat of the temporary file: %v", err)
+		return 0, errkind.IO(errnoOf(err), "stat of the temporary file")
 	}
 	dst := filepath.Join(c.dir, rel)
 	if err := os.Rename(tmp, dst); err != nil {
 		if !errors.Is(err, fs.ErrNotExist) {
-			return 0, status.Errorf(codes.Internal, "renaming into place: %v", unwrapLink(err))
+			return 0, errkind.IO(unwrapLink(err), "renaming into place")
 		}
 		if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-			return 0, status.Errorf(codes.Internal, "creating the blob's directory: %v", errnoOf(err))
+			return 0, errkind.IO(errnoOf(err), "creating the blob's directory")
 		}
 		if err := os.Rename(tmp, dst); err != nil {
-			return 0, status.Errorf(codes.Internal, "renaming into place: %v", unwrapLink(err))
+			return 0, errkind.IO(unwrapLink(err), "renaming into place")
 		}
 	}
 	ok = true

@@ -490,7 +490,7 @@ func TestCorruptBlobsAreDetected(t *testing.T) {
 						b.Close()
 					}
 				}
-				if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), d.Hash) {
+				if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), "corrupt") || !strings.Contains(err.Error(), d.Hash) {
 					t.Fatalf("%s: %v, want Internal corrupt naming the digest", how, err)
 				}
 				if _, err := os.Stat(c2.Path(ns, d)); !errors.Is(err, fs.ErrNotExist) {
@@ -597,7 +597,7 @@ func TestCorruptActionResult(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(c.Dir(), rel), []byte{0xff, 0xff, 0xff}, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.GetActionResult(ctx, ns, key); status.Code(err) != codes.Internal {
+	if _, err := c.GetActionResult(ctx, ns, key); status.Code(err) != codes.DataLoss {
 		t.Fatalf("GetActionResult of garbage: %v, want Internal", err)
 	}
 	if _, err := c.GetActionResult(ctx, ns, key); status.Code(err) != codes.NotFound {

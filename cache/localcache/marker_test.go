@@ -80,7 +80,7 @@ func TestVerificationMarkers(t *testing.T) {
 			b, err := c2.Open(ctx, ns, d)
 			hashed := readBytes(t)-before >= size/2
 			if tt.wantErr {
-				if status.Code(err) != codes.Internal || !strings.Contains(err.Error(), d.Hash) {
+				if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
 					t.Fatalf("Open = %v, want Internal naming the digest", err)
 				}
 				return

@@ -19,6 +19,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // Object metadata the tier writes (sent as X-Amz-Meta-<name>).
@@ -96,7 +97,7 @@ func newBoundedDecoder(r io.Reader, d *repb.Digest, key string) (*boundedDecoder
 		var err error
 		dec, err = zstd.NewReader(r, append(opts, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))...)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "s3 cache: decoder for blob %s at %s: %v", digest.String(d), key, err)
+			return nil, errkind.New(errkind.Internal, "s3 cache: decoder for blob %s at %s: %v", digest.String(d), key, err)
 		}
 	}
 	return &boundedDecoder{dec: dec, lim: io.LimitReader(dec, d.SizeBytes+1), d: d, key: key}, nil
@@ -110,7 +111,7 @@ func (b *boundedDecoder) Read(p []byte) (int, error) {
 	if err != nil && !errors.Is(err, io.EOF) {
 		if status.Code(err) == codes.Unknown {
 			// A decoding error: the stored bytes are not what was written.
-			err = status.Errorf(codes.Internal, "s3 cache: corrupt compressed blob %s at %s: %v", digest.String(b.d), b.key, err)
+			err = cache.Corruptf("s3 cache: corrupt compressed blob %s at %s: %v", digest.String(b.d), b.key, err)
 		}
 		b.release()
 	}
@@ -247,7 +248,7 @@ type uploadDecoder struct {
 
 func (u *uploadDecoder) Read(p []byte) (int, error) {
 	n, err := u.dec.Read(p)
-	if err != nil && !errors.Is(err, io.EOF) && status.Code(err) == codes.Internal {
+	if err != nil && !errors.Is(err, io.EOF) && cache.IsCorrupt(err) {
 		err = mismatchf(u.d, "undecodable zstd stream: %v", err)
 	}
 	return n, err

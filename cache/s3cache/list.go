@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 )
 
@@ -151,11 +152,11 @@ func (c *Cache) ReadEntryObject(ctx context.Context, key string) (*repb.ActionRe
 		return nil, time.Time{}, c.errorf(err, "reading action-cache entry at %s", key)
 	}
 	if len(b) > maxActionResultSize {
-		return nil, time.Time{}, status.Errorf(codes.Internal, "s3 cache: action-cache entry at %s (bucket %s) is larger than %d bytes", key, c.opts.Bucket, maxActionResultSize)
+		return nil, time.Time{}, cache.Corruptf("s3 cache: action-cache entry at %s (bucket %s) is larger than %d bytes", key, c.opts.Bucket, maxActionResultSize)
 	}
 	ar := &repb.ActionResult{}
 	if err := proto.Unmarshal(b, ar); err != nil {
-		return nil, time.Time{}, status.Errorf(codes.Internal, "s3 cache: corrupt action-cache entry at %s (bucket %s): %v", key, c.opts.Bucket, err)
+		return nil, time.Time{}, cache.Corruptf("s3 cache: corrupt action-cache entry at %s (bucket %s): %v", key, c.opts.Bucket, err)
 	}
 	m, _ := parseMeta(info.Metadata)
 	return ar, c.written(info, m), nil

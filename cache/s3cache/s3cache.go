@@ -34,7 +34,7 @@
 // already present is not uploaded again.
 //
 // Read does not trust the bucket: it streams the object through a digest
-// verifier, and a corrupt or truncated object ends in an Internal error
+// verifier, and a corrupt or truncated object ends in a DataLoss error
 // naming the digest instead of io.EOF, so wrong bytes are never passed off
 // as a complete blob.
 //
@@ -49,7 +49,7 @@
 // concern: a missing object is NotFound, a refused connection, a timeout or
 // a 5xx answer is Unavailable, refused credentials are PermissionDenied,
 // a malformed digest or content not matching its digest is
-// InvalidArgument, and a stored object failing verification is Internal.
+// InvalidArgument, and a stored object failing verification is DataLoss.
 package s3cache
 
 import (
@@ -77,6 +77,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 const (
@@ -369,7 +370,7 @@ func code(err error) codes.Code {
 // being done: "s3 cache: <what> (bucket B): <err>".
 func (c *Cache) errorf(err error, format string, args ...any) error {
 	what := fmt.Sprintf(format, args...)
-	return fmt.Errorf("s3 cache: %s (bucket %s): %w", what, c.opts.Bucket, status.Error(code(err), err.Error()))
+	return errkind.New(code(err), "s3 cache: %s (bucket %s): %w", what, c.opts.Bucket, err)
 }
 
 // maxCopySize is the largest object a single CopyObject request copies.
@@ -479,7 +480,7 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 func (c *Cache) VerifiesReads() {}
 
 // Read opens the blob d for streaming. The stream is verified against d: a
-// corrupt or truncated object ends in an Internal error instead of io.EOF.
+// corrupt or truncated object ends in a DataLoss error instead of io.EOF.
 // A blob stored compressed is decoded (with bounded memory) and its
 // decoded bytes are verified. A missing blob is NotFound. ctx governs the
 // whole stream.
@@ -557,11 +558,11 @@ func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest
 	m, err := parseMeta(info.Metadata)
 	if err != nil {
 		obj.Close()
-		return nil, false, status.Errorf(codes.Internal, "s3 cache: blob %s at %s (bucket %s): %v", digest.String(d), key, c.opts.Bucket, err)
+		return nil, false, cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %v", digest.String(d), key, c.opts.Bucket, err)
 	}
 	if !m.compressed && info.Size != d.SizeBytes {
 		obj.Close()
-		return nil, false, status.Errorf(codes.Internal, "s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
+		return nil, false, cache.Corruptf("s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
 			digest.String(d), key, c.opts.Bucket, info.Size)
 	}
 	return &objectReader{c: c, obj: obj, d: d, key: key}, m.compressed, nil
@@ -802,12 +803,12 @@ func (c *Cache) GetActionResult(ctx context.Context, ns cache.Namespace, key *re
 		return nil, c.errorf(err, "reading action-cache entry %s (group %q, instance %q) at %s", digest.String(key), ns.Group, ns.Instance, k)
 	}
 	if len(b) > maxActionResultSize {
-		return nil, status.Errorf(codes.Internal, "s3 cache: action-cache entry %s at %s (bucket %s) is larger than %d bytes",
+		return nil, cache.Corruptf("s3 cache: action-cache entry %s at %s (bucket %s) is larger than %d bytes",
 			digest.String(key), k, c.opts.Bucket, maxActionResultSize)
 	}
 	ar := &repb.ActionResult{}
 	if err := proto.Unmarshal(b, ar); err != nil {
-		return nil, status.Errorf(codes.Internal, "s3 cache: corrupt action-cache entry %s at %s (bucket %s): %v",
+		return nil, cache.Corruptf("s3 cache: corrupt action-cache entry %s at %s (bucket %s): %v",
 			digest.String(key), k, c.opts.Bucket, err)
 	}
 	return ar, nil
