@@ -11,53 +11,14 @@ import (
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/remote"
 )
-
-// exhaustDescriptors lowers the soft descriptor limit of process pid to its
-// lowest free descriptor number, so that its next open fails with EMFILE,
-// as on a busy server; the returned function gives the old limit back.
-func exhaustDescriptors(t *testing.T, pid int) (restore func()) {
-	t.Helper()
-	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
-	if err != nil {
-		t.Fatalf("counting the descriptors of pid %d: %v", pid, err)
-	}
-	var old unix.Rlimit
-	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &old); err != nil {
-		t.Fatalf("reading the descriptor limit of pid %d: %v", pid, err)
-	}
-	open := map[int]bool{}
-	for _, fd := range fds {
-		n, _ := strconv.Atoi(fd.Name())
-		open[n] = true
-	}
-	free := 0
-	for open[free] {
-		free++
-	}
-	low := unix.Rlimit{Cur: uint64(free), Max: old.Max}
-	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &low, nil); err != nil {
-		t.Fatalf("lowering the descriptor limit of pid %d: %v", pid, err)
-	}
-	restored := false
-	restore = func() {
-		if !restored {
-			restored = true
-			if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &old, nil); err != nil {
-				t.Errorf("restoring the descriptor limit of pid %d: %v", pid, err)
-			}
-		}
-	}
-	t.Cleanup(restore)
-	return restore
-}
 
 // acEntry is an action-cache entry found in a serve cache directory.
 type acEntry struct {
@@ -164,7 +125,7 @@ func TestServeOutOfDescriptorsLosesNothing(t *testing.T) {
 		}
 	}
 
-	restore := exhaustDescriptors(t, srv.cmd.Process.Pid)
+	restore := testutil.ExhaustDescriptors(t, srv.cmd.Process.Pid)
 	for i, d := range ds {
 		_, err := cache.ReadAll(ctx, c, ns, d)
 		if code := status.Code(err); code != codes.Unavailable {

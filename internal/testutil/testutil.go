@@ -7,7 +7,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // InCI reports whether the tests run under CI (CI=true), where every
@@ -85,4 +88,64 @@ func BenchMiB(b testing.TB, def int64) int64 {
 		b.Fatalf("bad SNAPLOADER_BENCH_MIB %q: want a positive number of MiB", v)
 	}
 	return n
+}
+
+// ExhaustDescriptors makes the next open of process pid (0: this process)
+// fail with EMFILE, as on a busy server: it lowers the soft descriptor limit
+// to the process's lowest free descriptor number (for this process, to
+// just above its highest open one, then fills the holes below it). The
+// returned function gives the old limit back; a cleanup of t does too.
+func ExhaustDescriptors(t testing.TB, pid int) (restore func()) {
+	t.Helper()
+	dir := "/proc/self/fd"
+	if pid != 0 {
+		dir = fmt.Sprintf("/proc/%d/fd", pid)
+	}
+	var old unix.Rlimit
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, nil, &old); err != nil {
+		t.Fatalf("reading the descriptor limit of pid %d: %v", pid, err)
+	}
+	fds, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatalf("listing the descriptors of pid %d: %v", pid, err)
+	}
+	open := map[int]bool{}
+	highest := 0
+	for _, fd := range fds {
+		n, _ := strconv.Atoi(fd.Name())
+		open[n] = true
+		highest = max(highest, n)
+	}
+	limit := highest + 1 // this process: the listing's own descriptor is closed by now
+	if pid != 0 {
+		limit = 0
+		for open[limit] {
+			limit++
+		}
+	}
+	low := unix.Rlimit{Cur: uint64(limit), Max: old.Max}
+	if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &low, nil); err != nil {
+		t.Fatalf("lowering the descriptor limit of pid %d: %v", pid, err)
+	}
+	var fillers []int
+	for pid == 0 {
+		fd, err := unix.Open("/dev/null", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			break
+		}
+		fillers = append(fillers, fd)
+	}
+	var once sync.Once
+	restore = func() {
+		once.Do(func() {
+			for _, fd := range fillers {
+				unix.Close(fd)
+			}
+			if err := unix.Prlimit(pid, unix.RLIMIT_NOFILE, &old, nil); err != nil {
+				t.Errorf("restoring the descriptor limit of pid %d: %v", pid, err)
+			}
+		})
+	}
+	t.Cleanup(restore)
+	return restore
 }
