@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"sort"
 	"strings"
@@ -18,6 +19,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/inventorypb"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -335,7 +337,7 @@ func newVerifyCmd() *cobra.Command {
 	var sf snapshotFlags
 	cmd := &cobra.Command{
 		Use:   "verify",
-		Short: "Re-hash every blob a snapshot needs (local cache, else the remote); exit non-zero on any mismatch or missing blob",
+		Short: "Re-hash every blob a snapshot needs (local cache, else the remote), drop local copies that do not match; exit non-zero on any mismatch or missing blob",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			e, snap, err := sf.open(ctx)
@@ -344,19 +346,23 @@ func newVerifyCmd() *cobra.Command {
 			}
 			defer e.Close()
 			bad := 0
+			kind := errkind.NotFound // of the failures: DataLoss when any blob was corrupt
 			ns := cache.Namespace{Group: sf.cf.group, Instance: snap.Key.GetInstanceName(), Function: snap.Function}
 			check := func(what string, d *repb.Digest) {
-				rc, err := e.local.Read(ctx, ns, d)
+				// The local copy is hashed whatever was verified before, and
+				// dropped when it does not match, so the next restore
+				// fetches it again.
+				err := e.local.Verify(ctx, ns, d)
 				if cache.IsNotFound(err) && e.remote != nil {
-					rc, err = e.remote.Read(ctx, ns, d)
-				}
-				if err == nil {
-					var got *repb.Digest
-					// Stops at Ctrl-C even on a huge or endless blob.
-					got, err = digest.ComputeReaderContext(ctx, snap.Function, rc)
-					rc.Close()
-					if err == nil && !digest.Equal(got, d) {
-						err = fmt.Errorf("content hashes to %s", digest.String(got))
+					var rc io.ReadCloser
+					if rc, err = e.remote.Read(ctx, ns, d); err == nil {
+						var got *repb.Digest
+						// Stops at Ctrl-C even on a huge or endless blob.
+						got, err = digest.ComputeReaderContext(ctx, snap.Function, rc)
+						rc.Close()
+						if err == nil && !digest.Equal(got, d) {
+							err = cache.Corruptf("the remote's copy hashes to %s", digest.String(got))
+						}
 					}
 				}
 				if err != nil {
@@ -364,6 +370,11 @@ func newVerifyCmd() *cobra.Command {
 						return
 					}
 					bad++
+					if cache.IsCorrupt(err) {
+						kind = errkind.DataLoss
+					} else if kind != errkind.DataLoss && !cache.IsNotFound(err) {
+						kind = errkind.Of(err)
+					}
 					fmt.Printf("BAD  %s %s: %v\n", what, digest.String(d), err)
 				}
 			}
@@ -382,7 +393,7 @@ func newVerifyCmd() *cobra.Command {
 				return fmt.Errorf("verifying snapshot %s: interrupted: %w", snap.Manifest.GetVmMetadata().GetSnapshotId(), err)
 			}
 			if bad > 0 {
-				return fmt.Errorf("snapshot %s: %d of %d blobs failed verification", snap.Manifest.GetVmMetadata().GetSnapshotId(), bad, n)
+				return errkind.New(kind, "snapshot %s: %d of %d blobs failed verification (corrupt local copies were dropped: the next restore fetches them again)", snap.Manifest.GetVmMetadata().GetSnapshotId(), bad, n)
 			}
 			fmt.Printf("snapshot %s: all %d blobs verified\n", snap.Manifest.GetVmMetadata().GetSnapshotId(), n)
 			return nil
