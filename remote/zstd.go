@@ -1,0 +1,57 @@
+package remote
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+var encoder = func() *zstd.Encoder {
+	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		panic(err)
+	}
+	return e
+}()
+
+var decPool sync.Pool
+
+func getDecoder(r io.Reader) (*zstd.Decoder, error) {
+	if d, ok := decPool.Get().(*zstd.Decoder); ok {
+		if err := d.Reset(r); err == nil {
+			return d, nil
+		}
+		d.Close()
+	}
+	return zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
+}
+
+func putDecoder(d *zstd.Decoder) {
+	d.Reset(nil)
+	decPool.Put(d)
+}
+
+// decodeAll decodes a zstd blob of size bytes. The output is bounded by
+// the size, never by the frames' claims: data that decodes to more is an
+// error as soon as it does (a zstd bomb allocates nothing more). Windows
+// up to maxDecoderWindow are accepted whatever the size.
+func decodeAll(data []byte, size int64) ([]byte, error) {
+	dec, err := getDecoder(bytes.NewReader(data))
+	if err != nil {
+		return nil, err
+	}
+	defer putDecoder(dec)
+	out := make([]byte, size+1)
+	n, err := io.ReadFull(dec, out)
+	switch {
+	case err == nil:
+		return nil, fmt.Errorf("zstd data decodes to more than %d bytes", size)
+	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
+		return out[:n], nil
+	}
+	return nil, err
+}
