@@ -40,21 +40,21 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-		return errkind.IO(errnoOf(err), "writing blob %s to local cache: stat", digest.String(d))
+		return errkind.IO(errnoOf(err), "writing blob %s to local cache %s: stat", digest.String(d), c.dir)
 	}
 	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != d.SizeBytes {
-		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: the file holds %d bytes", digest.String(d), st.Size)
+		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache %s: the file holds %d bytes", digest.String(d), c.dir, st.Size)
 	}
 	if c.opts.Compression && d.SizeBytes >= minCompressed {
 		g, err := c.tempFile()
 		if err != nil {
-			return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+			return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 		}
 		_, err = c.compressInto(ctx, g, io.NewSectionReader(f, 0, d.SizeBytes), d.SizeBytes, st.Blocks*512)
 		if err == nil {
 			size, err := c.placeFile(g, rel, func(*os.File) error { return nil })
 			if err != nil {
-				return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+				return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 			}
 			os.Remove(f.Name())
 			c.storedReserved(rel, size, true, res)
@@ -63,13 +63,13 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		g.Close()
 		os.Remove(g.Name())
 		if !errors.Is(err, errNotWorth) {
-			return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+			return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 		}
 	}
 	err := c.renameInto(f, rel)
 	if errors.Is(err, unix.EXDEV) {
 		if _, err := f.Seek(0, io.SeekStart); err != nil {
-			return errkind.IO(errnoOf(err), "writing blob %s to local cache", digest.String(d))
+			return errkind.IO(errnoOf(err), "writing blob %s to local cache %s", digest.String(d), c.dir)
 		}
 		if err := c.Write(ctx, ns, d, f); err != nil {
 			return err
@@ -78,7 +78,7 @@ func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 		return nil
 	}
 	if err != nil {
-		return errkind.IO(unwrapLink(err), "writing blob %s to local cache: renaming into place", digest.String(d))
+		return errkind.IO(unwrapLink(err), "writing blob %s to local cache %s: renaming into place", digest.String(d), c.dir)
 	}
 	c.storedReserved(rel, st.Blocks*512, true, res)
 	return nil
@@ -119,7 +119,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 		return nil
 	}
 	fail := func(err error) error {
-		return errkind.IO(errnoOf(err), "writing blob %s to local cache", digest.String(d))
+		return errkind.IO(errnoOf(err), "writing blob %s to local cache %s", digest.String(d), c.dir)
 	}
 	if total := n + trailerLen; d.SizeBytes >= minCompressed && total < d.SizeBytes && worthCompressing(total, d.SizeBytes) {
 		h := blake3.New()
@@ -137,7 +137,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 			return fail(err)
 		}
 		if err := c.renameInto(f, rel); err != nil {
-			return errkind.IO(unwrapLink(err), "writing blob %s to local cache: renaming into place", digest.String(d))
+			return errkind.IO(unwrapLink(err), "writing blob %s to local cache %s: renaming into place", digest.String(d), c.dir)
 		}
 		c.storedReserved(rel, st.Blocks*512, true, res)
 		return nil
@@ -145,7 +145,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 	dec := decPool.Get().(*zstd.Decoder)
 	defer putDecoder(dec)
 	if err := dec.Reset(io.NewSectionReader(f, 0, n)); err != nil {
-		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache: zstd: %v", digest.String(d), err)
+		return status.Errorf(codes.InvalidArgument, "writing blob %s to local cache %s: zstd: %v", digest.String(d), c.dir, err)
 	}
 	size, err := c.writeFile(ctx, rel, func(g *os.File) error {
 		m, err := copySparse(ctx, g, dec, d.SizeBytes)
@@ -155,7 +155,7 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 		return err
 	})
 	if err != nil {
-		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+		return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 	}
 	os.Remove(f.Name())
 	c.storedReserved(rel, size, true, res)

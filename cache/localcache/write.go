@@ -60,7 +60,7 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+		return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 	}
 	c.stored(rel, size, true)
 	return nil
@@ -166,7 +166,7 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 		return f.Truncate(int64(len(data)))
 	})
 	if err != nil {
-		return fmt.Errorf("writing blob %s to local cache: %w", digest.String(d), err)
+		return fmt.Errorf("writing blob %s to local cache %s: %w", digest.String(d), c.dir, err)
 	}
 	c.stored(rel, size, true)
 	return nil
