@@ -3,18 +3,25 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/snapshot"
 )
@@ -39,11 +46,11 @@ func newDemoCmd() *cobra.Command {
 	}
 	f.cf.register(cmd)
 	fl := cmd.Flags()
-	fl.StringVar(&f.workDir, "work-dir", "", "directory for the synthetic VM files and host B's cache (default: a temporary directory)")
+	fl.StringVar(&f.workDir, "work-dir", "", "where the synthetic VM files, host B's cache and the restored files go: a directory the demo creates inside it, or DIR itself if it does not exist yet; the demo removes only what it created (default: a temporary directory)")
 	fl.Int64Var(&f.memMiB, "mem-mib", 1024, "guest memory file size in MiB")
 	fl.Int64Var(&f.diskMiB, "disk-mib", 512, "root disk size in MiB")
 	fl.Float64Var(&f.dirtyPct, "dirty-percent", 1, "percentage of chunks the VM dirties before the incremental save")
-	fl.BoolVar(&f.keep, "keep", false, "keep the work directory")
+	fl.BoolVar(&f.keep, "keep", false, "keep the demo's work directory (its path is printed)")
 	return cmd
 }
 
@@ -56,18 +63,23 @@ type demoRow struct {
 }
 
 func runDemo(ctx context.Context, f *demoFlags) error {
-	work := f.workDir
-	if work == "" {
-		var err error
-		if work, err = os.MkdirTemp("", "snaploader-demo-"); err != nil {
-			return err
-		}
+	const maxMiB = math.MaxInt64 >> 21 // memory and disk together fit an int64 of bytes
+	if f.memMiB < 1 || f.memMiB > maxMiB {
+		return status.Errorf(codes.InvalidArgument, "--mem-mib %d: want 1 to %d", f.memMiB, int64(maxMiB))
 	}
-	if !f.keep {
-		defer os.RemoveAll(work)
+	if f.diskMiB < 1 || f.diskMiB > maxMiB {
+		return status.Errorf(codes.InvalidArgument, "--disk-mib %d: want 1 to %d", f.diskMiB, int64(maxMiB))
 	}
+	if !(f.dirtyPct >= 0 && f.dirtyPct <= 100) {
+		return status.Errorf(codes.InvalidArgument, "--dirty-percent %v: want 0 to 100", f.dirtyPct)
+	}
+	work, cleanup, err := demoWorkDir(f.workDir, f.keep)
+	if err != nil {
+		return err
+	}
+	defer cleanup()
 	vm := filepath.Join(work, "vm")
-	if err := os.MkdirAll(vm, 0o755); err != nil {
+	if err := os.Mkdir(vm, 0o755); err != nil {
 		return err
 	}
 	var rows []demoRow
@@ -257,6 +269,67 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 		f.memMiB, f.diskMiB, humanBytes(split.BytesWritten), humanBytes(split.BytesSkippedZero),
 		humanBytes(max(0, total-split.BytesSkippedZero-split.BytesWritten)), a.local.Dir())
 	return nil
+}
+
+// demoWorkDir returns the directory the demo writes in and a function
+// that removes it, or with keep says where it is. The demo removes only
+// what it created: without --work-dir, a new temporary directory; with a
+// --work-dir that does not exist, that directory, created with its
+// missing parents (the topmost of which goes again); with an existing
+// directory, a new directory inside it, whatever else it holds left
+// alone. A --work-dir that is not a directory is refused untouched.
+func demoWorkDir(dir string, keep bool) (work string, cleanup func(), err error) {
+	var created string // the topmost directory the demo made
+	fi, err := os.Stat(dir)
+	switch {
+	case dir == "":
+		if work, err = os.MkdirTemp("", "snaploader-demo-"); err != nil {
+			return "", nil, err
+		}
+		created = work
+	case errors.Is(err, fs.ErrNotExist):
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			return "", nil, status.Errorf(codes.InvalidArgument, "--work-dir %s is a symbolic link to nothing, not a directory", dir)
+		}
+		top := filepath.Clean(dir)
+		for {
+			parent := filepath.Dir(top)
+			if parent == top {
+				break
+			}
+			if _, err := os.Lstat(parent); err == nil {
+				break
+			}
+			top = parent
+		}
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			os.RemoveAll(top)
+			return "", nil, fmt.Errorf("--work-dir: %w", err)
+		}
+		work, created = dir, top
+	case errors.Is(err, syscall.ENOTDIR):
+		return "", nil, status.Errorf(codes.InvalidArgument, "--work-dir %s: a parent of it is not a directory", dir)
+	case err != nil:
+		return "", nil, fmt.Errorf("--work-dir: %w", err)
+	case !fi.IsDir():
+		kind := "not a directory"
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			kind = fileio.Kind(st.Mode)
+		}
+		return "", nil, status.Errorf(codes.InvalidArgument, "--work-dir %s is %s, not a directory", dir, kind)
+	default:
+		if work, err = os.MkdirTemp(dir, "snaploader-demo-"); err != nil {
+			return "", nil, fmt.Errorf("--work-dir: %w", err)
+		}
+		created = work
+	}
+	return work, func() {
+		if keep {
+			fmt.Fprintf(os.Stderr, "kept the work directory %s\n", work)
+			return
+		}
+		os.RemoveAll(created)
+	}, nil
 }
 
 func ratio(a, b time.Duration) float64 {
