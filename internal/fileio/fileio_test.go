@@ -225,3 +225,53 @@ func TestRemoveStaleTemps(t *testing.T) {
 		t.Fatalf("missing directory: %v, %v", removed, err)
 	}
 }
+
+// UserEntries leaves out only CreateTemp's files, live or stale; a file
+// that merely starts like one is someone else's.
+func TestUserEntries(t *testing.T) {
+	dir := t.TempDir()
+	if got, err := UserEntries(filepath.Join(dir, "missing")); err != nil || len(got) != 0 {
+		t.Fatalf("UserEntries(missing) = %q, %v; want none", got, err)
+	}
+	live, err := CreateTemp(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer live.Close()
+	stale, err := CreateTemp(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stale.Close()
+	for _, name := range []string{"b", "a", TempPrefix + "notes.txt"} {
+		if err := os.WriteFile(filepath.Join(dir, name), nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Mkdir(filepath.Join(dir, TempPrefix+"0123456789abcdef"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	got, err := UserEntries(dir)
+	want := []string{TempPrefix + "0123456789abcdef", TempPrefix + "notes.txt", "a", "b"}
+	if err != nil || strings.Join(got, "|") != strings.Join(want, "|") {
+		t.Fatalf("UserEntries = %q, %v; want %q", got, err, want)
+	}
+}
+
+func TestNameList(t *testing.T) {
+	for _, tc := range []struct {
+		names []string
+		want  string
+	}{
+		{nil, ""},
+		{[]string{"a"}, `"a"`},
+		{[]string{"a", "b c"}, `"a", "b c"`},
+		{[]string{"1", "2", "3"}, `"1", "2", "3"`},
+		{[]string{"1", "2", "3", "4"}, `"1", "2", "3" and 1 more`},
+		{[]string{"1", "2", "3", "4", "5", "6"}, `"1", "2", "3" and 3 more`},
+	} {
+		if got := NameList(tc.names, 3); got != tc.want {
+			t.Errorf("NameList(%q, 3) = %s, want %s", tc.names, got, tc.want)
+		}
+	}
+}

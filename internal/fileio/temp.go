@@ -144,3 +144,42 @@ func namesFile(path string, f *os.File) (bool, error) {
 	}
 	return a.Dev == b.Dev && a.Ino == b.Ino, nil
 }
+
+// UserEntries lists the names in dir, sorted, leaving out the temporary
+// files CreateTemp makes (snaploader's own, whether a live process writes
+// them or a killed one left them): what someone else put there. A missing
+// dir has none.
+func UserEntries(dir string) ([]string, error) {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", dir, err)
+	}
+	var names []string
+	for _, de := range ents {
+		if IsTempName(de.Name()) && de.Type().IsRegular() {
+			continue
+		}
+		names = append(names, de.Name())
+	}
+	return names, nil
+}
+
+// NameList formats names for a message: the first max of them quoted,
+// then how many more there are.
+func NameList(names []string, max int) string {
+	var b strings.Builder
+	for i, n := range names {
+		if i == max {
+			fmt.Fprintf(&b, " and %d more", len(names)-max)
+			break
+		}
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%q", n)
+	}
+	return b.String()
+}
