@@ -72,7 +72,7 @@ func BenchmarkRestoreToReady(b *testing.B) {
 					b.Fatal(err)
 				}
 				t1 := time.Now()
-				u, err := l.UnpackSnapshot(ctx, snap, out, UnpackOptions{})
+				u, err := l.UnpackSnapshot(ctx, snap, out, UnpackOptions{Replace: true}) // the previous iteration's files
 				if err != nil {
 					b.Fatal(err)
 				}

@@ -2,10 +2,13 @@ package snapshot
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"go.opentelemetry.io/otel/attribute"
@@ -35,6 +38,12 @@ type UnpackOptions struct {
 	// OnFetch, when set, observes every chunk opened from a tier (see
 	// cow.Options.OnFetch).
 	OnFetch func(cow.FetchEvent)
+	// Replace lets dir hold entries already: files named like the
+	// snapshot's are replaced, every other entry is left as it is and
+	// listed in Unpacked.Others. Without it, a dir that holds any entry
+	// (besides the temporary files of snaploader's own writes) is refused
+	// before anything is written, with a *DirNotEmptyError.
+	Replace bool
 }
 
 // Unpacked is a restored snapshot: artifact files on disk and a lazy
@@ -45,6 +54,11 @@ type Unpacked struct {
 	Files map[string]string
 	// Stores maps chunked file names to their lazy stores.
 	Stores map[string]*cow.Store
+	// Others lists, sorted, the entries Dir held that are not the
+	// snapshot's files, left as they were (only UnpackOptions.Replace lets
+	// there be any). Temporary files of snaploader's own writes are not
+	// listed.
+	Others []string
 
 	release func()
 }
@@ -63,14 +77,86 @@ func (u *Unpacked) Close() error {
 	return first
 }
 
+// DirNotEmptyError is the refusal of a directory that already holds
+// entries, by UnpackSnapshot without UnpackOptions.Replace and by
+// CheckUnpackDir. Its gRPC code is FailedPrecondition.
+type DirNotEmptyError struct {
+	Dir string
+	// Entries are the names Dir holds, sorted; snaploader's own temporary
+	// files are not counted.
+	Entries []string
+}
+
+func (e *DirNotEmptyError) Error() string {
+	what := "entries"
+	if len(e.Entries) == 1 {
+		what = "entry"
+	}
+	return fmt.Sprintf("%s already holds %d %s: %s", e.Dir, len(e.Entries), what, fileio.NameList(e.Entries, 5))
+}
+
+// GRPCStatus gives the error its code.
+func (e *DirNotEmptyError) GRPCStatus() *status.Status {
+	return status.New(codes.FailedPrecondition, e.Error())
+}
+
+// CheckUnpackDir checks, writing nothing, that dir can receive an unpack:
+// it does not exist (an unpack creates it, parents included), or it is a
+// directory holding no entry besides the temporary files of snaploader's
+// own writes, or, when replace is set, any directory. A dir that names
+// something other than a directory, or lies under one, is InvalidArgument;
+// a directory holding entries without replace is a *DirNotEmptyError. It
+// returns the entries dir holds, sorted, those temporary files left out.
+func CheckUnpackDir(dir string, replace bool) ([]string, error) {
+	fi, err := os.Stat(dir)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if _, lerr := os.Lstat(dir); lerr == nil {
+			return nil, status.Errorf(codes.InvalidArgument, "%s is a symbolic link to nothing, not a directory", dir)
+		}
+		return nil, nil
+	case errors.Is(err, syscall.ENOTDIR):
+		return nil, status.Errorf(codes.InvalidArgument, "%s: a parent of it is not a directory", dir)
+	case err != nil:
+		return nil, fmt.Errorf("checking %s: %w", dir, err)
+	case !fi.IsDir():
+		kind := "not a directory"
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			kind = fileio.Kind(st.Mode)
+		}
+		return nil, status.Errorf(codes.InvalidArgument, "%s is %s, not a directory", dir, kind)
+	}
+	entries, err := fileio.UserEntries(dir)
+	if err != nil {
+		return nil, err
+	}
+	if len(entries) > 0 && !replace {
+		return nil, &DirNotEmptyError{Dir: dir, Entries: entries}
+	}
+	return entries, nil
+}
+
 // UnpackSnapshot writes snap's artifact files into dir and opens a lazy
 // store per chunked file; no chunk is read until touched. Every blob of
-// the snapshot stays pinned in the local cache until Close.
+// the snapshot stays pinned in the local cache until Close. dir must not
+// exist or be an empty directory unless opts.Replace (see
+// CheckUnpackDir); it is checked before anything is written.
 func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string, opts UnpackOptions) (_ *Unpacked, err error) {
 	ctx, span := telemetry.Start(ctx, "snaploader.unpack", attribute.String("snapshot_id", snap.Manifest.GetVmMetadata().GetSnapshotId()),
 		attribute.Int("files", len(snap.Manifest.GetFiles())), attribute.Int("chunked_files", len(snap.Manifest.GetChunkedFiles())))
 	defer func() { telemetry.End(span, err) }()
 	m := snap.Manifest
+	entries, err := CheckUnpackDir(dir, opts.Replace)
+	if err != nil {
+		return nil, fmt.Errorf("unpacking snapshot %s: %w", m.GetVmMetadata().GetSnapshotId(), err)
+	}
+	own := snapshotNames(m)
+	others := []string{}
+	for _, e := range entries {
+		if !own[e] {
+			others = append(others, e)
+		}
+	}
 	ns := l.ns(snap.Key.GetInstanceName(), snap.Function)
 	var all []*repb.Digest
 	for _, f := range m.GetFiles() {
@@ -81,7 +167,7 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 			all = append(all, c.GetDigest())
 		}
 	}
-	u := &Unpacked{Dir: dir, Files: map[string]string{}, Stores: map[string]*cow.Store{}, release: l.local.Pin(ns, all)}
+	u := &Unpacked{Dir: dir, Files: map[string]string{}, Stores: map[string]*cow.Store{}, Others: others, release: l.local.Pin(ns, all)}
 	fail := func(err error) (*Unpacked, error) {
 		u.Close()
 		return nil, err
@@ -158,20 +244,26 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 // locked. Names the manifest lists are never removed. Failures are logged,
 // not fatal: a stale file only costs space.
 func (l *Loader) removeStaleTemps(dir string, m *snapshotpb.SnapshotManifest) {
-	keep := map[string]bool{}
-	for _, f := range m.GetFiles() {
-		keep[f.GetPath()] = true
-	}
-	for _, cf := range m.GetChunkedFiles() {
-		keep[cf.GetName()] = true
-	}
-	removed, err := fileio.RemoveStaleTemps(dir, keep)
+	removed, err := fileio.RemoveStaleTemps(dir, snapshotNames(m))
 	if err != nil {
 		l.opts.Logger.Warn("removing stale temporary files", "dir", dir, "err", err)
 	}
 	if len(removed) > 0 {
 		l.opts.Logger.Debug("removed stale temporary files", "dir", dir, "files", removed)
 	}
+}
+
+// snapshotNames is the set of file names m gives its files in a
+// directory it is unpacked into.
+func snapshotNames(m *snapshotpb.SnapshotManifest) map[string]bool {
+	names := map[string]bool{}
+	for _, f := range m.GetFiles() {
+		names[f.GetPath()] = true
+	}
+	for _, cf := range m.GetChunkedFiles() {
+		names[cf.GetName()] = true
+	}
+	return names
 }
 
 // copyBlob writes a blob to path atomically (temp file + rename).

@@ -318,8 +318,9 @@ func (v *VM) RestoreStats() RestoreStats { return v.restore }
 
 // RestoreOptions configure Restore.
 type RestoreOptions struct {
-	// Dir holds the unpacked files, the FUSE mount point (Dir/mnt), the NBD
-	// socket and later state files; required.
+	// Dir holds the unpacked files (Dir/files, which must be missing or
+	// empty unless Unpack.Replace), the FUSE mount point (Dir/mnt), the
+	// NBD socket and later state files; required.
 	Dir string
 	// SerialLog receives the serial console (Dir/serial.log when empty).
 	SerialLog string

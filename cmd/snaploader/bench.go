@@ -346,7 +346,9 @@ func benchOpen(ctx context.Context, cf cacheFlags, dir string, remote bool, size
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return fail(err)
 	}
-	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{ReadAhead: readAhead})
+	// The scratch directory is the benchmark's own: an earlier read may
+	// have unpacked the same snapshot there.
+	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{ReadAhead: readAhead, Replace: true})
 	if err != nil {
 		return fail(err)
 	}

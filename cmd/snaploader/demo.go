@@ -240,7 +240,8 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	u.Close()
 	eB := &env{local: bCache, loader: bLoader, log: a.log}
 	t = time.Now()
-	if _, err := restoreTo(ctx, eB, snap, out, false); err != nil {
+	// out holds the artifact files the restore to ready just wrote.
+	if _, err := restoreTo(ctx, eB, snap, out, restoreOptions{replace: true}); err != nil {
 		return err
 	}
 	full := time.Since(t)

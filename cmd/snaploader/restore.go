@@ -48,29 +48,43 @@ func (f *getFlags) options() (snapshot.GetOptions, error) {
 	return snapshot.GetOptions{ReadPolicy: p, MaxStaleFallbackAge: d}, nil
 }
 
+// restoreReplaceHint says what --replace does, for restore and pager.
+const restoreReplaceHint = "pass --replace to write the snapshot's files into it anyway (files of the same names are replaced, all others left as they are)"
+
 func newRestoreCmd() *cobra.Command {
 	var (
-		sf     snapshotFlags
-		out    string
-		asJSON bool
+		sf      snapshotFlags
+		out     string
+		replace bool
+		asJSON  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Restore the newest usable snapshot of the task's key set into a directory",
+		Long: `restore writes the files of the key set's newest usable snapshot into --out.
+--out must not exist (it is created) or be an empty directory: a directory that
+holds anything is refused before a byte is written, naming what it holds. With
+--replace, restore writes into it anyway: files with the snapshot's file names
+are replaced, every other entry is left as it is and listed (on stderr, and as
+"other_files" with --json).`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
 			if out == "" {
 				return fmt.Errorf("--out is required")
 			}
+			// Before the cache is opened or a snapshot looked up.
+			if err := checkOutDir("--out", out, replace, restoreReplaceHint); err != nil {
+				return err
+			}
 			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			rep, err := restoreTo(ctx, e, snap, out, !asJSON && stderrIsTerminal())
+			rep, err := restoreTo(ctx, e, snap, out, restoreOptions{replace: replace, progress: !asJSON && stderrIsTerminal()})
 			if err != nil {
-				return err
+				return outDirError("--out", err, restoreReplaceHint)
 			}
 			rep.DurationMS = time.Since(start).Milliseconds()
 			if err := e.loader.RemoteDown(); err != nil {
@@ -81,34 +95,57 @@ func newRestoreCmd() *cobra.Command {
 			}
 			fmt.Printf("restored snapshot %s from the %s cache (key ref %q, fallback %d) into %s in %s\n",
 				rep.SnapshotID, rep.Source, snap.Key.GetRef(), rep.FallbackIndex, out, time.Duration(rep.DurationMS)*time.Millisecond)
+			reportOthers(out, rep.OtherFiles)
 			return nil
 		},
 	}
 	sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
-	cmd.Flags().StringVar(&out, "out", "", "directory to write the snapshot's files into")
+	cmd.Flags().StringVar(&out, "out", "", "directory to write the snapshot's files into: created if missing, else it must be empty (see --replace)")
+	cmd.Flags().BoolVar(&replace, "replace", false, "write into an --out directory that already holds files: those with the snapshot's file names are replaced, all others are left as they are and listed")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
 	return cmd
 }
 
+// restoreReport is the --json output of restore.
+type restoreReport struct {
+	report
+	// OtherFiles are the entries --out held that are not the snapshot's
+	// files, left as they were (only --replace lets there be any); always
+	// present, empty when none.
+	OtherFiles []string `json:"other_files"`
+}
+
+// restoreOptions configure restoreTo.
+type restoreOptions struct {
+	// replace lets out hold entries already (snapshot.UnpackOptions.Replace).
+	replace bool
+	// progress draws a progress bar on stderr.
+	progress bool
+}
+
 // restoreTo unpacks snap into out and writes every chunked file as a
 // regular file (sparse where holes), reading through the lazy store.
-// Unpacking first removes the temporary files that killed restores left in
-// out (those no live process holds locked); every file is written under a
-// temporary name of fileio.TempNameLen bytes whatever its own name, and
-// renamed into place when complete.
-func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, progress bool) (*report, error) {
-	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{OnFetch: e.metrics.Fetched})
+// out must be missing or empty unless opts.replace. Unpacking first
+// removes the temporary files that killed restores left in out (those no
+// live process holds locked); every file is written under a temporary
+// name of fileio.TempNameLen bytes whatever its own name, and renamed into
+// place when complete.
+func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, opts restoreOptions) (*restoreReport, error) {
+	u, err := e.loader.UnpackSnapshot(ctx, snap, out, snapshot.UnpackOptions{OnFetch: e.metrics.Fetched, Replace: opts.replace})
 	if err != nil {
 		return nil, err
 	}
 	defer u.Close()
-	rep := &report{
-		SnapshotID:     snap.Manifest.GetVmMetadata().GetSnapshotId(),
-		Key:            keyJSON(snap.Key),
-		ManifestDigest: snap.ManifestKey.GetHash(),
-		Source:         string(snap.Source),
-		FallbackIndex:  snap.FallbackIndex,
-		Files:          u.Files,
+	rep := &restoreReport{
+		report: report{
+			SnapshotID:     snap.Manifest.GetVmMetadata().GetSnapshotId(),
+			Key:            keyJSON(snap.Key),
+			ManifestDigest: snap.ManifestKey.GetHash(),
+			Source:         string(snap.Source),
+			FallbackIndex:  snap.FallbackIndex,
+			Files:          u.Files,
+		},
+		OtherFiles: append([]string{}, u.Others...),
 	}
 	var total int64
 	for _, cf := range snap.Manifest.GetChunkedFiles() {
@@ -116,7 +153,7 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 			total += c.GetDigest().GetSizeBytes()
 		}
 	}
-	bar := newProgress(progress, total, "restoring")
+	bar := newProgress(opts.progress, total, "restoring")
 	defer bar.Finish()
 	for _, cf := range snap.Manifest.GetChunkedFiles() {
 		s := u.Stores[cf.GetName()]

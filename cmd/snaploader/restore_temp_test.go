@@ -36,10 +36,11 @@ func extraFiles(t *testing.T, dir string, want ...string) []string {
 	return out
 }
 
-// startRestore starts a restore process into out.
+// startRestore starts a restore process into out, which may hold files
+// already (--replace).
 func startRestore(t *testing.T, args []string, out string) *exec.Cmd {
 	t.Helper()
-	cmd := exec.Command(binary, append(args, "restore", "--out", out)...)
+	cmd := exec.Command(binary, append(args, "restore", "--replace", "--out", out)...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -108,7 +109,7 @@ func TestKilledRestoreLeavesNoTemporaries(t *testing.T) {
 	if hits == 0 {
 		t.Fatal("no killed restore left a temporary file; the test proved nothing")
 	}
-	run(t, false, append(keyArgs(cacheDir), "restore", "--out", out)...)
+	run(t, false, append(keyArgs(cacheDir), "restore", "--replace", "--out", out)...)
 	if left := extraFiles(t, out, "mem", "state"); len(left) != 0 {
 		t.Errorf("after a complete restore %s still holds %q", out, left)
 	}
@@ -154,7 +155,13 @@ func TestRestoreKeepsLiveTemporaries(t *testing.T) {
 	if err := os.WriteFile(lookalike, []byte("mine"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	run(t, false, append(small, "restore", "--out", out)...)
+	// The temporary files are snaploader's own; the look-alike is not, so
+	// the directory is not empty.
+	_, stderr := run(t, true, append(small, "restore", "--out", out)...)
+	if !strings.Contains(stderr, "1 entry") || !strings.Contains(stderr, filepath.Base(lookalike)) || !strings.Contains(stderr, "--replace") {
+		t.Errorf("restore into a directory holding %s: %s; want a refusal naming only it", filepath.Base(lookalike), stderr)
+	}
+	run(t, false, append(small, "restore", "--replace", "--out", out)...)
 	if _, err := os.Stat(live.Name()); err != nil {
 		t.Errorf("a restore removed the temporary file a live process holds: %v", err)
 	}
@@ -176,7 +183,7 @@ func TestRestoreKeepsLiveTemporaries(t *testing.T) {
 	for time.Now().Before(deadline) && !strings.Contains(strings.Join(extraFiles(t, out, "small", "big", filepath.Base(live.Name()), filepath.Base(lookalike)), " "), fileio.TempPrefix) {
 		time.Sleep(200 * time.Microsecond)
 	}
-	run(t, false, append(small, "restore", "--out", out)...)
+	run(t, false, append(small, "restore", "--replace", "--out", out)...)
 	overlapped := true
 	var aErr error
 	select {
