@@ -12,9 +12,9 @@ import (
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-// Commands that write into a directory the user names (restore --out)
-// write only into one that is missing (they create it) or empty, unless
-// --replace: they never delete or overwrite
+// Commands that write into a directory the user names (restore --out,
+// pager --dir, qemu --dir) write only into one that is missing (they
+// create it) or empty, unless --replace: they never delete or overwrite
 // what they did not create unless asked to. Temporary files of
 // snaploader's own writes do not count as the directory's contents.
 

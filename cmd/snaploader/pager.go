@@ -1,14 +1,19 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"syscall"
 	"time"
 
 	"github.com/spf13/cobra"
 	"go.opentelemetry.io/otel/attribute"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
+	"github.com/snaploader/snaploader/internal/fileio"
 	"github.com/snaploader/snaploader/snapshot"
 	"github.com/snaploader/snaploader/telemetry"
 	"github.com/snaploader/snaploader/uffd"
@@ -39,6 +44,7 @@ func newPagerCmd() *cobra.Command {
 		memName  string
 		asJSON   bool
 		prefetch bool
+		replace  bool
 	)
 	cmd := &cobra.Command{
 		Use:   "pager",
@@ -49,23 +55,35 @@ func newPagerCmd() *cobra.Command {
 file --memory-file as the guest faults them in, fetching chunks from the local cache or the remote.
 Regions the VMM announces with 2 MiB pages (hugetlbfs guest memory) are served in whole huge pages;
 their chunk size must be a multiple of 2 MiB (save --page-size 2MiB --chunk-size 4194304).
-It exits when the VMM does, printing the fault statistics.`,
+It exits when the VMM does, printing the fault statistics.
+--dir must not exist (it is created) or be empty, unless --replace; a socket
+left at --socket is replaced, anything else there is refused.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
 			if dir == "" || socket == "" {
 				return fmt.Errorf("--dir and --socket are required")
 			}
+			// Before the cache is opened or a snapshot looked up.
+			if err := checkOutDir("--dir", dir, replace, restoreReplaceHint); err != nil {
+				return err
+			}
+			if err := checkSocketPath("--socket", socket); err != nil {
+				return err
+			}
 			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			u, err := e.loader.UnpackSnapshot(ctx, snap, dir, snapshot.UnpackOptions{PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched})
+			u, err := e.loader.UnpackSnapshot(ctx, snap, dir, snapshot.UnpackOptions{PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched, Replace: replace})
 			if err != nil {
-				return err
+				return outDirError("--dir", err, restoreReplaceHint)
 			}
 			defer u.Close()
+			if !asJSON {
+				reportOthers(dir, u.Others)
+			}
 			mem, ok := u.Stores[memName]
 			if !ok {
 				return fmt.Errorf("snapshot %s has no chunked file %q", snap.Manifest.GetVmMetadata().GetSnapshotId(), memName)
@@ -80,7 +98,9 @@ It exits when the VMM does, printing the fault statistics.`,
 			if err := checkPageSize(fmt.Sprintf("guest memory %q of snapshot %s", memName, snap.Manifest.GetVmMetadata().GetSnapshotId()), mem.ChunkSize(), ps); err != nil {
 				return err
 			}
-			os.Remove(socket)
+			if err := removeStaleSocket("--socket", socket); err != nil {
+				return err
+			}
 			lis, err := net.ListenUnix("unix", &net.UnixAddr{Name: socket, Net: "unix"})
 			if err != nil {
 				return fmt.Errorf("listening on %s: %w", socket, err)
@@ -125,10 +145,45 @@ It exits when the VMM does, printing the fault statistics.`,
 	}
 	sf.register(cmd, "serve this exact snapshot instead of the key set's newest")
 	fl := cmd.Flags()
-	fl.StringVar(&dir, "dir", "", "directory to unpack the snapshot's artifact files into")
+	fl.StringVar(&dir, "dir", "", "directory to unpack the snapshot's artifact files into: created if missing, else it must be empty (see --replace)")
+	fl.BoolVar(&replace, "replace", false, "unpack into a --dir that already holds files: those with the snapshot's file names are replaced, all others are left as they are")
 	fl.StringVar(&socket, "socket", "", "Unix socket the VMM connects to")
 	fl.StringVar(&memName, "memory-file", "memory", "name of the chunked file holding guest memory")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object when the VMM exits")
 	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
 	return cmd
+}
+
+// checkSocketPath refuses a socket path that names something other than
+// a Unix socket: the only thing a command may remove at that path is a
+// socket, which holds no data. (Whether a process still listens on it is
+// not probed: connecting would be taken for a client by a pager that
+// serves one.)
+func checkSocketPath(flag, path string) error {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("%s %s: %w", flag, path, err)
+	case fi.Mode()&os.ModeSocket == 0:
+		kind := "not a socket"
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			kind = fileio.Kind(st.Mode)
+		}
+		return status.Errorf(codes.InvalidArgument, "%s %s is %s, not a socket: refusing to replace it", flag, path, kind)
+	}
+	return nil
+}
+
+// removeStaleSocket removes the socket at path, if any, so that it can be
+// listened on; anything else there is refused (checkSocketPath).
+func removeStaleSocket(flag, path string) error {
+	if err := checkSocketPath(flag, path); err != nil {
+		return err
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%s: removing the stale socket %s: %w", flag, path, err)
+	}
+	return nil
 }

@@ -69,6 +69,13 @@ func newQemuCmd() *cobra.Command {
 	return cmd
 }
 
+// qemuReplaceHint and qemuReplaceUsage say what --replace does for the
+// qemu commands' --dir.
+const (
+	qemuReplaceHint  = "pass --replace to use it anyway (files named like the guest's files there are replaced, all others left as they are)"
+	qemuReplaceUsage = "use a --dir that already holds files, e.g. an earlier guest's: files named like this guest's files (unpacked files, memory, state-N.bin, serial.log, sockets) are replaced, all others are left as they are"
+)
+
 // hostIn returns the VM host and a work directory: dir, or a temporary one
 // that cleanup removes.
 func (f *qemuFlags) hostIn(e *env, dir string) (*vmm.Host, string, func(), error) {
@@ -144,12 +151,18 @@ func newQemuRestoreCmd() *cobra.Command {
 		saveOnExit bool
 		prefetch   bool
 		readAhead  int
+		replace    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if dir != "" {
+				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
+					return err
+				}
+			}
 			e, snap, err := sf.open(ctx)
 			if err != nil {
 				return err
@@ -162,9 +175,9 @@ func newQemuRestoreCmd() *cobra.Command {
 			defer cleanup()
 			dir = workDir
 			v, err := h.Restore(ctx, snap, vmm.RestoreOptions{Dir: dir, SerialLog: serial,
-				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched}})
+				Unpack: snapshot.UnpackOptions{ReadAhead: readAhead, PrefetchWorkingSet: prefetch, OnFetch: e.metrics.Fetched, Replace: replace}})
 			if err != nil {
-				return err
+				return outDirError("--dir", err, qemuReplaceHint)
 			}
 			rs := v.RestoreStats()
 			fmt.Printf("restored snapshot %s from the %s cache; guest running after %s (unpack %s, resume %s); serial log %s\n",
@@ -178,7 +191,8 @@ func newQemuRestoreCmd() *cobra.Command {
 	sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
 	qf.register(cmd)
 	fl := cmd.Flags()
-	fl.StringVar(&dir, "dir", "", "work directory: unpacked files, memory mount point, NBD socket (default a temporary one)")
+	fl.StringVar(&dir, "dir", "", "work directory: unpacked files, memory mount point, NBD socket; created if missing, else it must be empty (see --replace) (default a temporary one)")
+	fl.BoolVar(&replace, "replace", false, qemuReplaceUsage)
 	fl.StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
 	fl.BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it incrementally under the write key")
 	fl.BoolVar(&prefetch, "prefetch-working-set", true, "prefetch the chunks the guest touched after its previous restore")
@@ -195,6 +209,7 @@ func newQemuBootCmd() *cobra.Command {
 		dir        string
 		serial     string
 		saveOnExit bool
+		replace    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "boot",
@@ -203,6 +218,9 @@ func newQemuBootCmd() *cobra.Command {
 			ctx := cmd.Context()
 			if dir == "" {
 				return fmt.Errorf("--dir is required")
+			}
+			if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
+				return err
 			}
 			m, err := mf.machine()
 			if err != nil {
@@ -231,7 +249,8 @@ func newQemuBootCmd() *cobra.Command {
 	kf.register(cmd)
 	qf.register(cmd)
 	mf.register(cmd, true)
-	cmd.Flags().StringVar(&dir, "dir", "", "directory for the memory file, state files and QMP socket")
+	cmd.Flags().StringVar(&dir, "dir", "", "directory for the memory file, state files and QMP socket: created if missing, else it must be empty (see --replace)")
+	cmd.Flags().BoolVar(&replace, "replace", false, qemuReplaceUsage)
 	cmd.Flags().StringVar(&serial, "serial-log", "", "file receiving the guest's serial console (default DIR/serial.log)")
 	cmd.Flags().BoolVar(&saveOnExit, "save-on-exit", false, "on SIGINT/SIGTERM snapshot the guest and save it under the write key")
 	return cmd
@@ -246,6 +265,7 @@ func newQemuSaveCmd() *cobra.Command {
 		qmpSock string
 		memFile string
 		dir     string
+		replace bool
 	)
 	cmd := &cobra.Command{
 		Use:   "save",
@@ -254,6 +274,11 @@ func newQemuSaveCmd() *cobra.Command {
 			ctx := cmd.Context()
 			if qmpSock == "" || memFile == "" {
 				return fmt.Errorf("--qmp and --mem-file are required")
+			}
+			if dir != "" {
+				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
+					return err
+				}
 			}
 			fi, err := os.Stat(memFile)
 			if err != nil {
@@ -291,6 +316,7 @@ func newQemuSaveCmd() *cobra.Command {
 	mf.register(cmd, false)
 	cmd.Flags().StringVar(&qmpSock, "qmp", "", "QMP unix socket of the running QEMU")
 	cmd.Flags().StringVar(&memFile, "mem-file", "", "the guest's memory file (memory-backend-file mem-path, share=on); its size is the RAM size")
-	cmd.Flags().StringVar(&dir, "dir", "", "directory for the device state file (default a temporary one)")
+	cmd.Flags().StringVar(&dir, "dir", "", "directory for the device state file: created if missing, else it must be empty (see --replace) (default a temporary one)")
+	cmd.Flags().BoolVar(&replace, "replace", false, qemuReplaceUsage)
 	return cmd
 }
