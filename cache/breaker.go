@@ -60,7 +60,7 @@ type BreakerOptions struct {
 // passed; then one call at a time probes the tier, and the first success
 // closes the breaker again. It implements Health.
 type Breaker struct {
-	c    Cache
+	c    Tier
 	opts BreakerOptions
 
 	mu      sync.Mutex
@@ -70,7 +70,7 @@ type Breaker struct {
 }
 
 // NewBreaker wraps c.
-func NewBreaker(c Cache, opts BreakerOptions) *Breaker {
+func NewBreaker(c Tier, opts BreakerOptions) *Breaker {
 	if opts.RetryAfter <= 0 {
 		opts.RetryAfter = 10 * time.Second
 	}
@@ -94,14 +94,10 @@ func (b *Breaker) Down() error {
 }
 
 // Unwrap returns the wrapped tier.
-func (b *Breaker) Unwrap() Cache { return b.c }
+func (b *Breaker) Unwrap() Tier { return b.c }
 
-// verifies reports whether the wrapped tier verifies its reads; WithBreaker
-// keeps that marker, since the breaker does not change what is read.
-func (b *Breaker) verifies() bool {
-	_, ok := b.c.(ReadVerifier)
-	return ok
-}
+// Traits are the wrapped tier's: the breaker does not change what is read.
+func (b *Breaker) Traits() Traits { return b.c.Traits() }
 
 // admit says whether a call may go to the tier now; probe is true when
 // the call is the one testing a tier that is down.
@@ -195,27 +191,30 @@ func (b *Breaker) UpdateActionResult(ctx context.Context, ns Namespace, key *rep
 	return b.call(ctx, func() error { return b.c.UpdateActionResult(ctx, ns, key, ar) })
 }
 
-// verifyingBreaker is a Breaker over a tier whose reads verify.
-type verifyingBreaker struct{ *Breaker }
-
-func (verifyingBreaker) VerifiesReads() {}
-
-// WithBreaker wraps c in a Breaker, keeping c's read-verification marker.
-// The result implements Health.
-func WithBreaker(c Cache, opts BreakerOptions) Cache {
-	b := NewBreaker(c, opts)
-	if b.verifies() {
-		return verifyingBreaker{b}
-	}
-	return b
-}
+// WithBreaker wraps c in a Breaker. The result implements Health.
+func WithBreaker(c Tier, opts BreakerOptions) Tier { return NewBreaker(c, opts) }
 
 // Unreachable is a tier that could not be reached at all (e.g. its
 // capabilities could not be read): every call fails with err, wrapped as
 // Unavailable. It implements Health.
-func Unreachable(name string, err error) Cache { return unreachable{fmt.Errorf("%s: %w", name, err)} }
+func Unreachable(name string, err error) Tier {
+	return unreachable{name: name, err: fmt.Errorf("%s: %w", name, err)}
+}
 
-type unreachable struct{ err error }
+type unreachable struct {
+	name string
+	err  error
+}
+
+func (u unreachable) Traits() Traits { return Traits{Description: u.name} }
+
+func (u unreachable) ReadRange(context.Context, Namespace, *repb.Digest, int64, int64) (io.ReadCloser, error) {
+	return nil, u.fail()
+}
+
+func (u unreachable) ReadCompressed(context.Context, Namespace, *repb.Digest) (io.ReadCloser, bool, error) {
+	return nil, false, u.fail()
+}
 
 func (u unreachable) Down() error { return u.err }
 func (u unreachable) fail() error {
@@ -240,23 +239,21 @@ func (u unreachable) UpdateActionResult(context.Context, Namespace, *repb.Digest
 	return u.fail()
 }
 
-// Creator is implemented by tiers that can store an action-cache entry
-// only if none is there, atomically (the local cache). It returns the
-// entry stored afterwards and whether it was the one given.
-type Creator interface {
-	CreateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) (*repb.ActionResult, bool, error)
-}
-
-// ReadRange implements RangeReader when the wrapped tier does; else it is
-// an Unimplemented error.
+// ReadRange implements Tier.
 func (b *Breaker) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (rc io.ReadCloser, err error) {
-	rr, ok := b.c.(RangeReader)
-	if !ok {
-		return nil, status.Errorf(codes.Unimplemented, "tier has no range reads")
-	}
-	err = b.call(ctx, func() error { rc, err = rr.ReadRange(ctx, ns, d, off, n); return err })
+	err = b.call(ctx, func() error { rc, err = b.c.ReadRange(ctx, ns, d, off, n); return err })
 	if err != nil {
 		return nil, err
 	}
 	return &breakerReader{ReadCloser: rc, b: b, ctx: ctx}, nil
+}
+
+// ReadCompressed implements Tier. An outage in the middle of a stream also
+// trips the breaker.
+func (b *Breaker) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Digest) (rc io.ReadCloser, compressed bool, err error) {
+	err = b.call(ctx, func() error { rc, compressed, err = b.c.ReadCompressed(ctx, ns, d); return err })
+	if err != nil {
+		return nil, false, err
+	}
+	return &breakerReader{ReadCloser: rc, b: b, ctx: ctx}, compressed, nil
 }

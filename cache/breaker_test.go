@@ -43,6 +43,13 @@ func (f *flaky) GetActionResult(context.Context, Namespace, *repb.Digest) (*repb
 func (f *flaky) UpdateActionResult(context.Context, Namespace, *repb.Digest, *repb.ActionResult) error {
 	return f.answer()
 }
+func (f *flaky) ReadRange(context.Context, Namespace, *repb.Digest, int64, int64) (io.ReadCloser, error) {
+	return nil, f.answer()
+}
+func (f *flaky) ReadCompressed(context.Context, Namespace, *repb.Digest) (io.ReadCloser, bool, error) {
+	return nil, false, f.answer()
+}
+func (f *flaky) Traits() Traits { return Traits{Description: "flaky", ServesRanges: true} }
 
 func TestBreaker(t *testing.T) {
 	ctx := context.Background()
@@ -104,7 +111,9 @@ func TestUnreachable(t *testing.T) {
 	if TierDown(u) == nil {
 		t.Error("TierDown(Unreachable) is nil")
 	}
-	if w, ok := WithBreaker(Verifying(&flaky{}), BreakerOptions{}).(ReadVerifier); !ok || w == nil {
-		t.Error("WithBreaker lost the read-verification marker")
+	// Wrapping keeps every trait: the breaker's are the wrapped tier's.
+	w := WithBreaker(NewCounting(Verifying(&flaky{})), BreakerOptions{})
+	if tr := w.Traits(); !tr.VerifiesReads || !tr.ServesRanges || tr.Description != "flaky" {
+		t.Errorf("wrapped traits %+v: want verified reads, ranges and the tier's description", tr)
 	}
 }

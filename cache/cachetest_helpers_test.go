@@ -45,7 +45,7 @@ func newLocalBoot(t testing.TB, dir, boot string) *localcache.Cache {
 	return c
 }
 
-func put(t testing.TB, c cache.Cache, data []byte) *repb.Digest {
+func put(t testing.TB, c cache.Tier, data []byte) *repb.Digest {
 	t.Helper()
 	d := digest.Compute(digest.BLAKE3, data)
 	if err := c.Write(context.Background(), ns, d, bytes.NewReader(data)); err != nil {

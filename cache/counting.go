@@ -6,14 +6,12 @@ import (
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 )
 
 // Counting is a Cache that counts the calls and bytes passing through to
 // another Cache, for tests and metrics. It is safe for concurrent use.
 type Counting struct {
-	c Cache
+	c Tier
 
 	findMissing, findMissingDigests atomic.Int64
 	reads, readBytes                atomic.Int64
@@ -22,7 +20,7 @@ type Counting struct {
 	acGets, acPuts                  atomic.Int64
 }
 
-var _ Cache = (*Counting)(nil)
+var _ Tier = (*Counting)(nil)
 
 // CountingStats are a Counting's counters. Calls are counted whether or not
 // they fail; bytes are those that actually passed.
@@ -40,7 +38,7 @@ type CountingStats struct {
 }
 
 // NewCounting wraps c.
-func NewCounting(c Cache) *Counting { return &Counting{c: c} }
+func NewCounting(c Tier) *Counting { return &Counting{c: c} }
 
 // Stats returns the counters so far.
 func (c *Counting) Stats() CountingStats {
@@ -75,20 +73,32 @@ func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 	return countingReader{rc, &c.readBytes}, nil
 }
 
-// ReadRange counts the call and the bytes read, when the wrapped cache
-// reads ranges (see RangeReader); else it is an Unimplemented error.
+// ReadRange counts the call and the bytes read.
 func (c *Counting) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
-	rr, ok := c.c.(RangeReader)
-	if !ok {
-		return nil, status.Errorf(codes.Unimplemented, "tier has no range reads")
-	}
 	c.rangeReads.Add(1)
-	rc, err := rr.ReadRange(ctx, ns, d, off, n)
+	rc, err := c.c.ReadRange(ctx, ns, d, off, n)
 	if err != nil {
 		return nil, err
 	}
 	return countingReader{rc, &c.rangeBytes}, nil
 }
+
+// ReadCompressed counts the call as a read, and the bytes read (stored
+// bytes, compressed or not).
+func (c *Counting) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	c.reads.Add(1)
+	rc, compressed, err := c.c.ReadCompressed(ctx, ns, d)
+	if err != nil {
+		return nil, false, err
+	}
+	return countingReader{rc, &c.readBytes}, compressed, nil
+}
+
+// Traits are the wrapped tier's.
+func (c *Counting) Traits() Traits { return c.c.Traits() }
+
+// Down forwards the wrapped tier's health (see Health).
+func (c *Counting) Down() error { return TierDown(c.c) }
 
 // Write counts the call and the bytes consumed from r.
 func (c *Counting) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {

@@ -106,8 +106,7 @@ func (rt *ReadThrough) ReadVerifiedRange(ctx context.Context, ns Namespace, d, o
 		}
 		return nil
 	}
-	rr, ok := rt.remote.(RangeReader)
-	if !ok || outboard == nil || ns.DigestFunction() != digest.BLAKE3 {
+	if rt.remote == nil || !rt.remote.Traits().ServesRanges || outboard == nil || ns.DigestFunction() != digest.BLAKE3 {
 		return ErrNoRange
 	}
 	// The outboard (local after the first read of the blob) and the range
@@ -115,7 +114,7 @@ func (rt *ReadThrough) ReadVerifiedRange(ctx context.Context, ns Namespace, d, o
 	obCh := make(chan obResult, 1)
 	go func() { obCh <- rt.readOutboard(ctx, ns, d, outboard) }()
 	start, end := AlignRange(d.GetSizeBytes(), off, int64(len(p)))
-	rc, err := rr.ReadRange(ctx, ns, d, start, end-start)
+	rc, err := rt.remote.ReadRange(ctx, ns, d, start, end-start)
 	if err != nil {
 		<-obCh
 		if status.Code(err) == codes.Unimplemented {

@@ -17,19 +17,6 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-// LocalTier is the first tier of a ReadThrough: a cache that can also open
-// blobs for random reads (the local disk cache).
-type LocalTier interface {
-	Cache
-	Opener
-}
-
-// hashedPutter stores bytes already verified against their digest without
-// hashing them again (the local cache offers it).
-type hashedPutter interface {
-	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
-}
-
 // maxBufferedFetch is the largest blob fetched into memory to be verified
 // once; larger blobs stream and are verified by both tiers.
 const maxBufferedFetch = 64 << 20
@@ -59,8 +46,8 @@ type ReadThroughOptions struct {
 // ReadThroughOptions.HandoffBytes). Concurrent misses on one blob fetch it
 // once.
 type ReadThrough struct {
-	local  LocalTier
-	remote Cache
+	local  Local
+	remote Tier
 	opts   ReadThroughOptions
 	sf     singleflight.Group
 
@@ -91,12 +78,12 @@ type ReadThroughStats struct {
 
 // NewReadThrough returns a ReadThrough over local and remote with default
 // options; a nil remote makes it a plain view of local.
-func NewReadThrough(local LocalTier, remote Cache) *ReadThrough {
+func NewReadThrough(local Local, remote Tier) *ReadThrough {
 	return NewReadThroughOptions(local, remote, ReadThroughOptions{})
 }
 
 // NewReadThroughOptions is NewReadThrough with options.
-func NewReadThroughOptions(local LocalTier, remote Cache, opts ReadThroughOptions) *ReadThrough {
+func NewReadThroughOptions(local Local, remote Tier, opts ReadThroughOptions) *ReadThrough {
 	if opts.HandoffBytes == 0 {
 		opts.HandoffBytes = DefaultHandoffBytes
 	}
@@ -229,7 +216,7 @@ func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest, 
 	if b, err := rt.local.Open(ctx, ns, d); err == nil {
 		return b.Close()
 	}
-	if hs, ok := rt.local.(hashedPutter); ok && d.GetSizeBytes() <= maxBufferedFetch {
+	if hs := rt.local; d.GetSizeBytes() <= maxBufferedFetch {
 		// Verify once while reading; store without hashing again.
 		b, err := ReadAll(ctx, Verifying(rt.remote), ns, d)
 		if err != nil {
@@ -281,7 +268,7 @@ type handoff struct {
 
 // handOff makes data (verified against d) available to readers at once and
 // writes it into the local tier in the background.
-func (rt *ReadThrough) handOff(ctx context.Context, ns Namespace, d *repb.Digest, key string, data []byte, hs hashedPutter) {
+func (rt *ReadThrough) handOff(ctx context.Context, ns Namespace, d *repb.Digest, key string, data []byte, hs Local) {
 	h := &handoff{rt: rt, d: d, key: key, done: make(chan struct{}), refs: 1}
 	h.buf.Store(&data)
 	rt.mu.Lock()

@@ -18,7 +18,7 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-type down struct{ cache.Cache }
+type down struct{ cache.Tier }
 
 func (down) Read(context.Context, cache.Namespace, *repb.Digest) (io.ReadCloser, error) {
 	return nil, status.Error(codes.Unavailable, "connection refused")
@@ -45,21 +45,21 @@ func TestReadThrough(t *testing.T) {
 		name string
 		// setup returns the local dir's cache and the remote; it may
 		// store or damage data.
-		setup       func(t *testing.T) (*localcache.Cache, cache.Cache)
+		setup       func(t *testing.T) (*localcache.Cache, cache.Tier)
 		code        codes.Code
 		wantFetches int64
 	}{
-		{"local hit", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"local hit", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			l := newLocal(t, "")
 			put(t, l, data)
 			return l, newLocal(t, "")
 		}, codes.OK, 0},
-		{"fetched from remote", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"fetched from remote", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			r := newLocal(t, "")
 			put(t, r, data)
 			return newLocal(t, ""), r
 		}, codes.OK, 1},
-		{"corrupt local copy refetched", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"corrupt local copy refetched", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			l := newLocal(t, "")
 			put(t, l, data)
 			damage(t, l.Path(ns, d), "flip")
@@ -67,25 +67,25 @@ func TestReadThrough(t *testing.T) {
 			put(t, r, data)
 			return newLocalBoot(t, l.Dir(), "after-a-crash"), r // the local copy is unverified
 		}, codes.OK, 1},
-		{"missing everywhere", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"missing everywhere", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			return newLocal(t, ""), newLocal(t, "")
 		}, codes.NotFound, 0},
-		{"corrupt in remote", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"corrupt in remote", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			r := newLocal(t, "")
 			put(t, r, data)
 			damage(t, r.Path(ns, d), "flip") // r trusts its own write
 			return newLocal(t, ""), r
 		}, codes.DataLoss, 0},
-		{"truncated in remote", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"truncated in remote", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			r := newLocal(t, "")
 			put(t, r, data)
 			damage(t, r.Path(ns, d), "truncate")
 			return newLocal(t, ""), r
 		}, codes.DataLoss, 0},
-		{"remote down", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"remote down", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			return newLocal(t, ""), down{newLocal(t, "")}
 		}, codes.Unavailable, 0},
-		{"no remote", func(t *testing.T) (*localcache.Cache, cache.Cache) {
+		{"no remote", func(t *testing.T) (*localcache.Cache, cache.Tier) {
 			return newLocal(t, ""), nil
 		}, codes.NotFound, 0},
 	}

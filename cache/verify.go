@@ -77,31 +77,31 @@ func (r *verifyingReader) Read(p []byte) (int, error) {
 
 func (r *verifyingReader) Close() error { return r.rc.Close() }
 
-// ReadVerifier is implemented by caches whose Read already verifies every
-// blob against its digest (the REAPI and S3 clients, and Verifying's own
-// result), so that Verifying does not hash the same bytes again.
-type ReadVerifier interface {
-	VerifiesReads()
-}
-
-// Verifying returns a Cache whose Read verifies the blob while streaming:
-// at the end of the stream a content or length mismatch is a DataLoss
-// error naming the digest instead of io.EOF. Other methods pass through.
-// A cache that already verifies its reads is returned as it is.
-func Verifying(c Cache) Cache {
-	if _, ok := c.(ReadVerifier); ok {
+// Verifying returns a Tier whose reads verify the blob while streaming: at
+// the end of the stream a content or length mismatch is a DataLoss error
+// naming the digest instead of io.EOF. Every other method passes through.
+// A tier whose reads already verify (Traits.VerifiesReads) is returned as
+// it is.
+func Verifying(c Tier) Tier {
+	if c.Traits().VerifiesReads {
 		return c
 	}
 	return verifying{c}
 }
 
-type verifying struct{ Cache }
+// verifying is Verifying's wrapper: each method of the contract, written
+// out so that none is lost.
+type verifying struct{ c Tier }
 
-// VerifiesReads marks the result as verifying.
-func (verifying) VerifiesReads() {}
+// Traits are the wrapped tier's, with reads verified.
+func (v verifying) Traits() Traits {
+	t := v.c.Traits()
+	t.VerifiesReads = true
+	return t
+}
 
 func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
-	rc, err := v.Cache.Read(ctx, ns, d)
+	rc, err := v.c.Read(ctx, ns, d)
 	if err != nil {
 		return nil, err
 	}
@@ -113,26 +113,40 @@ func (v verifying) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 	return vr, nil
 }
 
-// Down forwards the wrapped tier's health (see Health).
-func (v verifying) Down() error { return TierDown(v.Cache) }
-
-// VerifiedWriter is implemented by tiers that can store content the caller
-// has already verified against its digest (e.g. read from the local cache,
-// whose reads verify) without hashing it again.
-type VerifiedWriter interface {
-	WriteVerified(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error
-}
-
-// WriteVerified stores r, which the caller has verified yields d, in c: by
-// c's WriteVerified when it has one, else by Write.
-func WriteVerified(ctx context.Context, c Cache, ns Namespace, d *repb.Digest, r io.Reader) error {
-	if vw, ok := c.(VerifiedWriter); ok {
-		return vw.WriteVerified(ctx, ns, d, r)
+// ReadCompressed verifies a raw stream as Read does; zstd frames pass
+// unverified, as the contract of CompressedReader says.
+func (v verifying) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	rc, compressed, err := v.c.ReadCompressed(ctx, ns, d)
+	if err != nil || compressed {
+		return rc, compressed, err
 	}
-	return c.Write(ctx, ns, d, r)
+	vr, err := NewVerifyingReader(rc, ns.DigestFunction(), d)
+	if err != nil {
+		rc.Close()
+		return nil, false, err
+	}
+	return vr, false, nil
 }
 
-// WriteVerified forwards to the wrapped tier (see VerifiedWriter).
-func (v verifying) WriteVerified(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
-	return WriteVerified(ctx, v.Cache, ns, d, r)
+func (v verifying) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	return v.c.ReadRange(ctx, ns, d, off, n)
 }
+
+func (v verifying) FindMissing(ctx context.Context, ns Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+	return v.c.FindMissing(ctx, ns, ds)
+}
+
+func (v verifying) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+	return v.c.Write(ctx, ns, d, r)
+}
+
+func (v verifying) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error) {
+	return v.c.GetActionResult(ctx, ns, key)
+}
+
+func (v verifying) UpdateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) error {
+	return v.c.UpdateActionResult(ctx, ns, key, ar)
+}
+
+// Down forwards the wrapped tier's health (see Health).
+func (v verifying) Down() error { return TierDown(v.c) }

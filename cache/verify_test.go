@@ -52,7 +52,7 @@ func TestVerifying(t *testing.T) {
 				return
 			}
 			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
-				t.Fatalf("ReadAll: %v, want Internal naming the digest", err)
+				t.Fatalf("ReadAll: %v, want DataLoss naming the digest", err)
 			}
 		})
 	}
@@ -73,7 +73,7 @@ func TestVerifyingIsIdempotent(t *testing.T) {
 	if twice := cache.Verifying(once); twice != once {
 		t.Error("Verifying of a verifying cache wrapped it again")
 	}
-	if _, ok := once.(cache.ReadVerifier); !ok {
+	if !once.Traits().VerifiesReads {
 		t.Error("Verifying's result does not declare that it verifies")
 	}
 }

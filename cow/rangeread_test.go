@@ -28,7 +28,7 @@ const rangeCS = 256 << 10
 // gatedRemote is a remote tier whose whole-blob reads of chunks wait until
 // the gate opens, counting what it serves; ReadRange may flip a byte.
 type gatedRemote struct {
-	cache.Cache
+	cache.Tier
 	chunks map[string]bool // chunk digests whose Read waits
 	gate   chan struct{}
 	once   sync.Once
@@ -53,7 +53,7 @@ func (g *gatedRemote) Read(ctx context.Context, ns cache.Namespace, d *repb.Dige
 		}
 		n = &g.chunkBytes
 	}
-	b, err := cache.ReadAll(ctx, g.Cache, ns, d)
+	b, err := cache.ReadAll(ctx, g.Tier, ns, d)
 	if err != nil {
 		return nil, err
 	}
@@ -62,7 +62,7 @@ func (g *gatedRemote) Read(ctx context.Context, ns cache.Namespace, d *repb.Dige
 }
 
 func (g *gatedRemote) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
-	rr, ok := g.Cache.(cache.RangeReader)
+	rr, ok := g.Tier.(cache.RangeReader)
 	if !ok {
 		return nil, status.Error(codes.Unimplemented, "no range reads")
 	}
@@ -82,8 +82,18 @@ func (g *gatedRemote) ReadRange(ctx context.Context, ns cache.Namespace, d *repb
 	return io.NopCloser(bytes.NewReader(b)), nil
 }
 
-// noRanges hides a tier's range reads.
-type noRanges struct{ cache.Cache }
+// noRanges is a tier without range reads.
+type noRanges struct{ cache.Tier }
+
+func (n noRanges) Traits() cache.Traits {
+	t := n.Tier.Traits()
+	t.ServesRanges = false
+	return t
+}
+
+func (n noRanges) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, l int64) (io.ReadCloser, error) {
+	return nil, status.Errorf(codes.Unimplemented, "no range reads: %v", cache.ErrNoRange)
+}
 
 // rangeFixture saves a file of layout spec (see layout: 'd' data, 'h' hole)
 // plus a short tail into a remote local cache and returns its description,
@@ -118,7 +128,7 @@ func rangeFixture(t *testing.T, spec string, tail int, opts Options) (*snapshotp
 }
 
 // openCold opens cf through an empty local tier over remote.
-func openCold(t *testing.T, cf *snapshotpb.ChunkedFile, remote cache.Cache, opts Options) (*Store, *cache.ReadThrough) {
+func openCold(t *testing.T, cf *snapshotpb.ChunkedFile, remote cache.Tier, opts Options) (*Store, *cache.ReadThrough) {
 	t.Helper()
 	local, err := localcache.New(t.TempDir(), localcache.Options{})
 	if err != nil {
@@ -133,8 +143,8 @@ func openCold(t *testing.T, cf *snapshotpb.ChunkedFile, remote cache.Cache, opts
 	return s, rt
 }
 
-func gated(cf *snapshotpb.ChunkedFile, remote cache.Cache) *gatedRemote {
-	g := &gatedRemote{Cache: remote, chunks: map[string]bool{}, gate: make(chan struct{})}
+func gated(cf *snapshotpb.ChunkedFile, remote cache.Tier) *gatedRemote {
+	g := &gatedRemote{Tier: remote, chunks: map[string]bool{}, gate: make(chan struct{})}
 	for _, c := range cf.GetChunks() {
 		g.chunks[c.GetDigest().GetHash()] = true
 	}
@@ -222,7 +232,7 @@ func TestRangeReadFallbacks(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cf, remote, want := rangeFixture(t, "dhd", 5000, tc.save)
-			var r cache.Cache = remote
+			var r cache.Tier = remote
 			if tc.noRanges {
 				r = noRanges{remote}
 			}

@@ -27,14 +27,14 @@ func benchHost(b *testing.B, url string) (*localcache.Cache, *snapshot.Loader) {
 
 // benchHostWith is benchHost with the remote tier wrapped by wrap (nil:
 // as it is).
-func benchHostWith(b *testing.B, url string, wrap func(cache.Cache, *localcache.Cache) cache.Cache) (*localcache.Cache, *snapshot.Loader) {
+func benchHostWith(b *testing.B, url string, wrap func(cache.Tier, *localcache.Cache) cache.Tier) (*localcache.Cache, *snapshot.Loader) {
 	b.Helper()
 	lc, err := localcache.New(b.TempDir(), localcache.Options{MaxBytes: 16 << 30})
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { lc.Close() })
-	var tier cache.Cache = dial(b, url)
+	var tier cache.Tier = dial(b, url)
 	if wrap != nil {
 		tier = wrap(cache.Verifying(tier), lc)
 	}
@@ -49,7 +49,7 @@ func benchHostWith(b *testing.B, url string, wrap func(cache.Cache, *localcache.
 func saveRemote(b *testing.B, url, path string) { saveRemoteWith(b, url, path, nil) }
 
 // saveRemoteWith is saveRemote through a wrapped remote tier.
-func saveRemoteWith(b *testing.B, url, path string, wrap func(cache.Cache, *localcache.Cache) cache.Cache) {
+func saveRemoteWith(b *testing.B, url, path string, wrap func(cache.Tier, *localcache.Cache) cache.Tier) {
 	ctx := context.Background()
 	lc, l := benchHostWith(b, url, wrap)
 	ks, err := l.KeySet(ctx, task, snapshot.KeySetOptions{})

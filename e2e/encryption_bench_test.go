@@ -27,11 +27,11 @@ func BenchmarkEncryption(b *testing.B) {
 		b.Fatal(err)
 	}
 	keys, _ := encrypted.NewKeyring(k)
-	sealed := func(seal bool) func(cache.Cache, *localcache.Cache) cache.Cache {
+	sealed := func(seal bool) func(cache.Tier, *localcache.Cache) cache.Tier {
 		if !seal {
 			return nil
 		}
-		return func(tier cache.Cache, lc *localcache.Cache) cache.Cache {
+		return func(tier cache.Tier, lc *localcache.Cache) cache.Tier {
 			e, err := encrypted.New(tier, encrypted.Options{Keys: keys, TempDir: lc.TempDir()})
 			if err != nil {
 				b.Fatal(err)

@@ -272,7 +272,7 @@ func TestQEMURestoredLazilyEncrypted(t *testing.T) {
 		t.Fatal(err)
 	}
 	keys, _ := encrypted.NewKeyring(k)
-	seal := func(c cache.Cache) cache.Cache {
+	seal := func(c cache.Tier) cache.Tier {
 		e, err := encrypted.New(c, encrypted.Options{Keys: keys, TempDir: t.TempDir()})
 		if err != nil {
 			t.Fatal(err)

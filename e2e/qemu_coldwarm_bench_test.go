@@ -57,7 +57,7 @@ func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) 
 	h := &vmHost{local: lc, remote: cache.NewCounting(rc)}
 	// The remote client verifies what it reads; counting must not hide
 	// that, or the read-through tier would hash every chunk again.
-	if h.loader, err = snapshot.New(lc, verifiedCounting{h.remote}, snapshot.Options{}); err != nil {
+	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {
 		closeAll()
 		t.Fatal(err)
 	}
@@ -68,13 +68,6 @@ func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) 
 	return h, closeAll
 }
 
-// verifiedCounting counts reads of a remote client that verifies them
-// itself (cache.ReadVerifier), as the CLI's remote tier does.
-type verifiedCounting struct{ *cache.Counting }
-
-func (verifiedCounting) VerifiesReads() {}
-
-var _ cache.ReadVerifier = verifiedCounting{}
 
 // bootFill boots the fill guest on h with a disk, waits for COUNTER >= 3
 // (the area is filled and read back twice) and saves it locally and

@@ -116,7 +116,7 @@ func newVMHost(t testing.TB, url string) *vmHost {
 
 // newVMHostWith is newVMHost with the remote tier wrapped by wrap (e.g. in
 // client-side encryption); nil leaves it as it is.
-func newVMHostWith(t testing.TB, url string, wrap func(cache.Cache) cache.Cache) *vmHost {
+func newVMHostWith(t testing.TB, url string, wrap func(cache.Tier) cache.Tier) *vmHost {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -130,7 +130,7 @@ func newVMHostWith(t testing.TB, url string, wrap func(cache.Cache) cache.Cache)
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lc.Close() })
-	var tier cache.Cache = cache.Verifying(rc)
+	var tier cache.Tier = cache.Verifying(rc)
 	if wrap != nil {
 		tier = wrap(tier)
 	}

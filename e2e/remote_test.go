@@ -41,7 +41,7 @@ type host struct {
 	loader *snapshot.Loader
 }
 
-func newHost(t *testing.T, rc cache.Cache) *host {
+func newHost(t *testing.T, rc cache.Tier) *host {
 	t.Helper()
 	lc, err := localcache.New(t.TempDir(), localcache.Options{MaxBytes: 1 << 30})
 	if err != nil {

@@ -50,6 +50,7 @@ const (
 	Internal          = codes.Internal
 	Canceled          = codes.Canceled
 	DeadlineExceeded  = codes.DeadlineExceeded
+	Unimplemented     = codes.Unimplemented
 )
 
 // Error is an error of one kind. Its text is the message alone; its cause,

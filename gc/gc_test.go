@@ -73,10 +73,10 @@ func (b *bucket) tier(t testing.TB, now time.Time, mod func(*s3cache.Options)) *
 type host struct {
 	local  *localcache.Cache
 	loader *snapshot.Loader
-	remote cache.Cache
+	remote cache.Tier
 }
 
-func newHost(t testing.TB, remote cache.Cache, now time.Time) *host {
+func newHost(t testing.TB, remote cache.Tier, now time.Time) *host {
 	t.Helper()
 	local, err := localcache.New(t.TempDir(), localcache.Options{MaxBytes: 1 << 30})
 	if err != nil {
@@ -392,7 +392,7 @@ func TestCollectRetention(t *testing.T) {
 // hookTier runs a function before the first action-cache update: the
 // moment between a save's FindMissing calls and its manifest write.
 type hookTier struct {
-	cache.Cache
+	cache.Tier
 	once sync.Once
 	hook func()
 }
@@ -401,7 +401,7 @@ func (h *hookTier) UpdateActionResult(ctx context.Context, ns cache.Namespace, k
 	if _, err := snapshot.DecodeManifestEntry(ar); err == nil {
 		h.once.Do(h.hook)
 	}
-	return h.Cache.UpdateActionResult(ctx, ns, key, ar)
+	return h.Tier.UpdateActionResult(ctx, ns, key, ar)
 }
 
 // A collection that runs after a save found its clean chunks present and
@@ -444,7 +444,7 @@ func TestCollectDuringSave(t *testing.T) {
 				t.Fatal(err)
 			}
 			var rep *Report
-			tier := &hookTier{Cache: b.tier(t, base, func(o *s3cache.Options) { o.RefreshAfter = tc.refreshAfter }), hook: func() {
+			tier := &hookTier{Tier: b.tier(t, base, func(o *s3cache.Options) { o.RefreshAfter = tc.refreshAfter }), hook: func() {
 				var err error
 				rep, err = Run(context.Background(), S3(viewer), Options{Grace: time.Hour, Now: func() time.Time { return base }})
 				if err != nil {

@@ -525,7 +525,7 @@ func checkRestoreFailures(ctx context.Context, t *testing.T, tg *TestGuest, dir 
 				g.Close()
 				t.Fatal("Restore succeeded, want an error")
 			}
-			if status.Code(err) != codes.DataLoss {
+			if status.Code(err) != codes.Internal {
 				t.Errorf("error %v: code %v, want Internal", err, status.Code(err))
 			}
 			if !regexp.MustCompile(regexp.QuoteMeta(stateFile)).MatchString(err.Error()) {

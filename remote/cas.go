@@ -118,8 +118,20 @@ func (c *Client) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb
 	return missing, nil
 }
 
-// VerifiesReads tells cache.Verifying that Read already verifies.
-func (c *Client) VerifiesReads() {}
+// Traits: every read is verified as it is received (a compressed
+// transfer is decoded and verified too), and a server may answer reads of
+// part of a blob (unverified: the caller checks them against an outboard).
+func (c *Client) Traits() cache.Traits {
+	return cache.Traits{Description: c.target, VerifiesReads: true, ServesRanges: true}
+}
+
+// ReadCompressed is Read: the content, decoded and verified (the server's
+// zstd transfer is undone as it is received).
+func (c *Client) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	return cache.ReadWhole(ctx, c, ns, d)
+}
+
+var _ cache.Tier = (*Client)(nil)
 
 // Read opens a blob; its content is verified against d as it is read (a
 // mismatch is a DataLoss error at the end). A missing blob is NotFound.

@@ -131,7 +131,7 @@ func blob(n int, seed uint64) []byte {
 	return b
 }
 
-func readAll(t testing.TB, c cache.Cache, ns cache.Namespace, d *repb.Digest) []byte {
+func readAll(t testing.TB, c cache.Tier, ns cache.Namespace, d *repb.Digest) []byte {
 	t.Helper()
 	b, err := cache.ReadAll(context.Background(), c, ns, d)
 	if err != nil {
@@ -318,7 +318,7 @@ func TestFindMissingBatching(t *testing.T) {
 
 // snapshotEntry stores blobs and a tree and returns an ActionResult
 // referencing them, like a snapshot manifest.
-func snapshotEntry(t *testing.T, c cache.Cache, fn digest.Function) (*repb.ActionResult, []*repb.Digest) {
+func snapshotEntry(t *testing.T, c cache.Tier, fn digest.Function) (*repb.ActionResult, []*repb.Digest) {
 	t.Helper()
 	ctx := context.Background()
 	put := func(b []byte) *repb.Digest {
@@ -591,15 +591,20 @@ func TestReadResumes(t *testing.T) {
 }
 
 // corrupting is a backend that flips a byte of every blob it returns.
-type corrupting struct{ cache.Cache }
+type corrupting struct{ cache.Backend }
 
 func (c corrupting) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
-	b, err := cache.ReadAll(ctx, c.Cache, ns, d)
+	b, err := cache.ReadAll(ctx, c.Backend, ns, d)
 	if err != nil {
 		return nil, err
 	}
 	b[len(b)/2] ^= 0x40
 	return io.NopCloser(bytes.NewReader(b)), nil
+}
+
+// ReadCompressed is the corrupted Read.
+func (c corrupting) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	return cache.ReadWhole(ctx, c, ns, d)
 }
 
 func TestReadDetectsCorruption(t *testing.T) {

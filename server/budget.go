@@ -3,17 +3,14 @@ package server
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
-	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"golang.org/x/sync/semaphore"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
-	"github.com/snaploader/snaploader/cache/localcache"
 )
 
 // memBudget bounds the memory that streams of one kind in flight may hold
@@ -68,24 +65,8 @@ func (b *memBudget) inUse() int64 {
 }
 
 // space is disk space reserved for a file in the server's scratch
-// directory.
-type space interface {
-	Release()
-	// Resize changes the reservation; growing it may be ResourceExhausted.
-	Resize(n int64) error
-}
-
-// diskReserver is a backend that counts reservations together with its own
-// entries against one bound, evicting to make room (the local cache).
-type diskReserver interface {
-	Reserve(n int64) (*localcache.Reservation, error)
-}
-
-// filePutter is a backend that can take a verified upload file by
-// renaming it, counting its reservation over to the stored entry.
-type filePutter interface {
-	PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res *localcache.Reservation) error
-}
+// directory: the backend's own reservation, or the scratch budget's.
+type space = cache.Reservation
 
 // scratchBudget bounds the scratch space of uploads in flight for
 // backends that do not account for it (S3).
@@ -135,14 +116,12 @@ func (b *scratchBudget) reserve(n int64) (space, error) {
 }
 
 // reserve promises n bytes of disk to an upload: from the backend's own
-// bound when it accounts for reservations, else from the scratch budget.
+// bound when it keeps its blobs on this host's disk, else from the scratch
+// budget.
 func (s *Server) reserve(n int64) (space, error) {
-	if r, ok := s.backend.(diskReserver); ok {
-		res, err := r.Reserve(n)
-		if err != nil {
-			return nil, err
-		}
-		return res, nil
+	res, err := s.backend.Reserve(n)
+	if err != nil || res != nil {
+		return res, err
 	}
 	return s.scratch.reserve(n)
 }

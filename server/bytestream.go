@@ -37,32 +37,6 @@ var encPool = sync.Pool{New: func() any {
 	return e
 }}
 
-// compressedReader is a backend that may store blobs zstd-compressed at
-// rest: ReadCompressed opens blob d as it is stored, and the bool says
-// whether the stream is zstd frames that decode to d's content (else it is
-// the raw content, verified as Read verifies it).
-type compressedReader interface {
-	ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error)
-}
-
-// compressedReadVerifier is a compressedReader whose zstd streams carry
-// bytes it has verified to decode to the blob, checked again as they are
-// read (a stream whose bytes differ ends with a DataLoss error instead of
-// io.EOF): the server passes them on without decoding them. The frames of
-// other backends are decoded alongside and the content hashed.
-type compressedReadVerifier interface {
-	VerifiesCompressedReads()
-}
-
-// rangeVerifier is a backend whose ReadRange (it is a cache.RangeReader)
-// returns only content it has verified against the digest: a corrupt blob
-// is a corrupt error (cache.IsCorrupt), and the backend drops it. The
-// server answers a read of part of a blob from that range alone instead
-// of reading and hashing the whole blob (see ranged).
-type rangeVerifier interface {
-	VerifiesRanges()
-}
-
 // Read streams a blob, optionally zstd-compressed. The server verifies the
 // whole blob as it streams it and holds back the last message until it is
 // verified: a blob corrupted at rest is never served whole, the read fails
@@ -109,9 +83,10 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 	var src io.Reader = eofReader{}
 	if d.SizeBytes > 0 {
 		var rc io.ReadCloser
-		if cr, ok := s.backend.(compressedReader); ok && r.compressed && req.ReadOffset == 0 {
+		if r.compressed && req.ReadOffset == 0 {
+			// A backend that stores blobs compressed hands over its frames.
 			var zst bool
-			if rc, zst, err = cr.ReadCompressed(ctx, ns, d); err != nil {
+			if rc, zst, err = s.backend.ReadCompressed(ctx, ns, d); err != nil {
 				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 			}
 			if zst {
@@ -179,7 +154,9 @@ func (s *Server) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) 
 // sendStored sends the stored zstd frames rc of d, verified (see Read),
 // and closes rc.
 func (s *Server) sendStored(ctx context.Context, ns cache.Namespace, d *repb.Digest, rc io.ReadCloser, out *chunkSender) error {
-	if _, ok := s.backend.(compressedReadVerifier); !ok {
+	// Frames a backend checks as they are read pass on without decoding;
+	// others are decoded alongside and the content hashed.
+	if !s.backend.Traits().VerifiesCompressedReads {
 		vr, err := cache.NewZstdVerifyingReader(rc, ns.Function, d)
 		if err != nil {
 			rc.Close()
@@ -209,16 +186,6 @@ func (s *Server) sendStored(ctx context.Context, ns cache.Namespace, d *repb.Dig
 	return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 }
 
-// rangeReader is the backend as a cache.RangeReader that verifies what it
-// returns, or nil.
-func (s *Server) rangeReader() cache.RangeReader {
-	if _, ok := s.backend.(rangeVerifier); !ok {
-		return nil
-	}
-	rr, _ := s.backend.(cache.RangeReader)
-	return rr
-}
-
 // ranged reports whether a read of n bytes of d from off is answered from
 // the range alone: a part of the blob, from a backend that verifies ranges
 // itself. A whole blob is always hashed by the server as it is sent, so
@@ -226,14 +193,14 @@ func (s *Server) rangeReader() cache.RangeReader {
 // already verified it once); a client checks a range it reads against the
 // chunk's outboard, and falls back to the whole blob if it does not match.
 func (s *Server) ranged(d *repb.Digest, off, n int64) bool {
-	return s.rangeReader() != nil && (off > 0 || n < d.SizeBytes)
+	return s.backend.Traits().VerifiesRanges && (off > 0 || n < d.SizeBytes)
 }
 
 // openRead opens the content of d for a read of n bytes from off: the
 // range alone when ranged, else the whole blob from its start.
 func (s *Server) openRead(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
-	if rr := s.rangeReader(); rr != nil && s.ranged(d, off, n) {
-		return rr.ReadRange(ctx, ns, d, off, n)
+	if s.ranged(d, off, n) {
+		return s.backend.ReadRange(ctx, ns, d, off, n)
 	}
 	return s.backend.Read(ctx, ns, d)
 }
@@ -252,19 +219,12 @@ func (s *Server) readFailed(ctx context.Context, ns cache.Namespace, d *repb.Dig
 	return fmt.Errorf("reading blob %s at offset %d: %w", digest.String(d), off, err)
 }
 
-// discarder is a backend that can drop a blob found corrupt.
-type discarder interface {
-	Discard(ctx context.Context, ns cache.Namespace, d *repb.Digest) error
-}
-
 // dropCorrupt removes d from the backend after a read found it corrupt.
 func (s *Server) dropCorrupt(ctx context.Context, ns cache.Namespace, d *repb.Digest, cause error) {
 	s.m.corrupt.Inc()
 	s.log.Warn("dropping a corrupt blob", "digest", digest.String(d), "err", cause)
-	if dc, ok := s.backend.(discarder); ok {
-		if err := dc.Discard(context.WithoutCancel(ctx), ns, d); err != nil {
-			s.log.Error("dropping a corrupt blob", "digest", digest.String(d), "err", err)
-		}
+	if err := s.backend.Discard(context.WithoutCancel(ctx), ns, d); err != nil {
+		s.log.Error("dropping a corrupt blob", "digest", digest.String(d), "err", err)
 	}
 }
 

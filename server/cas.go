@@ -1,7 +1,6 @@
 package server
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"time"
@@ -47,12 +46,6 @@ func (s *Server) rpcStatus(err error) *spb.Status {
 		return &spb.Status{}
 	}
 	return status.Convert(s.san.clean(err)).Proto()
-}
-
-// hashedPutter is a backend that stores bytes already verified against
-// their digest without hashing them again (the local cache).
-type hashedPutter interface {
-	PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error
 }
 
 // BatchUpdateBlobs verifies and stores small blobs.
@@ -109,12 +102,8 @@ func (s *Server) storeSmall(ctx context.Context, ns cache.Namespace, r *repb.Bat
 	if r.Digest.SizeBytes == 0 {
 		return nil
 	}
-	put := func() error { return s.backend.Write(ctx, ns, r.Digest, bytes.NewReader(r.Data)) }
-	if hp, ok := s.backend.(hashedPutter); ok {
-		// Just verified above: store without hashing again.
-		put = func() error { return hp.PutHashed(ctx, ns, r.Digest, r.Data) }
-	}
-	if err := put(); err != nil {
+	// Just verified above: stored without hashing again.
+	if err := s.backend.PutHashed(ctx, ns, r.Digest, r.Data); err != nil {
 		return fmt.Errorf("storing blob %s: %w", digest.String(r.Digest), err)
 	}
 	return nil

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io"
-	"os"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
@@ -12,22 +11,12 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/snaploader/snaploader/cache"
-	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
 )
 
 // compressedLimit is the most zstd data an upload of d may send.
 func compressedLimit(d *repb.Digest) int64 { return d.SizeBytes + d.SizeBytes/8 + 64<<10 }
-
-// compressedFilePutter is a backend that stores blobs compressed at rest
-// when Compression says so, and can take a verified zstd upload's frames
-// (the first n bytes of f) by renaming the file.
-type compressedFilePutter interface {
-	Compression() bool
-	PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res *localcache.Reservation) error
-}
 
 // receiveCompressed decodes a zstd upload as its messages arrive and
 // returns the compressed bytes received. With frames false the decoded

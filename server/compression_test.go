@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net/http/httptest"
 	"os"
@@ -25,19 +24,15 @@ import (
 	"github.com/snaploader/snaploader/server"
 )
 
-// unvouched is the local cache as a backend that stores frames it does not
-// verify itself: it offers only cache.Cache, Discard and ReadCompressed.
-type unvouched struct {
-	cache.Cache
-	lc *localcache.Cache
-}
+// unvouched is the local cache as a backend that does not vouch for the
+// frames it stores: its compressed reads and ranges are not verified, and
+// it takes uploads decoded.
+type unvouched struct{ *localcache.Cache }
 
-func (u unvouched) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
-	return u.lc.ReadCompressed(ctx, ns, d)
-}
-
-func (u unvouched) Discard(ctx context.Context, ns cache.Namespace, d *repb.Digest) error {
-	return u.lc.Discard(ctx, ns, d)
+func (u unvouched) Traits() cache.Traits {
+	t := u.Cache.Traits()
+	t.VerifiesCompressedReads, t.VerifiesRanges, t.StoresCompressed = false, false, false
+	return t
 }
 
 type compressedEnv struct {
@@ -54,9 +49,9 @@ func startCompressed(t *testing.T, vouched bool) compressedEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var backend cache.Cache = lc
+	var backend cache.Backend = lc
 	if !vouched {
-		backend = unvouched{lc, lc}
+		backend = unvouched{lc}
 	}
 	reg := prometheus.NewRegistry()
 	return compressedEnv{serveOn(t, lc, backend, server.Options{TempDir: lc.TempDir(), Registry: reg}), reg}

@@ -11,27 +11,18 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
-	"github.com/snaploader/snaploader/cache/localcache"
-	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/inventorypb"
 	"github.com/snaploader/snaploader/statuspage"
 )
 
-// inventoryStore is the Store one group's listing reads: Options.Inventory,
-// else the backend's own (a local cache directory or an S3 tier).
+// inventoryStore is the Store one group's listing reads (Options.Inventory).
 func (s *Server) inventoryStore(group string) (gc.Store, error) {
 	if s.opts.Inventory != nil {
 		return s.opts.Inventory(group), nil
 	}
-	switch b := s.backend.(type) {
-	case *localcache.Cache:
-		return gc.LocalCache(b, group), nil
-	case *s3cache.Cache:
-		return gc.S3Group(b, group), nil
-	}
-	return nil, status.Errorf(codes.Unimplemented, "this server's backend (%T) cannot list its contents", s.backend)
+	return nil, status.Errorf(codes.Unimplemented, "this server's backend (%s) cannot list its contents", s.backend.Traits().Description)
 }
 
 // ListSnapshots lists the snapshots of the caller's group. Read-only keys
@@ -219,12 +210,4 @@ func stateOf(sn *gc.Snapshot, l gc.Listing) string {
 	return "expired"
 }
 
-func (s *Server) describe() string {
-	switch b := s.backend.(type) {
-	case *localcache.Cache:
-		return "directory " + b.Dir()
-	case fmt.Stringer:
-		return b.String()
-	}
-	return fmt.Sprintf("%T", s.backend)
-}
+func (s *Server) describe() string { return s.backend.Traits().Description }

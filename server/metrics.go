@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/snaploader/snaploader/cache"
 	"google.golang.org/grpc/status"
 )
 
@@ -23,10 +24,7 @@ type metrics struct {
 	acHits, acMisses, casHits, casMisses atomic.Int64
 }
 
-// evictionCounter is a backend that counts its evictions (the local cache).
-type evictionCounter interface{ Evictions() int64 }
-
-func newMetrics(reg prometheus.Registerer, backend any, uploadMemory func() float64) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, backend cache.Backend, uploadMemory func() float64) (*metrics, error) {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "snaploader_server_requests_total",
@@ -63,11 +61,11 @@ func newMetrics(reg prometheus.Registerer, backend any, uploadMemory func() floa
 			Name: "snaploader_server_upload_memory_bytes",
 			Help: "Memory charged to uploads in flight (bounded by --max-upload-memory).",
 		}, uploadMemory)}
-	if ec, ok := backend.(evictionCounter); ok {
+	if backend.Traits().MaxBytes > 0 {
 		collectors = append(collectors, prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "snaploader_server_evictions_total",
 			Help: "Entries the backing cache evicted to stay under its bound.",
-		}, func() float64 { return float64(ec.Evictions()) }))
+		}, func() float64 { return float64(backend.Evictions()) }))
 	}
 	for _, c := range collectors {
 		if err := reg.Register(c); err != nil {

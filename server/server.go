@@ -1,6 +1,6 @@
 // Package server is an REAPI v2 cache server (Capabilities, ActionCache,
 // ContentAddressableStorage and ByteStream, including zstd compressed-blobs)
-// over any cache.Cache backend.
+// over any cache.Backend.
 //
 // API keys map requests to groups (cache.Namespace.Group), so tenants never
 // see each other's action-cache entries; a key may be read-only. Every blob
@@ -107,8 +107,8 @@ type Options struct {
 	// from clients (default slog.Default()).
 	Logger *slog.Logger
 	// Inventory is the Store a group's listing (ListSnapshots, the status
-	// page) reads; nil means the backend's own when it is a local cache
-	// directory or an S3 tier, and listing is Unimplemented otherwise.
+	// page) reads, over the backend (gc.LocalCache or gc.S3Group of it);
+	// nil: listing is Unimplemented.
 	Inventory func(group string) gc.Store
 	// Retention is the retention the status page judges snapshots' states
 	// by (default gc.DefaultRetention).
@@ -129,12 +129,9 @@ const (
 // transport may buffer for an upload its handler has not read yet.
 const streamWindow = 4 << 20
 
-// bounded is a backend with a byte bound (the local cache).
-type bounded interface{ MaxBytes() int64 }
-
 // Server implements the REAPI cache services over a cache.Cache.
 type Server struct {
-	backend  cache.Cache
+	backend  cache.Backend
 	opts     Options
 	fns      map[digest.Function]bool
 	m        *metrics
@@ -158,7 +155,7 @@ type Server struct {
 }
 
 // New returns a Server over backend.
-func New(backend cache.Cache, opts Options) (*Server, error) {
+func New(backend cache.Backend, opts Options) (*Server, error) {
 	if backend == nil {
 		return nil, fmt.Errorf("server: nil backend")
 	}
@@ -183,8 +180,8 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 	}
 	if opts.MaxBlobBytes <= 0 {
 		opts.MaxBlobBytes = DefaultMaxBlobBytes
-		if b, ok := backend.(bounded); ok {
-			opts.MaxBlobBytes = max(b.MaxBytes()/4, 1)
+		if mb := backend.Traits().MaxBytes; mb > 0 {
+			opts.MaxBlobBytes = max(mb/4, 1)
 		}
 	}
 	if opts.MaxScratchBytes <= 0 {
@@ -212,8 +209,8 @@ func New(backend cache.Cache, opts Options) (*Server, error) {
 	if abs, err := filepath.Abs(opts.TempDir); err == nil {
 		dirs = append(dirs, abs, filepath.Clean(opts.TempDir))
 	}
-	if d, ok := backend.(interface{ Dir() string }); ok {
-		dirs = append(dirs, d.Dir())
+	if d := backend.Traits().Dir; d != "" {
+		dirs = append(dirs, d)
 	}
 	s.san = newSanitizer(dirs...)
 	for _, fn := range opts.DigestFunctions {

@@ -26,6 +26,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/inventorypb"
 	"github.com/snaploader/snaploader/server"
 )
@@ -53,8 +54,11 @@ func start(t *testing.T, opts server.Options) *env {
 }
 
 // serveOn serves backend (over the local cache lc) until the test ends.
-func serveOn(t *testing.T, lc *localcache.Cache, backend cache.Cache, opts server.Options) *env {
+func serveOn(t *testing.T, lc *localcache.Cache, backend cache.Backend, opts server.Options) *env {
 	t.Helper()
+	if opts.Inventory == nil && backend == cache.Backend(lc) {
+		opts.Inventory = func(group string) gc.Store { return gc.LocalCache(lc, group) }
+	}
 	srv, err := server.New(backend, opts)
 	if err != nil {
 		t.Fatal(err)

@@ -13,7 +13,6 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
-	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 )
 
@@ -103,12 +102,11 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 	// A backend that stores blobs compressed takes a zstd upload's frames
 	// as they came (the upload file holds them, bounded by the same limit
 	// as the stream); otherwise the file holds the decoded content.
-	cfp, _ := s.backend.(compressedFilePutter)
-	if !r.compressed || cfp == nil || !cfp.Compression() {
-		cfp = nil
-	}
+	// A backend that stores blobs compressed takes a verified zstd
+	// upload's frames as they are (the first n bytes of the upload file).
+	keepFrames := r.compressed && s.backend.Traits().StoresCompressed
 	claim := d.SizeBytes
-	if cfp != nil {
+	if keepFrames {
 		claim = compressedLimit(d)
 	}
 	key := uploadKey{group: ns.Group, name: req.ResourceName}
@@ -120,10 +118,9 @@ func (s *Server) Write(stream bspb.ByteStream_WriteServer) (err error) {
 	defer func() { s.uploads.release(u, keep) }()
 	var cs int64
 	switch {
-	case cfp != nil:
+	case keepFrames:
 		if cs, err = s.receiveCompressed(ctx, rx, key.name, ns.Function, d, u, req, true); err == nil {
-			res, _ := u.space.(*localcache.Reservation)
-			if err = cfp.PutCompressedFile(ctx, ns, d, u.f, u.size, res); err == nil {
+			if err = s.backend.PutCompressedFile(ctx, ns, d, u.f, u.size, u.space); err == nil {
 				u.stored = true
 			}
 		}
@@ -218,15 +215,11 @@ func (s *Server) commit(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	if err := v.Check(); err != nil {
 		return status.Errorf(codes.InvalidArgument, "data does not match its digest: %v", err)
 	}
-	if fp, ok := s.backend.(filePutter); ok {
-		res, _ := u.space.(*localcache.Reservation)
-		if err := fp.PutFile(ctx, ns, d, u.f, res); err != nil {
-			return err
-		}
-		u.stored = true
-		return nil
+	if err := s.backend.PutFile(ctx, ns, d, u.f, u.space); err != nil {
+		return err
 	}
-	return s.backend.Write(ctx, ns, d, io.NewSectionReader(u.f, 0, u.size))
+	u.stored = true
+	return nil
 }
 
 // QueryWriteStatus reports how much of an interrupted upload the server

@@ -21,7 +21,7 @@ import (
 // lookups are held until n callers have all read "no version": the worst
 // interleaving of n hosts saving a new key at once.
 type racingVersions struct {
-	cache.Cache
+	cache.Tier
 	n       int
 	mu      sync.Mutex
 	waiting int
@@ -29,12 +29,12 @@ type racingVersions struct {
 	raced   atomic.Bool
 }
 
-func newRacingVersions(c cache.Cache, n int) *racingVersions {
-	return &racingVersions{Cache: c, n: n, release: make(chan struct{})}
+func newRacingVersions(c cache.Tier, n int) *racingVersions {
+	return &racingVersions{Tier: c, n: n, release: make(chan struct{})}
 }
 
 func (r *racingVersions) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
-	ar, err := r.Cache.GetActionResult(ctx, ns, key)
+	ar, err := r.Tier.GetActionResult(ctx, ns, key)
 	if !cache.IsNotFound(err) || key.GetHash() != VersionKey(&snapshotpb.SnapshotKey{InstanceName: testTask.InstanceName, PlatformHash: testTask.PlatformHash, ConfigurationHash: testTask.ConfigurationHash}).GetHash() || r.raced.Load() {
 		return ar, err
 	}
@@ -147,7 +147,7 @@ func TestConcurrentFirstSavesOnOneCacheDirectory(t *testing.T) {
 // invalidatingTier invalidates the key (as another host would) just before
 // the first manifest is written to it.
 type invalidatingTier struct {
-	cache.Cache
+	cache.Tier
 	once  sync.Once
 	other *Loader
 	key   *snapshotpb.SnapshotKey
@@ -161,7 +161,7 @@ func (t *invalidatingTier) UpdateActionResult(ctx context.Context, ns cache.Name
 			}
 		})
 	}
-	return t.Cache.UpdateActionResult(ctx, ns, key, ar)
+	return t.Tier.UpdateActionResult(ctx, ns, key, ar)
 }
 
 // A save that an invalidation overtakes is not republished under the new
@@ -170,7 +170,7 @@ func TestSaveOvertakenByInvalidation(t *testing.T) {
 	ctx := context.Background()
 	shared := newHost(t, nil, Options{}).local
 	other := newHost(t, shared, Options{})
-	tier := &invalidatingTier{Cache: shared, other: other.loader}
+	tier := &invalidatingTier{Tier: shared, other: other.loader}
 	h := newHost(t, tier, Options{})
 	ks := h.keys(t, taskOn("main", "", "main"))
 	tier.key = ks.GetWriteKey()
@@ -234,7 +234,7 @@ func TestVersionsAndManifestsIgnoreTheDigestFunction(t *testing.T) {
 
 // switchable is a remote tier that can be taken down.
 type switchable struct {
-	cache.Cache
+	cache.Tier
 	down atomic.Bool
 }
 
@@ -249,35 +249,35 @@ func (s *switchable) FindMissing(ctx context.Context, ns cache.Namespace, ds []*
 	if err := s.check(); err != nil {
 		return nil, err
 	}
-	return s.Cache.FindMissing(ctx, ns, ds)
+	return s.Tier.FindMissing(ctx, ns, ds)
 }
 
 func (s *switchable) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	if err := s.check(); err != nil {
 		return nil, err
 	}
-	return s.Cache.GetActionResult(ctx, ns, key)
+	return s.Tier.GetActionResult(ctx, ns, key)
 }
 
 func (s *switchable) UpdateActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest, ar *repb.ActionResult) error {
 	if err := s.check(); err != nil {
 		return err
 	}
-	return s.Cache.UpdateActionResult(ctx, ns, key, ar)
+	return s.Tier.UpdateActionResult(ctx, ns, key, ar)
 }
 
 func (s *switchable) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
 	if err := s.check(); err != nil {
 		return err
 	}
-	return s.Cache.Write(ctx, ns, d, r)
+	return s.Tier.Write(ctx, ns, d, r)
 }
 
 func (s *switchable) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	if err := s.check(); err != nil {
 		return nil, err
 	}
-	return s.Cache.Read(ctx, ns, d)
+	return s.Tier.Read(ctx, ns, d)
 }
 
 // A remote outage degrades to the local tier: the host restores what it
@@ -287,7 +287,7 @@ func (s *switchable) Read(ctx context.Context, ns cache.Namespace, d *repb.Diges
 func TestRemoteOutageDegradesToLocal(t *testing.T) {
 	ctx := context.Background()
 	shared := newHost(t, nil, Options{}).local
-	remote := &switchable{Cache: shared}
+	remote := &switchable{Tier: shared}
 	h := newHost(t, cache.WithBreaker(remote, cache.BreakerOptions{Name: "test remote"}), Options{})
 	ks := h.keys(t, taskOn("main", "", "main"))
 	mem, files := vmFiles(t, t.TempDir(), 90, 256<<10)
@@ -347,7 +347,7 @@ func TestRemoteOutageDegradesToLocal(t *testing.T) {
 // after FindMissing reported them present to a save: the window between a
 // save's FindMissing and its manifest write.
 type collecting struct {
-	cache.Cache
+	cache.Tier
 	lc interface {
 		Discard(context.Context, cache.Namespace, *repb.Digest) error
 	}
@@ -356,7 +356,7 @@ type collecting struct {
 }
 
 func (c *collecting) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
-	missing, err := c.Cache.FindMissing(ctx, ns, ds)
+	missing, err := c.Tier.FindMissing(ctx, ns, ds)
 	if err != nil || len(missing) == len(ds) {
 		return missing, err
 	}
@@ -386,7 +386,7 @@ func TestSaveRepairsBlobsCollectedMeanwhile(t *testing.T) {
 	first.save(t, ks.GetWriteKey(), mem, files, true)
 	// A second host saves the same data: every blob is present remotely,
 	// and a collection removes them just after FindMissing said so.
-	tier := &collecting{Cache: shared, lc: shared}
+	tier := &collecting{Tier: shared, lc: shared}
 	h := newHost(t, tier, Options{})
 	res := h.save(t, ks.GetWriteKey(), mem, files, true)
 	if tier.lost.Load() == 0 {

@@ -278,8 +278,8 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 		}
 	}
 	find := primary.FindMissing
-	if ix, ok := primary.(indexedFinder); ok && primary == cache.Cache(l.local) {
-		find = ix.FindMissingIndexed
+	if primary == cache.Cache(l.local) {
+		find = l.local.FindMissingIndexed
 	}
 	missing, err := find(ctx, ns, blobs)
 	if err != nil {
@@ -299,13 +299,6 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 		return nil, 0, false, status.Errorf(codes.NotFound, "%d referenced blobs are in neither tier, e.g. %s", len(still), describeBlob(m, still[0]))
 	}
 	return m, dm.function, true, nil
-}
-
-// indexedFinder is a local cache that can answer FindMissing from its
-// index (see localcache.Cache.FindMissingIndexed): a restore checks every
-// chunk, and a blob removed meanwhile is fetched again when it is opened.
-type indexedFinder interface {
-	FindMissingIndexed(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error)
 }
 
 // readTree reads a tree blob from the local cache, else (when allowed) from

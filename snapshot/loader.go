@@ -22,16 +22,6 @@ import (
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
-// LocalCache is the host's own tier.
-type LocalCache interface {
-	cache.Cache
-	cache.Opener
-	// Pin keeps blobs from eviction until release is called.
-	Pin(ns cache.Namespace, ds []*repb.Digest) (release func())
-	// TempDir is a directory on the cache's filesystem.
-	TempDir() string
-}
-
 // ReadPolicy says where GetSnapshot may look (SPEC §5).
 type ReadPolicy int
 
@@ -134,8 +124,8 @@ type Options struct {
 
 // Loader saves and loads snapshots.
 type Loader struct {
-	local  LocalCache
-	remote cache.Cache // nil when there is no remote tier
+	local  cache.Local
+	remote cache.Tier // nil when there is no remote tier
 	opts   Options
 
 	mu        sync.Mutex
@@ -144,7 +134,7 @@ type Loader struct {
 
 // New returns a Loader over local and an optional remote tier (nil for
 // none).
-func New(local LocalCache, remote cache.Cache, opts Options) (*Loader, error) {
+func New(local cache.Local, remote cache.Tier, opts Options) (*Loader, error) {
 	if local == nil {
 		return nil, status.Error(codes.InvalidArgument, "a local cache is required")
 	}
@@ -397,21 +387,14 @@ func (l *Loader) localVersion(ctx context.Context, key *snapshotpb.SnapshotKey) 
 	if err != nil {
 		return "", err
 	}
-	if cr, ok := l.local.(cache.Creator); ok {
-		stored, _, err := cr.CreateActionResult(ctx, ns, VersionKey(key), fresh)
-		if err != nil {
-			return "", fmt.Errorf("creating version of key %s: %w", keyString(key), err)
-		}
-		if v, _ := versionFromResult(stored); v != "" {
-			return v, nil
-		}
-		return "", cache.Corruptf("version entry of key %s holds no version id", keyString(key))
+	stored, _, err := l.local.CreateActionResult(ctx, ns, VersionKey(key), fresh)
+	if err != nil {
+		return "", fmt.Errorf("creating version of key %s: %w", keyString(key), err)
 	}
-	if err := l.local.UpdateActionResult(ctx, ns, VersionKey(key), fresh); err != nil {
-		return "", fmt.Errorf("writing version of key %s: %w", keyString(key), err)
+	if v, _ := versionFromResult(stored); v != "" {
+		return v, nil
 	}
-	v, _ := versionFromResult(fresh)
-	return v, nil
+	return "", cache.Corruptf("version entry of key %s holds no version id", keyString(key))
 }
 
 // storedVersion reads the version id that CurrentVersion would return now,

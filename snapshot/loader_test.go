@@ -36,7 +36,7 @@ type host struct {
 	loader *Loader
 }
 
-func newHost(t *testing.T, remote cache.Cache, opts Options) *host {
+func newHost(t *testing.T, remote cache.Tier, opts Options) *host {
 	t.Helper()
 	dir := t.TempDir()
 	lc, err := localcache.New(dir, localcache.Options{MaxBytes: 1 << 30})
@@ -216,7 +216,7 @@ func TestInvalidate(t *testing.T) {
 
 // expiring hides version entries, as a cache that expired them would.
 type expiring struct {
-	cache.Cache
+	cache.Tier
 	hide atomic.Bool
 }
 
@@ -224,12 +224,12 @@ func (e *expiring) GetActionResult(ctx context.Context, ns cache.Namespace, key 
 	if e.hide.Load() && key.GetHash() == VersionKey(&snapshotpb.SnapshotKey{InstanceName: testTask.InstanceName, PlatformHash: testTask.PlatformHash, ConfigurationHash: testTask.ConfigurationHash}).GetHash() {
 		return nil, cache.NotFoundf("version entry expired")
 	}
-	return e.Cache.GetActionResult(ctx, ns, key)
+	return e.Tier.GetActionResult(ctx, ns, key)
 }
 
 func TestExpiredVersionNeverResurrectsOldSnapshot(t *testing.T) {
 	remoteHost := newHost(t, nil, Options{})
-	exp := &expiring{Cache: remoteHost.local}
+	exp := &expiring{Tier: remoteHost.local}
 	h := newHost(t, exp, Options{})
 	mem, files := vmFiles(t, t.TempDir(), 3, 1<<20)
 	ks := h.keys(t, taskOn("main", "", "main"))
@@ -275,13 +275,13 @@ func TestStaleFallback(t *testing.T) {
 
 // failingManifests fails manifest writes, as a crash before the manifest
 // would leave things.
-type failingManifests struct{ cache.Cache }
+type failingManifests struct{ cache.Tier }
 
 func (f failingManifests) UpdateActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest, ar *repb.ActionResult) error {
 	if len(ar.GetOutputDirectories()) > 0 {
 		return status.Error(codes.Unavailable, "disk gone")
 	}
-	return f.Cache.UpdateActionResult(ctx, ns, key, ar)
+	return f.Tier.UpdateActionResult(ctx, ns, key, ar)
 }
 
 func TestCrashBeforeManifestKeepsPreviousSnapshot(t *testing.T) {
@@ -318,11 +318,11 @@ func TestCrashBeforeManifestKeepsPreviousSnapshot(t *testing.T) {
 	}
 }
 
-// localWith routes a LocalCache's Cache methods through c (a wrapper of
+// localWith routes a local tier's Cache methods through c (a wrapper of
 // the same cache).
 type localWith struct {
-	LocalCache
-	c cache.Cache
+	cache.Local
+	c cache.Tier
 }
 
 func (l localWith) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
@@ -335,6 +335,10 @@ func (l localWith) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest)
 
 func (l localWith) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
 	return l.c.Write(ctx, ns, d, r)
+}
+
+func (l localWith) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return l.c.Write(ctx, ns, d, bytes.NewReader(data))
 }
 
 func (l localWith) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"sort"
 	"sync"
@@ -585,13 +584,7 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*rep
 				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 			}
 			defer rc.Close()
-			write := dst.Write
-			if src == cache.Cache(l.local) {
-				write = func(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
-					return cache.WriteVerified(ctx, dst, ns, d, r) // local reads verify
-				}
-			}
-			if err := write(gctx, ns, d, rc); err != nil {
+			if err := dst.Write(gctx, ns, d, rc); err != nil {
 				return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 			}
 			mu.Lock()

@@ -34,6 +34,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/fusefs"
@@ -152,7 +153,7 @@ type Options struct {
 	Loader *snapshot.Loader
 	// Local is the Loader's local tier: a booted guest's files are split
 	// into it on save. Required.
-	Local snapshot.LocalCache
+	Local cache.Local
 	// QEMUPath is the emulator ("qemu-system-x86_64" from PATH when empty).
 	QEMUPath string
 	// Accel is "tcg" (default) or "kvm".

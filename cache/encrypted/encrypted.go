@@ -44,6 +44,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -63,7 +64,7 @@ type Options struct {
 // It implements cache.Cache over plaintext digests, and cache.Health when
 // the wrapped tier does.
 type Cache struct {
-	inner cache.Cache
+	inner cache.Tier
 	opts  Options
 
 	mu sync.Mutex
@@ -82,7 +83,7 @@ type plainKey struct {
 }
 
 // New wraps inner.
-func New(inner cache.Cache, opts Options) (*Cache, error) {
+func New(inner cache.Tier, opts Options) (*Cache, error) {
 	if opts.Keys == nil {
 		return nil, status.Error(codes.InvalidArgument, "encrypted tier: a keyring is required")
 	}
@@ -226,18 +227,28 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return c.write(ctx, ns, d, vr)
 }
 
-// WriteVerified is Write of a plaintext the caller has verified (see
-// cache.VerifiedWriter): it is not hashed again.
-func (c *Cache) WriteVerified(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
-	return c.write(ctx, ns, d, r)
+// Traits: reads are verified (a sealed blob opens only under the key
+// derived from its plaintext digest, every segment authenticated, and a
+// blob stored in the clear is verified by the wrapped tier, which New
+// wraps in cache.Verifying when it does not verify itself); sealed blobs
+// have no range or compressed reads.
+func (c *Cache) Traits() cache.Traits {
+	t := c.inner.Traits()
+	return cache.Traits{Description: "encrypted " + t.Description, VerifiesReads: true, MaxBytes: t.MaxBytes}
 }
 
-// VerifiesReads marks the tier as verifying what it returns (see
-// cache.ReadVerifier): a sealed blob opens only under the key derived from
-// its plaintext digest, every segment authenticated, and a blob stored in
-// the clear is verified by the wrapped tier (New wraps it in
-// cache.Verifying when it does not verify itself).
-func (c *Cache) VerifiesReads() {}
+// ReadRange is an error wrapping cache.ErrNoRange: a sealed blob is read
+// whole.
+func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	return nil, errkind.New(errkind.Unimplemented, "encrypted tier: blob %s at [%d, %d): %w", digest.String(d), off, off+n, cache.ErrNoRange)
+}
+
+// ReadCompressed is Read: the plaintext, verified.
+func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+	return cache.ReadWhole(ctx, c, ns, d)
+}
+
+var _ cache.Tier = (*Cache)(nil)
 
 func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, vr io.Reader) error {
 	fn := ns.DigestFunction()

@@ -55,7 +55,7 @@ func newInner(t testing.TB) *localcache.Cache {
 	return lc
 }
 
-func wrap(t testing.TB, inner cache.Cache, r *Keyring) *Cache {
+func wrap(t testing.TB, inner cache.Tier, r *Keyring) *Cache {
 	t.Helper()
 	c, err := New(inner, Options{Keys: r, TempDir: t.TempDir(), MemoryLimit: 256 << 10})
 	if err != nil {
@@ -77,7 +77,7 @@ func blobWith(seed uint64, n int) []byte {
 	return b
 }
 
-func put(t testing.TB, c cache.Cache, b []byte) *repb.Digest {
+func put(t testing.TB, c cache.Tier, b []byte) *repb.Digest {
 	t.Helper()
 	d := digest.Compute(ns.Function, b)
 	if err := c.Write(context.Background(), ns, d, bytes.NewReader(b)); err != nil {
@@ -88,7 +88,7 @@ func put(t testing.TB, c cache.Cache, b []byte) *repb.Digest {
 
 // snapshotLike stores an artifact file, two chunks and a tree listing them,
 // and a manifest-like entry naming the artifact and the tree.
-func snapshotLike(t testing.TB, c cache.Cache, seed uint64, name string) (*repb.Digest, *repb.ActionResult, map[*repb.Digest][]byte) {
+func snapshotLike(t testing.TB, c cache.Tier, seed uint64, name string) (*repb.Digest, *repb.ActionResult, map[*repb.Digest][]byte) {
 	t.Helper()
 	blobs := map[*repb.Digest][]byte{}
 	art := blobWith(seed, 1000)
@@ -186,7 +186,7 @@ func TestDeduplicationWithinAGroupOnly(t *testing.T) {
 
 // redirect serves the content of one blob for another: a lying tier.
 type redirect struct {
-	cache.Cache
+	cache.Tier
 	from, to *repb.Digest
 }
 
@@ -194,7 +194,7 @@ func (r *redirect) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest)
 	if digest.Equal(d, r.from) {
 		d = r.to
 	}
-	return r.Cache.Read(ctx, ns, d)
+	return r.Tier.Read(ctx, ns, d)
 }
 
 func TestTamperingIsDetected(t *testing.T) {
@@ -238,7 +238,7 @@ func TestTamperingIsDetected(t *testing.T) {
 			if err := inner.Write(ctx, ns, bd, bytes.NewReader(bad)); err != nil {
 				t.Fatal(err)
 			}
-			liar := wrap(t, &redirect{Cache: inner, from: sealed, to: bd}, r)
+			liar := wrap(t, &redirect{Tier: inner, from: sealed, to: bd}, r)
 			if _, err := liar.GetActionResult(ctx, ns, key); err != nil {
 				t.Fatal(err)
 			}
@@ -266,7 +266,7 @@ func TestSwappedCiphertextAndEntryDoNotOpen(t *testing.T) {
 	tree := ar.OutputDirectories[0].TreeDigest
 	// The tier answers the artifact's ciphertext with the tree's: both
 	// are valid ciphertexts of this group.
-	liar := wrap(t, &redirect{Cache: inner, from: c.lookupAny(ns.Function, art), to: c.lookupAny(ns.Function, tree)}, r)
+	liar := wrap(t, &redirect{Tier: inner, from: c.lookupAny(ns.Function, art), to: c.lookupAny(ns.Function, tree)}, r)
 	liar.GetActionResult(ctx, ns, key)
 	if _, err := cache.ReadAll(ctx, liar, ns, art); status.Code(err) != codes.DataLoss {
 		t.Errorf("a swapped ciphertext: %v, want Internal", err)

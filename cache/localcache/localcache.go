@@ -192,6 +192,27 @@ func (c *Cache) Dir() string { return c.dir }
 // the space callers promise their files with Reserve.
 func (c *Cache) TempDir() string { return filepath.Join(c.dir, scratchDir) }
 
+// Traits: ranges are verified against the digest (a corrupt blob is a
+// DataLoss error and is removed), so a server may serve a range without
+// hashing the whole blob, and compressed streams are checked as they are
+// read. Whole reads are verified once per boot (see Options.BootID), not
+// on every read, so VerifiesReads is false: a wrapper that must see every
+// byte checked (cache.Verifying) still hashes them.
+func (c *Cache) Traits() cache.Traits {
+	return cache.Traits{
+		Description:             "directory " + c.dir,
+		VerifiesRanges:          true,
+		ServesRanges:            true,
+		VerifiesCompressedReads: true,
+		StoresCompressed:        c.opts.Compression,
+		MaxBytes:                c.opts.MaxBytes,
+		Dir:                     c.dir,
+	}
+}
+
+// String names the cache's directory.
+func (c *Cache) String() string { return "directory " + c.dir }
+
 // MaxBytes is the bound on disk usage (Options.MaxBytes).
 func (c *Cache) MaxBytes() int64 { return c.opts.MaxBytes }
 
@@ -232,3 +253,8 @@ func unwrapLink(err error) error {
 	}
 	return errnoOf(err)
 }
+
+var (
+	_ cache.Local   = (*Cache)(nil)
+	_ cache.Backend = (*Cache)(nil)
+)

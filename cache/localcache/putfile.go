@@ -28,7 +28,8 @@ import (
 // space: it is released as f becomes an entry, so the space is counted
 // once. The caller still closes f; once PutFile succeeds its name is gone
 // (renamed, or removed when the blob was stored already).
-func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res *Reservation) error {
+func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, space cache.Reservation) error {
+	res := ownReservation(space)
 	defer res.Release()
 	if err := checkDigest(ns, d); err != nil {
 		return fmt.Errorf("writing blob: %w", err)
@@ -108,7 +109,8 @@ func (c *Cache) renameInto(f *os.File, rel string) error {
 // res, when not nil, is the reservation that covered f's space (released
 // as the blob becomes an entry). The caller still closes f; once
 // PutCompressedFile succeeds its name is gone.
-func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res *Reservation) error {
+func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, space cache.Reservation) error {
+	res := ownReservation(space)
 	defer res.Release()
 	if err := checkDigest(ns, d); err != nil {
 		return fmt.Errorf("writing blob: %w", err)
@@ -159,5 +161,19 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 	}
 	os.Remove(f.Name())
 	c.storedReserved(rel, size, true, res)
+	return nil
+}
+
+// ownReservation is space as one of this cache's reservations (Reserve
+// made it), or nil when there is none; another kind is released at once,
+// since the stored entry is counted by this cache alone.
+func ownReservation(space cache.Reservation) *Reservation {
+	if space == nil {
+		return nil
+	}
+	if r, ok := space.(*Reservation); ok {
+		return r
+	}
+	space.Release()
 	return nil
 }

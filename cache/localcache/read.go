@@ -324,8 +324,3 @@ func (r *verifiedRange) Read(p []byte) (int, error) {
 }
 
 func (r *verifiedRange) Close() error { return r.rc.Close() }
-
-// VerifiesRanges tells a server that ReadRange returns only content
-// verified against the digest (a corrupt blob is a DataLoss error and is
-// removed), so it may serve a range without hashing the whole blob.
-func (c *Cache) VerifiesRanges() {}

@@ -60,10 +60,6 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 	return &frameStream{frameReader: newFrameReader(f, fm, d, bad), f: f}, true, nil
 }
 
-// VerifiesCompressedReads tells a server that ReadCompressed's compressed
-// streams are verified: it passes them on without decoding them.
-func (c *Cache) VerifiesCompressedReads() {}
-
 // verifyCompressed decodes the frames of a compressed blob and checks the
 // content against d (and the frames against their hash).
 func (c *Cache) verifyCompressed(f *os.File, fm form, ns cache.Namespace, d *repb.Digest, bad func()) error {

@@ -1,6 +1,7 @@
 package localcache
 
 import (
+	"github.com/snaploader/snaploader/cache"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -88,7 +89,15 @@ func (r *Reservation) releaseLocked() {
 // recently used entries so that entries plus reservations stay within
 // Options.MaxBytes. It is ResourceExhausted when that is impossible: the
 // reservations alone, or with the pinned entries, would exceed the bound.
-func (c *Cache) Reserve(n int64) (*Reservation, error) {
+func (c *Cache) Reserve(n int64) (cache.Reservation, error) {
+	r, err := c.reserve(n)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (c *Cache) reserve(n int64) (*Reservation, error) {
 	if n < 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "reserving %d bytes", n)
 	}

@@ -13,9 +13,6 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-// VerifiesReads tells cache.Verifying that Read already verifies.
-func (c *Cache) VerifiesReads() {}
-
 // Read opens the blob d for streaming. The stream is verified against d: a
 // corrupt or truncated object ends in a DataLoss error instead of io.EOF.
 // A blob stored compressed is decoded (with bounded memory) and its

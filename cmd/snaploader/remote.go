@@ -44,7 +44,7 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 
 // openedRemote is the tier named by --remote, as a command uses it.
 type openedRemote struct {
-	tier cache.Cache // nil when there is none
+	tier cache.Tier // nil when there is none
 	// fn is the digest function for new snapshots.
 	fn digest.Function
 	// entryFn is the digest function its version entries live under.

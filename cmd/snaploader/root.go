@@ -82,7 +82,7 @@ func defaultCacheDir() (string, error) {
 // env is what a command needs: the caches and the loader over them.
 type env struct {
 	local  *localcache.Cache
-	remote cache.Cache
+	remote cache.Tier
 	// remoteWritable is false when the remote refuses this client's
 	// action-cache updates (a read-only key).
 	remoteWritable bool
@@ -267,7 +267,7 @@ func stderrIsTerminal() bool { return term.IsTerminal(int(os.Stderr.Fd())) }
 
 // encryptTier wraps the remote tier in client-side encryption with the
 // group keys in keyFile; the local cache stays in the clear.
-func encryptTier(remote cache.Cache, keyFile, tempDir string, log *slog.Logger) (cache.Cache, error) {
+func encryptTier(remote cache.Tier, keyFile, tempDir string, log *slog.Logger) (cache.Tier, error) {
 	keys, err := encrypted.ReadKeyFile(keyFile)
 	if err != nil {
 		return nil, err

@@ -103,7 +103,8 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				}
 				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
 			}
-			var backend cache.Cache
+			var backend cache.Backend
+			var inventory func(group string) gc.Store
 			var where, tempDir string
 			var collect func(context.Context, *server.Server) error
 			if gcInterval < 0 {
@@ -152,6 +153,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 					return err
 				}
 				backend, where = c, "bucket "+opts.Bucket
+				inventory = func(group string) gc.Store { return gc.S3Group(c, group) }
 				if gcInterval > 0 {
 					gopts := gc.Options{Retention: ret, Grace: gr, Logger: log}
 					if gcSkew != 0 {
@@ -176,6 +178,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				}
 				defer c.Close()
 				backend, where, tempDir = c, "directory "+dir, c.TempDir()
+				inventory = func(group string) gc.Store { return gc.LocalCache(c, group) }
 			}
 			if os.Getenv("GOMEMLIMIT") == "" {
 				debug.SetMemoryLimit(maxUpMem + maxReadMem + 128<<20)
@@ -183,7 +186,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			srv, err := server.New(backend, server.Options{
 				APIKeys: keys, TempDir: tempDir, Logger: log,
 				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem, MaxReadMemory: maxReadMem,
-				UploadTTL: uploadTTL, IdleTimeout: idleTimeout, Retention: ret,
+				UploadTTL: uploadTTL, IdleTimeout: idleTimeout, Retention: ret, Inventory: inventory,
 			})
 			if err != nil {
 				return err

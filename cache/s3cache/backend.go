@@ -1,0 +1,90 @@
+package s3cache
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+
+	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
+)
+
+// Traits: reads are verified (raw and decoded content alike); a
+// compressed read passes the stored frames on unverified; there are no
+// range reads (a compressed object is one zstd stream); nothing is kept on
+// this host's disk.
+func (c *Cache) Traits() cache.Traits {
+	return cache.Traits{
+		Description:      c.String(),
+		VerifiesReads:    true,
+		StoresCompressed: !c.opts.DisableCompression,
+	}
+}
+
+// ReadRange is an error wrapping cache.ErrNoRange: the caller reads the
+// whole blob.
+func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	return nil, errkind.New(errkind.Unimplemented, "s3 cache: blob %s at [%d, %d) (bucket %s): %w", digest.String(d), off, off+n, c.opts.Bucket, cache.ErrNoRange)
+}
+
+// Discard deletes the object of blob d after a read found it failed
+// verification. An object already gone is not an error.
+func (c *Cache) Discard(ctx context.Context, ns cache.Namespace, d *repb.Digest) error {
+	fn, err := checkDigest(ns, d, "discarding blob")
+	if err != nil {
+		return err
+	}
+	_, err = c.DeleteObjects(ctx, []string{c.casKey(fn, d)})
+	return err
+}
+
+// Reserve is nil: the bucket keeps nothing on this host's disk.
+func (c *Cache) Reserve(int64) (cache.Reservation, error) { return nil, nil }
+
+// PutFile uploads the content of f (verified by the caller to be d); res
+// is released, since the bucket takes no space on this host.
+func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res cache.Reservation) error {
+	release(res)
+	if err := c.Write(ctx, ns, d, io.NewSectionReader(f, 0, d.GetSizeBytes())); err != nil {
+		return err
+	}
+	os.Remove(f.Name())
+	return nil
+}
+
+// PutCompressedFile uploads the n bytes of zstd frames in f (verified by
+// the caller to decode to d) as WriteCompressed does.
+func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res cache.Reservation) error {
+	release(res)
+	if err := c.WriteCompressed(ctx, ns, d, io.NewSectionReader(f, 0, n)); err != nil {
+		return err
+	}
+	os.Remove(f.Name())
+	return nil
+}
+
+// PutHashed uploads data, which the caller has hashed to d.
+func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	if int64(len(data)) != d.GetSizeBytes() {
+		return errkind.New(errkind.InvalidArgument, "s3 cache: blob %s: %d bytes", digest.String(d), len(data))
+	}
+	return c.Write(ctx, ns, d, bytes.NewReader(data))
+}
+
+// Usage is 0: the bucket keeps nothing on this host's disk.
+func (c *Cache) Usage() int64 { return 0 }
+
+// Evictions is 0: a bucket does not evict (gc deletes what is not live).
+func (c *Cache) Evictions() int64 { return 0 }
+
+func release(res cache.Reservation) {
+	if res != nil {
+		res.Release()
+	}
+}
+
+var _ cache.Backend = (*Cache)(nil)
