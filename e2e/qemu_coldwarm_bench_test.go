@@ -68,7 +68,6 @@ func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) 
 	return h, closeAll
 }
 
-
 // bootFill boots the fill guest on h with a disk, waits for COUNTER >= 3
 // (the area is filled and read back twice) and saves it locally and
 // remotely. It returns the last counter before the snapshot.
