@@ -18,8 +18,8 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
-	"github.com/snaploader/snaploader/qemu"
 	"github.com/snaploader/snaploader/snapshot"
 	"github.com/snaploader/snaploader/vmm"
 )
@@ -281,7 +281,7 @@ func TestQEMURestoredLazilyEncrypted(t *testing.T) {
 	}
 	a := newVMHostWith(t, url, seal)
 	bootSerial, _ := bootAndSave(ctx, t, a)
-	before := qemu.ParseCounters(bootSerial)
+	before := testguest.ParseCounters(bootSerial)
 	last := before[len(before)-1]
 
 	b := newVMHostWith(t, url, seal)
@@ -298,7 +298,7 @@ func TestQEMURestoredLazilyEncrypted(t *testing.T) {
 	if err := vmm.WriteFile(ctx, r.vm.Stores()[vmm.DiskPrefix+"root"], diskImg); err != nil {
 		t.Fatal(err)
 	}
-	log, err := qemu.ReadTestLog(ctx, diskImg)
+	log, err := testguest.ReadTestLog(ctx, diskImg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -311,7 +311,7 @@ func TestQEMURestoredLazilyEncrypted(t *testing.T) {
 	// An incremental save from host B, restored on host C with its
 	// working set prefetched.
 	saveB := b.save(ctx, t, r.vm)
-	lastB := qemu.ParseCounters(readFile(t, r.serial))
+	lastB := testguest.ParseCounters(readFile(t, r.serial))
 	r.vm.Close()
 	if tot := saveB.Result.Totals(); tot.ChunksWritten == 0 || tot.ChunksWritten*4 > tot.ChunksTotal {
 		t.Errorf("encrypted incremental save wrote %d of %d chunks", tot.ChunksWritten, tot.ChunksTotal)

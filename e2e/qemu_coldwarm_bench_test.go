@@ -17,20 +17,20 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
-	"github.com/snaploader/snaploader/qemu"
 	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/snapshot"
 	"github.com/snaploader/snaploader/vmm"
 )
 
 // needFillGuest returns the fill variant of the test guest (see
-// qemu.BuildFillGuest), skipping (failing under CI) where it cannot be
+// testguest.BuildFillGuest), skipping (failing under CI) where it cannot be
 // built.
-func needFillGuest(t testing.TB) *qemu.TestGuest {
+func needFillGuest(t testing.TB) *testguest.TestGuest {
 	t.Helper()
 	needGuest(t)
-	return fillGuest.get(t, "fill guest", qemu.BuildFillGuest)
+	return fillGuest.get(t, "fill guest", testguest.BuildFillGuest)
 }
 
 // fillMachine describes a fill guest run.
@@ -76,10 +76,10 @@ func bootFill(ctx context.Context, t testing.TB, h *vmHost, m fillMachine) int {
 	tg := needFillGuest(t)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "disk.img")
-	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+	if err := testguest.MakeTestDisk(ctx, disk, vmDisk); err != nil {
 		t.Fatal(err)
 	}
-	mc := vmm.Machine{MemoryBytes: m.memory, Kernel: tg.Kernel, Initrd: tg.Initrd, Append: qemu.FillAppend(tg, m.fillMiB), Disks: []vmm.Disk{{Name: "root", Path: disk}}}
+	mc := vmm.Machine{MemoryBytes: m.memory, Kernel: tg.Kernel, Initrd: tg.Initrd, Append: testguest.FillAppend(tg, m.fillMiB), Disks: []vmm.Disk{{Name: "root", Path: disk}}}
 	v, err := h.vmm.Boot(ctx, mc, vmm.BootOptions{Dir: dir})
 	if err != nil {
 		t.Fatal(err)
@@ -90,7 +90,7 @@ func bootFill(ctx context.Context, t testing.TB, h *vmHost, m fillMachine) int {
 	h.save(ctx, t, v)
 	serial := readFile(t, serialLog)
 	checkFillSerial(t, "booted fill guest", serial, m.fillMiB)
-	nums := qemu.ParseCounters(serial)
+	nums := testguest.ParseCounters(serial)
 	contiguous(t, "booted fill guest's counters", nums)
 	return nums[len(nums)-1]
 }
@@ -129,10 +129,10 @@ type coldWarmRun struct {
 func saveAfterCounter(ctx context.Context, t testing.TB, h *vmHost, r *coldWarmRun) int {
 	t.Helper()
 	serial := filepath.Join(r.dir, "serial.log")
-	nums := qemu.ParseCounters(readFile(t, serial))
+	nums := testguest.ParseCounters(readFile(t, serial))
 	nextCounter(ctx, t, r.vm.Guest(), nums[len(nums)-1]+1)
 	r.saved = h.save(ctx, t, r.vm)
-	nums = qemu.ParseCounters(readFile(t, serial))
+	nums = testguest.ParseCounters(readFile(t, serial))
 	return nums[len(nums)-1]
 }
 
@@ -235,7 +235,7 @@ func TestQEMUFillGuestRestored(t *testing.T) {
 	if err := vmm.WriteFile(ctx, rc.vm.Stores()[vmm.DiskPrefix+"root"], diskImg); err != nil {
 		t.Fatal(err)
 	}
-	log, err := qemu.ReadTestLog(ctx, diskImg)
+	log, err := testguest.ReadTestLog(ctx, diskImg)
 	if err != nil {
 		t.Fatal(err)
 	}

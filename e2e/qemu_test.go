@@ -19,6 +19,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/qemu"
@@ -40,7 +41,7 @@ var vmTask = snapshot.Task{InstanceName: "vms", PlatformHash: "x86_64-tcg", Conf
 // machine thanks to its cache directory).
 type guestBuild struct {
 	once sync.Once
-	tg   *qemu.TestGuest
+	tg   *testguest.TestGuest
 	err  error
 }
 
@@ -48,7 +49,7 @@ var smallGuest, fillGuest guestBuild
 
 // get returns the guest build makes, skipping (failing under CI) where it
 // cannot be had.
-func (g *guestBuild) get(t testing.TB, what string, build func(context.Context, string) (*qemu.TestGuest, error)) *qemu.TestGuest {
+func (g *guestBuild) get(t testing.TB, what string, build func(context.Context, string) (*testguest.TestGuest, error)) *testguest.TestGuest {
 	t.Helper()
 	g.once.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -66,12 +67,12 @@ func (g *guestBuild) get(t testing.TB, what string, build func(context.Context, 
 
 // needGuest returns the busybox test guest, skipping (failing under CI)
 // where QEMU or the guest's tools cannot be had.
-func needGuest(t testing.TB) *qemu.TestGuest {
+func needGuest(t testing.TB) *testguest.TestGuest {
 	t.Helper()
 	testutil.LookPath(t, "qemu-system-x86_64")
 	testutil.LookPath(t, "mkfs.ext4")
 	testutil.LookPath(t, "debugfs")
-	return smallGuest.get(t, "test guest", qemu.BuildTestGuest)
+	return smallGuest.get(t, "test guest", testguest.BuildTestGuest)
 }
 
 // serveProc is a `snaploader serve` process for tests and benchmarks.
@@ -175,7 +176,7 @@ func (h *vmHost) get(ctx context.Context, t testing.TB) *snapshot.Snapshot {
 func nextCounter(ctx context.Context, t testing.TB, g *qemu.Guest, min int) int {
 	t.Helper()
 	for {
-		m, err := g.Console.WaitFor(ctx, qemu.CounterPattern())
+		m, err := g.Console.WaitFor(ctx, testguest.CounterPattern())
 		if err != nil {
 			out, _ := os.ReadFile(g.Console.Path())
 			t.Fatalf("waiting for COUNTER >= %d: %v\nserial:\n%s\nqemu: %s", min, err, out, g.Stderr())
@@ -216,7 +217,7 @@ func bootAndSave(ctx context.Context, t testing.TB, a *vmHost) ([]byte, *vmm.Sav
 	tg := needGuest(t)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "disk.img")
-	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+	if err := testguest.MakeTestDisk(ctx, disk, vmDisk); err != nil {
 		t.Fatal(err)
 	}
 	m := vmm.Machine{MemoryBytes: vmMemory, Kernel: tg.Kernel, Initrd: tg.Initrd, Append: tg.Append, Disks: []vmm.Disk{{Name: "root", Path: disk}}}
@@ -306,7 +307,7 @@ func TestQEMURestoredLazilyOnAnotherHost(t *testing.T) {
 
 	a := newVMHost(t, url)
 	bootSerial, saveA := bootAndSave(ctx, t, a)
-	before := qemu.ParseCounters(bootSerial)
+	before := testguest.ParseCounters(bootSerial)
 	contiguous(t, "serial before snapshot", before)
 	last := before[len(before)-1]
 	ta := saveA.Result.Totals()
@@ -348,7 +349,7 @@ func TestQEMURestoredLazilyOnAnotherHost(t *testing.T) {
 	if bytes.Contains(restoredSerial, []byte("GUEST READY")) {
 		t.Errorf("restored guest booted again:\n%s", restoredSerial)
 	}
-	all := qemu.ParseCounters(append(append([]byte{}, bootSerial...), restoredSerial...))
+	all := testguest.ParseCounters(append(append([]byte{}, bootSerial...), restoredSerial...))
 	contiguous(t, "serial across the restore", all)
 	lastB := all[len(all)-1]
 	if lastB < final {
@@ -387,7 +388,7 @@ func TestQEMURestoredLazilyOnAnotherHost(t *testing.T) {
 	if err := vmm.WriteFile(ctx, r.vm.Stores()[vmm.DiskPrefix+"root"], diskImg); err != nil {
 		t.Fatal(err)
 	}
-	log, err := qemu.ReadTestLog(ctx, diskImg)
+	log, err := testguest.ReadTestLog(ctx, diskImg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -429,7 +430,7 @@ func BenchmarkQEMURestoreWorkingSet(b *testing.B) {
 	url := serveProc(b)
 	a := newVMHost(b, url)
 	bootSerial, _ := bootAndSave(ctx, b, a)
-	before := qemu.ParseCounters(bootSerial)
+	before := testguest.ParseCounters(bootSerial)
 	h := newVMHost(b, url)
 	r := restoreLazily(ctx, b, h, h.get(ctx, b), snapshot.UnpackOptions{ReadAhead: -1})
 	nextCounter(ctx, b, r.vm.Guest(), before[len(before)-1]+4)
@@ -495,7 +496,7 @@ func waitSerial(ctx context.Context, t *testing.T, path string, min int) int {
 	t.Helper()
 	c := qemu.NewConsole(path)
 	for {
-		m, err := c.WaitFor(ctx, qemu.CounterPattern())
+		m, err := c.WaitFor(ctx, testguest.CounterPattern())
 		if err != nil {
 			out, _ := os.ReadFile(path)
 			t.Fatalf("waiting for COUNTER >= %d in %s: %v\n%s", min, path, err, out)
@@ -517,7 +518,7 @@ func TestQEMUCLIBootSaveRestore(t *testing.T) {
 	url := serveProc(t)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "disk.img")
-	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+	if err := testguest.MakeTestDisk(ctx, disk, vmDisk); err != nil {
 		t.Fatal(err)
 	}
 	key := []string{"--remote", url, "--instance", "vms", "--platform", "arch=x86_64", "--config-hash", "cli", "--ref", "main"}
@@ -531,7 +532,7 @@ func TestQEMUCLIBootSaveRestore(t *testing.T) {
 	if !bytes.Contains([]byte(outA), []byte("saved snapshot")) || !bytes.Contains([]byte(outA), []byte("remote: true")) {
 		t.Fatalf("qemu boot did not save remotely:\n%s", outA)
 	}
-	before := qemu.ParseCounters(readFile(t, serialA))
+	before := testguest.ParseCounters(readFile(t, serialA))
 	last := before[len(before)-1]
 
 	serialB := filepath.Join(dir, "serial-b.log")
@@ -547,7 +548,7 @@ func TestQEMUCLIBootSaveRestore(t *testing.T) {
 	if !bytes.Contains([]byte(outB), []byte("saved snapshot")) {
 		t.Fatalf("qemu restore did not save on interrupt:\n%s", outB)
 	}
-	all := qemu.ParseCounters(append(readFile(t, serialA), readFile(t, serialB)...))
+	all := testguest.ParseCounters(append(readFile(t, serialA), readFile(t, serialB)...))
 	contiguous(t, "serial across the CLI restore", all)
 }
 
@@ -561,10 +562,10 @@ func TestQEMUCLISaveAttached(t *testing.T) {
 	url := serveProc(t)
 	dir := t.TempDir()
 	disk := filepath.Join(dir, "disk.img")
-	if err := qemu.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+	if err := testguest.MakeTestDisk(ctx, disk, vmDisk); err != nil {
 		t.Fatal(err)
 	}
-	cfg := tg.Config()
+	cfg := qemu.Config{Kernel: tg.Kernel, Initrd: tg.Initrd, Append: tg.Append}
 	cfg.MemoryBytes, cfg.MemPath, cfg.MemShare = vmMemory, filepath.Join(dir, "mem"), true
 	cfg.Disks = []qemu.Disk{{Path: disk}}
 	cfg.SerialLog, cfg.QMPSocket = filepath.Join(dir, "serial.log"), filepath.Join(dir, "qmp.sock")
@@ -581,7 +582,7 @@ func TestQEMUCLISaveAttached(t *testing.T) {
 	if err := g.Wait(ctx); err != nil {
 		t.Fatalf("qemu after save: %v", err)
 	}
-	before := qemu.ParseCounters(readFile(t, cfg.SerialLog))
+	before := testguest.ParseCounters(readFile(t, cfg.SerialLog))
 	last := before[len(before)-1]
 
 	b := newVMHost(t, url)

@@ -3,7 +3,8 @@
 // flows that keep guest RAM in that file and write only device state
 // through migration (x-ignore-shared). Disks may be image files or NBD
 // exports, so a restored guest's memory file and disks can be served lazily
-// by snaploader. BuildTestGuest builds a tiny busybox guest for tests.
+// by snaploader. The tiny busybox guest of the tests is built by
+// internal/testguest.
 package qemu
 
 import (

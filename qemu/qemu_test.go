@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -25,19 +26,19 @@ const testMemory = 128 * mib
 
 var (
 	testGuestOnce sync.Once
-	testGuestVal  *TestGuest
+	testGuestVal  *testguest.TestGuest
 	testGuestErr  error
 )
 
 // needTestGuest returns the test guest, building it once per test binary
 // (and once per machine thanks to the cache directory).
-func needTestGuest(t testing.TB) *TestGuest {
+func needTestGuest(t testing.TB) *testguest.TestGuest {
 	t.Helper()
 	testutil.LookPath(t, "qemu-system-x86_64")
 	testGuestOnce.Do(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
-		testGuestVal, testGuestErr = BuildTestGuest(ctx, "")
+		testGuestVal, testGuestErr = testguest.BuildTestGuest(ctx, "")
 	})
 	if status.Code(testGuestErr) == codes.Unavailable {
 		testutil.Unavailable(t, "test guest kernel cannot be obtained: "+testGuestErr.Error())
@@ -46,6 +47,12 @@ func needTestGuest(t testing.TB) *TestGuest {
 		t.Fatal(testGuestErr)
 	}
 	return testGuestVal
+}
+
+// guestConfig returns a Config booting the test guest; callers add memory,
+// disks, serial log and sockets.
+func guestConfig(tg *testguest.TestGuest) Config {
+	return Config{Kernel: tg.Kernel, Initrd: tg.Initrd, Append: tg.Append}
 }
 
 func TestConfigArgs(t *testing.T) {
@@ -184,31 +191,9 @@ func TestStartFailureReportsStderr(t *testing.T) {
 	}
 }
 
-func TestParseKernelDepends(t *testing.T) {
-	tests := []struct {
-		show, pkg, version string
-		ok                 bool
-	}{
-		{"Package: linux-image-cloud-amd64\nVersion: 6.1.192-2\nDepends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\n",
-			"linux-image-6.1.0-56-cloud-amd64", "6.1.192-2", true},
-		{"Depends: foo, linux-image-6.12.1-cloud-amd64 (= 6.12.1-1~bpo12+1), bar\n", "linux-image-6.12.1-cloud-amd64", "6.12.1-1~bpo12+1", true},
-		{"Package: linux-image-cloud-amd64\nDepends: linux-image-6.1.0-56-cloud-amd64\n", "", "", false},
-		{"", "", "", false},
-	}
-	for _, tt := range tests {
-		pkg, version, err := parseKernelDepends("meta", []byte(tt.show))
-		if (err == nil) != tt.ok || pkg != tt.pkg || version != tt.version {
-			t.Errorf("parseKernelDepends(%q) = %q, %q, %v; want %q, %q, ok=%v", tt.show, pkg, version, err, tt.pkg, tt.version, tt.ok)
-		}
-		if err != nil && status.Code(err) != codes.Unavailable {
-			t.Errorf("parseKernelDepends error %v is not Unavailable", err)
-		}
-	}
-}
-
 func TestParseCountersAndConsole(t *testing.T) {
 	out := "noise\r\nCOUNTER 1\r\nCOUNTER 2\r\nxCOUNTER 9\r\nCOUNTER 3\r\nCOUNTER 4"
-	if got, want := fmt.Sprint(ParseCounters([]byte(out))), "[1 2 3]"; got != want {
+	if got, want := fmt.Sprint(testguest.ParseCounters([]byte(out))), "[1 2 3]"; got != want {
 		t.Fatalf("ParseCounters = %s, want %s (partial and embedded lines excluded)", got, want)
 	}
 	p := filepath.Join(t.TempDir(), "serial.log")
@@ -219,7 +204,7 @@ func TestParseCountersAndConsole(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	for _, want := range []string{"1", "2", "3"} {
-		m, err := c.WaitFor(ctx, CounterPattern())
+		m, err := c.WaitFor(ctx, testguest.CounterPattern())
 		if err != nil || m[1] != want {
 			t.Fatalf("WaitFor = %q, %v; want COUNTER %s", m, err, want)
 		}
@@ -230,7 +215,7 @@ func TestParseCountersAndConsole(t *testing.T) {
 		f.WriteString("\r\nCOUNTER 5\r\n")
 		f.Close()
 	}()
-	m, err := c.WaitFor(ctx, CounterPattern())
+	m, err := c.WaitFor(ctx, testguest.CounterPattern())
 	if err != nil || m[1] != "4" {
 		t.Fatalf("WaitFor after append = %q, %v; want COUNTER 4 completed", m, err)
 	}
@@ -272,7 +257,7 @@ func allocated(t testing.TB, path string) (size, alloc int64) {
 func waitCounter(ctx context.Context, t testing.TB, g *Guest, min int) int {
 	t.Helper()
 	for {
-		m, err := g.Console.WaitFor(ctx, CounterPattern())
+		m, err := g.Console.WaitFor(ctx, testguest.CounterPattern())
 		if err != nil {
 			out, _ := os.ReadFile(g.Console.Path())
 			t.Fatalf("waiting for COUNTER >= %d: %v\nserial:\n%s\nqemu: %s", min, err, out, g.Stderr())
@@ -303,16 +288,16 @@ type flowTimes struct {
 // bootAndSnapshot boots the test guest with its RAM in dir/mem and its disk
 // in dir/disk.img, waits for COUNTER >= 3, snapshots to dir/state.bin and
 // returns the last counter printed before the snapshot.
-func bootAndSnapshot(ctx context.Context, t testing.TB, tg *TestGuest, dir string) (int, flowTimes) {
+func bootAndSnapshot(ctx context.Context, t testing.TB, tg *testguest.TestGuest, dir string) (int, flowTimes) {
 	var ft flowTimes
 	disk := filepath.Join(dir, "disk.img")
-	if err := MakeTestDisk(ctx, disk, 32*mib); err != nil {
+	if err := testguest.MakeTestDisk(ctx, disk, 32*mib); err != nil {
 		if status.Code(err) == codes.Unavailable {
 			testutil.Unavailable(t, err.Error())
 		}
 		t.Fatal(err)
 	}
-	cfg := tg.Config()
+	cfg := guestConfig(tg)
 	cfg.MemoryBytes = testMemory
 	cfg.MemPath, cfg.MemShare = filepath.Join(dir, "mem"), true
 	cfg.Disks = []Disk{{Path: disk}}
@@ -342,7 +327,7 @@ func bootAndSnapshot(ctx context.Context, t testing.TB, tg *TestGuest, dir strin
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := ParseCounters(out)
+	before := testguest.ParseCounters(out)
 	checkContiguous(t, "serial before snapshot", before)
 	if len(before) < 3 {
 		t.Fatalf("serial before snapshot has %v, want >= 3 counters", before)
@@ -387,7 +372,7 @@ func TestSnapshotRestore(t *testing.T) {
 			copySparse(t, filepath.Join(dir, "disk.img"), disk)
 			memBefore := fileHash(t, mem)
 
-			cfg := tg.Config()
+			cfg := guestConfig(tg)
 			cfg.MemoryBytes = testMemory
 			cfg.MemPath, cfg.MemShare = mem, share
 			cfg.Disks = []Disk{{Path: disk}}
@@ -430,14 +415,14 @@ func TestSnapshotRestore(t *testing.T) {
 			}
 			// The serial byte stream continues where it stopped: both logs
 			// together count 1..M without gap or restart.
-			all := ParseCounters(append(append([]byte{}, bootSerial...), restoredSerial...))
+			all := testguest.ParseCounters(append(append([]byte{}, bootSerial...), restoredSerial...))
 			checkContiguous(t, "serial across snapshot", all)
 			m := all[len(all)-1]
 			if m < final {
 				t.Fatalf("last counter %d < %d seen", m, final)
 			}
 
-			log, err := ReadTestLog(ctx, disk)
+			log, err := testguest.ReadTestLog(ctx, disk)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -491,7 +476,7 @@ func serveNBD(t testing.TB, path, export string) (string, func()) {
 
 // checkRestoreFailures restores the snapshot in dir with broken inputs and
 // expects an error and no QEMU left running.
-func checkRestoreFailures(ctx context.Context, t *testing.T, tg *TestGuest, dir string) {
+func checkRestoreFailures(ctx context.Context, t *testing.T, tg *testguest.TestGuest, dir string) {
 	state, err := os.ReadFile(filepath.Join(dir, "state.bin"))
 	if err != nil {
 		t.Fatal(err)
@@ -514,7 +499,7 @@ func checkRestoreFailures(ctx context.Context, t *testing.T, tg *TestGuest, dir 
 			}
 			disk := filepath.Join(rdir, "disk.img")
 			copySparse(t, filepath.Join(dir, "disk.img"), disk)
-			cfg := tg.Config()
+			cfg := guestConfig(tg)
 			cfg.MemoryBytes = tt.memory
 			cfg.MemPath, cfg.MemShare = filepath.Join(rdir, "mem"), false
 			cfg.Disks = []Disk{{Path: disk}}
@@ -541,7 +526,7 @@ func TestBuildTestGuestIsCached(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	start := time.Now()
-	again, err := BuildTestGuest(ctx, "")
+	again, err := testguest.BuildTestGuest(ctx, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -576,7 +561,7 @@ func BenchmarkBootSnapshotRestore(b *testing.B) {
 	for i := 0; i < b.N; i++ {
 		dir := b.TempDir()
 		_, ft := bootAndSnapshot(ctx, b, tg, dir)
-		cfg := tg.Config()
+		cfg := guestConfig(tg)
 		cfg.MemoryBytes = testMemory
 		cfg.MemPath, cfg.MemShare = filepath.Join(dir, "mem"), true
 		cfg.Disks = []Disk{{Path: filepath.Join(dir, "disk.img")}}

@@ -1,4 +1,9 @@
-package qemu
+// Package testguest builds tiny QEMU guests for snaploader's tests and
+// benchmarks (a busybox counter guest and a variant that fills its memory
+// with a working set), makes their ext4 disks and reads back what they
+// wrote: the numbers on a disk's /log and the "COUNTER n" lines of the
+// serial console.
+package testguest
 
 import (
 	"bytes"
@@ -31,12 +36,6 @@ type TestGuest struct {
 	// KernelPackage is the Debian package the kernel came from, as
 	// name=version.
 	KernelPackage string
-}
-
-// Config returns a Config booting the test guest; callers add memory, disks,
-// serial log and sockets.
-func (tg *TestGuest) Config() Config {
-	return Config{Kernel: tg.Kernel, Initrd: tg.Initrd, Append: tg.Append}
 }
 
 // testGuestModules are the virtio block modules, in load order.
