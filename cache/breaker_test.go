@@ -112,7 +112,7 @@ func TestUnreachable(t *testing.T) {
 		t.Error("TierDown(Unreachable) is nil")
 	}
 	// Wrapping keeps every trait: the breaker's are the wrapped tier's.
-	w := WithBreaker(NewCounting(Verifying(&flaky{})), BreakerOptions{})
+	w := WithBreaker(Verifying(&flaky{}), BreakerOptions{})
 	if tr := w.Traits(); !tr.VerifiesReads || !tr.ServesRanges || tr.Description != "flaky" {
 		t.Errorf("wrapped traits %+v: want verified reads, ranges and the tier's description", tr)
 	}

@@ -16,6 +16,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/cachecount"
 )
 
 type down struct{ cache.Tier }
@@ -135,7 +136,7 @@ func TestReadThroughFetchesOnce(t *testing.T) {
 		remote := newLocal(t, "")
 		data := randBytes(uint64(10+round), 4096000)
 		d := put(t, remote, data)
-		counted := cache.NewCounting(remote)
+		counted := cachecount.NewCounting(remote)
 		rt := cache.NewReadThrough(newLocal(t, ""), counted)
 		var wg sync.WaitGroup
 		errs := make([]error, 16)
@@ -226,7 +227,7 @@ func TestReadThroughHandoff(t *testing.T) {
 	}{{"buffer", 0, false}, {"dropped", 1, true}, {"off", -1, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			remote := newLocal(t, "")
-			counted := cache.NewCounting(remote)
+			counted := cachecount.NewCounting(remote)
 			local := &countingLocal{Cache: newLocal(t, "")}
 			rt := cache.NewReadThroughOptions(local, counted, cache.ReadThroughOptions{HandoffBytes: tc.budget})
 			datas := [][]byte{randBytes(31, 4096000), randBytes(32, 3*mib+4097)}

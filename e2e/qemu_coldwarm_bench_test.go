@@ -15,8 +15,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/remote"
@@ -54,7 +54,7 @@ func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) 
 		t.Fatal(err)
 	}
 	closeAll := func() { lc.Close(); rc.Close() }
-	h := &vmHost{local: lc, remote: cache.NewCounting(rc)}
+	h := &vmHost{local: lc, remote: cachecount.NewCounting(rc)}
 	// The remote client verifies what it reads; counting must not hide
 	// that, or the read-through tier would hash every chunk again.
 	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {

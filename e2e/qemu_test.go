@@ -19,6 +19,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
@@ -105,7 +106,7 @@ func serveProc(t testing.TB) string {
 // counter, and a vmm.Host over them.
 type vmHost struct {
 	local  *localcache.Cache
-	remote *cache.Counting
+	remote *cachecount.Counting
 	loader *snapshot.Loader
 	vmm    *vmm.Host
 }
@@ -135,7 +136,7 @@ func newVMHostWith(t testing.TB, url string, wrap func(cache.Tier) cache.Tier) *
 	if wrap != nil {
 		tier = wrap(tier)
 	}
-	h := &vmHost{local: lc, remote: cache.NewCounting(tier)}
+	h := &vmHost{local: lc, remote: cachecount.NewCounting(tier)}
 	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {
 		t.Fatal(err)
 	}

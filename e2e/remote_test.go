@@ -23,6 +23,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/remote"
@@ -37,7 +38,7 @@ var task = snapshot.Task{InstanceName: "fleet", PlatformHash: "plat", Configurat
 // host is one machine: its own cache directory and a remote tier.
 type host struct {
 	local  *localcache.Cache
-	remote *cache.Counting
+	remote *cachecount.Counting
 	loader *snapshot.Loader
 }
 
@@ -48,7 +49,7 @@ func newHost(t *testing.T, rc cache.Tier) *host {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { lc.Close() })
-	h := &host{local: lc, remote: cache.NewCounting(rc)}
+	h := &host{local: lc, remote: cachecount.NewCounting(rc)}
 	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {
 		t.Fatal(err)
 	}

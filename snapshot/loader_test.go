@@ -22,6 +22,7 @@ import (
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -370,7 +371,7 @@ func TestIncrementalSaveWritesOnlyDirtyChunks(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	counting := cache.NewCounting(h.local)
+	counting := cachecount.NewCounting(h.local)
 	counted, err := New(localWith{h.local, counting}, nil, Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -15,8 +15,8 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
-	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cow"
+	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
@@ -30,7 +30,7 @@ func TestSecondTierReadPolicies(t *testing.T) {
 	want := mustRead(t, mem)
 
 	t.Run("local-only never reads the remote manifest", func(t *testing.T) {
-		remote := cache.NewCounting(shared)
+		remote := cachecount.NewCounting(shared)
 		b := newHost(t, remote, Options{})
 		_, err := b.loader.GetSnapshot(ctx, b.keys(t, taskOn("main", "", "main")), GetOptions{ReadPolicy: LocalOnly})
 		if status.Code(err) != codes.NotFound {
@@ -58,7 +58,7 @@ func TestSecondTierReadPolicies(t *testing.T) {
 	})
 
 	t.Run("local-first pins the remote manifest and fetches only touched chunks", func(t *testing.T) {
-		remote := cache.NewCounting(shared)
+		remote := cachecount.NewCounting(shared)
 		b := newHost(t, remote, Options{})
 		ks := b.keys(t, taskOn("main", "", "main"))
 		snap, err := b.loader.GetSnapshot(ctx, ks, GetOptions{ReadPolicy: LocalFirst})

@@ -1,4 +1,6 @@
-package cache
+// Package cachecount counts what passes through a tier, for the tests and
+// benchmarks that measure how many calls and bytes reach one.
+package cachecount
 
 import (
 	"context"
@@ -6,12 +8,14 @@ import (
 	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+
+	"github.com/snaploader/snaploader/cache"
 )
 
-// Counting is a Cache that counts the calls and bytes passing through to
-// another Cache, for tests and metrics. It is safe for concurrent use.
+// Counting is a tier that counts the calls and bytes passing through to
+// another, for tests and benchmarks. It is safe for concurrent use.
 type Counting struct {
-	c Tier
+	c cache.Tier
 
 	findMissing, findMissingDigests atomic.Int64
 	reads, readBytes                atomic.Int64
@@ -20,7 +24,7 @@ type Counting struct {
 	acGets, acPuts                  atomic.Int64
 }
 
-var _ Tier = (*Counting)(nil)
+var _ cache.Tier = (*Counting)(nil)
 
 // CountingStats are a Counting's counters. Calls are counted whether or not
 // they fail; bytes are those that actually passed.
@@ -38,7 +42,7 @@ type CountingStats struct {
 }
 
 // NewCounting wraps c.
-func NewCounting(c Tier) *Counting { return &Counting{c: c} }
+func NewCounting(c cache.Tier) *Counting { return &Counting{c: c} }
 
 // Stats returns the counters so far.
 func (c *Counting) Stats() CountingStats {
@@ -57,14 +61,14 @@ func (c *Counting) Stats() CountingStats {
 }
 
 // FindMissing counts the call and the digests asked about.
-func (c *Counting) FindMissing(ctx context.Context, ns Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
+func (c *Counting) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	c.findMissing.Add(1)
 	c.findMissingDigests.Add(int64(len(ds)))
 	return c.c.FindMissing(ctx, ns, ds)
 }
 
 // Read counts the call and the bytes read from the returned reader.
-func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, error) {
+func (c *Counting) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	c.reads.Add(1)
 	rc, err := c.c.Read(ctx, ns, d)
 	if err != nil {
@@ -74,7 +78,7 @@ func (c *Counting) Read(ctx context.Context, ns Namespace, d *repb.Digest) (io.R
 }
 
 // ReadRange counts the call and the bytes read.
-func (c *Counting) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+func (c *Counting) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
 	c.rangeReads.Add(1)
 	rc, err := c.c.ReadRange(ctx, ns, d, off, n)
 	if err != nil {
@@ -85,7 +89,7 @@ func (c *Counting) ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, 
 
 // ReadCompressed counts the call as a read, and the bytes read (stored
 // bytes, compressed or not).
-func (c *Counting) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
+func (c *Counting) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
 	c.reads.Add(1)
 	rc, compressed, err := c.c.ReadCompressed(ctx, ns, d)
 	if err != nil {
@@ -95,25 +99,25 @@ func (c *Counting) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Dig
 }
 
 // Traits are the wrapped tier's.
-func (c *Counting) Traits() Traits { return c.c.Traits() }
+func (c *Counting) Traits() cache.Traits { return c.c.Traits() }
 
 // Down forwards the wrapped tier's health (see Health).
-func (c *Counting) Down() error { return TierDown(c.c) }
+func (c *Counting) Down() error { return cache.TierDown(c.c) }
 
 // Write counts the call and the bytes consumed from r.
-func (c *Counting) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+func (c *Counting) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
 	c.writes.Add(1)
 	return c.c.Write(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
 }
 
 // GetActionResult counts the call.
-func (c *Counting) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error) {
+func (c *Counting) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	c.acGets.Add(1)
 	return c.c.GetActionResult(ctx, ns, key)
 }
 
 // UpdateActionResult counts the call.
-func (c *Counting) UpdateActionResult(ctx context.Context, ns Namespace, key *repb.Digest, ar *repb.ActionResult) error {
+func (c *Counting) UpdateActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest, ar *repb.ActionResult) error {
 	c.acPuts.Add(1)
 	return c.c.UpdateActionResult(ctx, ns, key, ar)
 }
