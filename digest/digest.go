@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/zeebo/blake3"
 	"google.golang.org/protobuf/proto"
 )
@@ -103,16 +104,17 @@ func ComputeReaderContext(ctx context.Context, fn Function, r io.Reader) (*repb.
 }
 
 // Validate checks that d is a well-formed digest: 64 lower-case hex
-// characters and a non-negative size.
+// characters and a non-negative size. A malformed digest is an
+// InvalidArgument error: every tier and the server check digests through it.
 func Validate(d *repb.Digest) error {
 	if d == nil {
-		return fmt.Errorf("digest is nil")
+		return errkind.New(errkind.InvalidArgument, "digest is nil")
 	}
 	if d.SizeBytes < 0 {
-		return fmt.Errorf("digest %s: negative size", String(d))
+		return errkind.New(errkind.InvalidArgument, "digest %s: negative size", String(d))
 	}
 	if len(d.Hash) != HashLen {
-		return fmt.Errorf("digest %s: hash must be %d hex characters", String(d), HashLen)
+		return errkind.New(errkind.InvalidArgument, "digest %s: hash must be %d hex characters", String(d), HashLen)
 	}
 	// Without a branch per character: hashes are random, so branches on
 	// digit-or-letter mispredict half the time, and a restore validates
@@ -122,7 +124,7 @@ func Validate(d *repb.Digest) error {
 		ok &= lowerHex[d.Hash[i]]
 	}
 	if ok == 0 {
-		return fmt.Errorf("digest %s: hash is not lower-case hex", String(d))
+		return errkind.New(errkind.InvalidArgument, "digest %s: hash is not lower-case hex", String(d))
 	}
 	return nil
 }

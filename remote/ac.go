@@ -17,7 +17,7 @@ func (c *Client) GetActionResult(ctx context.Context, ns cache.Namespace, key *r
 	if err != nil {
 		return nil, err
 	}
-	if err := checkDigest(key); err != nil {
+	if err := digest.Validate(key); err != nil {
 		return nil, err
 	}
 	var ar *repb.ActionResult
@@ -37,7 +37,7 @@ func (c *Client) UpdateActionResult(ctx context.Context, ns cache.Namespace, key
 	if err != nil {
 		return err
 	}
-	if err := checkDigest(key); err != nil {
+	if err := digest.Validate(key); err != nil {
 		return err
 	}
 	err = c.retry(ctx, func(ctx context.Context) error {

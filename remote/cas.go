@@ -59,13 +59,6 @@ func WriteResourceName(instance, uuid string, fn digest.Function, d *repb.Digest
 	return withInstance(instance, "uploads/"+uuid+"/"+blobPath(fn, d, compressed))
 }
 
-func checkDigest(d *repb.Digest) error {
-	if err := digest.Validate(d); err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
-	}
-	return nil
-}
-
 // streamTimeout is the deadline of one ByteStream call moving n bytes:
 // CallTimeout plus a second per 8 MiB, so that large blobs on slow links
 // are not cut off.
@@ -94,7 +87,7 @@ func (c *Client) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb
 	}
 	want := make([]*repb.Digest, 0, len(ds))
 	for _, d := range ds {
-		if err := checkDigest(d); err != nil {
+		if err := digest.Validate(d); err != nil {
 			return nil, err
 		}
 		if d.SizeBytes > 0 {
@@ -140,7 +133,7 @@ func (c *Client) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (
 	if err != nil {
 		return nil, err
 	}
-	if err := checkDigest(d); err != nil {
+	if err := digest.Validate(d); err != nil {
 		return nil, err
 	}
 	if d.SizeBytes == 0 {
@@ -208,7 +201,7 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 	if err != nil {
 		return nil, err
 	}
-	if err := checkDigest(d); err != nil {
+	if err := digest.Validate(d); err != nil {
 		return nil, err
 	}
 	if off < 0 || n <= 0 || off >= d.SizeBytes {

@@ -46,7 +46,7 @@ func (c *Client) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, 
 	if err != nil {
 		return err
 	}
-	if err := checkDigest(d); err != nil {
+	if err := digest.Validate(d); err != nil {
 		return err
 	}
 	if d.SizeBytes == 0 {

@@ -22,7 +22,7 @@ func (s *Server) GetActionResult(ctx context.Context, req *repb.GetActionResultR
 	if err != nil {
 		return nil, err
 	}
-	if err := checkDigest(req.ActionDigest); err != nil {
+	if err := digest.Validate(req.ActionDigest); err != nil {
 		return nil, err
 	}
 	ar, err := s.backend.GetActionResult(ctx, ns, req.ActionDigest)
@@ -116,7 +116,7 @@ func (s *Server) UpdateActionResult(ctx context.Context, req *repb.UpdateActionR
 	if err := c.checkWrite("updating action result"); err != nil {
 		return nil, err
 	}
-	if err := checkDigest(req.ActionDigest); err != nil {
+	if err := digest.Validate(req.ActionDigest); err != nil {
 		return nil, err
 	}
 	if req.ActionResult == nil {

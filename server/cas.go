@@ -24,7 +24,7 @@ func (s *Server) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlob
 	}
 	ds := make([]*repb.Digest, 0, len(req.BlobDigests))
 	for _, d := range req.BlobDigests {
-		if err := checkDigest(d); err != nil {
+		if err := digest.Validate(d); err != nil {
 			return nil, err
 		}
 		if d.SizeBytes > 0 {
@@ -90,7 +90,7 @@ func (s *Server) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlob
 }
 
 func (s *Server) storeSmall(ctx context.Context, ns cache.Namespace, r *repb.BatchUpdateBlobsRequest_Request) error {
-	if err := checkDigest(r.Digest); err != nil {
+	if err := digest.Validate(r.Digest); err != nil {
 		return err
 	}
 	if r.Compressor != repb.Compressor_IDENTITY {
@@ -118,7 +118,7 @@ func (s *Server) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsReq
 	}
 	var total int64
 	for _, d := range req.Digests {
-		if err := checkDigest(d); err != nil {
+		if err := digest.Validate(d); err != nil {
 			return nil, err
 		}
 		total += d.SizeBytes

@@ -393,13 +393,6 @@ func (s *Server) namespace(ctx context.Context, instance string, fn digest.Funct
 	return cache.Namespace{Group: c.group, Instance: instance, Function: fn}, c, nil
 }
 
-func checkDigest(d *repb.Digest) error {
-	if err := digest.Validate(d); err != nil {
-		return status.Error(codes.InvalidArgument, err.Error())
-	}
-	return nil
-}
-
 // GetCapabilities describes what the server offers.
 func (s *Server) GetCapabilities(ctx context.Context, req *repb.GetCapabilitiesRequest) (_ *repb.ServerCapabilities, err error) {
 	defer s.m.observe("GetCapabilities", time.Now(), &err)

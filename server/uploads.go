@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/fileio"
 )
 
 type uploadKey struct{ group, name string }
@@ -38,7 +39,7 @@ type upload struct {
 }
 
 func (u *upload) write(b []byte) error {
-	if err := writeSparse(u.f, b, u.size); err != nil {
+	if err := fileio.WriteSparse(u.f, b, u.size); err != nil {
 		return err
 	}
 	if u.v != nil && u.hashed == u.size {
@@ -59,45 +60,6 @@ func (u *upload) truncate(n int64) error {
 	}
 	u.size = n
 	u.seen.Store(n)
-	return nil
-}
-
-// pageSize and holeMin: page-aligned zero runs of at least holeMin bytes
-// are left as holes in upload files, as the local cache does in its blobs.
-const (
-	pageSize = 4096
-	holeMin  = 64 << 10
-)
-
-// writeSparse writes b at off, skipping page-aligned zero runs of at least
-// holeMin bytes (the file is sized at commit).
-func writeSparse(f *os.File, b []byte, off int64) error {
-	run := 0
-	for i := 0; i < len(b); {
-		if i+holeMin > len(b) || (off+int64(i))%pageSize != 0 || !digest.IsZero(b[i:i+pageSize]) {
-			i += min(pageSize, len(b)-i)
-			continue
-		}
-		z := i
-		for z+pageSize <= len(b) && digest.IsZero(b[z:z+pageSize]) {
-			z += pageSize
-		}
-		if z-i < holeMin {
-			i = z
-			continue
-		}
-		if run < i {
-			if _, err := f.WriteAt(b[run:i], off+int64(run)); err != nil {
-				return err
-			}
-		}
-		i, run = z, z
-	}
-	if run < len(b) {
-		if _, err := f.WriteAt(b[run:], off+int64(run)); err != nil {
-			return err
-		}
-	}
 	return nil
 }
 

@@ -74,10 +74,7 @@ func checkDigest(ns cache.Namespace, d *repb.Digest) error {
 	if err := checkNS(ns); err != nil {
 		return err
 	}
-	if err := digest.Validate(d); err != nil {
-		return status.Errorf(codes.InvalidArgument, "%v", err)
-	}
-	return nil
+	return digest.Validate(d)
 }
 
 // validEntryName matches "<64 hex>-<size>".

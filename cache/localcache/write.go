@@ -20,6 +20,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/internal/fileio"
 )
 
 // verifiedPresent reports whether the entry rel is present and verified
@@ -66,13 +67,8 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return nil
 }
 
-// holeMin is the shortest run of zeros left as a hole: shorter runs are
-// written as data, since a write per short run costs more than the disk it
-// saves.
-const holeMin = 64 << 10
-
 // copySparse copies r to f, leaving page-aligned zero runs of at least
-// holeMin bytes as holes. It reads at most limit+1 bytes so that an
+// fileio.SparseHoleMin bytes as holes. It reads at most limit+1 bytes so that an
 // over-long stream is noticed without reading it all.
 func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int64, error) {
 	bp := copyBufs.Get().(*[]byte)
@@ -102,35 +98,10 @@ func copySparse(ctx context.Context, f *os.File, r io.Reader, limit int64) (int6
 	return off, nil
 }
 
-// writeSparse writes b at off, skipping page-aligned zero runs of at least
-// holeMin bytes, with one write per data run.
+// writeSparse is fileio.WriteSparse with the error in the cache's words.
 func writeSparse(f *os.File, b []byte, off int64) error {
-	run := 0 // start of the pending data run
-	for i := 0; i < len(b); {
-		if i+holeMin > len(b) || !digest.IsZero(b[i:i+pageSize]) {
-			i += pageSize
-			continue
-		}
-		// Measure the zero run starting at page i.
-		z := i
-		for z < len(b) && digest.IsZero(b[z:min(z+pageSize, len(b))]) {
-			z = min(z+pageSize, len(b))
-		}
-		if z-i < holeMin {
-			i = z
-			continue
-		}
-		if run < i {
-			if _, err := f.WriteAt(b[run:i], off+int64(run)); err != nil {
-				return errkind.IO(errnoOf(err), "writing at offset %d", off+int64(run))
-			}
-		}
-		i, run = z, z
-	}
-	if run < len(b) {
-		if _, err := f.WriteAt(b[run:], off+int64(run)); err != nil {
-			return errkind.IO(errnoOf(err), "writing at offset %d", off+int64(run))
-		}
+	if err := fileio.WriteSparse(f, b, off); err != nil {
+		return errkind.IO(errnoOf(err), "writing at offset %d", off)
 	}
 	return nil
 }

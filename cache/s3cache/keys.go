@@ -50,7 +50,7 @@ func checkDigest(ns cache.Namespace, d *repb.Digest, what string) (digest.Functi
 		return 0, err
 	}
 	if err := digest.Validate(d); err != nil {
-		return 0, status.Errorf(codes.InvalidArgument, "s3 cache: %s: %v", what, err)
+		return 0, fmt.Errorf("s3 cache: %s: %w", what, err)
 	}
 	return fn, nil
 }
