@@ -42,6 +42,15 @@ type SaveRequest struct {
 	Files map[string]string
 	// Chunked are the chunked files' copy-on-write stores.
 	Chunked []*cow.Store
+	// ChunkedFiles are files to split into the local cache and save as
+	// chunked files, before Chunked, in this order: a booted VM's memory
+	// and disks. ChunkSize splits them (0: cow.DefaultChunkSize, or the
+	// chunk size of the chunked files restored from, which a split file
+	// need not share); Progress, when set, is told of every byte split.
+	// The split's own stats are the files' FileStats.
+	ChunkedFiles []NamedFile
+	ChunkSize    int64
+	Progress     func(n int64)
 	// Local stores blobs in the local cache; Remote publishes to the remote.
 	// At least one is required.
 	Local, Remote bool
@@ -133,6 +142,29 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	fn, err := saveFunction(l.opts.Function, req.Chunked)
 	if err != nil {
 		return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
+	}
+	if len(req.ChunkedFiles) > 0 {
+		split, stats, err := l.splitFiles(ctx, l.ns(req.Key.GetInstanceName(), fn), req)
+		if err != nil {
+			return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
+		}
+		defer func() {
+			for _, s := range split {
+				s.Close()
+			}
+		}()
+		r := *req
+		r.ChunkedFiles, r.Chunked = nil, append(split, req.Chunked...)
+		res, err := l.cacheSnapshot(ctx, &r)
+		if err != nil {
+			return nil, err
+		}
+		// The split stored the chunks; the stores' own saves found them
+		// clean.
+		for i := range stats {
+			res.Files[i].SaveStats = stats[i]
+		}
+		return res, nil
 	}
 	ns := l.ns(req.Key.GetInstanceName(), fn)
 	res := &SaveResult{Key: req.Key}
@@ -410,4 +442,27 @@ func (l *Loader) checkAvailable(ctx context.Context, ns cache.Namespace, cf *sna
 	}
 	m := &snapshotpb.SnapshotManifest{ChunkedFiles: []*snapshotpb.ChunkedFile{cf}}
 	return status.Errorf(codes.NotFound, "%d chunks are in no cache any more, e.g. %s", len(missing), describeBlob(m, missing[0]))
+}
+
+// NamedFile is a file to save under a name.
+type NamedFile struct{ Name, Path string }
+
+// splitFiles splits req.ChunkedFiles into the local cache under ns.
+func (l *Loader) splitFiles(ctx context.Context, ns cache.Namespace, req *SaveRequest) ([]*cow.Store, []cow.SaveStats, error) {
+	var stores []*cow.Store
+	var stats []cow.SaveStats
+	for _, f := range req.ChunkedFiles {
+		s, st, err := cow.FromFile(ctx, f.Name, f.Path, l.local, l.local, cow.Options{
+			Namespace: ns, ChunkSize: req.ChunkSize, TempDir: l.local.TempDir(), Progress: req.Progress,
+		})
+		if err != nil {
+			for _, s := range stores {
+				s.Close()
+			}
+			return nil, nil, err // it names the file and the chunked file
+		}
+		stores = append(stores, s)
+		stats = append(stats, st)
+	}
+	return stores, stats, nil
 }

@@ -73,7 +73,7 @@ func (v *VM) Save(ctx context.Context, opts SaveOptions) (*SaveStats, error) {
 	}
 	sizes := map[string]int64{}
 	var stores []*cow.Store
-	var split []cow.SaveStats
+	var split []snapshot.NamedFile
 	if v.unpacked != nil {
 		// Pages QEMU dirtied reached the store when it closed the file.
 		st.DirtyBefore = map[string]int{}
@@ -87,27 +87,10 @@ func (v *VM) Save(ctx context.Context, opts SaveOptions) (*SaveStats, error) {
 			st.DirtyBefore[s.Name()] = len(s.Dirty())
 		}
 	} else {
-		ns := v.host.opts.Loader.Namespace(opts.Key)
-		defer func() {
-			for _, s := range stores {
-				s.Close()
-			}
-		}()
-		paths := []struct{ name, path string }{{MemoryFile, v.memPath}}
+		// A booted guest's memory file and disks are split by the save.
+		split = append(split, snapshot.NamedFile{Name: MemoryFile, Path: v.memPath})
 		for _, d := range v.machine.Disks {
-			paths = append(paths, struct{ name, path string }{DiskPrefix + d.Name, d.Path})
-		}
-		for _, p := range paths {
-			s, ss, err := cow.FromFile(ctx, p.name, p.path, v.host.opts.Local, v.host.opts.Local, cow.Options{
-				Namespace: ns,
-				ChunkSize: v.host.opts.ChunkSize,
-				TempDir:   v.host.opts.Local.TempDir(),
-			})
-			if err != nil {
-				return nil, fmt.Errorf("splitting %s: %w", p.path, err)
-			}
-			stores = append(stores, s)
-			split = append(split, ss)
+			split = append(split, snapshot.NamedFile{Name: DiskPrefix + d.Name, Path: d.Path})
 		}
 	}
 	cfg, err := v.machine.Configuration(sizes)
@@ -118,6 +101,8 @@ func (v *VM) Save(ctx context.Context, opts SaveOptions) (*SaveStats, error) {
 		Key:           opts.Key,
 		Config:        cfg,
 		Files:         files,
+		ChunkedFiles:  split,
+		ChunkSize:     v.host.opts.ChunkSize,
 		Chunked:       stores,
 		Local:         opts.Local,
 		Remote:        opts.Remote,
@@ -125,11 +110,6 @@ func (v *VM) Save(ctx context.Context, opts SaveOptions) (*SaveStats, error) {
 	})
 	if err != nil {
 		return nil, err
-	}
-	// A split stored the chunks itself; the store's own save found them
-	// clean.
-	for i := range split {
-		res.Files[i].SaveStats = split[i]
 	}
 	st.Result = res
 	st.Save = time.Since(saveStart)

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -301,13 +300,6 @@ type savedFiles struct {
 }
 
 func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan, diff *diffPlan) (*savedFiles, error) {
-	ns := e.loader.Namespace(keys.GetWriteKey())
-	var stores []*cow.Store
-	defer func() {
-		for _, s := range stores {
-			s.Close()
-		}
-	}()
 	out := &savedFiles{}
 	var merged []*cow.Store
 	if diff != nil {
@@ -320,11 +312,7 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 			merged = append(merged, m.store)
 			out.diffBytesRead += m.stats.BytesRead
 		}
-		// New chunks of the other files use the base's digest function,
-		// as the merged stores do: one function per snapshot.
-		ns.Function = diff.base.Function
 	}
-	var split []cow.SaveStats
 	var total int64
 	for _, name := range order {
 		if fi, err := os.Stat(chunked[name]); err == nil {
@@ -333,24 +321,20 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 	}
 	bar := newProgress(pub.progress, total, "saving")
 	defer bar.Finish()
+	var split []snapshot.NamedFile
 	for _, name := range order {
-		s, st, err := cow.FromFile(ctx, name, chunked[name], e.local, e.local, cow.Options{
-			Namespace: ns,
-			ChunkSize: chunkSize,
-			TempDir:   e.local.TempDir(),
-			Progress:  bar.Add,
-		})
-		if err != nil {
-			return nil, fmt.Errorf("splitting %s: %w", chunked[name], err)
-		}
-		stores = append(stores, s)
-		split = append(split, st)
+		split = append(split, snapshot.NamedFile{Name: name, Path: chunked[name]})
 	}
+	// New chunks of the split files use the merged stores' digest
+	// function (the diff base's): one function per snapshot.
 	res, err := e.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{
 		Key:           keys.GetWriteKey(),
 		Config:        cfg,
 		Files:         files,
-		Chunked:       append(slices.Clone(stores), merged...),
+		ChunkedFiles:  split,
+		ChunkSize:     chunkSize,
+		Progress:      bar.Add,
+		Chunked:       merged,
 		Local:         pub.local,
 		Remote:        pub.remote,
 		LocalManifest: pub.localManifest,
@@ -359,11 +343,7 @@ func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, fil
 	if err != nil {
 		return nil, err
 	}
-	// The split stored the chunks; the store's own save found them clean.
 	// A merged diff's stats are its save's: the chunks the diff dirtied.
-	for i := range split {
-		res.Files[i].SaveStats = split[i]
-	}
 	out.SaveResult = res
 	return out, nil
 }
