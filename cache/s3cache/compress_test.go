@@ -190,7 +190,7 @@ func TestCompressedReadsAndWrites(t *testing.T) {
 			bad[at] ^= 0x20
 			putWithMeta(t, m, bucket, key, bad, map[string]string{metaEncoding: encodingZstd})
 			got, err := readBack(t, c, digest.BLAKE3, d)
-			wantCode(t, err, codes.Internal, "plain read of a corrupt compressed object")
+			wantCode(t, err, codes.DataLoss, "plain read of a corrupt compressed object")
 			if bytes.Equal(got, img) {
 				t.Errorf("flip at %d: the full content was returned along with the error", at)
 			}
@@ -201,7 +201,7 @@ func TestCompressedReadsAndWrites(t *testing.T) {
 			vr, _ := cache.NewZstdVerifyingReader(rc, digest.BLAKE3, d)
 			_, err = io.ReadAll(vr)
 			vr.Close()
-			wantCode(t, err, codes.Internal, "verified compressed read of a corrupt object")
+			wantCode(t, err, codes.DataLoss, "verified compressed read of a corrupt object")
 		}
 		putWithMeta(t, m, bucket, key, z, map[string]string{metaEncoding: encodingZstd})
 	})
@@ -264,7 +264,7 @@ func TestZstdBomb(t *testing.T) {
 			runtime.ReadMemStats(&before)
 			_, err := readBack(t, c, digest.BLAKE3, d)
 			runtime.ReadMemStats(&after)
-			wantCode(t, err, codes.Internal, "reading a zstd bomb")
+			wantCode(t, err, codes.DataLoss, "reading a zstd bomb")
 			if alloc := after.TotalAlloc - before.TotalAlloc; alloc > 96<<20 {
 				t.Errorf("reading a %d-byte bomb allocated %d MiB", len(bomb), alloc>>20)
 			}

@@ -274,7 +274,7 @@ func TestCorruptObject(t *testing.T) {
 			}
 			m.PutRaw(t, bucket, c.casKey(digest.BLAKE3, d), tc.stored)
 			got, err := cache.ReadAll(ctx, c, ns, d)
-			wantCode(t, err, codes.Internal, "reading a corrupt object")
+			wantCode(t, err, codes.DataLoss, "reading a corrupt object")
 			if !strings.Contains(err.Error(), d.Hash) {
 				t.Errorf("error %q does not name the digest", err)
 			}
@@ -287,7 +287,7 @@ func TestCorruptObject(t *testing.T) {
 				_, err = io.Copy(io.Discard, rc)
 				rc.Close()
 			}
-			wantCode(t, err, codes.Internal, "streaming a corrupt object")
+			wantCode(t, err, codes.DataLoss, "streaming a corrupt object")
 		})
 	}
 }
@@ -467,10 +467,10 @@ func TestActionCachePartitioning(t *testing.T) {
 	if !strings.Contains(err.Error(), other.Hash) {
 		t.Errorf("NotFound error %q does not name the key", err)
 	}
-	// A corrupt entry is Internal.
+	// A corrupt entry is DataLoss.
 	m.PutRaw(t, bucket, c.acKey(ns, digest.SHA256, key), []byte{0xff, 0xff, 0xff})
 	_, err = c.GetActionResult(ctx, ns, key)
-	wantCode(t, err, codes.Internal, "corrupt entry")
+	wantCode(t, err, codes.DataLoss, "corrupt entry")
 }
 
 func TestGroupComponent(t *testing.T) {
