@@ -36,7 +36,9 @@
 // Read does not trust the bucket: it streams the object through a digest
 // verifier, and a corrupt or truncated object ends in a DataLoss error
 // naming the digest instead of io.EOF, so wrong bytes are never passed off
-// as a complete blob.
+// as a complete blob. The object that failed is then deleted, so that
+// FindMissing reports the blob missing and the next Write stores it again
+// (a Write of a blob present uploads nothing).
 //
 // Action-cache entries are stored as serialized ActionResult messages and
 // returned as found: the tier does not check that the blobs an entry
@@ -480,10 +482,10 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 func (c *Cache) VerifiesReads() {}
 
 // Read opens the blob d for streaming. The stream is verified against d: a
-// corrupt or truncated object ends in a DataLoss error instead of io.EOF.
-// A blob stored compressed is decoded (with bounded memory) and its
-// decoded bytes are verified. A missing blob is NotFound. ctx governs the
-// whole stream.
+// corrupt or truncated object ends in a DataLoss error instead of io.EOF,
+// and is deleted. A blob stored compressed is decoded (with bounded
+// memory) and its decoded bytes are verified. A missing blob is NotFound.
+// ctx governs the whole stream.
 func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	fn, err := checkDigest(ns, d, "reading blob")
 	if err != nil {
@@ -511,7 +513,7 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 		src.Close()
 		return nil, err
 	}
-	return rc, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, nil
 }
 
 // ReadCompressed opens the blob d as it is stored (cache.CompressedReader):
@@ -539,7 +541,7 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 		or.Close()
 		return nil, false, err
 	}
-	return rc, false, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, false, nil
 }
 
 // openBlob opens the object of blob d and says whether it is stored
@@ -558,14 +560,44 @@ func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest
 	m, err := parseMeta(info.Metadata)
 	if err != nil {
 		obj.Close()
-		return nil, false, cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %v", digest.String(d), key, c.opts.Bucket, err)
+		c.drop(ctx, key)
+		return nil, false, cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %v (deleted)", digest.String(d), key, c.opts.Bucket, err)
 	}
 	if !m.compressed && info.Size != d.SizeBytes {
 		obj.Close()
-		return nil, false, cache.Corruptf("s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
+		c.drop(ctx, key)
+		return nil, false, cache.Corruptf("s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes (deleted)",
 			digest.String(d), key, c.opts.Bucket, info.Size)
 	}
 	return &objectReader{c: c, obj: obj, d: d, key: key}, m.compressed, nil
+}
+
+// drop deletes the object of a blob that failed verification, so that it
+// is reported missing and stored again by the next Write; a failure to
+// delete (a read-only key) leaves it for the next reader to find corrupt.
+func (c *Cache) drop(ctx context.Context, key string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	c.client.RemoveObject(ctx, c.opts.Bucket, key, minio.RemoveObjectOptions{})
+}
+
+// dropCorrupt is a verified blob stream that deletes the blob's object
+// when the stream fails verification (see drop).
+type dropCorrupt struct {
+	io.ReadCloser
+	c       *Cache
+	ctx     context.Context
+	key     string
+	dropped bool
+}
+
+func (r *dropCorrupt) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	if cache.IsCorrupt(err) && !r.dropped {
+		r.dropped = true
+		r.c.drop(r.ctx, r.key)
+	}
+	return n, err
 }
 
 // decodedReader is a compressed object's decoded stream.
