@@ -188,65 +188,6 @@ type iotestErrReader struct{}
 
 func (iotestErrReader) Read([]byte) (int, error) { return 0, errors.New("reader must not be read") }
 
-func TestWriteWrongContent(t *testing.T) {
-	m := testutil.StartMinIO(t)
-	bucket := m.NewBucket(t)
-	buffered := newCache(t, m, bucket, nil)
-	multipart := newCache(t, m, bucket, func(o *Options) { o.PartSize = MinPartSize; o.SmallBlobLimit = mib })
-	small := randomBytes(t, 100*1024)
-	large := randomBytes(t, 11*mib)
-	flip := func(b []byte, i int) []byte {
-		b = bytes.Clone(b)
-		b[i] ^= 1
-		return b
-	}
-	tests := []struct {
-		name    string
-		c       *Cache
-		want    []byte // content the digest names
-		content []byte // content actually given
-	}{
-		{"small flipped byte", buffered, small, flip(small, 5000)},
-		{"small short", buffered, small, small[:len(small)-1]},
-		{"small long", buffered, small, append(bytes.Clone(small), 0)},
-		{"small nothing", buffered, small, nil},
-		{"empty digest given data", buffered, nil, []byte("x")},
-		{"large flipped last byte", multipart, large, flip(large, len(large)-1)},
-		{"large flipped first byte", multipart, large, flip(large, 0)},
-		{"large short", multipart, large, large[:6*mib]},
-		{"large long", multipart, large, append(bytes.Clone(large), 1, 2, 3)},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			ctx := ctxT(t)
-			ns := cache.Namespace{}
-			d := digest.Compute(digest.BLAKE3, tc.want)
-			err := tc.c.Write(ctx, ns, d, bytes.NewReader(tc.content))
-			wantCode(t, err, codes.InvalidArgument, "Write with wrong content")
-			if !strings.Contains(err.Error(), d.Hash) {
-				t.Errorf("error %q does not name the digest", err)
-			}
-			if len(tc.want) == 0 {
-				return
-			}
-			_, err = m.Client.StatObject(ctx, bucket, tc.c.casKey(digest.BLAKE3, d), minio.StatObjectOptions{})
-			if code(err) != codes.NotFound {
-				t.Errorf("object stored despite the mismatch: stat = %v", err)
-			}
-			missing, err := tc.c.FindMissing(ctx, ns, []*repb.Digest{d})
-			if err != nil || len(missing) != 1 {
-				t.Errorf("FindMissing = %v, %v; want the digest missing", missing, err)
-			}
-		})
-	}
-	if keys := listKeys(t, m, bucket); len(keys) != 0 {
-		t.Errorf("objects stored: %v", keys)
-	}
-	if n := incompleteUploads(t, m, bucket); n != 0 {
-		t.Errorf("%d incomplete uploads left behind", n)
-	}
-}
-
 func TestFindMissing(t *testing.T) {
 	m := testutil.StartMinIO(t)
 	c := newCache(t, m, m.NewBucket(t), func(o *Options) { o.Parallelism = 3 })
