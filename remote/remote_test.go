@@ -10,7 +10,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"io"
 	"math/big"
 	mrand "math/rand/v2"
@@ -18,7 +17,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -214,32 +212,6 @@ func TestRoundTrip(t *testing.T) {
 				}
 			}
 		})
-	}
-}
-
-func TestWriteRejectsWrongLength(t *testing.T) {
-	e := start(t, server.Options{})
-	ctx := context.Background()
-	for _, compression := range []bool{false, true} {
-		c := e.dial(t, remote.Options{DisableCompression: !compression})
-		for _, n := range []int{100, 5 << 20} {
-			data := blob(n, 7)
-			d := digest.Compute(c.DigestFunction(), data)
-			for name, r := range map[string]io.Reader{
-				"short":     bytes.NewReader(data[:n-1]),
-				"long":      io.MultiReader(bytes.NewReader(data), strings.NewReader("x")),
-				"corrupt":   bytes.NewReader(append(append([]byte{}, data[:n-1]...), data[n-1]^1)),
-				"oneshot-s": io.LimitReader(bytes.NewReader(data), int64(n-1)),
-			} {
-				err := c.Write(ctx, cache.Namespace{}, d, r)
-				if status.Code(err) != codes.InvalidArgument {
-					t.Fatalf("%s %d bytes compression=%v: %v, want InvalidArgument", name, n, compression, err)
-				}
-			}
-			if m, _ := c.FindMissing(ctx, cache.Namespace{}, []*repb.Digest{d}); len(m) != 1 {
-				t.Fatalf("a rejected %d-byte blob was stored", n)
-			}
-		}
 	}
 }
 
@@ -590,56 +562,6 @@ func TestReadResumes(t *testing.T) {
 	}
 }
 
-// corrupting is a backend that flips a byte of every blob it returns.
-type corrupting struct{ cache.Backend }
-
-func (c corrupting) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
-	b, err := cache.ReadAll(ctx, c.Backend, ns, d)
-	if err != nil {
-		return nil, err
-	}
-	b[len(b)/2] ^= 0x40
-	return io.NopCloser(bytes.NewReader(b)), nil
-}
-
-// ReadCompressed is the corrupted Read.
-func (c corrupting) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
-	return cache.ReadWhole(ctx, c, ns, d)
-}
-
-func TestReadDetectsCorruption(t *testing.T) {
-	lc, err := localcache.New(t.TempDir(), localcache.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := server.New(corrupting{lc}, server.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, _ := net.Listen("tcp", "127.0.0.1:0")
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go srv.Serve(ctx, lis)
-	for _, compression := range []bool{false, true} {
-		c, err := remote.Dial(ctx, "grpc://"+lis.Addr().String(), remote.Options{DisableCompression: !compression})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, n := range []int{1000, 5 << 20} {
-			data := blob(n, 1)
-			d := digest.Compute(c.DigestFunction(), data)
-			if err := c.Write(ctx, cache.Namespace{}, d, bytes.NewReader(data)); err != nil {
-				t.Fatal(err)
-			}
-			_, err := cache.ReadAll(ctx, c, cache.Namespace{}, d)
-			if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), d.Hash) {
-				t.Fatalf("%d bytes compression=%v: %v, want Internal naming the digest", n, compression, err)
-			}
-		}
-		c.Close()
-	}
-}
-
 func TestAuth(t *testing.T) {
 	e := start(t, server.Options{APIKeys: map[string]server.APIKey{
 		"key-a":    {Group: "a"},
@@ -780,38 +702,6 @@ func TestResourceNames(t *testing.T) {
 		if tc.got != tc.want {
 			t.Errorf("got %q want %q", tc.got, tc.want)
 		}
-	}
-}
-
-func TestConcurrentUse(t *testing.T) {
-	e := start(t, server.Options{})
-	c := e.dial(t, remote.Options{})
-	ctx := context.Background()
-	var wg sync.WaitGroup
-	errs := make(chan error, 16)
-	for i := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			data := blob(1<<20*(i%3)+4096*i+1, uint64(i))
-			d := digest.Compute(c.DigestFunction(), data)
-			if err := c.Write(ctx, cache.Namespace{}, d, bytes.NewReader(data)); err != nil {
-				errs <- err
-				return
-			}
-			got, err := cache.ReadAll(ctx, c, cache.Namespace{}, d)
-			if err == nil && !bytes.Equal(got, data) {
-				err = errors.New("different data")
-			}
-			if err != nil {
-				errs <- err
-			}
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
 	}
 }
 

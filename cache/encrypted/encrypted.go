@@ -155,9 +155,15 @@ func openError(err error) error {
 // so nothing is uploaded twice.
 func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	fn := ns.DigestFunction()
+	if _, err := digest.New(fn); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "finding missing blobs: %v", err)
+	}
 	var missing, ask []*repb.Digest
 	plainOf := map[string]*repb.Digest{}
 	for _, d := range ds {
+		if err := digest.Validate(d); err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "finding missing blobs: %v", err)
+		}
 		s := c.lookupAny(fn, d)
 		if s == nil {
 			missing = append(missing, d)
@@ -180,7 +186,10 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 
 // Read opens the plaintext blob d: its ciphertext when known, else d
 // itself as stored in the clear (a snapshot saved without encryption).
-// Every segment is authenticated before it is returned.
+// Every segment is authenticated before it is returned. A ciphertext that
+// does not open is read to its end before the error is returned, so that
+// the wrapped tier's own verification reaches its verdict too (and drops
+// a corrupt blob, which the next Write then stores again).
 func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
 	fn := ns.DigestFunction()
 	s := c.lookupAny(fn, d)
@@ -191,13 +200,37 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 	if err != nil {
 		return nil, fmt.Errorf("reading sealed blob %s of %s: %w", digest.String(s), digest.String(d), err)
 	}
-	r, err := openReader(rc, c.opts.Keys, fn, d)
+	sealed := &sealedReader{r: rc, plain: d, sealed: s}
+	r, err := openReader(sealed, c.opts.Keys, fn, d)
 	if err != nil {
+		err = openError(err)
+		if cache.IsCorrupt(err) {
+			sealed.drain()
+		}
 		rc.Close()
-		return nil, openError(err)
+		return nil, err
 	}
-	return &openedBlob{Reader: r, Closer: rc}, nil
+	return &openedBlob{Reader: r, Closer: rc, sealed: sealed}, nil
 }
+
+// sealedReader is the ciphertext stream of a blob from the wrapped tier;
+// its errors name the plaintext blob as well as the sealed one.
+type sealedReader struct {
+	r             io.Reader
+	plain, sealed *repb.Digest
+}
+
+func (r *sealedReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if err != nil && err != io.EOF {
+		err = fmt.Errorf("reading sealed blob %s of %s: %w", digest.String(r.sealed), digest.String(r.plain), err)
+	}
+	return n, err
+}
+
+// drain reads the rest of the ciphertext (the wrapped tier bounds it by
+// its size) so that the wrapped tier verifies it to the end.
+func (r *sealedReader) drain() { io.Copy(io.Discard, r.r) }
 
 type countingWriter struct{ n int64 }
 
@@ -206,12 +239,18 @@ func (w *countingWriter) Write(p []byte) (int, error) { w.n += int64(len(p)); re
 type openedBlob struct {
 	io.Reader
 	io.Closer
+	sealed  *sealedReader
+	drained bool
 }
 
 func (o *openedBlob) Read(p []byte) (int, error) {
 	n, err := o.Reader.Read(p)
 	if err != nil && err != io.EOF {
 		err = openError(err)
+		if cache.IsCorrupt(err) && !o.drained {
+			o.drained = true
+			o.sealed.drain()
+		}
 	}
 	return n, err
 }
@@ -251,6 +290,9 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 var _ cache.Tier = (*Cache)(nil)
 
 func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, vr io.Reader) error {
+	if err := digest.Validate(d); err != nil {
+		return status.Errorf(codes.InvalidArgument, "sealing blob: %v", err)
+	}
 	fn := ns.DigestFunction()
 	k := c.opts.Keys.Current()
 	h, err := digest.New(fn)
@@ -275,13 +317,13 @@ func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, v
 	}
 	cw := &countingWriter{}
 	if err := sealBlob(io.MultiWriter(w, h, cw), k, fn, d, vr); err != nil {
-		return status.Errorf(codes.InvalidArgument, "sealing blob %s: %v", digest.String(d), err)
+		return sealError(d, err)
 	}
 	var one [1]byte
 	if n, err := vr.Read(one[:]); n > 0 {
 		return status.Errorf(codes.InvalidArgument, "sealing blob %s: content is longer than the digest says", digest.String(d))
 	} else if err != io.EOF {
-		return err
+		return sealError(d, err)
 	}
 	s := &repb.Digest{Hash: hex.EncodeToString(h.Sum(nil)), SizeBytes: cw.n}
 	missing, err := c.inner.FindMissing(ctx, ns, []*repb.Digest{s})
@@ -302,6 +344,17 @@ func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, v
 	}
 	c.remember(k.ID, fn, d, s)
 	return nil
+}
+
+// sealError is the error of a failure to seal blob d: content that does
+// not match d (it failed verification, or has another length) is
+// InvalidArgument; a failure of the source or of the scratch file keeps
+// its kind.
+func sealError(d *repb.Digest, err error) error {
+	if k := errkind.Of(err); k != errkind.DataLoss && k != errkind.Internal {
+		return fmt.Errorf("sealing blob %s: %w", digest.String(d), err)
+	}
+	return status.Errorf(codes.InvalidArgument, "sealing blob %s: %v", digest.String(d), err)
 }
 
 // treeFiles lists the file digests of the plaintext tree d. A save writes

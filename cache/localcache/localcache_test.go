@@ -91,66 +91,6 @@ func tmpEntries(t testing.TB, c *Cache) []string {
 	return names
 }
 
-func TestRoundTrip(t *testing.T) {
-	zeroHeavy := content(3, 4096000)
-	for i := 4096; i < len(zeroHeavy)-4096; i++ {
-		if (i/4096)%4 != 0 {
-			zeroHeavy[i] = 0
-		}
-	}
-	tests := []struct {
-		name string
-		fn   digest.Function
-		data []byte
-	}{
-		{"empty", digest.BLAKE3, nil},
-		{"one byte", digest.BLAKE3, []byte{42}},
-		{"page", digest.SHA256, content(1, 4096)},
-		{"odd size", digest.SHA256, content(2, 3*mib+17)},
-		{"default chunk, mostly zero pages", digest.BLAKE3, zeroHeavy},
-		{"all zero", digest.BLAKE3, make([]byte, 2*mib)},
-		{"zero pages then short tail", digest.BLAKE3, append(make([]byte, 3*4096), content(10, 100)...)},
-		{"data then partial zero tail", digest.BLAKE3, append(content(11, 4096+7), make([]byte, 5000)...)},
-		{"data across the copy buffer", digest.BLAKE3, append(append(make([]byte, mib-4096), content(12, 8192)...), make([]byte, 4096)...)},
-		{"unset function means BLAKE3", digest.Function(0), content(4, 5000)},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			ctx := context.Background()
-			c := newCache(t, t.TempDir(), Options{})
-			ns := cache.Namespace{Function: tt.fn}
-			d := put(t, c, ns, tt.data)
-			got, err := cache.ReadAll(ctx, c, ns, d)
-			if err != nil || !bytes.Equal(got, tt.data) {
-				t.Fatalf("ReadAll: %d bytes, err %v; want %d bytes", len(got), err, len(tt.data))
-			}
-			b, err := c.Open(ctx, ns, d)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if b.Size() != int64(len(tt.data)) {
-				t.Errorf("Size = %d, want %d", b.Size(), len(tt.data))
-			}
-			buf := make([]byte, len(tt.data))
-			if _, err := b.ReadAt(buf, 0); err != nil && err != io.EOF || !bytes.Equal(buf, tt.data) {
-				t.Errorf("ReadAt mismatch (err %v)", err)
-			}
-			b.Close()
-			// A second instance has not verified it, and must still read it.
-			c2 := newCache(t, c.Dir(), Options{})
-			if got, err := cache.ReadAll(ctx, c2, ns, d); err != nil || !bytes.Equal(got, tt.data) {
-				t.Fatalf("second instance ReadAll: err %v", err)
-			}
-			if m, err := c2.FindMissing(ctx, ns, []*repb.Digest{d}); err != nil || len(m) != 0 {
-				t.Fatalf("FindMissing = %v, %v", m, err)
-			}
-			if _, err := os.Stat(c.Path(ns, d)); err != nil {
-				t.Errorf("Path: %v", err)
-			}
-		})
-	}
-}
-
 func TestSparseBlobsAreCheap(t *testing.T) {
 	c := newCache(t, t.TempDir(), Options{})
 	data := make([]byte, 4096000)
@@ -158,46 +98,6 @@ func TestSparseBlobsAreCheap(t *testing.T) {
 	put(t, c, ns, data)
 	if u := c.Usage(); u > 64<<10 {
 		t.Errorf("Usage = %d for a blob with one data page, want a few KiB", u)
-	}
-}
-
-func TestWriteRejectsMismatch(t *testing.T) {
-	data := content(6, mib)
-	d := digest.Compute(digest.BLAKE3, data)
-	other := content(7, mib)
-	tests := []struct {
-		name string
-		d    *repb.Digest
-		body []byte
-		code codes.Code
-	}{
-		{"other content", d, other, codes.InvalidArgument},
-		{"short", d, data[:mib-1], codes.InvalidArgument},
-		{"long", d, append(append([]byte{}, data...), 1), codes.InvalidArgument},
-		{"size says more", &repb.Digest{Hash: d.Hash, SizeBytes: mib + 4096}, data, codes.InvalidArgument},
-		{"bad hash", &repb.Digest{Hash: "XYZ", SizeBytes: 3}, []byte("abc"), codes.InvalidArgument},
-		{"negative size", &repb.Digest{Hash: d.Hash, SizeBytes: -1}, nil, codes.InvalidArgument},
-		{"nil digest", nil, nil, codes.InvalidArgument},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			c := newCache(t, t.TempDir(), Options{})
-			err := c.Write(context.Background(), ns, tt.d, bytes.NewReader(tt.body))
-			if status.Code(err) != tt.code {
-				t.Fatalf("Write: %v, want %v", err, tt.code)
-			}
-			if tt.d != nil && tt.d.Hash != "" && !strings.Contains(err.Error(), tt.d.Hash) {
-				t.Errorf("error %q does not name the digest", err)
-			}
-			if c.Usage() != 0 || len(tmpEntries(t, c)) != 0 {
-				t.Errorf("usage %d, tmp %v after a rejected write", c.Usage(), tmpEntries(t, c))
-			}
-			if digest.Validate(tt.d) == nil {
-				if _, err := c.Read(context.Background(), ns, tt.d); !cache.IsNotFound(err) {
-					t.Errorf("Read after rejected write: %v, want NotFound", err)
-				}
-			}
-		})
 	}
 }
 
@@ -213,31 +113,6 @@ func (f *failingReader) Read(p []byte) (int, error) {
 		return n, f.err
 	}
 	return n, err
-}
-
-func TestWriteErrorCleansTemp(t *testing.T) {
-	c := newCache(t, t.TempDir(), Options{})
-	data := content(8, 3*mib)
-	d := digest.Compute(digest.BLAKE3, data)
-	src := &failingReader{bytes.NewReader(data[:2*mib]), status.Error(codes.Unavailable, "remote went away")}
-	err := c.Write(context.Background(), ns, d, src)
-	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), d.Hash) {
-		t.Fatalf("Write: %v, want Unavailable naming the digest", err)
-	}
-	if n := tmpEntries(t, c); len(n) != 0 {
-		t.Errorf("temp files left: %v", n)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	if err := c.Write(ctx, ns, d, bytes.NewReader(data)); status.Code(err) != codes.Canceled {
-		t.Errorf("Write with canceled ctx: %v", err)
-	}
-	if n := tmpEntries(t, c); len(n) != 0 {
-		t.Errorf("temp files left: %v", n)
-	}
-	if present(t, c, d)[0] {
-		t.Error("failed write left the blob present")
-	}
 }
 
 func TestWriteIsIdempotent(t *testing.T) {

@@ -265,6 +265,9 @@ func (b *blob) File() *os.File { return b.f }
 // read the rest is decoded too, so that the stream ends with an error
 // instead of io.EOF if the blob is corrupt, without a scratch copy.
 func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
+	if err := checkDigest(ns, d); err != nil {
+		return nil, fmt.Errorf("reading blob: %w", err)
+	}
 	if off < 0 || off > d.GetSizeBytes() || n < 0 {
 		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, d.GetSizeBytes())
 	}

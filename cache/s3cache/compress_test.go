@@ -194,6 +194,12 @@ func TestCompressedReadsAndWrites(t *testing.T) {
 			if bytes.Equal(got, img) {
 				t.Errorf("flip at %d: the full content was returned along with the error", at)
 			}
+			if ok, err := c.present(ctxT(t), key); ok || err != nil {
+				t.Errorf("flip at %d: the corrupt object was kept (%v)", at, err)
+			}
+			// The stored frames are not verified by the tier: a
+			// verifying reader over them fails, and nothing is deleted.
+			putWithMeta(t, m, bucket, key, bad, map[string]string{metaEncoding: encodingZstd})
 			rc, compressed, err := c.ReadCompressed(ctxT(t), ns, d)
 			if err != nil || !compressed {
 				t.Fatalf("ReadCompressed: %v %v", compressed, err)

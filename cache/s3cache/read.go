@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/minio/minio-go/v7"
@@ -45,7 +46,7 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 		src.Close()
 		return nil, err
 	}
-	return rc, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, nil
 }
 
 // ReadCompressed opens the blob d as it is stored (cache.CompressedReader):
@@ -73,7 +74,7 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 		or.Close()
 		return nil, false, err
 	}
-	return rc, false, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, false, nil
 }
 
 // openBlob opens the object of blob d and says whether it is stored
@@ -92,11 +93,13 @@ func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest
 	m, err := parseMeta(info.Metadata)
 	if err != nil {
 		obj.Close()
-		return nil, false, cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %v", digest.String(d), key, c.opts.Bucket, err)
+		c.drop(ctx, key)
+		return nil, false, cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %v (deleted)", digest.String(d), key, c.opts.Bucket, err)
 	}
 	if !m.compressed && info.Size != d.SizeBytes {
 		obj.Close()
-		return nil, false, cache.Corruptf("s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes",
+		c.drop(ctx, key)
+		return nil, false, cache.Corruptf("s3 cache: corrupt blob %s at %s (bucket %s): object has %d bytes (deleted)",
 			digest.String(d), key, c.opts.Bucket, info.Size)
 	}
 	return &objectReader{c: c, obj: obj, d: d, key: key}, m.compressed, nil
@@ -133,3 +136,31 @@ func (r *objectReader) Read(p []byte) (int, error) {
 }
 
 func (r *objectReader) Close() error { return r.obj.Close() }
+
+// drop deletes the object of a blob that failed verification, so that it
+// is reported missing and stored again by the next Write; a failure to
+// delete (a read-only key) leaves it for the next reader to find corrupt.
+func (c *Cache) drop(ctx context.Context, key string) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	c.client.RemoveObject(ctx, c.opts.Bucket, key, minio.RemoveObjectOptions{})
+}
+
+// dropCorrupt is a verified blob stream that deletes the blob's object
+// when the stream fails verification (see drop).
+type dropCorrupt struct {
+	io.ReadCloser
+	c       *Cache
+	ctx     context.Context
+	key     string
+	dropped bool
+}
+
+func (r *dropCorrupt) Read(p []byte) (int, error) {
+	n, err := r.ReadCloser.Read(p)
+	if cache.IsCorrupt(err) && !r.dropped {
+		r.dropped = true
+		r.c.drop(r.ctx, r.key)
+	}
+	return n, err
+}

@@ -36,7 +36,9 @@
 // Read does not trust the bucket: it streams the object through a digest
 // verifier, and a corrupt or truncated object ends in a DataLoss error
 // naming the digest instead of io.EOF, so wrong bytes are never passed off
-// as a complete blob.
+// as a complete blob. The object that failed is then deleted, so that
+// FindMissing reports the blob missing and the next Write stores it again
+// (a Write of a blob present uploads nothing).
 //
 // Action-cache entries are stored as serialized ActionResult messages and
 // returned as found: the tier does not check that the blobs an entry

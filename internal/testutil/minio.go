@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"go/build"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -256,6 +257,33 @@ func (m MinIO) PutRaw(t testing.TB, bucket, key string, data []byte) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if _, err := m.Client.PutObject(ctx, bucket, key, bytes.NewReader(data), int64(len(data)), minio.PutObjectOptions{}); err != nil {
+		t.Fatalf("putting %s/%s on %s: %v", bucket, key, m.Endpoint, err)
+	}
+}
+
+// Damage replaces the object at bucket/key by damage(its bytes), keeping
+// its user metadata, through the S3 API: what a tier finds when its bucket
+// holds bytes other than it wrote. Damage fails t when there is no such
+// object.
+func (m MinIO) Damage(t testing.TB, bucket, key string, damage func([]byte) []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	obj, err := m.Client.GetObject(ctx, bucket, key, minio.GetObjectOptions{})
+	if err != nil {
+		t.Fatalf("getting %s/%s on %s: %v", bucket, key, m.Endpoint, err)
+	}
+	defer obj.Close()
+	info, err := obj.Stat()
+	if err != nil {
+		t.Fatalf("getting %s/%s on %s: %v", bucket, key, m.Endpoint, err)
+	}
+	b, err := io.ReadAll(obj)
+	if err != nil {
+		t.Fatalf("reading %s/%s on %s: %v", bucket, key, m.Endpoint, err)
+	}
+	b = damage(b)
+	if _, err := m.Client.PutObject(ctx, bucket, key, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{UserMetadata: info.UserMetadata}); err != nil {
 		t.Fatalf("putting %s/%s on %s: %v", bucket, key, m.Endpoint, err)
 	}
 }
