@@ -9,6 +9,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"go.opentelemetry.io/otel/attribute"
+	"golang.org/x/sync/errgroup"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -68,8 +69,11 @@ func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySe
 	ctx, span := telemetry.Start(ctx, "snaploader.get_snapshot", attribute.String("ref", keys.GetBranchKey().GetRef()),
 		attribute.Int("fallbacks", len(keys.GetFallbackKeys())), attribute.String("read_policy", opts.ReadPolicy.String()))
 	var last error
-	for i, key := range AllKeys(keys) {
-		snap, err := l.getKeyTraced(ctx, key, i, opts)
+	all := AllKeys(keys)
+	rl := newRemoteLookups(l, all)
+	defer rl.close()
+	for i, key := range all {
+		snap, err := l.getKeyTraced(ctx, key, i, opts, rl)
 		if err == nil {
 			span.SetAttributes(attribute.String("source", string(snap.Source)), attribute.Int("fallback_index", i),
 				attribute.String("snapshot_id", snap.Manifest.GetVmMetadata().GetSnapshotId()))
@@ -92,9 +96,9 @@ func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySe
 
 // getKeyTraced is getKey in a span of its own saying which tier served the
 // key or why it was rejected.
-func (l *Loader) getKeyTraced(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
+func (l *Loader) getKeyTraced(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions, rl *remoteLookups) (*Snapshot, error) {
 	ctx, span := telemetry.Start(ctx, "snaploader.get_key", attribute.String("ref", key.GetRef()), attribute.Int("fallback_index", idx))
-	snap, err := l.getKey(ctx, key, idx, opts)
+	snap, err := l.getKey(ctx, key, idx, opts, rl)
 	if err != nil {
 		span.SetAttributes(attribute.String("rejected", rejection(err)), attribute.String("reason", err.Error()))
 		span.End() // a rejected key is an answer, not a failure
@@ -144,7 +148,7 @@ func (l *Loader) GetSnapshotByID(ctx context.Context, instance, snapshotID strin
 	if err != nil {
 		return nil, err
 	}
-	return l.getKey(ctx, SnapshotIDKey(instance, snapshotID), 0, opts)
+	return l.getKey(ctx, SnapshotIDKey(instance, snapshotID), 0, opts, nil)
 }
 
 // withDefaults checks the options and fills in the defaults.
@@ -158,7 +162,9 @@ func (o GetOptions) withDefaults() (GetOptions, error) {
 	return o, nil
 }
 
-func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions) (*Snapshot, error) {
+// getKey finds key's snapshot; rl, when not nil, reads remote manifests
+// for the whole key set at once.
+func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, opts GetOptions, rl *remoteLookups) (*Snapshot, error) {
 	useRemote := l.remoteUp() && opts.ReadPolicy != LocalOnly
 	snap, localErr := l.getLocal(ctx, key, idx, opts, useRemote)
 	if localErr != nil && useRemote && l.degraded(localErr) {
@@ -173,7 +179,7 @@ func (l *Loader) getKey(ctx context.Context, key *snapshotpb.SnapshotKey, idx in
 	if !useRemote {
 		return nil, localErr
 	}
-	snap, err := l.getRemote(ctx, key, idx)
+	snap, err := l.getRemote(ctx, key, idx, rl)
 	if err != nil {
 		l.degraded(err)
 		if status.Code(err) == codes.NotFound && status.Code(localErr) != codes.NotFound {
@@ -232,12 +238,17 @@ func (l *Loader) getLocal(ctx context.Context, key *snapshotpb.SnapshotKey, idx 
 
 // getRemote reads the remote manifest of key and confirms every blob it
 // references exists remotely.
-func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx int) (*Snapshot, error) {
+func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx int, rl *remoteLookups) (*Snapshot, error) {
 	mk, err := RemoteManifestKey(key)
 	if err != nil {
 		return nil, err
 	}
-	ar, err := l.getManifest(ctx, true, key.GetInstanceName(), mk)
+	var ar *repb.ActionResult
+	if rl != nil {
+		ar, err = rl.get(ctx, idx, mk)
+	} else {
+		ar, err = l.getManifest(ctx, true, key.GetInstanceName(), mk)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("remote manifest for %s: %w", keyString(key), err)
 	}
@@ -262,15 +273,25 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 	for _, f := range dm.files {
 		blobs = append(blobs, f.GetDigest())
 	}
-	for _, d := range dm.trees {
-		b, err := l.readTree(ctx, ns, d.GetTreeDigest(), primary != l.local || secondary != nil)
-		if err != nil {
-			return nil, 0, false, fmt.Errorf("reading tree of chunked file %q: %w", d.GetPath(), err)
-		}
-		cf, err := decodeTree(d.GetPath(), b)
-		if err != nil {
-			return nil, 0, false, err
-		}
+	// The trees are read together: one round trip for all of a cold
+	// snapshot's chunked files.
+	trees := make([]*snapshotpb.ChunkedFile, len(dm.trees))
+	g, gctx := errgroup.WithContext(ctx)
+	for i, d := range dm.trees {
+		g.Go(func() error {
+			b, err := l.readTree(gctx, ns, d.GetTreeDigest(), primary != l.local || secondary != nil)
+			if err != nil {
+				return fmt.Errorf("reading tree of chunked file %q: %w", d.GetPath(), err)
+			}
+			trees[i], err = decodeTree(d.GetPath(), b)
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, 0, false, err
+	}
+	for i, d := range dm.trees {
+		cf := trees[i]
 		m.ChunkedFiles = append(m.ChunkedFiles, cf)
 		blobs = append(blobs, d.GetTreeDigest())
 		for _, c := range cf.GetChunks() {

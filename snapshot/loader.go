@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -199,7 +200,11 @@ func (l *Loader) getEntry(ctx context.Context, remote bool, instance string, key
 func (l *Loader) functions(remote bool) []digest.Function {
 	all := []digest.Function{digest.BLAKE3, digest.SHA256}
 	if remote && len(l.opts.RemoteFunctions) > 0 {
-		all = l.opts.RemoteFunctions
+		// Only the functions snaploader writes: a cache may offer more
+		// (GITSHA1, MD5...), under which no snapshot is ever stored.
+		all = slices.DeleteFunc(slices.Clone(l.opts.RemoteFunctions), func(fn digest.Function) bool {
+			return fn != digest.BLAKE3 && fn != digest.SHA256
+		})
 	}
 	out := []digest.Function{l.opts.Function}
 	for _, fn := range all {
@@ -215,6 +220,9 @@ func (l *Loader) functions(remote bool) []digest.Function {
 // by a host whose own function is BLAKE3, and the reverse).
 func (l *Loader) getManifest(ctx context.Context, remote bool, instance string, key *repb.Digest) (*repb.ActionResult, error) {
 	c := l.tier(remote)
+	if remote {
+		return l.getManifestAll(ctx, c, l.functions(true), instance, key)
+	}
 	var first error
 	for _, fn := range l.functions(remote) {
 		ar, err := c.GetActionResult(ctx, l.ns(instance, fn), key)
