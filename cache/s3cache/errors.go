@@ -66,5 +66,13 @@ func code(err error) codes.Code {
 // being done: "s3 cache: <what> (bucket B): <err>".
 func (c *Cache) errorf(err error, format string, args ...any) error {
 	what := fmt.Sprintf(format, args...)
-	return errkind.New(code(err), "s3 cache: %s (bucket %s): %w", what, c.opts.Bucket, err)
+	k := code(err)
+	if k == codes.PermissionDenied && c.creds != nil {
+		if src := c.creds.used(); src != "" {
+			what += ": the credentials from " + src + " were refused"
+		} else {
+			what += ": no credentials were found (looked in " + c.creds.tried() + ")"
+		}
+	}
+	return errkind.New(k, "s3 cache: %s (bucket %s): %w", what, c.opts.Bucket, err)
 }

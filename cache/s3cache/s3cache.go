@@ -101,9 +101,14 @@ type Options struct {
 	Prefix string
 	// Region is the bucket's region; empty to let the client discover it.
 	Region string
-	// AccessKey, SecretKey and SessionToken are the credentials; all empty
-	// for anonymous access.
+	// AccessKey, SecretKey and SessionToken are static credentials; when
+	// empty, credentials come from the standard chain (see
+	// credentials.go): the environment, the shared credentials file, a web
+	// identity token, container or instance credentials.
 	AccessKey, SecretKey, SessionToken string
+	// Profile is the shared credentials file's profile (default
+	// $AWS_PROFILE, else "default").
+	Profile string
 	// Secure selects HTTPS.
 	Secure bool
 	// PartSize is the multipart part size in bytes; 0 means
@@ -152,6 +157,7 @@ type Cache struct {
 	core   minio.Core
 	opts   Options
 	prefix string // "" or ending in "/"
+	creds  *chain // where the credentials came from
 }
 
 var _ cache.Cache = (*Cache)(nil)
@@ -187,13 +193,14 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
+	creds := newChain(opts)
 	tr, err := minio.DefaultTransport(opts.Secure)
 	if err != nil {
 		return nil, fmt.Errorf("s3 cache: transport for %s: %w", opts.Endpoint, err)
 	}
 	tr.MaxIdleConnsPerHost = max(tr.MaxIdleConnsPerHost, opts.Parallelism+maxUploadStreams)
 	client, err := minio.New(opts.Endpoint, &minio.Options{
-		Creds:      credentials.NewStaticV4(opts.AccessKey, opts.SecretKey, opts.SessionToken),
+		Creds:      credentials.New(creds),
 		Secure:     opts.Secure,
 		Region:     opts.Region,
 		Transport:  tr,
@@ -202,7 +209,7 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "s3 cache: client for %s: %v", opts.Endpoint, err)
 	}
-	c := &Cache{client: client, core: minio.Core{Client: client}, opts: opts, prefix: prefix}
+	c := &Cache{client: client, core: minio.Core{Client: client}, opts: opts, prefix: prefix, creds: creds}
 	exists, err := client.BucketExists(ctx, opts.Bucket)
 	if err != nil {
 		return nil, c.errorf(err, "checking bucket %s at %s", opts.Bucket, opts.Endpoint)

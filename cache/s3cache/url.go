@@ -13,13 +13,12 @@ import (
 
 // ParseURL parses a cache URL of the form
 //
-//	s3://BUCKET[/PREFIX][?endpoint=HOST:PORT&secure=BOOL&region=R&create=BOOL&part_size=N&parallelism=N&compression=BOOL]
+//	s3://BUCKET[/PREFIX][?endpoint=HOST:PORT&secure=BOOL&region=R&profile=P&create=BOOL&part_size=N&parallelism=N&compression=BOOL]
 //
 // endpoint defaults to s3.amazonaws.com and secure to true. Credentials are
 // never taken from the URL (URLs end up in logs): they come from the
-// environment, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
-// AWS_SESSION_TOKEN, or, when AWS_ACCESS_KEY_ID is unset, MINIO_ROOT_USER
-// and MINIO_ROOT_PASSWORD; with neither the access is anonymous. Unknown
+// standard chain (see credentials.go; profile names the shared credentials
+// file's profile). region defaults to AWS_REGION when set. Unknown
 // query parameters are an error, so a misspelt one is not silently ignored.
 func ParseURL(raw string) (Options, error) {
 	bad := func(format string, args ...any) (Options, error) {
@@ -69,6 +68,8 @@ func ParseURL(raw string) (Options, error) {
 			opts.Secure = b
 		case "region":
 			opts.Region = v
+		case "profile":
+			opts.Profile = v
 		case "create":
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -94,16 +95,11 @@ func ParseURL(raw string) (Options, error) {
 			}
 			opts.Parallelism = n
 		default:
-			return bad("unknown parameter %q (known: endpoint, secure, region, create, part_size, parallelism, compression)", k)
+			return bad("unknown parameter %q (known: endpoint, secure, region, profile, create, part_size, parallelism, compression)", k)
 		}
 	}
-	if id := os.Getenv("AWS_ACCESS_KEY_ID"); id != "" {
-		opts.AccessKey = id
-		opts.SecretKey = os.Getenv("AWS_SECRET_ACCESS_KEY")
-		opts.SessionToken = os.Getenv("AWS_SESSION_TOKEN")
-	} else {
-		opts.AccessKey = os.Getenv("MINIO_ROOT_USER")
-		opts.SecretKey = os.Getenv("MINIO_ROOT_PASSWORD")
+	if opts.Region == "" {
+		opts.Region = os.Getenv("AWS_REGION")
 	}
 	return opts, nil
 }

@@ -54,7 +54,7 @@ type storeFlags struct {
 
 func (f *storeFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.remote, "remote", "", "S3 tier: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+	fl.StringVar(&f.remote, "remote", "", "S3 tier: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
 	fl.StringVar(&f.retention, "retention", "7d", "how long a snapshot that is no longer the newest under its key is kept (Go duration or days, e.g. 7d)")
 	fl.StringVar(&f.now, "now", "", "the collector's clock, RFC 3339 (tests)")
 	fl.BoolVar(&f.clockFromMetadata, "clock-from-metadata", false, "take ages from the write times snaploader records in object metadata (buckets copied or replicated, which resets LastModified)")

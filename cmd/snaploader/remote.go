@@ -31,7 +31,7 @@ type remoteFlags struct {
 
 func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.url, "remote", "", "shared tier: grpc://HOST:PORT, grpcs://HOST:PORT (REAPI cache) or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+	fl.StringVar(&f.url, "remote", "", "shared tier: grpc://HOST:PORT, grpcs://HOST:PORT (REAPI cache) or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
 	fl.StringVar(&f.apiKey, "api-key", "", "API key sent to the REAPI remote (default $SNAPLOADER_API_KEY)")
 	fl.StringVar(&f.apiKeyHdr, "api-key-header", "x-api-key", "metadata header carrying --api-key")
 	fl.StringVar(&f.bearer, "bearer-token", "", "bearer token sent to the REAPI remote")

@@ -226,7 +226,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address")
 	fl.StringVar(&cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
 	fl.Int64Var(&maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend in bytes")
-	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
 	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
 	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
 	fl.StringVar(&debugAddr, "debug-addr", "", "serve Go profiles at http://ADDR/debug/pprof/ (keep it on loopback)")
