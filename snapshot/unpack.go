@@ -224,7 +224,7 @@ func (l *Loader) UnpackSnapshot(ctx context.Context, snap *Snapshot, dir string,
 		if cf.GetArtifact() {
 			// An artifact file stored as chunks is given back as a file.
 			path := filepath.Join(dir, cf.GetName())
-			err := writeStoreFile(ctx, s, path)
+			err := WriteStore(ctx, s, path, nil)
 			s.Close()
 			if err != nil {
 				return fail(fmt.Errorf("unpacking artifact file %q (stored as chunks): %w", cf.GetName(), err))
@@ -288,43 +288,6 @@ func copyBlob(ctx context.Context, src *cache.ReadThrough, ns cache.Namespace, d
 	if _, err := io.Copy(tmp, io.NewSectionReader(b, 0, b.Size())); err != nil {
 		tmp.Close()
 		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
-}
-
-// writeStoreFile writes a store's bytes to path atomically (a locked
-// temporary file renamed into place), leaving holes for hole chunks.
-func writeStoreFile(ctx context.Context, s *cow.Store, path string) error {
-	tmp, err := fileio.CreateTemp(filepath.Dir(path))
-	if err != nil {
-		return errkind.IO(err, "writing %s", path)
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	if err := tmp.Chmod(0o644); err != nil {
-		return err
-	}
-	// Only the chunks the tree lists hold data; the rest are holes. Walking
-	// the listed chunks, not every offset up to the declared size, keeps a
-	// hostile tree with a huge size and few chunks cheap.
-	buf := make([]byte, s.ChunkSize())
-	for _, c := range s.ChunkedFile().GetChunks() {
-		if err := ctx.Err(); err != nil {
-			return status.FromContextError(err).Err()
-		}
-		off, n := c.GetOffset(), c.GetDigest().GetSizeBytes()
-		if _, err := s.ReadAt(buf[:n], off); err != nil && err != io.EOF {
-			return err
-		}
-		if _, err := tmp.WriteAt(buf[:n], off); err != nil {
-			return errkind.IO(err, "writing %s at offset %d", path, off)
-		}
-	}
-	if err := tmp.Truncate(s.Size()); err != nil {
-		return errkind.IO(err, "writing %s", path)
 	}
 	if err := tmp.Close(); err != nil {
 		return err
