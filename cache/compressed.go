@@ -6,11 +6,11 @@ import (
 	"io"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"github.com/klauspost/compress/zstd"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // CompressedReader is implemented by tiers that may store blobs
@@ -42,7 +42,7 @@ type CompressedWriter interface {
 
 // MaxZstdWindow bounds the window of a zstd frame NewZstdVerifyingReader
 // decodes, and so its memory.
-const MaxZstdWindow = 64 << 20
+const MaxZstdWindow = zstdio.MaxWindow
 
 // NewZstdVerifyingReader passes the zstd stream rc through unchanged while
 // decoding it alongside (memory bounded by MaxZstdWindow, output by d's
@@ -68,8 +68,7 @@ func NewZstdVerifyingReader(rc io.ReadCloser, fn digest.Function, d *repb.Digest
 var errDecoderDone = errors.New("decoder finished")
 
 func decodeVerify(r io.Reader, v *digest.Verifier, d *repb.Digest) error {
-	dec, err := zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
-		zstd.WithDecoderMaxWindow(uint64(min(max(d.SizeBytes, 8<<20), MaxZstdWindow))))
+	dec, err := zstdio.NewDecoder(r, zstdio.Window(d.SizeBytes))
 	if err != nil {
 		return Corruptf("corrupt compressed blob %s: %v", digest.String(d), err)
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 const (
@@ -27,7 +28,7 @@ const (
 	// resumable (or to compress it) when its reader cannot seek.
 	maxBuffered = 64 << 20
 	// maxDecoderWindow bounds a zstd decoder's memory.
-	maxDecoderWindow = 64 << 20
+	maxDecoderWindow = zstdio.MaxWindow
 )
 
 // blobPath is "blobs/{fn/}{hash}/{size}" or its compressed-blobs form.

@@ -8,15 +8,10 @@ import (
 	"sync"
 
 	"github.com/klauspost/compress/zstd"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
-var encoder = func() *zstd.Encoder {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	if err != nil {
-		panic(err)
-	}
-	return e
-}()
+var encoder = zstdio.NewEncoder()
 
 var decPool sync.Pool
 
@@ -27,7 +22,7 @@ func getDecoder(r io.Reader) (*zstd.Decoder, error) {
 		}
 		d.Close()
 	}
-	return zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
+	return zstdio.NewDecoder(r, maxDecoderWindow)
 }
 
 func putDecoder(d *zstd.Decoder) {

@@ -17,6 +17,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // chunkBytes is the payload size of each ByteStream read response.
@@ -29,13 +30,7 @@ const readCharge = 3 * chunkBytes
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, chunkBytes); return &b }}
 
-var encPool = sync.Pool{New: func() any {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	if err != nil {
-		panic(err)
-	}
-	return e
-}}
+var encPool = sync.Pool{New: func() any { return zstdio.NewEncoder() }}
 
 // Read streams a blob, optionally zstd-compressed. The server verifies the
 // whole blob as it streams it and holds back the last message until it is

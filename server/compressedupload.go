@@ -6,13 +6,13 @@ import (
 	"io"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"github.com/klauspost/compress/zstd"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // compressedLimit is the most zstd data an upload of d may send.
@@ -38,7 +38,7 @@ func (s *Server) receiveCompressed(ctx context.Context, rx *receiver, name strin
 		}
 		in = io.TeeReader(rr, frameWriter{u})
 	}
-	dec, err := zstd.NewReader(in, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(maxDecoderWindow))
+	dec, err := zstdio.NewDecoder(in, maxDecoderWindow)
 	if err != nil {
 		return 0, errkind.New(errkind.Internal, "starting a zstd decoder: %w", err)
 	}

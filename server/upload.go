@@ -14,13 +14,14 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // maxDecoderWindow is the largest zstd window an upload may use: the
 // reference encoder's levels 1 to 19 use at most 8 MiB. The decoder
 // allocates the window a frame declares, so it is charged to the upload
 // memory budget in full.
-const maxDecoderWindow = 8 << 20
+const maxDecoderWindow = zstdio.MinWindow
 
 // decoderOverhead is a zstd decoder's memory beyond its window (block
 // buffers, the ring's spare blocks) plus the decode copy buffer.

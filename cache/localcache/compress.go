@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // Compressed blobs at rest (Options.Compression).
@@ -47,7 +48,7 @@ const (
 	// (and of those it writes): frames asking for more are corrupt. It is
 	// also what a frame of the reference encoder's levels 1-19 asks for at
 	// most, and what serve accepts in uploads.
-	MaxWindow = 8 << 20
+	MaxWindow = zstdio.MinWindow
 	// encWindow is the window of the frames the cache writes: a default
 	// chunk (4,096,000 bytes) fits in it. An encoder holds about this much
 	// history.
@@ -67,16 +68,11 @@ const (
 func worthCompressing(n, raw int64) bool { return n*16 <= raw*15 }
 
 var encPool = sync.Pool{New: func() any {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1),
-		zstd.WithWindowSize(encWindow), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(true))
-	if err != nil {
-		panic(err)
-	}
-	return e
+	return zstdio.NewEncoder(zstd.WithWindowSize(encWindow), zstd.WithLowerEncoderMem(true), zstd.WithEncoderCRC(true))
 }}
 
 var decPool = sync.Pool{New: func() any {
-	d, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxWindow(MaxWindow), zstd.WithDecoderLowmem(true))
+	d, err := zstdio.NewDecoder(nil, MaxWindow)
 	if err != nil {
 		panic(err)
 	}

@@ -20,6 +20,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // Object metadata the tier writes (sent as X-Amz-Meta-<name>).
@@ -34,22 +35,10 @@ const (
 	encodingZstd = "zstd"
 	// minCompressSize is the smallest blob worth compressing.
 	minCompressSize = 512
-	// maxDecoderWindow bounds the window of a stored zstd frame, and so a
-	// decoder's memory, whatever the frame header claims.
-	maxDecoderWindow = 64 << 20
-	// minDecoderWindow is accepted for any blob size: the reference
-	// encoder's default window for streamed input.
-	minDecoderWindow = 8 << 20
 )
 
 // encoder compresses blobs at rest; EncodeAll is safe for concurrent use.
-var encoder = func() *zstd.Encoder {
-	e, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
-	if err != nil {
-		panic(err)
-	}
-	return e
-}()
+var encoder = zstdio.NewEncoder()
 
 // compress returns the zstd form of b when it is worth storing instead of
 // b (it saves at least 1/64 of the size), else nil.
@@ -62,11 +51,6 @@ func compress(b []byte) []byte {
 		return nil
 	}
 	return z
-}
-
-// decoderWindow is the largest window accepted for a blob of size bytes.
-func decoderWindow(size int64) uint64 {
-	return uint64(min(max(size, minDecoderWindow), maxDecoderWindow))
 }
 
 var decoderPool sync.Pool
@@ -85,7 +69,7 @@ type boundedDecoder struct {
 
 func newBoundedDecoder(r io.Reader, d *repb.Digest, key string) (*boundedDecoder, error) {
 	var dec *zstd.Decoder
-	opts := []zstd.DOption{zstd.WithDecoderMaxWindow(decoderWindow(d.SizeBytes))}
+	opts := []zstd.DOption{zstd.WithDecoderMaxWindow(zstdio.Window(d.SizeBytes))}
 	if p, ok := decoderPool.Get().(*zstd.Decoder); ok {
 		if err := p.ResetWithOptions(r, opts...); err == nil {
 			dec = p
@@ -95,7 +79,7 @@ func newBoundedDecoder(r io.Reader, d *repb.Digest, key string) (*boundedDecoder
 	}
 	if dec == nil {
 		var err error
-		dec, err = zstd.NewReader(r, append(opts, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))...)
+		dec, err = zstdio.NewDecoder(r, zstdio.Window(d.SizeBytes))
 		if err != nil {
 			return nil, errkind.New(errkind.Internal, "s3 cache: decoder for blob %s at %s: %v", digest.String(d), key, err)
 		}
