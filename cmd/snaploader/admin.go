@@ -38,6 +38,9 @@ func newInvalidateCmd() *cobra.Command {
 		Short: "Write a fresh version id for the key: every snapshot saved before is never returned again",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if err := kf.check(); err != nil {
+				return err
+			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
@@ -49,7 +52,9 @@ func newInvalidateCmd() *cobra.Command {
 			}
 			v, err := e.loader.Invalidate(ctx, keys.GetBranchKey())
 			if err != nil {
-				return err
+				// Invalidation needs the remote when there is one: an
+				// invalidation the fleet does not see is refused.
+				return remoteDown(cf.remote.url, err)
 			}
 			fmt.Printf("new version id %s for instance %q platform %.12s config %.12s\n", v, kf.instance, keys.GetBranchKey().GetPlatformHash(), kf.configHash)
 			return nil
@@ -57,6 +62,7 @@ func newInvalidateCmd() *cobra.Command {
 	}
 	cf.register(cmd)
 	kf.register(cmd)
+	kf.noRef = true
 	return cmd
 }
 
@@ -76,8 +82,24 @@ func (f *snapshotFlags) register(cmd *cobra.Command, idHelp string) {
 	cmd.Flags().StringVar(&f.id, "snapshot-id", "", idHelp)
 }
 
+// check refuses missing key flags: with --snapshot-id only --instance is
+// needed (the id names one snapshot of the instance), else the whole key.
+func (f *snapshotFlags) check() error {
+	if f.id == "" {
+		return f.kf.check()
+	}
+	if f.kf.instance == "" {
+		return usagef("--instance is required with --snapshot-id (the instance name the snapshot is stored under)")
+	}
+	return nil
+}
+
 // open opens the caches and finds the snapshot; the caller closes the env.
+// A lookup that finds no usable snapshot is a noSnapshotError.
 func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, error) {
+	if err := f.check(); err != nil {
+		return nil, nil, err
+	}
 	opts, err := f.gf.options()
 	if err != nil {
 		return nil, nil, err
@@ -100,6 +122,9 @@ func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, err
 	}
 	if err != nil {
 		e.Close()
+		if cache.IsNotFound(err) {
+			err = &noSnapshotError{err}
+		}
 		return nil, nil, err
 	}
 	return e, snap, nil
@@ -215,7 +240,7 @@ func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
 	}
 	inv, err := gc.List(ctx, st, opts)
 	if err != nil {
-		return fmt.Errorf("listing %s: %w", sf.remote, err)
+		return remoteDown(sf.remote, fmt.Errorf("listing %s: %w", sf.remote, err))
 	}
 	now := time.Now()
 	if opts.Now != nil {
@@ -287,10 +312,13 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
 	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
-	c, err := remote.Dial(ctx, rf.url, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
+	c, err := dialREAPI(ctx, rf.url, rf.caFile, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
 		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
 	if err != nil {
-		return fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot)
+		if errkind.Is(err, errkind.InvalidArgument) {
+			return err
+		}
+		return remoteDown(rf.url, fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot))
 	}
 	defer c.Close()
 	req := &inventorypb.ListSnapshotsRequest{RetentionSeconds: int64(opts.Retention / time.Second)}
@@ -304,7 +332,7 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		return status.Errorf(codes.InvalidArgument, "ls --remote %s: REAPI caches cannot list their contents (the Remote Execution API has no listing call), and this one does not offer snaploader serve's listing; they evict by themselves", rf.url)
 	}
 	if err != nil {
-		return fmt.Errorf("listing the snapshots of %s: %w", rf.url, err)
+		return remoteDown(rf.url, fmt.Errorf("listing the snapshots of %s: %w", rf.url, err))
 	}
 	return printListing(listingOfServer(resp, now), asJSON, "the server's blobs")
 }

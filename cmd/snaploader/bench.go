@@ -77,10 +77,10 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 				return err
 			}
 			if cf.remote.url == "" {
-				return fmt.Errorf("--remote is required")
+				return usagef("--remote is required")
 			}
 			if runs <= 0 {
-				return fmt.Errorf("--runs %d: want at least 1", runs)
+				return usagef("--runs %d: want at least 1", runs)
 			}
 			rep, err := runBench(cmd.Context(), cf, n, runs, workDir)
 			if err != nil {
@@ -116,7 +116,7 @@ func parseBytes(flag, s string) (int64, error) {
 	}
 	n, err := strconv.ParseInt(num, 10, 64)
 	if err != nil || n <= 0 || n > cow.MaxSize/mult {
-		return 0, fmt.Errorf("%s %q: want a positive size such as 4096, 64MiB or 1GiB", flag, s)
+		return 0, usagef("%s %q: want a positive size such as 4096, 64MiB or 1GiB", flag, s)
 	}
 	return n * mult, nil
 }

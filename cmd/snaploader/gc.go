@@ -39,7 +39,7 @@ func openStore(ctx context.Context, url, what string, clockFromMetadata bool) (g
 	opts.ClockFromMetadata = clockFromMetadata
 	c, err := s3cache.New(ctx, opts)
 	if err != nil {
-		return nil, fmt.Errorf("opening S3 remote %s: %w", url, err)
+		return nil, remoteDown(url, fmt.Errorf("opening S3 remote %s: %w", url, err))
 	}
 	return gc.S3(c), nil
 }
@@ -135,7 +135,7 @@ Safe to run while hosts save and restore, from two places at once, and to kill.`
 				if rep != nil {
 					printGCSummary(os.Stderr, rep)
 				}
-				return err
+				return remoteDown(sf.remote, err)
 			}
 			if asJSON {
 				return printJSON(os.Stdout, struct {

@@ -62,7 +62,7 @@ left at --socket is replaced, anything else there is refused.`,
 			ctx := cmd.Context()
 			start := time.Now()
 			if dir == "" || socket == "" {
-				return fmt.Errorf("--dir and --socket are required")
+				return usagef("--dir and --socket are required")
 			}
 			// Before the cache is opened or a snapshot looked up.
 			if err := checkOutDir("--dir", dir, replace, restoreReplaceHint); err != nil {

@@ -158,6 +158,14 @@ func newQemuRestoreCmd() *cobra.Command {
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if err := sf.check(); err != nil {
+				return err
+			}
+			if saveOnExit {
+				if err := sf.kf.check(); err != nil {
+					return err
+				}
+			}
 			if dir != "" {
 				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
 					return err
@@ -217,7 +225,12 @@ func newQemuBootCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			if dir == "" {
-				return fmt.Errorf("--dir is required")
+				return usagef("--dir is required")
+			}
+			if saveOnExit {
+				if err := kf.check(); err != nil {
+					return err
+				}
 			}
 			if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
 				return err
@@ -273,7 +286,10 @@ func newQemuSaveCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			if qmpSock == "" || memFile == "" {
-				return fmt.Errorf("--qmp and --mem-file are required")
+				return usagef("--qmp and --mem-file are required")
+			}
+			if err := kf.check(); err != nil {
+				return err
 			}
 			if dir != "" {
 				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {

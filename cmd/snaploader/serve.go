@@ -95,11 +95,11 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			for _, k := range apiKeys {
 				key, rest, ok := strings.Cut(k, "=")
 				if !ok || key == "" {
-					return fmt.Errorf("--api-key %q: want KEY=GROUP[:ro]", k)
+					return usagef("--api-key %q: want KEY=GROUP[:ro]", k)
 				}
 				group, mode, _ := strings.Cut(rest, ":")
 				if mode != "" && mode != "ro" && mode != "rw" {
-					return fmt.Errorf("--api-key %q: mode must be ro or rw", k)
+					return usagef("--api-key %q: mode must be ro or rw", k)
 				}
 				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
 			}
@@ -107,7 +107,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			var where, tempDir string
 			var collect func(context.Context, *server.Server) error
 			if gcInterval < 0 {
-				return fmt.Errorf("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
+				return usagef("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
 			}
 			for _, b := range []struct {
 				flag string
@@ -122,22 +122,22 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				{"idle-timeout", idleTimeout <= 0},
 			} {
 				if b.bad {
-					return fmt.Errorf("--%s %s: want a positive value", b.flag, cmd.Flags().Lookup(b.flag).Value)
+					return usagef("--%s %s: want a positive value", b.flag, cmd.Flags().Lookup(b.flag).Value)
 				}
 			}
 			ret, err := parseDuration(retention)
 			if err != nil || ret <= 0 {
-				return fmt.Errorf("--retention %q: want a positive duration such as 7d or 36h", retention)
+				return usagef("--retention %q: want a positive duration such as 7d or 36h", retention)
 			}
 			gr, err := parseDuration(grace)
 			if err != nil || gr <= 0 {
-				return fmt.Errorf("--grace %q: want a positive duration such as 1h", grace)
+				return usagef("--grace %q: want a positive duration such as 1h", grace)
 			}
 			switch {
 			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
-				return fmt.Errorf("give either --cache-dir or --s3, not both")
+				return usagef("give either --cache-dir or --s3, not both")
 			case s3URL == "" && gcInterval > 0:
-				return fmt.Errorf("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
+				return usagef("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
 			case s3URL != "":
 				opts, err := s3cache.ParseURL(s3URL)
 				if err != nil {
