@@ -23,7 +23,7 @@ type qemuFlags struct {
 func (f *qemuFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.accel, "accel", "tcg", "QEMU accelerator: tcg or kvm")
 	cmd.Flags().StringVar(&f.qemuPath, "qemu", "", "QEMU binary (default qemu-system-x86_64 from PATH)")
-	cmd.Flags().Int64Var(&f.chunkSize, "chunk-size", 0, "chunk size of a first save in bytes, a multiple of 4096 (default 4096000)")
+	sizeFlag(cmd, &f.chunkSize, "chunk-size", 0, "chunk size of a first save, a multiple of 4096 bytes (bytes, or KiB/MiB/GiB; default 4096000)")
 }
 
 func (f *qemuFlags) host(e *env) (*vmm.Host, error) {
@@ -40,7 +40,7 @@ type machineFlags struct {
 func (f *machineFlags) register(cmd *cobra.Command, withMemory bool) {
 	fl := cmd.Flags()
 	if withMemory {
-		fl.Int64Var(&f.memory, "memory-bytes", 256<<20, "guest RAM in bytes, a whole number of MiB")
+		sizeFlag(cmd, &f.memory, "memory-bytes", 256<<20, "guest RAM, a whole number of MiB (bytes, or MiB/GiB)")
 	}
 	fl.StringVar(&f.kernel, "kernel", "", "direct-boot kernel image (saved with the snapshot)")
 	fl.StringVar(&f.initrd, "initrd", "", "initramfs (saved with the snapshot)")

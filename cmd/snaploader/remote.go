@@ -46,7 +46,7 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.BoolVar(&f.readOnly, "remote-read-only", false, "load from the remote but never publish to it")
 	fl.BoolVar(&f.noCompress, "no-compression", false, "do not use zstd compressed-blobs with the REAPI remote")
 	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
-	fl.Int64Var(&f.maxBlob, "remote-max-blob-bytes", 0, "largest blob the remote takes, for caches that do not say so (default: what its capabilities say); larger artifact files are stored as chunks")
+	sizeFlag(cmd, &f.maxBlob, "remote-max-blob-bytes", 0, "largest blob the remote takes, for caches that do not say so (bytes, or KiB/MiB/GiB/TiB; default: what its capabilities say); larger artifact files are stored as chunks")
 	fl.BoolVar(&f.required, "remote-required", false, "fail (exit 4) when --remote cannot be reached, at the start or during the command, instead of going on with the local cache")
 }
 

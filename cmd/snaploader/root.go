@@ -158,7 +158,7 @@ type cacheFlags struct {
 
 func (f *cacheFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.dir, "cache-dir", "", "local cache directory (default: the user cache directory's snaploader/)")
-	cmd.Flags().Int64Var(&f.maxBytes, "cache-max-bytes", DefaultCacheBytes, "bound of the local cache in bytes of disk usage")
+	sizeFlag(cmd, &f.maxBytes, "cache-max-bytes", DefaultCacheBytes, "bound of the local cache's disk usage (bytes, or KiB/MiB/GiB/TiB)")
 	cmd.Flags().BoolVar(&f.compress, "cache-compression", false, "store new local cache blobs zstd-compressed when that shrinks them (reads then decode; blobs of either form are always read)")
 	cmd.Flags().StringVar(&f.group, "group", "", "tenant owning local manifests (default anonymous)")
 	cmd.Flags().StringVar(&f.function, "digest-function", "blake3", "digest function for new snapshots: blake3 or sha256 (with a REAPI remote, default: what the server offers, BLAKE3 first)")

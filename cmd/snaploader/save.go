@@ -264,10 +264,10 @@ func newSaveCmd() *cobra.Command {
 	fl.StringArrayVar(&diffs, "diff", nil, "chunked file NAME=PATH given as a sparse diff (a VMM's diff snapshot: as long as the memory, data only where pages were dirtied), merged over chunked file NAME of the --diff-base snapshot; only its data regions are read (repeatable)")
 	fl.StringVar(&baseID, "diff-base", "", "snapshot id the --diff files were taken over (default: the snapshot the key set restores now)")
 	fl.StringVar(&pageSize, "page-size", "", "guest page size of the chunked files, e.g. 2MiB for huge-page-backed memory: --chunk-size must be a multiple of it; recorded in the manifest (VM configuration extra "+PageSizeKey+")")
-	fl.Int64Var(&chunkSize, "chunk-size", cow.DefaultChunkSize, "chunk size in bytes (a multiple of 4096)")
+	sizeFlag(cmd, &chunkSize, "chunk-size", cow.DefaultChunkSize, "chunk size, a multiple of 4096 bytes (bytes, or KiB/MiB/GiB)")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object")
 	fl.Int64Var(&vcpus, "vcpus", 0, "VM configuration: vCPUs (recorded in the manifest)")
-	fl.Int64Var(&memBytes, "memory-bytes", 0, "VM configuration: memory size (recorded in the manifest)")
+	sizeFlag(cmd, &memBytes, "memory-bytes", 0, "VM configuration: memory size (bytes, or KiB/MiB/GiB; recorded in the manifest)")
 	fl.StringVar(&policy, "save-policy", "first-non-default-ref", "when a run on a non-default ref publishes to the remote: always, first-non-default-ref or none-available")
 	gf.register(cmd)
 	return cmd
