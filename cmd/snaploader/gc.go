@@ -90,7 +90,7 @@ func newGCCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "gc",
-		Short: "Delete the snapshots an S3 tier no longer needs and the blobs only they used (SPEC §9)",
+		Short: "Delete the snapshots an S3 tier no longer needs and the blobs only they used",
 		Long: `gc collects an S3 tier: version entries and the newest snapshot under each key are
 always kept, older snapshots for --retention, and every blob a kept snapshot names.
 Unreferenced blobs younger than --grace are kept (a save may be about to name them).
@@ -138,10 +138,11 @@ Safe to run while hosts save and restore, from two places at once, and to kill.`
 				return remoteDown(sf.remote, err)
 			}
 			if asJSON {
+				// deleted lists the objects with --list, else is empty.
 				return printJSON(os.Stdout, struct {
 					*gc.Report
-					Deleted []deletedObject `json:"deleted,omitempty"`
-				}{rep, deleted})
+					Deleted []deletedObject `json:"deleted"`
+				}{rep, append([]deletedObject{}, deleted...)})
 			}
 			printGCSummary(os.Stdout, rep)
 			return nil

@@ -25,7 +25,7 @@ type pagerReport struct {
 	Source       string            `json:"source"`
 	Socket       string            `json:"socket"`
 	Files        map[string]string `json:"files"`
-	PageSize     int64             `json:"page_size,omitempty"`
+	PageSize     int64             `json:"page_size"` // 0: not huge-page memory
 	Faults       uint64            `json:"faults"`
 	PagesCopied  uint64            `json:"pages_copied"`
 	ZeroPages    uint64            `json:"zero_pages"`

@@ -58,24 +58,32 @@ func probeProtocol(ctx context.Context, url, caFile string) error {
 	if scheme == "grpc" {
 		a, line := sniffPlain(ctx, hostport)
 		if a == answerUnknown {
-			a, _ = sniffTLS(ctx, hostport, host, "")
+			a, _ = sniffTLS(ctx, hostport, host, "", false)
 		}
 		switch a {
 		case answerHTTP1:
 			return fail("answered as an HTTP/1 server (%q), not as a gRPC cache: %s", line, httpFix)
 		case answerText:
 			return fail("answered with text (%q), not as a gRPC cache: %s", line, httpFix)
-		case answerTLS, answerTLSNoH2, answerUntrusted:
+		case answerTLS, answerUntrusted:
 			return fail("answered with TLS: use %s (with --ca-file if its certificate is not signed by a system root)", other)
+		case answerTLSNoH2:
+			return fail("answered as an HTTPS server without HTTP/2, which gRPC needs, not as a gRPC cache: %s", httpFix)
 		}
 		return nil
 	}
-	a, detail := sniffTLS(ctx, hostport, host, caFile)
+	a, detail := sniffTLS(ctx, hostport, host, caFile, true)
+	if a == answerUntrusted {
+		// Whether it could serve gRPC at all matters more.
+		if b, _ := sniffTLS(ctx, hostport, host, "", false); b == answerTLSNoH2 {
+			a = b
+		}
+	}
 	switch a {
 	case answerUntrusted:
 		return fail("answered with a TLS certificate this host does not trust (%s): pass --ca-file with the CA that signed it", detail)
 	case answerTLSNoH2:
-		return fail("answered with TLS but without HTTP/2, which gRPC needs: it is an HTTPS web server, not a gRPC cache; %s", httpFix)
+		return fail("answered as an HTTPS server without HTTP/2, which gRPC needs, not as a gRPC cache: %s", httpFix)
 	case answerTLS:
 		return nil
 	}
@@ -148,10 +156,11 @@ func readAtLeast(c net.Conn, buf []byte, min int) (int, error) {
 	return n, nil
 }
 
-// sniffTLS makes a TLS handshake offering HTTP/2 and says what came of it;
-// detail is the reason a certificate is not trusted.
-func sniffTLS(ctx context.Context, hostport, host, caFile string) (answer, string) {
-	cfg := &tls.Config{ServerName: host, NextProtos: []string{"h2"}}
+// sniffTLS makes a TLS handshake offering HTTP/2 and HTTP/1.1 and says
+// what came of it; detail is the reason a certificate is not trusted.
+// Without verify, any certificate is taken (the protocol alone matters).
+func sniffTLS(ctx context.Context, hostport, host, caFile string, verify bool) (answer, string) {
+	cfg := &tls.Config{ServerName: host, NextProtos: []string{"h2", "http/1.1"}, InsecureSkipVerify: !verify} // #nosec G402 -- a probe: nothing is sent
 	if caFile != "" {
 		pem, err := os.ReadFile(caFile)
 		if err != nil {
@@ -166,6 +175,7 @@ func sniffTLS(ctx context.Context, hostport, host, caFile string) (answer, strin
 	defer cancel()
 	c, err := d.DialContext(hctx, "tcp", hostport)
 	var rh tls.RecordHeaderError
+	var alert tls.AlertError
 	var cv *tls.CertificateVerificationError
 	var ua x509.UnknownAuthorityError
 	var hn x509.HostnameError
@@ -182,6 +192,8 @@ func sniffTLS(ctx context.Context, hostport, host, caFile string) (answer, strin
 		return a, ""
 	case errors.As(err, &cv), errors.As(err, &ua), errors.As(err, &hn), errors.As(err, &ci):
 		return answerUntrusted, err.Error()
+	case errors.As(err, &alert):
+		return answerTLS, "" // it refused the handshake, in TLS
 	}
 	return answerUnknown, ""
 }
