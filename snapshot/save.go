@@ -96,7 +96,7 @@ func (r *SaveResult) Totals() (t FileStats) {
 	return t
 }
 
-// CacheSnapshot saves a snapshot (SPEC §4). The manifest is written only
+// CacheSnapshot saves a snapshot under the request's key. The manifest is written only
 // after every blob it references is stored, so a crash never leaves a
 // manifest naming missing data. Blobs go to the local cache first (when
 // Local), then the remote gets what it lacks; a remote that is down or
@@ -635,7 +635,7 @@ type PublishDecision struct {
 	Reason, Label string
 }
 
-// DecidePublish applies the remote save policy (SPEC §4) like
+// DecidePublish applies the remote save policy like
 // ShouldPublishRemote and says why a save is not published.
 func DecidePublish(p SavePolicy, writeRef, defaultRef string, loaded *Snapshot) PublishDecision {
 	if ShouldPublishRemote(p, writeRef, defaultRef, loaded) {
@@ -651,7 +651,7 @@ func DecidePublish(p SavePolicy, writeRef, defaultRef string, loaded *Snapshot) 
 	return PublishDecision{Label: "branch_key_has_snapshot", Reason: fmt.Sprintf("save policy first-non-default-ref: a snapshot already exists under the branch key (ref %q) and the ref is not the default ref%s; use --save-policy always to publish every run", writeRef, hint)}
 }
 
-// ShouldPublishRemote applies the remote save policy (SPEC §4): runs on
+// ShouldPublishRemote applies the remote save policy: runs on
 // the default ref always publish; otherwise Always publishes, NoneAvailable
 // only when nothing was loaded, FirstNonDefaultRef only when the run did not
 // start from the branch key itself.

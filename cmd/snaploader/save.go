@@ -273,9 +273,7 @@ func newSaveCmd() *cobra.Command {
 	return cmd
 }
 
-// saveFiles splits the chunked files into the local cache and saves a
-// snapshot under the key set's write key.
-// decidePublish applies the save policies (SPEC §4): whether the remote
+// decidePublish applies the save policies: whether the remote
 // gets this snapshot, decided by what this run would have started from, and
 // whether a local manifest is written (not under newest when the snapshot
 // is published remotely).
@@ -314,6 +312,8 @@ type savedFiles struct {
 	diffBytesRead int64
 }
 
+// saveFiles splits the chunked files into the local cache and saves a
+// snapshot under the key set's write key.
 func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan, diff *diffPlan) (*savedFiles, error) {
 	ns := e.loader.Namespace(keys.GetWriteKey())
 	var stores []*cow.Store
