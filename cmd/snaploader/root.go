@@ -64,9 +64,22 @@ func forEachCommand(c *cobra.Command, fn func(*cobra.Command)) {
 	}
 }
 
-// flagError is a usage error for a flag cobra could not parse; an unknown
-// flag names the command's flags closest to it.
+// flagError is a usage error for a flag cobra could not parse: a bad value
+// is named as --FLAG VALUE with what the flag wants, and an unknown flag
+// names the command's flags closest to it.
 func flagError(cmd *cobra.Command, err error) error {
+	var iv *pflag.InvalidValueError
+	if errors.As(err, &iv) {
+		want := cliText(iv.Unwrap())
+		var num *strconv.NumError
+		if errors.As(iv.Unwrap(), &num) {
+			want = "want a whole number"
+			if iv.GetFlag().Value.Type() == "bool" {
+				want = "want true or false"
+			}
+		}
+		return usagef("--%s %s: %s", iv.GetFlag().Name, iv.GetValue(), want)
+	}
 	var ne interface{ GetSpecifiedName() string }
 	if errors.As(err, &ne) && ne.GetSpecifiedName() != "" {
 		if near := nearestFlags(cmd, ne.GetSpecifiedName()); len(near) > 0 {
