@@ -188,32 +188,43 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			if err != nil {
 				return err
 			}
+			// Every address is listened on before any is served, so that
+			// once the gRPC address accepts, the others do too.
+			var ml, dl net.Listener
+			if metricsAddr != "" {
+				if ml, err = net.Listen("tcp", metricsAddr); err != nil {
+					return fmt.Errorf("listening on %s: %w", metricsAddr, err)
+				}
+			}
+			if debugAddr != "" {
+				if dl, err = net.Listen("tcp", debugAddr); err != nil {
+					if ml != nil {
+						ml.Close()
+					}
+					return fmt.Errorf("listening on %s: %w", debugAddr, err)
+				}
+			}
 			lis, err := net.Listen("tcp", listen)
 			if err != nil {
+				for _, l := range []net.Listener{ml, dl} {
+					if l != nil {
+						l.Close()
+					}
+				}
 				return fmt.Errorf("listening on %s: %w", listen, err)
 			}
 			g, gctx := errgroup.WithContext(ctx)
+			if ml != nil {
+				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
+				log.Info("serving metrics", "addr", ml.Addr().String())
+			}
+			if dl != nil {
+				g.Go(func() error { return serveDebug(gctx, dl) })
+			}
 			g.Go(func() error { return srv.Serve(gctx, lis) })
 			if collect != nil {
 				g.Go(func() error { return collect(gctx, srv) })
 				log.Info("collecting the bucket periodically", "every", gcInterval, "retention", ret, "grace", gr)
-			}
-			if metricsAddr != "" {
-				ml, err := net.Listen("tcp", metricsAddr)
-				if err != nil {
-					lis.Close()
-					return fmt.Errorf("listening on %s: %w", metricsAddr, err)
-				}
-				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
-				log.Info("serving metrics", "addr", ml.Addr().String())
-			}
-			if debugAddr != "" {
-				dl, err := net.Listen("tcp", debugAddr)
-				if err != nil {
-					lis.Close()
-					return fmt.Errorf("listening on %s: %w", debugAddr, err)
-				}
-				g.Go(func() error { return serveDebug(gctx, dl) })
 			}
 			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "backend", where, "api_keys", len(keys))
 			return g.Wait()
