@@ -241,7 +241,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 	if f.verbose {
 		level = slog.LevelDebug
 	}
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	log := newLogger(os.Stderr, level)
 	if f.remote.apiKey == "" {
 		f.remote.apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}

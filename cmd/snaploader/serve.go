@@ -90,7 +90,7 @@ With --metrics-addr, http://ADDR/status is a status page (snapshots by group, in
 with sizes, ages and last reads; hit rates; recent collections), as JSON with ?format=json.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			log := newLogger(os.Stderr, slog.LevelInfo)
 			keys := map[string]server.APIKey{}
 			for _, k := range apiKeys {
 				key, rest, ok := strings.Cut(k, "=")
