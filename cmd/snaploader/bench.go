@@ -77,6 +77,7 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 			if cf.remote.url == "" {
 				return usagef("--remote is required")
 			}
+			cf.remote.required = true // what is measured is the remote
 			if runs <= 0 {
 				return usagef("--runs %d: want at least 1", runs)
 			}
