@@ -132,6 +132,10 @@ var runState struct {
 	// remoteDown is a --remote-required remote that failed during the
 	// command (the command went on with the local cache).
 	remoteDown error
+	// interruptHandled is set by a command for which SIGINT or SIGTERM is
+	// a request to finish (qemu --save-on-exit saves the guest): it ends
+	// as its work does, not as an interrupted command.
+	interruptHandled bool
 }
 
 func main() {
@@ -159,7 +163,7 @@ func main() {
 	wasInterrupted := false
 	select {
 	case <-interrupted:
-		wasInterrupted = true
+		wasInterrupted = !runState.interruptHandled
 	default:
 	}
 	os.Exit(reportOutcome(os.Stdout, os.Stderr, cmd, err, wasInterrupted))

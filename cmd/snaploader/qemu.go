@@ -119,6 +119,9 @@ func runGuest(ctx context.Context, v *vmm.VM, save bool, target func(context.Con
 		fmt.Println("interrupted: guest stopped without saving")
 		return nil
 	}
+	// The signal was the request to save: the command ends as the save
+	// does, not as an interrupted command.
+	runState.interruptHandled = true
 	// The command's context is done; the save gets its own.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Minute)
 	defer cancel()
