@@ -14,7 +14,7 @@ import (
 )
 
 // CompressedReader is implemented by tiers that may store blobs
-// zstd-compressed at rest (SPEC §9), so that a server answers REAPI
+// zstd-compressed at rest (each blob that shrinks enough), so that a server answers REAPI
 // compressed-blobs/zstd reads from the stored bytes without decoding and
 // re-encoding them.
 //

@@ -23,7 +23,7 @@ func TestSkippedPublishSaysWhy(t *testing.T) {
 			"--chunked", "mem="+mem, "--instance", "i", "--config-hash", "c", "--ref", "main", "--default-ref", "")
 	}
 	first := save("a").must(t, "first save").report(t)
-	if first["published_remote"] != true || first["remote_skipped"] != nil {
+	if first["published_remote"] != true || first["remote_skipped"] != "" {
 		t.Fatalf("first save: %v", first)
 	}
 	r := save("b").must(t, "second save")

@@ -82,7 +82,7 @@ func TestRemoteOutageDegradesToLocalCLI(t *testing.T) {
 	if got, err := os.ReadFile(filepath.Join(out, "mem")); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("restored file differs (%v)", err)
 	}
-	if rep := r.report(t); rep["source"] != "local" || rep["remote_error"] == nil {
+	if rep := r.report(t); rep["source"] != "local" || rep["remote_error"] == nil || rep["remote_error"] == "" {
 		t.Errorf("restore with the remote down reported %v, want source local and a remote_error", rep)
 	}
 	// Without --remote, the same host finds the same snapshot.
@@ -93,7 +93,7 @@ func TestRemoteOutageDegradesToLocalCLI(t *testing.T) {
 	want2 := writeVM(t, mem2, 2<<20, 2)
 	r = run(ctx, append([]string{"save", "--chunked", "mem=" + mem2, "--chunk-size", "65536", "--remote", srv.url(), "--save-policy", "always", "--json"}, common...)...).must(t, "save with the remote down")
 	rep := r.report(t)
-	if rep["published_remote"] == true || rep["published_local"] != true || rep["remote_error"] == nil {
+	if rep["published_remote"] == true || rep["published_local"] != true || rep["remote_error"] == nil || rep["remote_error"] == "" {
 		t.Errorf("save during the outage reported %v", rep)
 	}
 	r = run(ctx, append([]string{"restore", "--out", filepath.Join(dir, "out3"), "--remote", srv.url()}, common...)...).must(t, "restore of the outage save")

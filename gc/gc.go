@@ -1,5 +1,6 @@
 // Package gc collects the garbage of a snapshot tier that has no eviction
-// of its own (an S3 bucket) and takes its inventory (SPEC §9).
+// of its own (an S3 bucket) and takes its inventory: the snapshots of a
+// tier with their sizes and states.
 //
 // # Live set
 //

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 	"time"
@@ -38,10 +39,14 @@ type Snapshot struct {
 	// KeyEntries are the snapshot-key entries whose manifest it is (it is
 	// the newest snapshot under each).
 	KeyEntries []Entry
-	// Live says whether collection keeps it (SPEC §9): it is the newest
-	// under some key, or its snapshot-id entry is younger than the
-	// retention.
+	// Live says whether collection keeps it: it is the newest under some
+	// key, or its snapshot-id entry is younger than the retention.
 	Live bool
+	// Invalidated says its key's version entry holds another version id
+	// than the one it was saved under (the key was invalidated since): it
+	// is never restored by its key again, only by its snapshot id. It
+	// changes nothing of what a collection keeps.
+	Invalidated bool
 
 	manifest *snapshot.ManifestInfo
 }
@@ -164,6 +169,9 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 	}
 	sc := &scan{}
 	byID := map[[2]string]*Snapshot{}
+	// versions are the version ids of the version entries, by scope and
+	// entry hash (an entry may be under more than one digest function).
+	versions := map[[2]string][]string{}
 	for i, e := range all {
 		r := reads[i]
 		if !r.ok {
@@ -178,6 +186,9 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 			}
 			sc.kept = append(sc.kept, e)
 			markForeign(&sc.foreign, r.ar)
+			if v := versionOf(r.ar); v != "" {
+				versions[[2]string{e.Scope, e.Hash}] = append(versions[[2]string{e.Scope, e.Hash}], v)
+			}
 			continue
 		}
 		md := m.Metadata
@@ -198,6 +209,10 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 		}
 	}
 	sc.foreign.freeze()
+	for _, s := range sc.snapshots {
+		vs, ok := versions[[2]string{s.Scope, snapshot.VersionKey(s.Key).GetHash()}]
+		s.Invalidated = ok && !slices.Contains(vs, s.Key.GetVersionId())
+	}
 	sort.Slice(sc.snapshots, func(i, j int) bool {
 		a, b := sc.snapshots[i], sc.snapshots[j]
 		if !a.Created.Equal(b.Created) {
@@ -206,6 +221,18 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 		return a.SnapshotID < b.SnapshotID
 	})
 	return sc, nil
+}
+
+// versionOf is the version id a version entry holds, "" for any other
+// action result.
+func versionOf(ar *repb.ActionResult) string {
+	for _, a := range ar.GetExecutionMetadata().GetAuxiliaryMetadata() {
+		m := &snapshotpb.SnapshotVersionMetadata{}
+		if a.MessageIs(m) && a.UnmarshalTo(m) == nil {
+			return m.GetVersionId()
+		}
+	}
+	return ""
 }
 
 // decide sets every snapshot's Live as of now.

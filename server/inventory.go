@@ -60,7 +60,7 @@ func InventoryResponse(inv *gc.Inventory) *inventorypb.ListSnapshotsResponse {
 			Scope: sn.Scope, Key: sn.Key, SnapshotId: sn.SnapshotID, DigestFunction: digest.FunctionName(sn.Function),
 			Completed: timestamppb.New(sn.Created), Newest: len(sn.KeyEntries) > 0, Live: sn.Live, Broken: l.Broken,
 			LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: int64(l.Blobs), MissingBlobs: int64(l.Missing),
-			PreviousSnapshotId: l.PreviousID, SharedChunks: l.SharedChunks,
+			PreviousSnapshotId: l.PreviousID, SharedChunks: l.SharedChunks, Invalidated: sn.Invalidated,
 		})
 	}
 	return resp
@@ -184,7 +184,7 @@ func (s *Server) Status(ctx context.Context) (*statuspage.Status, error) {
 				ConfigurationHash: sn.Key.GetConfigurationHash(), Runner: sn.Key.GetRunnerId(), VersionID: sn.Key.GetVersionId(),
 				Ref: sn.Key.GetRef(), SnapshotID: sn.SnapshotID, DigestFunction: digest.FunctionName(sn.Function),
 				Completed: sn.Created, AgeSeconds: int64(now.Sub(sn.Created).Seconds()), LastRead: s.lastRead(g, sn),
-				State: stateOf(sn, l), LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: l.Blobs,
+				State: State(sn, l), LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: l.Blobs,
 				MissingBlobs: l.Missing, PreviousID: l.PreviousID,
 			}
 			if l.PreviousID != "" {
@@ -197,14 +197,24 @@ func (s *Server) Status(ctx context.Context) (*statuspage.Status, error) {
 	return st, nil
 }
 
-// stateOf is how ls names a snapshot's state.
-func stateOf(sn *gc.Snapshot, l gc.Listing) string {
+// State is how ls and the status page name a snapshot's state: broken
+// (it cannot restore), invalidated (its key was invalidated since it was
+// saved), newest (under some key), retained (kept for the retention) or
+// expired.
+func State(sn *gc.Snapshot, l gc.Listing) string {
+	return ListingState(l.Broken, sn.Invalidated, len(sn.KeyEntries) > 0, sn.Live)
+}
+
+// ListingState is State of a listing's flags.
+func ListingState(broken, invalidated, newest, live bool) string {
 	switch {
-	case l.Broken:
+	case broken:
 		return "broken"
-	case len(sn.KeyEntries) > 0:
+	case invalidated:
+		return "invalidated"
+	case newest:
 		return "newest"
-	case sn.Live:
+	case live:
 		return "retained"
 	}
 	return "expired"

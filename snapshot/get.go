@@ -57,7 +57,9 @@ type GetOptions struct {
 	MaxStaleFallbackAge time.Duration
 }
 
-// GetSnapshot finds the first usable manifest of the key set (SPEC §5).
+// GetSnapshot finds the first usable manifest of the key set: the branch
+// key's, else each fallback key's in order, looked up where the read
+// policy allows.
 func (l *Loader) GetSnapshot(ctx context.Context, keys *snapshotpb.SnapshotKeySet, opts GetOptions) (*Snapshot, error) {
 	if keys.GetBranchKey() == nil {
 		return nil, invalidf("key set has no branch key")

@@ -46,7 +46,9 @@ type KeySetOptions struct {
 	Logger *slog.Logger
 }
 
-// NewKeySet derives a task's key set (SPEC §2) with versionID on every key.
+// NewKeySet derives a task's key set with versionID on every key: the
+// branch key, the fallback keys (base branch, default branch, universal
+// ref, each once) and the write key.
 func NewKeySet(t Task, versionID string, opts KeySetOptions) *snapshotpb.SnapshotKeySet {
 	base := func(ref string) *snapshotpb.SnapshotKey {
 		return &snapshotpb.SnapshotKey{

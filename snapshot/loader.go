@@ -23,7 +23,7 @@ import (
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
 
-// ReadPolicy says where GetSnapshot may look (SPEC §5).
+// ReadPolicy says where GetSnapshot may look: which tiers, in which order.
 type ReadPolicy int
 
 const (
@@ -170,7 +170,8 @@ func (l *Loader) ns(instance string, fn digest.Function) cache.Namespace {
 
 // entryNS is the namespace version entries live under in the local tier
 // (or, when remote, the remote one), whatever digest function the snapshot
-// data uses, so that every host sees one version per key (SPEC §3): BLAKE3, or SHA-256 on a remote that only
+// data uses, so that every host sees one version per key, whichever
+// function saved it: BLAKE3, or SHA-256 on a remote that only
 // speaks SHA-256. Version entries name no blobs, so any namespace holds
 // them; manifests do, and live under their data's digest function (what
 // REAPI caches check completeness in).
@@ -288,7 +289,8 @@ func (l *Loader) degraded(err error) bool {
 }
 
 // CurrentVersion returns the version id of the key's (instance, platform,
-// configuration) (SPEC §3). It is read from the remote when there is one,
+// configuration): one per such triple, shared by all its refs, so that one
+// invalidation covers them all. It is read from the remote when there is one,
 // and the host keeps the last id it saw there in its local cache: when the
 // remote is down, or absent from a later command, that id is used, so the
 // host's own snapshots stay reachable; when the remote is back, its id

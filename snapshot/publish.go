@@ -231,7 +231,7 @@ type PublishDecision struct {
 	Reason, Label string
 }
 
-// DecidePublish applies the remote save policy (SPEC §4) like
+// DecidePublish applies the remote save policy like
 // ShouldPublishRemote and says why a save is not published.
 func DecidePublish(p SavePolicy, writeRef, defaultRef string, loaded *Snapshot) PublishDecision {
 	if ShouldPublishRemote(p, writeRef, defaultRef, loaded) {
@@ -247,7 +247,7 @@ func DecidePublish(p SavePolicy, writeRef, defaultRef string, loaded *Snapshot) 
 	return PublishDecision{Label: "branch_key_has_snapshot", Reason: fmt.Sprintf("save policy first-non-default-ref: a snapshot already exists under the branch key (ref %q) and the ref is not the default ref%s; use --save-policy always to publish every run", writeRef, hint)}
 }
 
-// ShouldPublishRemote applies the remote save policy (SPEC §4): runs on
+// ShouldPublishRemote applies the remote save policy: runs on
 // the default ref always publish; otherwise Always publishes, NoneAvailable
 // only when nothing was loaded, FirstNonDefaultRef only when the run did not
 // start from the branch key itself.

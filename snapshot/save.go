@@ -103,7 +103,7 @@ func (r *SaveResult) Totals() (t FileStats) {
 	return t
 }
 
-// CacheSnapshot saves a snapshot (SPEC §4). The manifest is written only
+// CacheSnapshot saves a snapshot under the request's key. The manifest is written only
 // after every blob it references is stored, so a crash never leaves a
 // manifest naming missing data. Blobs go to the local cache first (when
 // Local), then the remote gets what it lacks; a remote that is down or

@@ -67,7 +67,7 @@ type Snapshot struct {
 	Completed         time.Time  `json:"completed"`
 	AgeSeconds        int64      `json:"age_seconds"`
 	LastRead          *time.Time `json:"last_read,omitempty"`
-	// State is newest, retained, expired or broken.
+	// State is newest, retained, expired, invalidated or broken.
 	State        string   `json:"state"`
 	LogicalBytes int64    `json:"logical_bytes"`
 	StoredBytes  int64    `json:"stored_bytes"`

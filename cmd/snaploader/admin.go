@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"sort"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/gc"
@@ -38,6 +38,9 @@ func newInvalidateCmd() *cobra.Command {
 		Short: "Write a fresh version id for the key: every snapshot saved before is never returned again",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if err := kf.check(); err != nil {
+				return err
+			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
@@ -49,7 +52,9 @@ func newInvalidateCmd() *cobra.Command {
 			}
 			v, err := e.loader.Invalidate(ctx, keys.GetBranchKey())
 			if err != nil {
-				return err
+				// Invalidation needs the remote when there is one: an
+				// invalidation the fleet does not see is refused.
+				return remoteDown(cf.remote.url, err)
 			}
 			fmt.Printf("new version id %s for instance %q platform %.12s config %.12s\n", v, kf.instance, keys.GetBranchKey().GetPlatformHash(), kf.configHash)
 			return nil
@@ -57,6 +62,7 @@ func newInvalidateCmd() *cobra.Command {
 	}
 	cf.register(cmd)
 	kf.register(cmd)
+	kf.noRef = true
 	return cmd
 }
 
@@ -76,8 +82,24 @@ func (f *snapshotFlags) register(cmd *cobra.Command, idHelp string) {
 	cmd.Flags().StringVar(&f.id, "snapshot-id", "", idHelp)
 }
 
+// check refuses missing key flags: with --snapshot-id only --instance is
+// needed (the id names one snapshot of the instance), else the whole key.
+func (f *snapshotFlags) check() error {
+	if f.id == "" {
+		return f.kf.check()
+	}
+	if f.kf.instance == "" {
+		return usagef("--instance is required with --snapshot-id (the instance name the snapshot is stored under)")
+	}
+	return nil
+}
+
 // open opens the caches and finds the snapshot; the caller closes the env.
+// A lookup that finds no usable snapshot is a noSnapshotError.
 func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, error) {
+	if err := f.check(); err != nil {
+		return nil, nil, err
+	}
 	opts, err := f.gf.options()
 	if err != nil {
 		return nil, nil, err
@@ -100,6 +122,9 @@ func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, err
 	}
 	if err != nil {
 		e.Close()
+		if cache.IsNotFound(err) {
+			err = &noSnapshotError{err}
+		}
 		return nil, nil, err
 	}
 	return e, snap, nil
@@ -140,68 +165,122 @@ func newLsCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "ls",
 		Short: "List the snapshots in the local cache, with --remote s3://... in a bucket, with --remote grpc://... in a snaploader serve",
+		Long: `ls lists snapshots, oldest first, with their key, age, sizes, the chunks each shares with the
+snapshot saved before it under the same key, and a state: newest (the snapshot its key restores),
+invalidated (its key was invalidated since it was saved: only --snapshot-id restores it), retained
+(kept for --retention), expired (a collection may delete it) or broken (a chunk list is missing or
+corrupt: it cannot restore). Without --remote it lists the local cache (ages from the cache's
+recency); with --remote, a bucket or a snaploader serve. --json prints the same object for both.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			sf := storeFlags{remote: cf.remote.url, retention: retention, now: now, clockFromMetadata: fromMeta}
 			if cf.remote.url != "" {
-				sf := storeFlags{remote: cf.remote.url, retention: retention, now: now, clockFromMetadata: fromMeta}
 				if isREAPI(cf.remote.url) {
 					return listServer(ctx, &cf.remote, &sf, asJSON)
 				}
 				return listRemote(ctx, &sf, asJSON)
+			}
+			opts, err := sf.options()
+			if err != nil {
+				return err
+			}
+			if fromMeta {
+				return usagef("--clock-from-metadata is for s3:// remotes; the local cache's ages are its recency")
 			}
 			e, err := cf.open(ctx)
 			if err != nil {
 				return err
 			}
 			defer e.Close()
-			rows, err := snapshot.ListLocal(ctx, e.local, cf.group)
+			inv, err := gc.List(ctx, localListing(e.local, cf.group), opts)
 			if err != nil {
-				return err
+				return fmt.Errorf("listing the local cache %s: %w", e.local.Dir(), err)
 			}
-			sort.Slice(rows, func(i, j int) bool { return rows[i].Completed.After(rows[j].Completed) })
-			if asJSON {
-				return printJSON(os.Stdout, rows)
+			now := time.Now()
+			if opts.Now != nil {
+				now = opts.Now()
 			}
-			w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "SNAPSHOT\tREF\tINSTANCE\tFILES\tCHUNKED\tBYTES\tCOMPLETED")
-			for _, r := range rows {
-				fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d\t%s\t%s\n", r.SnapshotID, r.Ref, r.Instance, r.Files, r.ChunkedFiles, humanBytes(r.Bytes), r.Completed.Format(time.RFC3339))
-			}
-			return w.Flush()
+			lt := listingOfServer(server.InventoryResponse(inv), now)
+			lt.Store, lt.Location = "local", e.local.Dir()
+			return printListing(lt, asJSON, "the cache's blobs")
 		},
 	}
 	cf.register(cmd)
 	fl := cmd.Flags()
-	fl.BoolVar(&asJSON, "json", false, "print the listing as JSON")
-	fl.StringVar(&retention, "retention", "7d", "with --remote: the retention a snapshot's LIVE column is judged by (as gc --retention)")
-	fl.StringVar(&now, "now", "", "with --remote: the clock, RFC 3339 (tests)")
-	fl.BoolVar(&fromMeta, "clock-from-metadata", false, "with --remote: ages from the write times recorded in object metadata (as gc)")
+	fl.BoolVar(&asJSON, "json", false, "print the listing as one JSON object")
+	fl.StringVar(&retention, "retention", "7d", "the retention a snapshot that is not the newest under its key is judged by (retained or expired; as gc --retention)")
+	fl.StringVar(&now, "now", "", "the clock, RFC 3339 (tests)")
+	fl.BoolVar(&fromMeta, "clock-from-metadata", false, "with --remote s3://: ages from the write times recorded in object metadata (as gc)")
 	_ = fl.MarkHidden("now")
 	return cmd
 }
 
-// remoteListing is one row of ls --remote --json.
-type remoteListing struct {
+// localListing is the local cache as a store to list: gc.LocalCache, with
+// each snapshot-id manifest entry named as the remote names it, so that
+// the listing tells a snapshot's id entry from the entries of its keys
+// (the local cache keys its manifests by group too).
+func localListing(c *localcache.Cache, group string) gc.Store {
+	return &localIDs{Store: gc.LocalCache(c, group), group: group}
+}
+
+type localIDs struct {
+	gc.Store
+	group string
+}
+
+func (s *localIDs) ListEntries(ctx context.Context, fn func(gc.Entry) error) error {
+	var all []gc.Entry
+	if err := s.Store.ListEntries(ctx, func(e gc.Entry) error {
+		all = append(all, e)
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, e := range all {
+		if ar, _, err := s.Store.ReadEntry(ctx, e); err == nil {
+			if m, err := snapshot.DecodeManifestEntry(ar); err == nil {
+				inst, id := m.Metadata.GetSnapshotKey().GetInstanceName(), m.Metadata.GetSnapshotId()
+				lk, err1 := snapshot.LocalManifestKey(s.group, snapshot.SnapshotIDKey(inst, id))
+				rk, err2 := snapshot.RemoteSnapshotIDManifestKey(inst, id)
+				if err1 == nil && err2 == nil && lk.GetHash() == e.Hash {
+					e.Hash = rk.GetHash()
+				}
+			}
+		}
+		if err := fn(e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// lsRow is one snapshot of ls --json, local or remote alike. Every field
+// is always present; shared_chunks_with_previous is null for the first
+// snapshot of a key.
+type lsRow struct {
 	Instance          string    `json:"instance"`
 	Scope             string    `json:"scope"`
 	PlatformHash      string    `json:"platform_hash"`
 	ConfigurationHash string    `json:"configuration_hash"`
-	Runner            string    `json:"runner,omitempty"`
+	Runner            string    `json:"runner"`
 	VersionID         string    `json:"version_id"`
 	Ref               string    `json:"ref"`
 	SnapshotID        string    `json:"snapshot_id"`
 	DigestFunction    string    `json:"digest_function"`
 	Completed         time.Time `json:"completed"`
 	AgeSeconds        int64     `json:"age_seconds"`
-	Newest            bool      `json:"newest"`
-	Live              bool      `json:"live"`
-	Broken            bool      `json:"broken,omitempty"`
-	LogicalBytes      int64     `json:"logical_bytes"`
-	StoredBytes       int64     `json:"stored_bytes"`
-	Blobs             int       `json:"blobs"`
-	MissingBlobs      int       `json:"missing_blobs,omitempty"`
-	PreviousID        string    `json:"previous_snapshot_id,omitempty"`
-	SharedChunks      *float64  `json:"shared_chunks_with_previous,omitempty"`
+	// State is newest, invalidated, retained, expired or broken.
+	State        string   `json:"state"`
+	Newest       bool     `json:"newest"`
+	Live         bool     `json:"live"`
+	Broken       bool     `json:"broken"`
+	Invalidated  bool     `json:"invalidated"`
+	LogicalBytes int64    `json:"logical_bytes"`
+	StoredBytes  int64    `json:"stored_bytes"`
+	Blobs        int      `json:"blobs"`
+	MissingBlobs int      `json:"missing_blobs"`
+	PreviousID   string   `json:"previous_snapshot_id"`
+	SharedChunks *float64 `json:"shared_chunks_with_previous"`
 }
 
 func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
@@ -215,27 +294,36 @@ func listRemote(ctx context.Context, sf *storeFlags, asJSON bool) error {
 	}
 	inv, err := gc.List(ctx, st, opts)
 	if err != nil {
-		return fmt.Errorf("listing %s: %w", sf.remote, err)
+		return remoteDown(sf.remote, fmt.Errorf("listing %s: %w", sf.remote, err))
 	}
 	now := time.Now()
 	if opts.Now != nil {
 		now = opts.Now()
 	}
-	return printListing(listingOfServer(server.InventoryResponse(inv), now), asJSON, "the bucket's blobs")
+	lt := listingOfServer(server.InventoryResponse(inv), now)
+	lt.Store, lt.Location = "remote", sf.remote
+	return printListing(lt, asJSON, "the bucket's blobs")
 }
 
-// listingTotals are the totals of ls --remote.
-type listingTotals struct {
-	Snapshots             []remoteListing `json:"snapshots"`
-	LiveStoredBytes       int64           `json:"live_stored_bytes"`
-	ReferencedStoredBytes int64           `json:"referenced_stored_bytes"`
-	StoredBytes           int64           `json:"stored_bytes"`
-	Blobs                 int64           `json:"blobs"`
+// listing is the --json output of ls, local or remote alike.
+type listing struct {
+	// Store is "local" or "remote"; Location the cache directory or the
+	// remote's URL.
+	Store     string  `json:"store"`
+	Location  string  `json:"location"`
+	Snapshots []lsRow `json:"snapshots"`
+	// LiveStoredBytes is what the blobs of live snapshots occupy, each
+	// once; ReferencedStoredBytes what the blobs of every snapshot occupy;
+	// StoredBytes and Blobs the whole blob store's.
+	LiveStoredBytes       int64 `json:"live_stored_bytes"`
+	ReferencedStoredBytes int64 `json:"referenced_stored_bytes"`
+	StoredBytes           int64 `json:"stored_bytes"`
+	Blobs                 int64 `json:"blobs"`
 }
 
-// printListing prints ls --remote's table (or JSON); store names the
-// blob store in the totals line.
-func printListing(lt *listingTotals, asJSON bool, store string) error {
+// printListing prints ls's table (or JSON); store names the blob store in
+// the totals line.
+func printListing(lt *listing, asJSON bool, store string) error {
 	if asJSON {
 		return printJSON(os.Stdout, lt)
 	}
@@ -247,17 +335,8 @@ func printListing(lt *listingTotals, asJSON bool, store string) error {
 		if r.SharedChunks != nil {
 			shared = fmt.Sprintf("%.0f%%", 100**r.SharedChunks)
 		}
-		state := "expired"
-		switch {
-		case r.Broken:
-			state = "broken"
-		case r.Newest:
-			state = "newest"
-		case r.Live:
-			state = "retained"
-		}
 		fmt.Fprintf(w, "%s\t%.12s\t%.12s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Instance, r.PlatformHash, r.ConfigurationHash, r.Runner,
-			r.VersionID, r.Ref, r.SnapshotID, (time.Duration(r.AgeSeconds) * time.Second).String(), humanBytes(r.LogicalBytes), humanBytes(r.StoredBytes), shared, state)
+			r.VersionID, r.Ref, r.SnapshotID, (time.Duration(r.AgeSeconds) * time.Second).String(), humanBytes(r.LogicalBytes), humanBytes(r.StoredBytes), shared, r.State)
 	}
 	if err := w.Flush(); err != nil {
 		return err
@@ -287,10 +366,13 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
 	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
-	c, err := remote.Dial(ctx, rf.url, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
+	c, err := dialREAPI(ctx, rf.url, rf.caFile, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
 		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
 	if err != nil {
-		return fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot)
+		if errkind.Is(err, errkind.InvalidArgument) {
+			return err
+		}
+		return remoteDown(rf.url, fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot))
 	}
 	defer c.Close()
 	req := &inventorypb.ListSnapshotsRequest{RetentionSeconds: int64(opts.Retention / time.Second)}
@@ -304,25 +386,28 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		return status.Errorf(codes.InvalidArgument, "ls --remote %s: REAPI caches cannot list their contents (the Remote Execution API has no listing call), and this one does not offer snaploader serve's listing; they evict by themselves", rf.url)
 	}
 	if err != nil {
-		return fmt.Errorf("listing the snapshots of %s: %w", rf.url, err)
+		return remoteDown(rf.url, fmt.Errorf("listing the snapshots of %s: %w", rf.url, err))
 	}
-	return printListing(listingOfServer(resp, now), asJSON, "the server's blobs")
+	lt := listingOfServer(resp, now)
+	lt.Store, lt.Location = "remote", rf.url
+	return printListing(lt, asJSON, "the server's blobs")
 }
 
-// listingOfServer is the ls --remote listing of an inventory in the
-// listing service's form, ages as of now.
-func listingOfServer(resp *inventorypb.ListSnapshotsResponse, now time.Time) *listingTotals {
-	lt := &listingTotals{Snapshots: make([]remoteListing, 0, len(resp.GetSnapshots())), LiveStoredBytes: resp.GetLiveStoredBytes(),
+// listingOfServer is the ls listing of an inventory in the listing
+// service's form, ages as of now.
+func listingOfServer(resp *inventorypb.ListSnapshotsResponse, now time.Time) *listing {
+	lt := &listing{Snapshots: make([]lsRow, 0, len(resp.GetSnapshots())), LiveStoredBytes: resp.GetLiveStoredBytes(),
 		ReferencedStoredBytes: resp.GetReferencedStoredBytes(), StoredBytes: resp.GetStoredBytes(), Blobs: resp.GetBlobs()}
 	for _, l := range resp.GetSnapshots() {
 		k, created := l.GetKey(), l.GetCompleted().AsTime()
-		r := remoteListing{
+		r := lsRow{
 			Instance: k.GetInstanceName(), Scope: l.GetScope(), PlatformHash: k.GetPlatformHash(),
 			ConfigurationHash: k.GetConfigurationHash(), Runner: k.GetRunnerId(), VersionID: k.GetVersionId(),
 			Ref: k.GetRef(), SnapshotID: l.GetSnapshotId(), DigestFunction: l.GetDigestFunction(),
 			Completed: created, AgeSeconds: int64(now.Sub(created).Seconds()), Newest: l.GetNewest(), Live: l.GetLive(),
-			Broken: l.GetBroken(), LogicalBytes: l.GetLogicalBytes(), StoredBytes: l.GetStoredBytes(), Blobs: int(l.GetBlobs()),
-			MissingBlobs: int(l.GetMissingBlobs()), PreviousID: l.GetPreviousSnapshotId(),
+			Broken: l.GetBroken(), Invalidated: l.GetInvalidated(), LogicalBytes: l.GetLogicalBytes(), StoredBytes: l.GetStoredBytes(),
+			Blobs: int(l.GetBlobs()), MissingBlobs: int(l.GetMissingBlobs()), PreviousID: l.GetPreviousSnapshotId(),
+			State: server.ListingState(l.GetBroken(), l.GetInvalidated(), l.GetNewest(), l.GetLive()),
 		}
 		if r.PreviousID != "" {
 			shared := l.GetSharedChunks()

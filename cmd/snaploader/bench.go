@@ -9,8 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -77,10 +75,11 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 				return err
 			}
 			if cf.remote.url == "" {
-				return fmt.Errorf("--remote is required")
+				return usagef("--remote is required")
 			}
+			cf.remote.required = true // what is measured is the remote
 			if runs <= 0 {
-				return fmt.Errorf("--runs %d: want at least 1", runs)
+				return usagef("--runs %d: want at least 1", runs)
 			}
 			rep, err := runBench(cmd.Context(), cf, n, runs, workDir)
 			if err != nil {
@@ -94,31 +93,11 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 		},
 	}
 	cf.register(cmd)
-	cmd.Flags().StringVar(&size, "size", "256MiB", "size of the synthetic file (bytes, or with a KiB/MiB/GiB suffix)")
+	cmd.Flags().StringVar(&size, "size", "256MiB", "size of the synthetic file (bytes, or KiB/MiB/GiB)")
 	cmd.Flags().IntVar(&runs, "runs", 3, "measured runs of each figure (after one warm-up run), alternated; medians are reported")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "where scratch files go (default: the directory holding --cache-dir, i.e. the cache's disk)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
 	return cmd
-}
-
-// parseBytes parses a byte count with an optional K/KiB, M/MiB or G/GiB
-// suffix.
-func parseBytes(flag, s string) (int64, error) {
-	num, mult := strings.TrimSpace(s), int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}} {
-		if strings.HasSuffix(num, u.suffix) {
-			num, mult = strings.TrimSuffix(num, u.suffix), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(num, 10, 64)
-	if err != nil || n <= 0 || n > cow.MaxSize/mult {
-		return 0, fmt.Errorf("%s %q: want a positive size such as 4096, 64MiB or 1GiB", flag, s)
-	}
-	return n * mult, nil
 }
 
 // benchKeys is the key of the benchmark snapshot of a given size: the same

@@ -39,7 +39,7 @@ func openStore(ctx context.Context, url, what string, clockFromMetadata bool) (g
 	opts.ClockFromMetadata = clockFromMetadata
 	c, err := s3cache.New(ctx, opts)
 	if err != nil {
-		return nil, fmt.Errorf("opening S3 remote %s: %w", url, err)
+		return nil, remoteDown(url, fmt.Errorf("opening S3 remote %s: %w", url, err))
 	}
 	return gc.S3(c), nil
 }
@@ -90,7 +90,7 @@ func newGCCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "gc",
-		Short: "Delete the snapshots an S3 tier no longer needs and the blobs only they used (SPEC §9)",
+		Short: "Delete the snapshots an S3 tier no longer needs and the blobs only they used",
 		Long: `gc collects an S3 tier: version entries and the newest snapshot under each key are
 always kept, older snapshots for --retention, and every blob a kept snapshot names.
 Unreferenced blobs younger than --grace are kept (a save may be about to name them).
@@ -135,13 +135,14 @@ Safe to run while hosts save and restore, from two places at once, and to kill.`
 				if rep != nil {
 					printGCSummary(os.Stderr, rep)
 				}
-				return err
+				return remoteDown(sf.remote, err)
 			}
 			if asJSON {
+				// deleted lists the objects with --list, else is empty.
 				return printJSON(os.Stdout, struct {
 					*gc.Report
-					Deleted []deletedObject `json:"deleted,omitempty"`
-				}{rep, deleted})
+					Deleted []deletedObject `json:"deleted"`
+				}{rep, append([]deletedObject{}, deleted...)})
 			}
 			printGCSummary(os.Stdout, rep)
 			return nil

@@ -25,7 +25,7 @@ key, and every key in the file still opens what it sealed, so snapshots saved
 before a rotation keep restoring until their key is removed from the file.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" && addTo == "" {
-				return fmt.Errorf("keygen: give --out FILE or --add-to FILE")
+				return usagef("keygen: give --out FILE or --add-to FILE")
 			}
 			k, err := encrypted.NewKey(time.Now())
 			if err != nil {

@@ -25,7 +25,7 @@ type pagerReport struct {
 	Source       string            `json:"source"`
 	Socket       string            `json:"socket"`
 	Files        map[string]string `json:"files"`
-	PageSize     int64             `json:"page_size,omitempty"`
+	PageSize     int64             `json:"page_size"` // 0: not huge-page memory
 	Faults       uint64            `json:"faults"`
 	PagesCopied  uint64            `json:"pages_copied"`
 	ZeroPages    uint64            `json:"zero_pages"`
@@ -62,7 +62,7 @@ left at --socket is replaced, anything else there is refused.`,
 			ctx := cmd.Context()
 			start := time.Now()
 			if dir == "" || socket == "" {
-				return fmt.Errorf("--dir and --socket are required")
+				return usagef("--dir and --socket are required")
 			}
 			// Before the cache is opened or a snapshot looked up.
 			if err := checkOutDir("--dir", dir, replace, restoreReplaceHint); err != nil {

@@ -23,7 +23,7 @@ type qemuFlags struct {
 func (f *qemuFlags) register(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.accel, "accel", "tcg", "QEMU accelerator: tcg or kvm")
 	cmd.Flags().StringVar(&f.qemuPath, "qemu", "", "QEMU binary (default qemu-system-x86_64 from PATH)")
-	cmd.Flags().Int64Var(&f.chunkSize, "chunk-size", 0, "chunk size of a first save in bytes, a multiple of 4096 (default 4096000)")
+	sizeFlag(cmd, &f.chunkSize, "chunk-size", 0, "chunk size of a first save, a multiple of 4096 bytes (bytes, or KiB/MiB/GiB; default 4096000)")
 }
 
 func (f *qemuFlags) host(e *env) (*vmm.Host, error) {
@@ -40,7 +40,7 @@ type machineFlags struct {
 func (f *machineFlags) register(cmd *cobra.Command, withMemory bool) {
 	fl := cmd.Flags()
 	if withMemory {
-		fl.Int64Var(&f.memory, "memory-bytes", 256<<20, "guest RAM in bytes, a whole number of MiB")
+		sizeFlag(cmd, &f.memory, "memory-bytes", 256<<20, "guest RAM, a whole number of MiB (bytes, or MiB/GiB)")
 	}
 	fl.StringVar(&f.kernel, "kernel", "", "direct-boot kernel image (saved with the snapshot)")
 	fl.StringVar(&f.initrd, "initrd", "", "initramfs (saved with the snapshot)")
@@ -119,6 +119,9 @@ func runGuest(ctx context.Context, v *vmm.VM, save bool, target func(context.Con
 		fmt.Println("interrupted: guest stopped without saving")
 		return nil
 	}
+	// The signal was the request to save: the command ends as the save
+	// does, not as an interrupted command.
+	runState.interruptHandled = true
 	// The command's context is done; the save gets its own.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Minute)
 	defer cancel()
@@ -158,6 +161,14 @@ func newQemuRestoreCmd() *cobra.Command {
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
+			if err := sf.check(); err != nil {
+				return err
+			}
+			if saveOnExit {
+				if err := sf.kf.check(); err != nil {
+					return err
+				}
+			}
 			if dir != "" {
 				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
 					return err
@@ -217,7 +228,12 @@ func newQemuBootCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			if dir == "" {
-				return fmt.Errorf("--dir is required")
+				return usagef("--dir is required")
+			}
+			if saveOnExit {
+				if err := kf.check(); err != nil {
+					return err
+				}
 			}
 			if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {
 				return err
@@ -273,7 +289,10 @@ func newQemuSaveCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			if qmpSock == "" || memFile == "" {
-				return fmt.Errorf("--qmp and --mem-file are required")
+				return usagef("--qmp and --mem-file are required")
+			}
+			if err := kf.check(); err != nil {
+				return err
 			}
 			if dir != "" {
 				if err := checkOutDir("--dir", dir, replace, qemuReplaceHint); err != nil {

@@ -29,10 +29,10 @@ func (f *getFlags) options() (snapshot.GetOptions, error) {
 	}
 	d, err := parseDuration(f.maxStale)
 	if err != nil {
-		return snapshot.GetOptions{}, fmt.Errorf("--max-stale: %w", err)
+		return snapshot.GetOptions{}, usagef("--max-stale: %w", err)
 	}
 	if d <= 0 {
-		return snapshot.GetOptions{}, fmt.Errorf("--max-stale %s: want a positive duration", f.maxStale)
+		return snapshot.GetOptions{}, usagef("--max-stale %s: want a positive duration", f.maxStale)
 	}
 	return snapshot.GetOptions{ReadPolicy: p, MaxStaleFallbackAge: d}, nil
 }
@@ -60,7 +60,7 @@ are replaced, every other entry is left as it is and listed (on stderr, and as
 			ctx := cmd.Context()
 			start := time.Now()
 			if out == "" {
-				return fmt.Errorf("--out is required")
+				return usagef("--out is required")
 			}
 			// Before the cache is opened or a snapshot looked up.
 			if err := checkOutDir("--out", out, replace, restoreReplaceHint); err != nil {
@@ -76,8 +76,11 @@ are replaced, every other entry is left as it is and listed (on stderr, and as
 				return outDirError("--out", err, restoreReplaceHint)
 			}
 			rep.DurationMS = time.Since(start).Milliseconds()
+			if err := e.remoteCheck(); err != nil {
+				return err
+			}
 			if err := e.loader.RemoteDown(); err != nil {
-				rep.RemoteError = err.Error()
+				rep.RemoteError = cliText(err)
 			}
 			if asJSON {
 				return printJSON(os.Stdout, rep)
@@ -97,7 +100,9 @@ are replaced, every other entry is left as it is and listed (on stderr, and as
 
 // restoreReport is the --json output of restore.
 type restoreReport struct {
-	report
+	snapshotReport
+	// Files maps each file of the snapshot to the path it was written to.
+	Files map[string]string `json:"files"`
 	// OtherFiles are the entries --out held that are not the snapshot's
 	// files, left as they were (only --replace lets there be any); always
 	// present, empty when none.
@@ -129,17 +134,21 @@ func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string,
 	if err != nil {
 		return nil, err
 	}
-	return &restoreReport{
-		report: report{
+	rep := &restoreReport{
+		snapshotReport: snapshotReport{
 			SnapshotID:     snap.Manifest.GetVmMetadata().GetSnapshotId(),
 			Key:            keyJSON(snap.Key),
 			ManifestDigest: snap.ManifestKey.GetHash(),
 			Source:         string(snap.Source),
 			FallbackIndex:  snap.FallbackIndex,
-			Files:          r.Files,
 			ChunkSize:      r.ChunkSize,
 			ChunksTotal:    r.ChunksTotal,
 		},
+		Files:      r.Files,
 		OtherFiles: r.Others,
-	}, nil
+	}
+	if rep.Files == nil {
+		rep.Files = map[string]string{}
+	}
+	return rep, nil
 }

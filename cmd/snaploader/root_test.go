@@ -3,6 +3,8 @@ package main
 import (
 	"testing"
 	"time"
+
+	"github.com/snaploader/snaploader/errkind"
 )
 
 func TestParseDuration(t *testing.T) {
@@ -34,18 +36,25 @@ func TestKeyFlagsTask(t *testing.T) {
 		f    keyFlags
 		ok   bool
 	}{
-		{"complete", keyFlags{platform: []string{"os=linux", "arch=amd64"}, configHash: "c"}, true},
-		{"no config hash", keyFlags{platform: []string{"os=linux"}}, false},
-		{"bad platform", keyFlags{platform: []string{"linux"}, configHash: "c"}, false},
+		{"complete", keyFlags{instance: "ci", platform: []string{"os=linux", "arch=amd64"}, configHash: "c", ref: "main"}, true},
+		{"no platform", keyFlags{instance: "ci", configHash: "c", ref: "main"}, true},
+		{"no config hash", keyFlags{instance: "ci", platform: []string{"os=linux"}, ref: "main"}, false},
+		{"no instance", keyFlags{configHash: "c", ref: "main"}, false},
+		{"no ref", keyFlags{instance: "ci", configHash: "c"}, false},
+		{"no ref needed", keyFlags{instance: "ci", configHash: "c", noRef: true}, true},
+		{"bad platform", keyFlags{instance: "ci", platform: []string{"linux"}, configHash: "c", ref: "main"}, false},
 	} {
 		_, err := tc.f.task()
 		if (err == nil) != tc.ok {
 			t.Errorf("%s: task() error %v, want ok=%v", tc.name, err, tc.ok)
 		}
+		if err != nil && !errkind.Is(err, errkind.InvalidArgument) {
+			t.Errorf("%s: task() error %v is not a usage error (InvalidArgument)", tc.name, err)
+		}
 	}
 	// Platform order does not change the key.
-	a, _ := (&keyFlags{platform: []string{"os=linux", "arch=amd64"}, configHash: "c"}).task()
-	b, _ := (&keyFlags{platform: []string{"arch=amd64", "os=linux"}, configHash: "c"}).task()
+	a, _ := (&keyFlags{instance: "ci", platform: []string{"os=linux", "arch=amd64"}, configHash: "c", ref: "main"}).task()
+	b, _ := (&keyFlags{instance: "ci", platform: []string{"arch=amd64", "os=linux"}, configHash: "c", ref: "main"}).task()
 	if a.PlatformHash != b.PlatformHash {
 		t.Error("platform hash depends on flag order")
 	}

@@ -20,8 +20,10 @@ import (
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-// report is the --json output of save and restore.
-type report struct {
+// snapshotReport is what the --json objects of save and restore share.
+// Every field is always present (zero, false or "" when it does not
+// apply).
+type snapshotReport struct {
 	SnapshotID       string          `json:"snapshot_id"`
 	Key              json.RawMessage `json:"key"`
 	ManifestDigest   string          `json:"manifest_digest"`
@@ -33,26 +35,30 @@ type report struct {
 	BytesWritten     int64           `json:"bytes_written"`
 	BytesSkippedZero int64           `json:"bytes_skipped_zero"`
 	DurationMS       int64           `json:"duration_ms"`
-	// Save only.
-	RemoteChunksWritten int  `json:"remote_chunks_written,omitempty"`
-	PublishedLocal      bool `json:"published_local,omitempty"`
-	PublishedRemote     bool `json:"published_remote,omitempty"`
 	// RemoteError says why the remote tier was not used: it was down, and
-	// the command went on with the local cache (a save completed locally).
-	RemoteError string `json:"remote_error,omitempty"`
+	// the command went on with the local cache (a save completed
+	// locally); "" when it was used or there is none.
+	RemoteError string `json:"remote_error"`
+}
+
+// report is the --json output of save.
+type report struct {
+	snapshotReport
+	RemoteChunksWritten int  `json:"remote_chunks_written"`
+	PublishedLocal      bool `json:"published_local"`
+	PublishedRemote     bool `json:"published_remote"`
 	// RemoteSkipped says why the save policy did not publish to the
-	// remote.
-	RemoteSkipped string `json:"remote_skipped,omitempty"`
+	// remote ("" when it did, or there is no remote).
+	RemoteSkipped string `json:"remote_skipped"`
 	// Invalidated: the key was invalidated while the save ran.
-	Invalidated bool `json:"invalidated,omitempty"`
+	Invalidated bool `json:"invalidated"`
 	// DiffBase is the snapshot --diff files were merged over, and
-	// DiffBytesRead the bytes read from them (their data regions).
-	DiffBase      string `json:"diff_base,omitempty"`
-	DiffBytesRead int64  `json:"diff_bytes_read,omitempty"`
-	// PageSize is the guest page size recorded with --page-size.
-	PageSize int64 `json:"page_size,omitempty"`
-	// Restore only.
-	Files map[string]string `json:"files,omitempty"`
+	// DiffBytesRead the bytes read from them (their data regions); ""
+	// and 0 without --diff.
+	DiffBase      string `json:"diff_base"`
+	DiffBytesRead int64  `json:"diff_bytes_read"`
+	// PageSize is the guest page size recorded with --page-size (0: none).
+	PageSize int64 `json:"page_size"`
 }
 
 func keyJSON(k *snapshotpb.SnapshotKey) json.RawMessage {
@@ -66,13 +72,13 @@ func parseNamed(flag string, vals []string) (map[string]string, []string, error)
 	for _, v := range vals {
 		name, path, ok := strings.Cut(v, "=")
 		if !ok || name == "" || path == "" {
-			return nil, nil, fmt.Errorf("--%s %q: want NAME=PATH", flag, v)
+			return nil, nil, usagef("--%s %q: want NAME=PATH", flag, v)
 		}
 		if err := snapshot.ValidateName(name); err != nil {
-			return nil, nil, fmt.Errorf("--%s %q: %w", flag, v, err)
+			return nil, nil, usagef("--%s %q: %w", flag, v, err)
 		}
 		if _, dup := m[name]; dup {
-			return nil, nil, fmt.Errorf("--%s: duplicate name %q", flag, name)
+			return nil, nil, usagef("--%s: duplicate name %q", flag, name)
 		}
 		m[name] = path
 		order = append(order, name)
@@ -102,8 +108,11 @@ func newSaveCmd() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
 			start := time.Now()
+			if err := kf.check(); err != nil {
+				return err
+			}
 			if chunkSize <= 0 || chunkSize%cow.PageSize != 0 {
-				return fmt.Errorf("--chunk-size %d: want a positive multiple of %d", chunkSize, cow.PageSize)
+				return usagef("--chunk-size %d: want a positive multiple of %d", chunkSize, cow.PageSize)
 			}
 			fileMap, _, err := parseNamed("file", files)
 			if err != nil {
@@ -114,11 +123,11 @@ func newSaveCmd() *cobra.Command {
 				return err
 			}
 			if len(fileMap)+len(chunkMap)+len(diffs) == 0 {
-				return fmt.Errorf("nothing to save: give at least one --file, --chunked or --diff")
+				return usagef("nothing to save: give at least one --file, --chunked or --diff")
 			}
 			for n := range chunkMap {
 				if _, dup := fileMap[n]; dup {
-					return fmt.Errorf("name %q given as both --file and --chunked", n)
+					return usagef("name %q given as both --file and --chunked", n)
 				}
 			}
 			diffMap, diffOrder, err := parseNamed("diff", diffs)
@@ -127,11 +136,11 @@ func newSaveCmd() *cobra.Command {
 			}
 			for n := range diffMap {
 				if fileMap[n] != "" || chunkMap[n] != "" {
-					return fmt.Errorf("name %q given as --diff and as --file or --chunked", n)
+					return usagef("name %q given as --diff and as --file or --chunked", n)
 				}
 			}
 			if baseID != "" && len(diffMap) == 0 {
-				return fmt.Errorf("--diff-base names the snapshot --diff files were taken over; no --diff given")
+				return usagef("--diff-base names the snapshot --diff files were taken over; no --diff given")
 			}
 			ps, err := parsePageSize(pageSize)
 			if err != nil {
@@ -202,16 +211,18 @@ func newSaveCmd() *cobra.Command {
 				source = "remote"
 			}
 			rep := report{
-				SnapshotID:          res.SnapshotID,
-				Key:                 keyJSON(res.Key),
-				ManifestDigest:      res.ManifestKey.GetHash(),
-				Source:              source,
-				ChunkSize:           chunkSize,
-				ChunksTotal:         t.ChunksTotal,
-				ChunksWritten:       t.ChunksWritten,
-				BytesWritten:        t.BytesWritten,
-				BytesSkippedZero:    t.BytesSkippedZero,
-				DurationMS:          time.Since(start).Milliseconds(),
+				snapshotReport: snapshotReport{
+					SnapshotID:       res.SnapshotID,
+					Key:              keyJSON(res.Key),
+					ManifestDigest:   res.ManifestKey.GetHash(),
+					Source:           source,
+					ChunkSize:        chunkSize,
+					ChunksTotal:      t.ChunksTotal,
+					ChunksWritten:    t.ChunksWritten,
+					BytesWritten:     t.BytesWritten,
+					BytesSkippedZero: t.BytesSkippedZero,
+					DurationMS:       time.Since(start).Milliseconds(),
+				},
 				RemoteChunksWritten: t.RemoteChunksWritten,
 				PublishedLocal:      res.PublishedLocal,
 				PublishedRemote:     res.PublishedRemote,
@@ -225,8 +236,11 @@ func newSaveCmd() *cobra.Command {
 				rep.DiffBase = diff.base.Manifest.GetVmMetadata().GetSnapshotId()
 				rep.DiffBytesRead = res.diffBytesRead
 			}
+			if err := e.remoteCheck(); err != nil {
+				return err
+			}
 			if res.RemoteError != nil {
-				rep.RemoteError = res.RemoteError.Error()
+				rep.RemoteError = cliText(res.RemoteError)
 			}
 			rep.RemoteSkipped = skipped
 			if asJSON {
@@ -249,18 +263,16 @@ func newSaveCmd() *cobra.Command {
 	fl.StringArrayVar(&diffs, "diff", nil, "chunked file NAME=PATH given as a sparse diff (a VMM's diff snapshot: as long as the memory, data only where pages were dirtied), merged over chunked file NAME of the --diff-base snapshot; only its data regions are read (repeatable)")
 	fl.StringVar(&baseID, "diff-base", "", "snapshot id the --diff files were taken over (default: the snapshot the key set restores now)")
 	fl.StringVar(&pageSize, "page-size", "", "guest page size of the chunked files, e.g. 2MiB for huge-page-backed memory: --chunk-size must be a multiple of it; recorded in the manifest (VM configuration extra "+PageSizeKey+")")
-	fl.Int64Var(&chunkSize, "chunk-size", cow.DefaultChunkSize, "chunk size in bytes (a multiple of 4096)")
+	sizeFlag(cmd, &chunkSize, "chunk-size", cow.DefaultChunkSize, "chunk size, a multiple of 4096 bytes (bytes, or KiB/MiB/GiB)")
 	fl.BoolVar(&asJSON, "json", false, "print one JSON object")
 	fl.Int64Var(&vcpus, "vcpus", 0, "VM configuration: vCPUs (recorded in the manifest)")
-	fl.Int64Var(&memBytes, "memory-bytes", 0, "VM configuration: memory size (recorded in the manifest)")
+	sizeFlag(cmd, &memBytes, "memory-bytes", 0, "VM configuration: memory size (bytes, or KiB/MiB/GiB; recorded in the manifest)")
 	fl.StringVar(&policy, "save-policy", "first-non-default-ref", "when a run on a non-default ref publishes to the remote: always, first-non-default-ref or none-available")
 	gf.register(cmd)
 	return cmd
 }
 
-// saveFiles splits the chunked files into the local cache and saves a
-// snapshot under the key set's write key.
-// decidePublish applies the save policies (SPEC §4): whether the remote
+// decidePublish applies the save policies: whether the remote
 // gets this snapshot, decided by what this run would have started from, and
 // whether a local manifest is written (not under newest when the snapshot
 // is published remotely).
@@ -299,6 +311,8 @@ type savedFiles struct {
 	diffBytesRead int64
 }
 
+// saveFiles splits the chunked files into the local cache and saves a
+// snapshot under the key set's write key.
 func saveFiles(ctx context.Context, e *env, keys *snapshotpb.SnapshotKeySet, files, chunked map[string]string, order []string, chunkSize int64, cfg *snapshotpb.VMConfiguration, pub publishPlan, diff *diffPlan) (*savedFiles, error) {
 	out := &savedFiles{}
 	var merged []*cow.Store

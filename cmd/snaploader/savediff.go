@@ -30,10 +30,10 @@ func parsePageSize(s string) (int64, error) {
 	}
 	n, err := parseBytes("--page-size", s)
 	if err != nil || n > 1<<30 {
-		return 0, fmt.Errorf("--page-size %q: want a size such as 4KiB, 2MiB or 1GiB", s)
+		return 0, usagef("--page-size %q: want a size such as 4KiB, 2MiB or 1GiB", s)
 	}
 	if n < cow.PageSize || bits.OnesCount64(uint64(n)) != 1 {
-		return 0, fmt.Errorf("--page-size %q: want a power of two from 4KiB to 1GiB", s)
+		return 0, usagef("--page-size %q: want a power of two from 4KiB to 1GiB", s)
 	}
 	return n, nil
 }

@@ -90,16 +90,16 @@ With --metrics-addr, http://ADDR/status is a status page (snapshots by group, in
 with sizes, ages and last reads; hit rates; recent collections), as JSON with ?format=json.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			log := slog.New(slog.NewTextHandler(os.Stderr, nil))
+			log := newLogger(os.Stderr, slog.LevelInfo)
 			keys := map[string]server.APIKey{}
 			for _, k := range apiKeys {
 				key, rest, ok := strings.Cut(k, "=")
 				if !ok || key == "" {
-					return fmt.Errorf("--api-key %q: want KEY=GROUP[:ro]", k)
+					return usagef("--api-key %q: want KEY=GROUP[:ro]", k)
 				}
 				group, mode, _ := strings.Cut(rest, ":")
 				if mode != "" && mode != "ro" && mode != "rw" {
-					return fmt.Errorf("--api-key %q: mode must be ro or rw", k)
+					return usagef("--api-key %q: mode must be ro or rw", k)
 				}
 				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
 			}
@@ -108,7 +108,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			var where, tempDir string
 			var collect func(context.Context, *server.Server) error
 			if gcInterval < 0 {
-				return fmt.Errorf("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
+				return usagef("--gc-interval %s: want a positive duration, or 0 for no collection", gcInterval)
 			}
 			for _, b := range []struct {
 				flag string
@@ -123,22 +123,22 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				{"idle-timeout", idleTimeout <= 0},
 			} {
 				if b.bad {
-					return fmt.Errorf("--%s %s: want a positive value", b.flag, cmd.Flags().Lookup(b.flag).Value)
+					return usagef("--%s %s: want a positive value", b.flag, cmd.Flags().Lookup(b.flag).Value)
 				}
 			}
 			ret, err := parseDuration(retention)
 			if err != nil || ret <= 0 {
-				return fmt.Errorf("--retention %q: want a positive duration such as 7d or 36h", retention)
+				return usagef("--retention %q: want a positive duration such as 7d or 36h", retention)
 			}
 			gr, err := parseDuration(grace)
 			if err != nil || gr <= 0 {
-				return fmt.Errorf("--grace %q: want a positive duration such as 1h", grace)
+				return usagef("--grace %q: want a positive duration such as 1h", grace)
 			}
 			switch {
 			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
-				return fmt.Errorf("give either --cache-dir or --s3, not both")
+				return usagef("give either --cache-dir or --s3, not both")
 			case s3URL == "" && gcInterval > 0:
-				return fmt.Errorf("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
+				return usagef("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
 			case s3URL != "":
 				opts, err := s3cache.ParseURL(s3URL)
 				if err != nil {
@@ -191,32 +191,43 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			if err != nil {
 				return err
 			}
+			// Every address is listened on before any is served, so that
+			// once the gRPC address accepts, the others do too.
+			var ml, dl net.Listener
+			if metricsAddr != "" {
+				if ml, err = net.Listen("tcp", metricsAddr); err != nil {
+					return fmt.Errorf("listening on %s: %w", metricsAddr, err)
+				}
+			}
+			if debugAddr != "" {
+				if dl, err = net.Listen("tcp", debugAddr); err != nil {
+					if ml != nil {
+						ml.Close()
+					}
+					return fmt.Errorf("listening on %s: %w", debugAddr, err)
+				}
+			}
 			lis, err := net.Listen("tcp", listen)
 			if err != nil {
+				for _, l := range []net.Listener{ml, dl} {
+					if l != nil {
+						l.Close()
+					}
+				}
 				return fmt.Errorf("listening on %s: %w", listen, err)
 			}
 			g, gctx := errgroup.WithContext(ctx)
+			if ml != nil {
+				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
+				log.Info("serving metrics", "addr", ml.Addr().String())
+			}
+			if dl != nil {
+				g.Go(func() error { return serveDebug(gctx, dl) })
+			}
 			g.Go(func() error { return srv.Serve(gctx, lis) })
 			if collect != nil {
 				g.Go(func() error { return collect(gctx, srv) })
 				log.Info("collecting the bucket periodically", "every", gcInterval, "retention", ret, "grace", gr)
-			}
-			if metricsAddr != "" {
-				ml, err := net.Listen("tcp", metricsAddr)
-				if err != nil {
-					lis.Close()
-					return fmt.Errorf("listening on %s: %w", metricsAddr, err)
-				}
-				g.Go(func() error { return srv.ServeMetrics(gctx, ml) })
-				log.Info("serving metrics", "addr", ml.Addr().String())
-			}
-			if debugAddr != "" {
-				dl, err := net.Listen("tcp", debugAddr)
-				if err != nil {
-					lis.Close()
-					return fmt.Errorf("listening on %s: %w", debugAddr, err)
-				}
-				g.Go(func() error { return serveDebug(gctx, dl) })
 			}
 			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "backend", where, "api_keys", len(keys))
 			return g.Wait()
@@ -225,15 +236,15 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 	fl := cmd.Flags()
 	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address")
 	fl.StringVar(&cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
-	fl.Int64Var(&maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend in bytes")
+	sizeFlag(cmd, &maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend (bytes, or KiB/MiB/GiB/TiB)")
 	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
 	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
 	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
 	fl.StringVar(&debugAddr, "debug-addr", "", "serve Go profiles at http://ADDR/debug/pprof/ (keep it on loopback)")
-	fl.Int64Var(&maxBlob, "max-blob-bytes", 0, "largest blob a write may claim (default: a quarter of --max-bytes; with --s3, 2 GiB)")
-	fl.Int64Var(&maxScratch, "max-scratch-bytes", server.DefaultMaxScratchBytes, "with --s3: disk space of uploads in flight")
-	fl.Int64Var(&maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together")
-	fl.Int64Var(&maxReadMem, "max-read-memory", server.DefaultMaxReadMemory, "memory of all reads in flight together")
+	sizeFlag(cmd, &maxBlob, "max-blob-bytes", 0, "largest blob a write may claim (bytes, or KiB/MiB/GiB; default: a quarter of --max-bytes; with --s3, 2 GiB)")
+	sizeFlag(cmd, &maxScratch, "max-scratch-bytes", server.DefaultMaxScratchBytes, "with --s3: disk space of uploads in flight (bytes, or KiB/MiB/GiB/TiB)")
+	sizeFlag(cmd, &maxUpMem, "max-upload-memory", server.DefaultMaxUploadMemory, "memory of all uploads in flight together (bytes, or KiB/MiB/GiB)")
+	sizeFlag(cmd, &maxReadMem, "max-read-memory", server.DefaultMaxReadMemory, "memory of all reads in flight together (bytes, or KiB/MiB/GiB)")
 	fl.DurationVar(&uploadTTL, "upload-ttl", server.DefaultUploadTTL, "how long an interrupted upload is kept for resumption after its last message")
 	fl.DurationVar(&idleTimeout, "idle-timeout", server.DefaultIdleTimeout, "abort a write stream that sends nothing for this long")
 	fl.DurationVar(&gcInterval, "gc-interval", 0, "with --s3: collect the bucket's garbage (as snaploader gc) this often; 0: never")

@@ -108,8 +108,11 @@ type SnapshotListing struct {
 	// set).
 	PreviousSnapshotId string  `protobuf:"bytes,13,opt,name=previous_snapshot_id,json=previousSnapshotId,proto3" json:"previous_snapshot_id,omitempty"`
 	SharedChunks       float64 `protobuf:"fixed64,14,opt,name=shared_chunks,json=sharedChunks,proto3" json:"shared_chunks,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Its key was invalidated since it was saved (the key's version id is
+	// another one): it is never restored by its key again.
+	Invalidated   bool `protobuf:"varint,15,opt,name=invalidated,proto3" json:"invalidated,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SnapshotListing) Reset() {
@@ -240,6 +243,13 @@ func (x *SnapshotListing) GetSharedChunks() float64 {
 	return 0
 }
 
+func (x *SnapshotListing) GetInvalidated() bool {
+	if x != nil {
+		return x.Invalidated
+	}
+	return false
+}
+
 type ListSnapshotsResponse struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	Snapshots []*SnapshotListing     `protobuf:"bytes,1,rep,name=snapshots,proto3" json:"snapshots,omitempty"`
@@ -326,7 +336,7 @@ const file_inventory_proto_rawDesc = "" +
 	"\x0finventory.proto\x12\x17snaploader.inventory.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x0esnapshot.proto\"q\n" +
 	"\x14ListSnapshotsRequest\x12+\n" +
 	"\x11retention_seconds\x18\x01 \x01(\x03R\x10retentionSeconds\x12,\n" +
-	"\x03now\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x03now\"\x80\x04\n" +
+	"\x03now\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x03now\"\xa2\x04\n" +
 	"\x0fSnapshotListing\x12\x14\n" +
 	"\x05scope\x18\x01 \x01(\tR\x05scope\x125\n" +
 	"\x03key\x18\x02 \x01(\v2#.snaploader.snapshot.v1.SnapshotKeyR\x03key\x12\x1f\n" +
@@ -343,7 +353,8 @@ const file_inventory_proto_rawDesc = "" +
 	"\x05blobs\x18\v \x01(\x03R\x05blobs\x12#\n" +
 	"\rmissing_blobs\x18\f \x01(\x03R\fmissingBlobs\x120\n" +
 	"\x14previous_snapshot_id\x18\r \x01(\tR\x12previousSnapshotId\x12#\n" +
-	"\rshared_chunks\x18\x0e \x01(\x01R\fsharedChunks\"\xfc\x01\n" +
+	"\rshared_chunks\x18\x0e \x01(\x01R\fsharedChunks\x12 \n" +
+	"\vinvalidated\x18\x0f \x01(\bR\vinvalidated\"\xfc\x01\n" +
 	"\x15ListSnapshotsResponse\x12F\n" +
 	"\tsnapshots\x18\x01 \x03(\v2(.snaploader.inventory.v1.SnapshotListingR\tsnapshots\x12*\n" +
 	"\x11live_stored_bytes\x18\x02 \x01(\x03R\x0fliveStoredBytes\x126\n" +
