@@ -107,7 +107,10 @@ const defaultMaxBatch = 4<<20 - 64<<10
 const flowWindow = 16 << 20
 
 // Dial connects to target ("grpc://HOST:PORT", "grpcs://HOST:PORT" or
-// "unix:///PATH") and reads the server's capabilities.
+// "unix:///PATH") and reads the server's capabilities. An endpoint that
+// cannot be reached is Unavailable; one that answers another protocol (an
+// HTTP port, TLS where the URL says plaintext or the reverse) is
+// InvalidArgument, saying what it answered (see Probe).
 func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	if opts.APIKeyHeader == "" {
 		opts.APIKeyHeader = "x-api-key"
@@ -183,6 +186,13 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	}
 	if err := c.capabilities(ctx); err != nil {
 		c.Close()
+		// An endpoint that answers another protocol is a configuration
+		// error, not an outage: say what it answered.
+		if ctx.Err() == nil && cache.IsOutage(err) && !errors.Is(err, context.DeadlineExceeded) && status.Code(err) != codes.DeadlineExceeded {
+			if perr := Probe(ctx, target, opts.CAFile); perr != nil {
+				return nil, perr
+			}
+		}
 		return nil, err
 	}
 	return c, nil

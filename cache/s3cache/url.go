@@ -1,6 +1,7 @@
 package s3cache
 
 import (
+	"context"
 	"fmt"
 	"net/url"
 	"os"
@@ -102,4 +103,22 @@ func ParseURL(raw string) (Options, error) {
 		opts.Region = os.Getenv("AWS_REGION")
 	}
 	return opts, nil
+}
+
+// OpenURL opens the S3 tier a URL names (see ParseURL), with each of
+// adjust applied to its options first (a server creates its bucket, gc
+// reads object ages from metadata): the one way every command opens one.
+func OpenURL(ctx context.Context, raw string, adjust ...func(*Options)) (*Cache, error) {
+	opts, err := ParseURL(raw)
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range adjust {
+		f(&opts)
+	}
+	c, err := New(ctx, opts)
+	if err != nil {
+		return nil, fmt.Errorf("opening S3 tier %s: %w", raw, err)
+	}
+	return c, nil
 }

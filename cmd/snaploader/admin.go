@@ -366,11 +366,11 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
 	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
-	c, err := dialREAPI(ctx, rf.url, rf.caFile, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
+	c, err := remote.Dial(ctx, rf.url, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
 		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
 	if err != nil {
 		if errkind.Is(err, errkind.InvalidArgument) {
-			return err
+			return flagNamed(err)
 		}
 		return remoteDown(rf.url, fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot))
 	}

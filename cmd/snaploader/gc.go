@@ -32,14 +32,9 @@ func openStore(ctx context.Context, url, what string, clockFromMetadata bool) (g
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "--remote %q: want s3://BUCKET[/PREFIX]?endpoint=HOST:PORT", url)
 	}
-	opts, err := s3cache.ParseURL(url)
+	c, err := s3cache.OpenURL(ctx, url, func(o *s3cache.Options) { o.ClockFromMetadata = clockFromMetadata })
 	if err != nil {
-		return nil, err
-	}
-	opts.ClockFromMetadata = clockFromMetadata
-	c, err := s3cache.New(ctx, opts)
-	if err != nil {
-		return nil, remoteDown(url, fmt.Errorf("opening S3 remote %s: %w", url, err))
+		return nil, remoteDown(url, err)
 	}
 	return gc.S3(c), nil
 }

@@ -3,21 +3,18 @@ package main
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
-	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/remote"
+	"github.com/snaploader/snaploader/tierurl"
 )
 
 // remoteFlags select the shared tier.
@@ -75,75 +72,34 @@ type openedRemote struct {
 // is wrapped in a breaker, so an outage later on costs one timeout, not
 // one per call. An endpoint that answers but speaks another protocol (an
 // HTTP port, TLS where the URL says plaintext or the reverse) is a
-// configuration error, never an outage (probeProtocol).
+// configuration error, never an outage (remote.Probe).
 func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, log *slog.Logger) (*openedRemote, error) {
 	r := &openedRemote{fn: fn, entryFn: digest.BLAKE3, writable: true}
-	switch {
-	case f.url == "":
+	if f.url == "" {
 		return r, nil
-	case strings.HasPrefix(f.url, "grpc://"), strings.HasPrefix(f.url, "grpcs://"), strings.HasPrefix(f.url, "unix://"):
-		opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
-		if fnSet {
-			opts.DigestFunction = fn
-		}
-		c, err := dialREAPI(ctx, f.url, f.caFile, opts)
-		if err != nil {
-			if ctx.Err() == nil && cache.IsOutage(err) && !errkind.Is(err, errkind.InvalidArgument) {
-				if f.required {
-					return nil, &remoteDownError{url: f.url, err: err}
-				}
-				log.Warn("remote tier unavailable; continuing with the local cache", "remote", f.url, "err", cliText(err))
-				r.tier = cache.Unreachable(f.url, err)
-				return r, nil
-			}
-			return nil, err
-		}
-		r.tier = cache.Verifying(c)
-		r.fn, r.entryFn, r.writable, r.closer = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache(), c
-		r.fns, r.maxBlob = c.Functions(), c.MaxBlobBytes()
-	case strings.HasPrefix(f.url, "s3://"):
-		opts, err := s3cache.ParseURL(f.url)
-		if err != nil {
-			return nil, err
-		}
-		c, err := s3cache.New(ctx, opts)
-		if err != nil {
-			if ctx.Err() == nil && cache.IsOutage(err) {
-				if f.required {
-					return nil, &remoteDownError{url: f.url, err: err}
-				}
-				log.Warn("remote tier unavailable; continuing with the local cache", "remote", f.url, "err", cliText(err))
-				r.tier = cache.Unreachable(f.url, err)
-				return r, nil
-			}
-			return nil, fmt.Errorf("opening S3 remote %s: %w", f.url, err)
-		}
-		r.tier = cache.Verifying(c)
-	default:
-		return nil, usagef("--remote %q: want grpc://, grpcs://, unix:// or s3://", f.url)
 	}
-	if f.maxBlob > 0 {
-		r.maxBlob = f.maxBlob
+	opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
+	if fnSet {
+		opts.DigestFunction = fn
 	}
-	r.tier = cache.WithBreaker(r.tier, cache.BreakerOptions{Name: f.url, Logger: log})
+	o, err := tierurl.Open(ctx, f.url, fn, tierurl.Options{Remote: opts, MaxBlobBytes: f.maxBlob, Required: f.required, Logger: log})
+	var de *tierurl.DownError
+	switch {
+	case errors.As(err, &de):
+		return nil, &remoteDownError{url: f.url, err: de.Err}
+	case errkind.Is(err, errkind.InvalidArgument):
+		return nil, flagNamed(err)
+	case err != nil:
+		return nil, err
+	}
+	r.tier, r.fn, r.entryFn, r.fns, r.maxBlob, r.writable, r.closer = o.Tier, o.Function, o.EntryFunction, o.Functions, o.MaxBlobBytes, o.Writable, o
 	return r, nil
 }
 
-// dialREAPI connects to a REAPI remote (remote.Dial, which asks its
-// capabilities). When that fails as an outage would, the endpoint is
-// probed: one that answers another protocol is a usage error saying so.
-func dialREAPI(ctx context.Context, url, caFile string, opts remote.Options) (*remote.Client, error) {
-	c, err := remote.Dial(ctx, url, opts)
-	if err == nil {
-		return c, nil
+// flagNamed is err, a refusal of the remote URL, naming the --remote flag.
+func flagNamed(err error) error {
+	if t := cliText(err); strings.HasPrefix(t, "remote ") {
+		return usagef("--%s", t)
 	}
-	if ctx.Err() == nil && cache.IsOutage(err) && !errors.Is(err, context.DeadlineExceeded) && status.Code(err) != codes.DeadlineExceeded {
-		if perr := probeProtocol(ctx, url, caFile); perr != nil {
-			return nil, perr
-		}
-	}
-	if strings.Contains(err.Error(), url) {
-		return nil, err
-	}
-	return nil, fmt.Errorf("connecting to remote %s: %w", url, err)
+	return err
 }

@@ -140,19 +140,16 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			case s3URL == "" && gcInterval > 0:
 				return usagef("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
 			case s3URL != "":
-				opts, err := s3cache.ParseURL(s3URL)
+				c, err := s3cache.OpenURL(ctx, s3URL, func(o *s3cache.Options) {
+					o.CreateBucket = true
+					if cmd.Flags().Changed("compression") {
+						o.DisableCompression = !compression
+					}
+				})
 				if err != nil {
 					return err
 				}
-				opts.CreateBucket = true
-				if cmd.Flags().Changed("compression") {
-					opts.DisableCompression = !compression
-				}
-				c, err := s3cache.New(ctx, opts)
-				if err != nil {
-					return err
-				}
-				backend, where = c, "bucket "+opts.Bucket
+				backend, where = c, c.Traits().Description
 				inventory = func(group string) gc.Store { return gc.S3Group(c, group) }
 				if gcInterval > 0 {
 					gopts := gc.Options{Retention: ret, Grace: gr, Logger: log}

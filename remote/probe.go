@@ -1,4 +1,4 @@
-package main
+package remote
 
 import (
 	"bytes"
@@ -11,6 +11,8 @@ import (
 	"os"
 	"strings"
 	"time"
+
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // probeTimeout bounds each look at an endpoint's protocol.
@@ -29,13 +31,14 @@ const (
 	answerUntrusted               // TLS with a certificate the client does not trust
 )
 
-// probeProtocol looks at what the endpoint of a grpc:// or grpcs:// remote
-// that could not be reached answers, to tell a configuration error from an
-// outage. It returns a usage error that says what the endpoint answered
-// and the likely fix, or nil when the endpoint could be a gRPC cache that
-// is down (nothing listens, it answers nothing, or it speaks the protocol
-// the URL asks for).
-func probeProtocol(ctx context.Context, url, caFile string) error {
+// Probe looks at what the endpoint of a grpc:// or grpcs:// remote that
+// could not be reached answers, to tell a configuration error from an
+// outage. It returns an InvalidArgument error that says what the endpoint
+// answered and the likely fix, or nil when the endpoint could be a gRPC
+// cache that is down (nothing listens, it answers nothing, or it speaks
+// the protocol the URL asks for). Dial probes when it fails as an outage
+// would.
+func Probe(ctx context.Context, url, caFile string) error {
 	scheme, rest, ok := strings.Cut(url, "://")
 	if !ok || (scheme != "grpc" && scheme != "grpcs") {
 		return nil
@@ -52,7 +55,7 @@ func probeProtocol(ctx context.Context, url, caFile string) error {
 		other = "grpc://" + rest
 	}
 	fail := func(format string, args ...any) error {
-		return usagef("--remote %s: the endpoint %s", url, fmt.Sprintf(format, args...))
+		return errkind.New(errkind.InvalidArgument, "remote %s: the endpoint %s", url, fmt.Sprintf(format, args...))
 	}
 	httpFix := "it is likely a web server, or a metrics or status page address; give the address the cache serves gRPC on (for snaploader serve, its --listen address)"
 	if scheme == "grpc" {
