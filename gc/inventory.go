@@ -38,6 +38,11 @@ type Snapshot struct {
 	// KeyEntries are the snapshot-key entries whose manifest it is (it is
 	// the newest snapshot under each).
 	KeyEntries []Entry
+	// Invalidated says that it was saved under a version id that is no
+	// longer its key's current one (the key was invalidated, or another
+	// host's version won a race since): no up-to-date client is ever
+	// given it again.
+	Invalidated bool
 	// Live says whether collection keeps it (SPEC §9): it is the newest
 	// under some key, or its snapshot-id entry is younger than the
 	// retention.
@@ -164,6 +169,9 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 	}
 	sc := &scan{}
 	byID := map[[2]string]*Snapshot{}
+	// versions are the version ids of the version entries, by scope and
+	// entry hash.
+	versions := map[[2]string]string{}
 	for i, e := range all {
 		r := reads[i]
 		if !r.ok {
@@ -178,6 +186,9 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 			}
 			sc.kept = append(sc.kept, e)
 			markForeign(&sc.foreign, r.ar)
+			if v, _ := snapshot.VersionOfEntry(r.ar); v != "" {
+				versions[[2]string{e.Scope, e.Hash}] = v
+			}
 			continue
 		}
 		md := m.Metadata
@@ -198,6 +209,10 @@ func scanEntries(ctx context.Context, st Store, opts *Options, progress func()) 
 		}
 	}
 	sc.foreign.freeze()
+	for _, s := range sc.snapshots {
+		cur, ok := versions[[2]string{s.Scope, snapshot.VersionKey(s.Key).GetHash()}]
+		s.Invalidated = ok && s.Key.GetVersionId() != cur
+	}
 	sort.Slice(sc.snapshots, func(i, j int) bool {
 		a, b := sc.snapshots[i], sc.snapshots[j]
 		if !a.Created.Equal(b.Created) {
