@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"strings"
+	"sync"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -16,7 +17,9 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-// rpcLog is what the access log says about one RPC.
+// rpcLog is what the access log says about one RPC. A stream's fields
+// are set under loggedStream.mu: a handler may return while a goroutine
+// of its own still receives.
 type rpcLog struct {
 	method   string
 	instance string
@@ -138,7 +141,10 @@ func (s *Server) accessStream(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 	start := time.Now()
 	w := &loggedStream{ServerStream: ss, l: &rpcLog{method: shortMethod(info.FullMethod)}}
 	err := h(srv, w)
-	s.logRPC(ss.Context(), w.l, start, err)
+	w.mu.Lock()
+	l := *w.l
+	w.mu.Unlock()
+	s.logRPC(ss.Context(), &l, start, err)
 	return err
 }
 
@@ -146,14 +152,18 @@ func (s *Server) accessStream(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 // requests name.
 type loggedStream struct {
 	grpc.ServerStream
-	l *rpcLog
+	mu sync.Mutex
+	l  *rpcLog
 }
 
 func (w *loggedStream) RecvMsg(m any) error {
 	err := w.ServerStream.RecvMsg(m)
 	if err == nil {
-		w.l.in += msgSize(m)
+		n := msgSize(m)
+		w.mu.Lock()
+		w.l.in += n
 		w.l.describe(m)
+		w.mu.Unlock()
 	}
 	return err
 }
@@ -161,7 +171,10 @@ func (w *loggedStream) RecvMsg(m any) error {
 func (w *loggedStream) SendMsg(m any) error {
 	err := w.ServerStream.SendMsg(m)
 	if err == nil {
-		w.l.out += msgSize(m)
+		n := msgSize(m)
+		w.mu.Lock()
+		w.l.out += n
+		w.mu.Unlock()
 	}
 	return err
 }
