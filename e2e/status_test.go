@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"debug/buildinfo"
 	"encoding/json"
 	"fmt"
 	"html"
@@ -75,7 +76,8 @@ func domRows(t *testing.T, dom string) map[string]domRow {
 func TestStatusPageInChromium(t *testing.T) {
 	bin := testutil.LookPath(t, "chromium")
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	srv := startServe(t, nil, "--cache-dir", t.TempDir(), "--metrics-addr", metrics,
+	started := time.Now()
+	srv := startServe(t, nil, "--cache-dir", t.TempDir(), "--metrics-addr", metrics, "--max-bytes", "1073741824",
 		"--api-key", "k-team=team", "--api-key", "k-other=other")
 	team := saveTwo(t, nil, srv.url(), "main", 51, "--api-key", "k-team")
 	other := saveTwo(t, nil, srv.url(), "dev", 61, "--api-key", "k-other")
@@ -168,6 +170,22 @@ func TestStatusPageInChromium(t *testing.T) {
 		resp.Body.Close()
 	}
 
+	checkCapacityAndBuild(t, dom, metrics, started)
+
+	// Invalidating team's key: its snapshots are never given to a client
+	// again, and the page says so; group other's are as they were.
+	cli(t, nil, append([]string{"invalidate", "--cache-dir", filepath.Join(dir, "inv")}, team.key...)...)
+	dom = string(chromium(t, bin, page, "--dump-dom"))
+	rows = domRows(t, dom)
+	for _, id := range team.ids {
+		if r := rows[id]; r.state != "invalidated" {
+			t.Errorf("snapshot %s of the invalidated key: state %q, want invalidated", id, r.state)
+		}
+	}
+	if r := rows[other.ids[1]]; r.state != "newest" {
+		t.Errorf("the newest snapshot of group other: state %q after another group's invalidation", r.state)
+	}
+
 	shot := filepath.Join(t.TempDir(), "status.png")
 	chromium(t, bin, page, "--screenshot="+shot, "--window-size=1280,900", "--hide-scrollbars")
 	png, err := os.ReadFile(shot)
@@ -175,4 +193,69 @@ func TestStatusPageInChromium(t *testing.T) {
 		t.Fatalf("screenshot %s: %d bytes (err %v); want a PNG", shot, len(png), err)
 	}
 	t.Logf("status page screenshot: %s (%d bytes)", shot, len(png))
+}
+
+var (
+	diskRE   = regexp.MustCompile(`<tr id="disk" data-used-bytes="(\d+)" data-max-bytes="(\d+)" data-evictions="(\d+)">`)
+	budgetRE = regexp.MustCompile(`<tr class="budget" data-name="([^"]+)" data-in-use-bytes="(\d+)" data-max-bytes="(\d+)">`)
+	uptimeRE = regexp.MustCompile(`<span id="uptime" data-seconds="(\d+)"`)
+	idRE     = func(id string) *regexp.Regexp { return regexp.MustCompile(`<code id="` + id + `"[^>]*>([^<]*)</code>`) }
+)
+
+// checkCapacityAndBuild checks the rendered page's disk use, budgets,
+// version and uptime against the server's JSON, its flags and the binary.
+func checkCapacityAndBuild(t *testing.T, dom, metrics string, started time.Time) {
+	t.Helper()
+	n := func(s string) int64 { v, _ := strconv.ParseInt(s, 10, 64); return v }
+	var st struct {
+		Capacity struct {
+			UsedBytes int64 `json:"used_bytes"`
+			MaxBytes  int64 `json:"max_bytes"`
+		} `json:"capacity"`
+	}
+	resp, err := http.Get("http://" + metrics + "/status?format=json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	json.NewDecoder(resp.Body).Decode(&st)
+	resp.Body.Close()
+	m := diskRE.FindStringSubmatch(dom)
+	if m == nil {
+		t.Fatalf("the page shows no disk use:\n%s", dom)
+	}
+	if used, bound := n(m[1]), n(m[2]); bound != 1<<30 || used <= 0 || used > bound || used != st.Capacity.UsedBytes {
+		t.Errorf("disk: %d of %d bytes on the page, JSON says %d; want the stored snapshots' bytes of --max-bytes 1 GiB", used, bound, st.Capacity.UsedBytes)
+	}
+	if !strings.Contains(dom, `<span id="evictions">`+m[3]+`</span>`) {
+		t.Errorf("the page does not say how many entries were evicted")
+	}
+	budgets := map[string][2]int64{}
+	for _, b := range budgetRE.FindAllStringSubmatch(dom, -1) {
+		budgets[b[1]] = [2]int64{n(b[2]), n(b[3])}
+	}
+	if b := budgets["upload memory"]; b[1] != 256<<20 || b[0] < 0 || b[0] > b[1] {
+		t.Errorf("upload memory budget on the page: %v, want in use of the default 256 MiB", b)
+	}
+	if b := budgets["read memory"]; b[1] != 64<<20 || b[0] < 0 || b[0] > b[1] {
+		t.Errorf("read memory budget on the page: %v, want in use of the default 64 MiB", b)
+	}
+	bi, err := buildinfo.ReadFile(binary)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := idRE("version").FindStringSubmatch(dom); v == nil || v[1] != bi.Main.Version {
+		t.Errorf("version on the page: %v, want the binary's %q", v, bi.Main.Version)
+	}
+	rev := ""
+	for _, s := range bi.Settings {
+		if s.Key == "vcs.revision" {
+			rev = s.Value
+		}
+	}
+	if got := idRE("revision").FindStringSubmatch(dom); (rev == "") != (got == nil) || (got != nil && got[1] != rev) {
+		t.Errorf("revision on the page: %v, want the binary's %q", got, rev)
+	}
+	if u := uptimeRE.FindStringSubmatch(dom); u == nil || n(u[1]) < 0 || float64(n(u[1])) > time.Since(started).Seconds()+1 {
+		t.Errorf("uptime on the page: %v, want at most %v", u, time.Since(started))
+	}
 }

@@ -51,6 +51,9 @@ type Options struct {
 	// CAFile is a PEM file of CAs trusted for grpcs:// targets instead of
 	// the system roots.
 	CAFile string
+	// ClientCertFile and ClientKeyFile are a PEM certificate and key this
+	// client presents to grpcs:// servers that require one (mutual TLS).
+	ClientCertFile, ClientKeyFile string
 	// CallTimeout bounds each RPC attempt (default 60s); a ByteStream
 	// transfer gets an extra second per 8 MiB it moves.
 	CallTimeout time.Duration
@@ -131,7 +134,7 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	if opts.FindMissingBatch <= 0 {
 		opts.FindMissingBatch = 10000
 	}
-	addr, creds, err := parseTarget(target, opts.CAFile)
+	addr, creds, err := parseTarget(target, opts.CAFile, opts.ClientCertFile, opts.ClientKeyFile)
 	if err != nil {
 		return nil, err
 	}
@@ -214,22 +217,24 @@ func hostPort(target, hp string) (string, error) {
 	return host, nil
 }
 
-// readCAFile reads a PEM bundle without blocking on a FIFO or reading a
-// device.
-func readCAFile(path string) ([]byte, error) {
+// readCAFile reads a PEM file (a CA bundle, a client certificate or key)
+// without blocking on a FIFO or reading a device.
+func readCAFile(path string) ([]byte, error) { return readPEMFile(path, "CA file") }
+
+func readPEMFile(path, what string) ([]byte, error) {
 	f, err := fileio.OpenRegular(path)
 	if err != nil {
-		return nil, fmt.Errorf("remote cache CA file: %w", err)
+		return nil, fmt.Errorf("remote cache %s: %w", what, err)
 	}
 	defer f.Close()
 	b, err := io.ReadAll(io.LimitReader(f, 16<<20))
 	if err != nil {
-		return nil, status.Errorf(codes.InvalidArgument, "remote cache CA file %s: %v", path, err)
+		return nil, status.Errorf(codes.InvalidArgument, "remote cache %s %s: %v", what, path, err)
 	}
 	return b, nil
 }
 
-func parseTarget(target, caFile string) (string, credentials.TransportCredentials, error) {
+func parseTarget(target, caFile, certFile, keyFile string) (string, credentials.TransportCredentials, error) {
 	scheme, rest, ok := strings.Cut(target, "://")
 	if !ok || rest == "" {
 		return "", nil, status.Errorf(codes.InvalidArgument, "remote cache target %q: want grpc://HOST:PORT, grpcs://HOST:PORT or unix:///PATH", target)
@@ -256,6 +261,24 @@ func parseTarget(target, caFile string) (string, credentials.TransportCredential
 				return "", nil, status.Errorf(codes.InvalidArgument, "remote cache CA file %s: no PEM certificates", caFile)
 			}
 			cfg.RootCAs = pool
+		}
+		if certFile != "" || keyFile != "" {
+			if certFile == "" || keyFile == "" {
+				return "", nil, status.Errorf(codes.InvalidArgument, "remote cache client certificate: give both the certificate and its key")
+			}
+			certPEM, err := readPEMFile(certFile, "client certificate")
+			if err != nil {
+				return "", nil, err
+			}
+			keyPEM, err := readPEMFile(keyFile, "client key")
+			if err != nil {
+				return "", nil, err
+			}
+			cert, err := tls.X509KeyPair(certPEM, keyPEM)
+			if err != nil {
+				return "", nil, status.Errorf(codes.InvalidArgument, "remote cache client certificate %s and key %s: %v", certFile, keyFile, err)
+			}
+			cfg.Certificates = []tls.Certificate{cert}
 		}
 		return "dns:///" + rest, credentials.NewTLS(cfg), nil
 	case "unix":

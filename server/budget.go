@@ -105,6 +105,12 @@ func (s *scratchSpace) Resize(n int64) error {
 	return nil
 }
 
+func (b *scratchBudget) inUse() int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.use
+}
+
 func (b *scratchBudget) reserve(n int64) (space, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()

@@ -166,6 +166,16 @@ func (s *Server) Status(ctx context.Context) (*statuspage.Status, error) {
 		CAS:         statuspage.Lookups{Hits: s.m.casHits.Load(), Misses: s.m.casMisses.Load()},
 		GC:          s.collector.runs(),
 		Snapshots:   []statuspage.Snapshot{},
+		Server:      s.serverInfo(now),
+		Budgets: []statuspage.Budget{
+			{Name: "upload memory", InUseBytes: s.mem.inUse(), MaxBytes: s.mem.max},
+			{Name: "read memory", InUseBytes: s.readMem.inUse(), MaxBytes: s.readMem.max},
+		},
+	}
+	if mb := s.backend.Traits().MaxBytes; mb > 0 {
+		st.Capacity = statuspage.Capacity{OnDisk: true, UsedBytes: s.backend.Usage(), MaxBytes: mb, Evictions: s.backend.Evictions()}
+	} else {
+		st.Budgets = append(st.Budgets, statuspage.Budget{Name: "scratch disk", InUseBytes: s.scratch.inUse(), MaxBytes: s.scratch.max})
 	}
 	if s.collector.every > 0 {
 		st.GCInterval = s.collector.every.String()

@@ -21,6 +21,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -30,6 +31,8 @@ import (
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
@@ -113,6 +116,18 @@ type Options struct {
 	// Retention is the retention the status page judges snapshots' states
 	// by (default gc.DefaultRetention).
 	Retention time.Duration
+	// AccessLog logs one line per RPC at info level on Logger: method,
+	// instance, digest (or the number of blobs a batch names), message
+	// bytes in and out, duration, status code, the caller's group and
+	// address.
+	AccessLog bool
+	// ReadyTimeout bounds the readiness probe (Ready; default
+	// DefaultReadyTimeout).
+	ReadyTimeout time.Duration
+	// HealthInterval is how often the gRPC health service's status is
+	// set from the readiness probe while serving (default
+	// DefaultHealthInterval).
+	HealthInterval time.Duration
 }
 
 // Defaults of the resource bounds.
@@ -146,6 +161,12 @@ type Server struct {
 	reads reads
 	// collector runs CollectEvery.
 	collector collector
+	// started is when New returned; draining is set once Serve begins
+	// to stop; serving counts the Serve calls running.
+	started  time.Time
+	draining atomic.Bool
+	serving  atomic.Int32
+	health   *health.Server
 
 	repb.UnimplementedCapabilitiesServer
 	repb.UnimplementedActionCacheServer
@@ -202,9 +223,16 @@ func New(backend cache.Backend, opts Options) (*Server, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
+	if opts.ReadyTimeout <= 0 {
+		opts.ReadyTimeout = DefaultReadyTimeout
+	}
+	if opts.HealthInterval <= 0 {
+		opts.HealthInterval = DefaultHealthInterval
+	}
 	s := &Server{backend: backend, opts: opts, fns: map[digest.Function]bool{},
 		mem: newMemBudget("upload", opts.MaxUploadMemory), readMem: newMemBudget("read", opts.MaxReadMemory),
-		scratch: &scratchBudget{max: opts.MaxScratchBytes}, log: opts.Logger}
+		scratch: &scratchBudget{max: opts.MaxScratchBytes}, log: opts.Logger,
+		started: time.Now(), health: newHealth()}
 	var dirs []string
 	if abs, err := filepath.Abs(opts.TempDir); err == nil {
 		dirs = append(dirs, abs, filepath.Clean(opts.TempDir))
@@ -251,7 +279,7 @@ func New(backend cache.Backend, opts Options) (*Server, error) {
 }
 
 // Register adds the Capabilities, ActionCache, ContentAddressableStorage,
-// ByteStream and Inventory services to gs. gs should accept messages of at least
+// ByteStream, Inventory and gRPC health services to gs. gs should accept messages of at least
 // MaxBatchBytes plus 64 KiB (grpc.MaxRecvMsgSize); Serve does that.
 func (s *Server) Register(gs *grpc.Server) {
 	repb.RegisterCapabilitiesServer(gs, s)
@@ -259,6 +287,7 @@ func (s *Server) Register(gs *grpc.Server) {
 	repb.RegisterContentAddressableStorageServer(gs, s)
 	bspb.RegisterByteStreamServer(gs, s)
 	inventorypb.RegisterInventoryServer(gs, s)
+	healthpb.RegisterHealthServer(gs, s.health)
 }
 
 // MetricsHandler serves the metrics in the Prometheus text format.
@@ -268,6 +297,14 @@ func (s *Server) MetricsHandler() http.Handler {
 
 // GRPCServerOptions are the options a grpc.Server hosting s needs.
 func (s *Server) GRPCServerOptions() []grpc.ServerOption {
+	unary := []grpc.UnaryServerInterceptor{s.san.unary}
+	stream := []grpc.StreamServerInterceptor{s.san.stream}
+	if s.opts.AccessLog {
+		// Outermost: the whole call is timed, and its code is the one
+		// the client gets.
+		unary = append([]grpc.UnaryServerInterceptor{s.accessUnary}, unary...)
+		stream = append([]grpc.StreamServerInterceptor{s.accessStream}, stream...)
+	}
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(int(s.opts.MaxBatchBytes) + 1<<20),
 		// Fewer, larger socket reads and writes for blob streams.
@@ -278,8 +315,8 @@ func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 		// upload's window is charged to the upload memory budget.
 		grpc.InitialWindowSize(streamWindow),
 		grpc.InitialConnWindowSize(4 * streamWindow),
-		grpc.ChainUnaryInterceptor(s.san.unary),
-		grpc.ChainStreamInterceptor(s.san.stream),
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
 		// Every RPC is traced as a child of its caller's span (a no-op
 		// unless tracing is on).
 		grpc.StatsHandler(telemetry.GRPCServerHandler()),
@@ -287,19 +324,26 @@ func (s *Server) GRPCServerOptions() []grpc.ServerOption {
 }
 
 // Serve serves the REAPI services on lis until ctx is done, then stops
-// gracefully. extra options (e.g. grpc.Creds for TLS) are added to
-// GRPCServerOptions.
+// gracefully: it drains (Ready fails, the gRPC health service says
+// NOT_SERVING, new connections are refused) and returns once the calls in
+// flight have finished. extra options (e.g. grpc.Creds for TLS) are added
+// to GRPCServerOptions.
 func (s *Server) Serve(ctx context.Context, lis net.Listener, extra ...grpc.ServerOption) error {
+	s.serving.Add(1)
+	defer s.serving.Add(-1)
 	gs := grpc.NewServer(append(s.GRPCServerOptions(), extra...)...)
 	s.Register(gs)
 	stopped := make(chan struct{})
 	go func() {
 		select {
 		case <-ctx.Done():
+			s.draining.Store(true)
+			s.health.Shutdown()
 			gs.GracefulStop()
 		case <-stopped:
 		}
 	}()
+	go s.watchHealth(ctx)
 	err := gs.Serve(lis)
 	close(stopped)
 	s.uploads.closeAll()
@@ -309,17 +353,25 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, extra ...grpc.Serv
 	return err
 }
 
-// ServeMetrics serves MetricsHandler at /metrics and the status page
-// (package statuspage) at /status on lis until ctx is done.
+// ServeMetrics serves MetricsHandler at /metrics, the status page
+// (package statuspage) at /status, /healthz (200 while the process is up)
+// and /readyz (200 while Ready, else 503 and the reason) on lis until ctx
+// is done and no Serve call is still draining, so that /readyz reports
+// the drain.
 func (s *Server) ServeMetrics(ctx context.Context, lis net.Listener) error {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", s.MetricsHandler())
 	page := statuspage.Handler(s)
 	mux.Handle("/status", page)
 	mux.Handle("/status/snapshot", page)
+	mux.HandleFunc("/healthz", healthz)
+	mux.HandleFunc("/readyz", s.readyz)
 	hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
+		for s.serving.Load() > 0 {
+			time.Sleep(20 * time.Millisecond)
+		}
 		hs.Close()
 	}()
 	err := hs.Serve(lis)

@@ -468,6 +468,10 @@ func versionResult(v string, invalidation bool) (*repb.ActionResult, error) {
 	return &repb.ActionResult{ExecutionMetadata: &repb.ExecutedActionMetadata{AuxiliaryMetadata: []*anypb.Any{md}}}, nil
 }
 
+// VersionOfEntry is the version id a version entry holds ("" when ar is
+// no version entry) and whether Invalidate wrote it.
+func VersionOfEntry(ar *repb.ActionResult) (string, bool) { return versionFromResult(ar) }
+
 // versionFromResult returns a version entry's id ("" when it holds none)
 // and whether Invalidate wrote it.
 func versionFromResult(ar *repb.ActionResult) (string, bool) {

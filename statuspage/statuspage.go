@@ -51,6 +51,65 @@ type Status struct {
 	// Errors are parts of the data that could not be read (e.g. one
 	// group's listing), shown on the page.
 	Errors []string `json:"errors,omitempty"`
+	// Server is the build and uptime of the server process.
+	Server ServerInfo `json:"server"`
+	// Capacity is the backend's use of this host's disk against its bound.
+	Capacity Capacity `json:"capacity"`
+	// Budgets are the server's own resource bounds in use: the memory of
+	// uploads and reads in flight, and (S3) their scratch disk.
+	Budgets []Budget `json:"budgets"`
+}
+
+// ServerInfo says which build runs and since when.
+type ServerInfo struct {
+	// Version is the main module's version ("(devel)" for a build from a
+	// work tree), Revision and RevisionTime the commit it was built from
+	// and Modified whether the tree had uncommitted changes (empty when
+	// the build recorded no version control information).
+	Version       string    `json:"version"`
+	Revision      string    `json:"revision,omitempty"`
+	RevisionTime  string    `json:"revision_time,omitempty"`
+	Modified      bool      `json:"modified,omitempty"`
+	GoVersion     string    `json:"go_version"`
+	Started       time.Time `json:"started"`
+	UptimeSeconds int64     `json:"uptime_seconds"`
+}
+
+// Capacity is the backend's disk use.
+type Capacity struct {
+	// OnDisk is false for a backend that keeps nothing on this host (S3):
+	// the other fields are then 0.
+	OnDisk bool `json:"on_disk"`
+	// UsedBytes is what the entries occupy, MaxBytes the bound.
+	UsedBytes int64 `json:"used_bytes"`
+	MaxBytes  int64 `json:"max_bytes"`
+	// Evictions counts the entries evicted to stay under the bound since
+	// the server started.
+	Evictions int64 `json:"evictions"`
+}
+
+// UsedFraction is UsedBytes over MaxBytes (0 without a bound).
+func (c Capacity) UsedFraction() float64 {
+	if c.MaxBytes <= 0 {
+		return 0
+	}
+	return float64(c.UsedBytes) / float64(c.MaxBytes)
+}
+
+// Budget is one resource bound and what is in use of it.
+type Budget struct {
+	// Name is "upload memory", "read memory" or "scratch disk".
+	Name       string `json:"name"`
+	InUseBytes int64  `json:"in_use_bytes"`
+	MaxBytes   int64  `json:"max_bytes"`
+}
+
+// UsedFraction is InUseBytes over MaxBytes.
+func (b Budget) UsedFraction() float64 {
+	if b.MaxBytes <= 0 {
+		return 0
+	}
+	return float64(b.InUseBytes) / float64(b.MaxBytes)
 }
 
 // Snapshot is one snapshot of the store.

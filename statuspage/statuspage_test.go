@@ -153,3 +153,44 @@ func TestSourceFailure(t *testing.T) {
 		t.Error("an empty store does not say it has no snapshots")
 	}
 }
+
+func TestPageCapacityVersionAndInvalidated(t *testing.T) {
+	st := sample()
+	st.Server = ServerInfo{Version: "v1.2.3", Revision: "0123456789abcdef", Modified: true, GoVersion: "go1.99",
+		Started: st.Generated.Add(-90 * time.Minute), UptimeSeconds: 5400}
+	st.Capacity = Capacity{OnDisk: true, UsedBytes: 3 << 30, MaxBytes: 4 << 30, Evictions: 17}
+	st.Budgets = []Budget{{Name: "upload memory", InUseBytes: 64 << 20, MaxBytes: 256 << 20}, {Name: "read memory", MaxBytes: 64 << 20}}
+	st.Snapshots = append(st.Snapshots, Snapshot{Group: "team", Instance: "ci", Ref: "main", SnapshotID: "stale", State: "invalidated",
+		Completed: st.Generated.Add(-5 * time.Hour), AgeSeconds: 5 * 3600})
+	h := Handler(fakeSource{st: st})
+	_, _, body := get(t, h, "/status")
+	for _, want := range []string{
+		`<code id="version">v1.2.3</code>`,
+		`<code id="revision" title="">0123456789abcdef</code> <span id="modified">(modified)</span>`,
+		`<span id="uptime" data-seconds="5400"`, `1h30m`,
+		`data-used-bytes="3221225472" data-max-bytes="4294967296" data-evictions="17"`,
+		`<td class="num">3.0 GiB</td><td class="num">4.0 GiB</td>`, `75.0%`,
+		`<span id="evictions">17</span>`,
+		`<tr class="budget" data-name="upload memory" data-in-use-bytes="67108864" data-max-bytes="268435456">`, `25.0%`,
+		`<tr class="budget" data-name="read memory" data-in-use-bytes="0" data-max-bytes="67108864">`,
+		`<td class="state state-invalidated">invalidated</td>`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("the page lacks %q", want)
+		}
+	}
+	_, _, js := get(t, h, "/status?format=json")
+	var back Status
+	if err := json.Unmarshal([]byte(js), &back); err != nil {
+		t.Fatal(err)
+	}
+	if back.Server.Revision != "0123456789abcdef" || back.Capacity.Evictions != 17 || len(back.Budgets) != 2 || back.Budgets[0].InUseBytes != 64<<20 {
+		t.Errorf("JSON: %+v %+v %+v", back.Server, back.Capacity, back.Budgets)
+	}
+	// A backend that stores nothing on this host says so.
+	st.Capacity = Capacity{}
+	_, _, body = get(t, Handler(fakeSource{st: st}), "/status")
+	if !strings.Contains(body, "nothing stored on this host") || strings.Contains(body, `id="evictions"`) {
+		t.Error("a backend without disk is shown with a disk bound")
+	}
+}

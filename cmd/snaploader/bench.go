@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -27,11 +28,15 @@ type benchReport struct {
 	SnapshotID string `json:"snapshot_id"`
 	// Saved is true when this run published the benchmark snapshot; false
 	// when the remote already held it.
-	Saved     bool  `json:"saved"`
-	SizeBytes int64 `json:"size_bytes"`
-	ChunkSize int64 `json:"chunk_size"`
-	Chunks    int   `json:"chunks"`
-	Runs      int   `json:"runs"`
+	Saved bool `json:"saved"`
+	// Invalidated is true when this run invalidated the key of the
+	// snapshot it saved (no --keep), so the remote never gives it out
+	// again and the next run saves afresh.
+	Invalidated bool  `json:"invalidated"`
+	SizeBytes   int64 `json:"size_bytes"`
+	ChunkSize   int64 `json:"chunk_size"`
+	Chunks      int   `json:"chunks"`
+	Runs        int   `json:"runs"`
 	// CpMBs is `cp` of the same file on the same disk: the baseline.
 	CpMS  float64 `json:"cp_ms"`
 	CpMBs float64 `json:"cp_mb_s"`
@@ -60,14 +65,18 @@ func newBenchCmd() *cobra.Command {
 		runs    int
 		workDir string
 		asJSON  bool
+		keep    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure cold and warm lazy reads through the remote and the local cache against cp of the same file",
-		Long: `bench saves a synthetic VM-like file to --remote once (later runs reuse it), then measures, against cp of
+		Long: `bench saves a synthetic VM-like file to --remote, then measures, against cp of
 the same file on the same disk: a lazy sequential read into an empty local cache, the time to the first byte
 of unfetched chunks (p50/p99), and the same from the local cache. Scratch files (the file, its copy and the
-local caches) live in a fresh directory under --work-dir, removed at the end. Pin the command to a CPU
+local caches) live in a fresh directory under --work-dir, removed at the end. The snapshot it saved is
+invalidated at the end (its key gets a fresh version id, as snaploader invalidate does: the remote never
+gives it out again, and its blobs go as the remote drops unused data) unless --keep, which leaves it for
+later runs to reuse. Pin the command to a CPU
 (taskset -c 0 snaploader bench ...) to keep it off the server's.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			n, err := parseBytes("--size", size)
@@ -81,7 +90,7 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 			if runs <= 0 {
 				return usagef("--runs %d: want at least 1", runs)
 			}
-			rep, err := runBench(cmd.Context(), cf, n, runs, workDir)
+			rep, err := runBench(cmd.Context(), cf, n, runs, workDir, keep)
 			if err != nil {
 				return err
 			}
@@ -97,6 +106,7 @@ local caches) live in a fresh directory under --work-dir, removed at the end. Pi
 	cmd.Flags().IntVar(&runs, "runs", 3, "measured runs of each figure (after one warm-up run), alternated; medians are reported")
 	cmd.Flags().StringVar(&workDir, "work-dir", "", "where scratch files go (default: the directory holding --cache-dir, i.e. the cache's disk)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
+	cmd.Flags().BoolVar(&keep, "keep", false, "keep the benchmark snapshot on the remote for later runs to reuse (default: invalidate its key at the end)")
 	return cmd
 }
 
@@ -107,7 +117,7 @@ func benchKeys(size int64) keyFlags {
 	return keyFlags{instance: "snaploader-bench", configHash: fmt.Sprintf("bench-v1-%d", size), ref: "snaploader-bench"}
 }
 
-func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir string) (*benchReport, error) {
+func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir string, keep bool) (_ *benchReport, err error) {
 	if workDir == "" {
 		dir := cf.dir
 		if dir == "" {
@@ -133,6 +143,16 @@ func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir 
 	rep := &benchReport{Remote: cf.remote.url, SizeBytes: size, Runs: runs}
 	if err := ensureBenchSnapshot(ctx, cf, filepath.Join(work, "seed-cache"), src, rep); err != nil {
 		return nil, err
+	}
+	if rep.Saved && !keep {
+		// Also when a measurement fails: the snapshot is this run's own.
+		defer func() {
+			if ierr := invalidateBench(ctx, cf, filepath.Join(work, "invalidate-cache"), size); ierr != nil {
+				err = errors.Join(err, fmt.Errorf("invalidating the benchmark snapshot %s (run with --keep to keep it): %w", rep.SnapshotID, ierr))
+				return
+			}
+			rep.Invalidated = true
+		}()
 	}
 	var cp, cold, warm []float64
 	var coldFB, warmFB []time.Duration
@@ -279,6 +299,25 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 	return nil
 }
 
+// invalidateBench gives the benchmark key of size bytes a fresh version
+// id on the remote, so that the snapshot saved under the old one is never
+// given out again.
+func invalidateBench(ctx context.Context, cf cacheFlags, dir string, size int64) error {
+	defer os.RemoveAll(dir)
+	e, err := openBench(ctx, cf, dir, true)
+	if err != nil {
+		return err
+	}
+	defer e.Close()
+	kf := benchKeys(size)
+	ks, err := kf.keySet(ctx, e)
+	if err != nil {
+		return err
+	}
+	_, err = e.loader.Invalidate(ctx, ks.GetBranchKey())
+	return err
+}
+
 func benchSnapshotFits(snap *snapshot.Snapshot, size int64) bool {
 	for _, cf := range snap.Manifest.GetChunkedFiles() {
 		if cf.GetName() == benchFile {
@@ -412,7 +451,10 @@ func percentileUS(lat []time.Duration, p int) float64 {
 
 func printBench(w io.Writer, r *benchReport) {
 	how := "reused"
-	if r.Saved {
+	switch {
+	case r.Invalidated:
+		how = "saved, invalidated at the end"
+	case r.Saved:
 		how = "saved"
 	}
 	fmt.Fprintf(w, "benchmark snapshot %s (%s, %s in %d chunks of %d bytes) on %s; medians of %d runs\n",

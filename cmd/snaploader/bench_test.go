@@ -42,20 +42,31 @@ func TestBenchCommand(t *testing.T) {
 	work := t.TempDir()
 	cacheDir := filepath.Join(work, "cache")
 	size := int64(3*4096000 + 8192) // a short last chunk
-	var first benchReport
-	for i, wantSaved := range []bool{true, false} {
-		out, _ := run(t, false, "bench", "--remote", url, "--cache-dir", cacheDir, "--size", fmt.Sprint(size), "--runs", "1", "--json")
+	benchKey := []string{"--remote", url, "--instance", "snaploader-bench", "--config-hash", fmt.Sprintf("bench-v1-%d", size), "--ref", "snaploader-bench"}
+	// Without --keep a run invalidates the snapshot it saved, so the
+	// server never gives it out again and the next run saves afresh; with
+	// --keep the snapshot stays for later runs, which reuse it and leave
+	// it alone.
+	var ids []string
+	for i, tc := range []struct {
+		keep, saved, invalidated bool
+	}{{false, true, true}, {true, true, false}, {false, false, false}} {
+		args := []string{"bench", "--remote", url, "--cache-dir", cacheDir, "--size", fmt.Sprint(size), "--runs", "1", "--json"}
+		if tc.keep {
+			args = append(args, "--keep")
+		}
+		out, _ := run(t, false, args...)
 		var r benchReport
 		if err := json.Unmarshal([]byte(out), &r); err != nil {
 			t.Fatalf("run %d: bench --json printed %q: %v", i, out, err)
 		}
-		if r.Saved != wantSaved {
-			t.Errorf("run %d: saved = %v, want %v (the second run reuses the remote's snapshot)", i, r.Saved, wantSaved)
+		if r.Saved != tc.saved || r.Invalidated != tc.invalidated {
+			t.Errorf("run %d (--keep=%v): saved %v, invalidated %v; want %v, %v", i, tc.keep, r.Saved, r.Invalidated, tc.saved, tc.invalidated)
 		}
-		if i == 0 {
-			first = r
-		} else if r.SnapshotID != first.SnapshotID {
-			t.Errorf("second run used snapshot %s, first saved %s", r.SnapshotID, first.SnapshotID)
+		ids = append(ids, r.SnapshotID)
+		_, stderr := run(t, !tc.keep && tc.saved, append([]string{"inspect", "--cache-dir", t.TempDir()}, benchKey...)...)
+		if !tc.keep && tc.saved && !strings.Contains(stderr, "NotFound") && !strings.Contains(strings.ToLower(stderr), "no snapshot") {
+			t.Errorf("run %d: after the invalidation, inspect says %q; want no snapshot found", i, stderr)
 		}
 		if r.SizeBytes != size || r.ChunkSize != 4096000 || r.Chunks < 1 || r.Chunks > 4 || r.Runs != 1 {
 			t.Errorf("run %d: size %d, chunk size %d, chunks %d, runs %d", i, r.SizeBytes, r.ChunkSize, r.Chunks, r.Runs)
@@ -84,6 +95,9 @@ func TestBenchCommand(t *testing.T) {
 		if want := r.ColdReadMBs / r.CpMBs; r.ColdReadXCp < want*0.99 || r.ColdReadXCp > want*1.01 {
 			t.Errorf("run %d: cold_read_x_cp %v, want %v", i, r.ColdReadXCp, want)
 		}
+	}
+	if ids[0] == ids[1] || ids[1] != ids[2] {
+		t.Errorf("snapshots %v: want a fresh one after the invalidation, then the kept one reused", ids)
 	}
 	// Scratch files are gone; the host's cache directory was never used.
 	ents, err := os.ReadDir(work)

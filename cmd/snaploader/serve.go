@@ -4,13 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"os"
 	"runtime/debug"
-	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -43,6 +41,7 @@ func newServeCmd() *cobra.Command {
 		retention   string
 		grace       string
 		gcSkew      time.Duration
+		ops         serveOps
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -87,21 +86,30 @@ runs never overlap, each report is logged and the last few are on the status pag
 backend needs none: it evicts least recently used entries under --max-bytes.
 
 With --metrics-addr, http://ADDR/status is a status page (snapshots by group, instance, key and ref
-with sizes, ages and last reads; hit rates; recent collections), as JSON with ?format=json.`,
+with sizes, ages, last reads and states; hit rates; disk use against the bound, evictions and the
+memory budgets in use; recent collections; version and uptime), as JSON with ?format=json;
+http://ADDR/healthz answers while the process is up and http://ADDR/readyz while the backend
+answers and the server is not shutting down (the gRPC health service says the same).
+
+Deployment: --listen unix:///PATH serves on a Unix socket; --tls-cert/--tls-key serve TLS
+(--tls-client-ca requires client certificates); API keys may come from --api-key-file (mode 0600)
+or $SNAPLOADER_API_KEYS so they are not on the command line; --log-format json and --access-log
+(one line per RPC) for log collectors. Every flag may be set in a YAML --config file or a
+SNAPLOADER_<FLAG> environment variable (--max-bytes: SNAPLOADER_MAX_BYTES); the command line wins,
+then the environment, then the file.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			log := newLogger(os.Stderr, slog.LevelInfo)
-			keys := map[string]server.APIKey{}
-			for _, k := range apiKeys {
-				key, rest, ok := strings.Cut(k, "=")
-				if !ok || key == "" {
-					return usagef("--api-key %q: want KEY=GROUP[:ro]", k)
-				}
-				group, mode, _ := strings.Cut(rest, ":")
-				if mode != "" && mode != "ro" && mode != "rw" {
-					return usagef("--api-key %q: mode must be ro or rw", k)
-				}
-				keys[key] = server.APIKey{Group: group, ReadOnly: mode == "ro"}
+			log, err := ops.logger()
+			if err != nil {
+				return err
+			}
+			keys, err := ops.apiKeys(apiKeys)
+			if err != nil {
+				return err
+			}
+			creds, transport, err := ops.grpcOptions()
+			if err != nil {
+				return err
 			}
 			var backend cache.Backend
 			var inventory func(group string) gc.Store
@@ -184,6 +192,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 				APIKeys: keys, TempDir: tempDir, Logger: log,
 				MaxBlobBytes: maxBlob, MaxScratchBytes: maxScratch, MaxUploadMemory: maxUpMem, MaxReadMemory: maxReadMem,
 				UploadTTL: uploadTTL, IdleTimeout: idleTimeout, Retention: ret, Inventory: inventory,
+				AccessLog: ops.accessLog,
 			})
 			if err != nil {
 				return err
@@ -204,14 +213,14 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 					return fmt.Errorf("listening on %s: %w", debugAddr, err)
 				}
 			}
-			lis, err := net.Listen("tcp", listen)
+			lis, err := server.Listen(listen)
 			if err != nil {
 				for _, l := range []net.Listener{ml, dl} {
 					if l != nil {
 						l.Close()
 					}
 				}
-				return fmt.Errorf("listening on %s: %w", listen, err)
+				return err
 			}
 			g, gctx := errgroup.WithContext(ctx)
 			if ml != nil {
@@ -221,17 +230,17 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 			if dl != nil {
 				g.Go(func() error { return serveDebug(gctx, dl) })
 			}
-			g.Go(func() error { return srv.Serve(gctx, lis) })
+			g.Go(func() error { return srv.Serve(gctx, lis, creds...) })
 			if collect != nil {
 				g.Go(func() error { return collect(gctx, srv) })
 				log.Info("collecting the bucket periodically", "every", gcInterval, "retention", ret, "grace", gr)
 			}
-			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "backend", where, "api_keys", len(keys))
+			log.Info("serving REAPI cache", "addr", lis.Addr().String(), "transport", transport, "backend", where, "api_keys", len(keys), "version", server.Build().Version, "revision", server.Build().Revision)
 			return g.Wait()
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address")
+	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address: HOST:PORT, or unix:///PATH for a Unix socket (a stale socket there is replaced)")
 	fl.StringVar(&cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
 	sizeFlag(cmd, &maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend (bytes, or KiB/MiB/GiB/TiB)")
 	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
@@ -250,6 +259,7 @@ with sizes, ages and last reads; hit rates; recent collections), as JSON with ?f
 	fl.DurationVar(&gcSkew, "gc-clock-offset", 0, "added to the collector's clock (tests)")
 	_ = fl.MarkHidden("gc-clock-offset")
 	fl.BoolVar(&compression, "compression", true, "store blobs zstd-compressed at rest when that shrinks them, and answer compressed-blobs reads with the stored frames")
+	ops.register(cmd)
 	return cmd
 }
 
