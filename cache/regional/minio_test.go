@@ -12,6 +12,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/failover"
 	"github.com/snaploader/snaploader/cache/regional"
 	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
@@ -233,4 +234,50 @@ func BenchmarkColdHostsThroughRegional(b *testing.B) {
 	b.ReportMetric(ratio/float64(b.N), "bucket_bytes/host")
 	b.ReportMetric(elapsed/float64(b.N), "s/fleet")
 	b.ReportMetric(float64(hosts*nblobs*size)/(1<<20)/(elapsed/float64(b.N)), "fleet_MiB/s")
+}
+
+// A regional serve whose upstream is another serve (over REAPI, through a
+// failover tier of that one remote, as `serve --upstream` would build
+// it): uploads reach the upstream serve, a cold read is fetched from it
+// once, and version entries are read through.
+func TestRegionalOverREAPIUpstream(t *testing.T) {
+	ctx := ctxT(t)
+	origin := newLocal(t, 1<<30)
+	originURL := serve(t, origin, origin.TempDir())
+	up, err := failover.New([]failover.Remote{{Tier: dial(t, originURL)}}, failover.Options{RetryFor: 5 * time.Second, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := cachecount.NewCounting(up)
+	_, url := regionalServe(t, count)
+	h := dial(t, url)
+	data := randBytes(50, 5*mib)
+	d := digest.Compute(ns.Function, data)
+	if err := h.Write(ctx, ns, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if missing, _ := origin.FindMissing(ctx, ns, []*repb.Digest{d}); len(missing) != 0 {
+		t.Fatal("an upload to the regional serve did not reach its upstream serve")
+	}
+	cold := randBytes(51, 3*mib)
+	cd := put(t, origin, cold)
+	for range 3 {
+		b, err := cache.ReadAll(ctx, h, ns, cd)
+		if err != nil || !bytes.Equal(b, cold) {
+			t.Fatalf("read of a blob only the upstream serve had: %v", err)
+		}
+	}
+	if s := count.Stats(); s.Reads != 1 {
+		t.Fatalf("three reads of a cold blob reached the upstream serve %d times, want once", s.Reads)
+	}
+	vkey := &repb.Digest{Hash: digest.StringListHash("version"), SizeBytes: 1}
+	for i, v := range []string{"v1", "v2"} {
+		if err := origin.UpdateActionResult(ctx, ns, vkey, versionEntry(t, v)); err != nil {
+			t.Fatal(err)
+		}
+		ar, err := h.GetActionResult(ctx, ns, vkey)
+		if err != nil || !bytes.Contains(ar.GetExecutionMetadata().GetAuxiliaryMetadata()[0].GetValue(), []byte(v)) {
+			t.Fatalf("version read %d through the regional serve: %v %v", i, ar, err)
+		}
+	}
 }
