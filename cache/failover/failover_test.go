@@ -483,3 +483,29 @@ func TestRangeRead(t *testing.T) {
 		t.Fatalf("range read with no remote serving ranges: %v", err)
 	}
 }
+
+// Writes skip a read-only remote; with every remote read-only they fail
+// at once.
+func TestReadOnlyRemote(t *testing.T) {
+	ctx := ctxT(t)
+	a, b := startRemote(t), startRemote(t)
+	ft, err := failover.New([]failover.Remote{{Tier: a.client, ReadOnly: true}, {Tier: b.client}}, failover.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := randBytes(12, 100<<10)
+	d := digest.Compute(ns.Function, data)
+	if err := ft.Write(ctx, ns, d, bytes.NewReader(data)); err != nil {
+		t.Fatal(err)
+	}
+	if a.has(t, d) || !b.has(t, d) {
+		t.Fatal("a write reached the read-only remote, or not the writable one")
+	}
+	ro, err := failover.New([]failover.Remote{{Tier: a.client, ReadOnly: true}}, failover.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ro.UpdateActionResult(ctx, ns, d, &repb.ActionResult{}); err == nil || !strings.Contains(err.Error(), "read-only") {
+		t.Fatalf("update with every remote read-only: %v", err)
+	}
+}

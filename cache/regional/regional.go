@@ -102,7 +102,9 @@ type Options struct {
 	// answered from memory (default DefaultManifestTTL; negative: never).
 	ManifestTTL time.Duration
 	// StallTimeout fails a fetch from the upstream that receives no byte
-	// for this long, as Unavailable (default DefaultStallTimeout).
+	// for this long, as Unavailable (default DefaultStallTimeout). Over
+	// an upstream that rides out outages itself (a failover tier), it
+	// should exceed that tier's retry bound.
 	StallTimeout time.Duration
 	// MaxRemembered bounds the remembered positive answers and manifests
 	// (each; default DefaultMaxRemembered).
