@@ -47,6 +47,16 @@
 // passed without progress. An attempt fails as DeadlineExceeded (an
 // outage) when a remote does not answer a call, or sends no byte of a
 // stream, for Options.AttemptTimeout.
+//
+// # Building it
+//
+// Give New the remotes without breakers of their own (it adds one per
+// remote; another in front of it would fail calls fast for its own
+// period) and, for a REAPI remote, a Dial that makes a new client, so that
+// a connection dropped silently on the way is replaced. A remote that
+// cannot be dialled at start may be given as cache.Unreachable with that
+// Dial: it is skipped, and dialled again at most once per AttemptTimeout
+// until it answers.
 package failover
 
 import (
@@ -93,7 +103,9 @@ type Remote struct {
 	// remote stalled (AttemptTimeout without a byte): a gRPC connection
 	// dropped silently on the way stalls every call on it, and only a new
 	// connection gets through. The client it replaces is closed once the
-	// calls still on it have had 2×AttemptTimeout to end.
+	// calls still on it have had 2×AttemptTimeout to end. It is also how
+	// a remote given as cache.Unreachable (down when the command started)
+	// is dialled again.
 	Dial func(context.Context) (cache.Tier, error)
 }
 

@@ -509,3 +509,23 @@ func TestReadOnlyRemote(t *testing.T) {
 		t.Fatalf("update with every remote read-only: %v", err)
 	}
 }
+
+// A remote that could not be dialled when the host started is dialled
+// again and used once it answers.
+func TestRemoteDownAtStartIsDialledAgain(t *testing.T) {
+	ctx := ctxT(t)
+	r := startRemote(t)
+	data := randBytes(13, mib)
+	d := r.put(t, data)
+	r.proxy.Disable()
+	ft, err := failover.New([]failover.Remote{{Tier: cache.Unreachable(r.url, errkind.New(errkind.Unavailable, "connection refused")), Name: r.url, Dial: r.dial}},
+		failover.Options{RetryFor: 10 * time.Second, AttemptTimeout: time.Second, Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	time.AfterFunc(time.Second, func() { r.proxy.Enable(t) })
+	got, err := cache.ReadAll(ctx, ft, ns, d)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read from a remote down at start and back later: %v", err)
+	}
+}

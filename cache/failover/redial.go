@@ -64,13 +64,15 @@ func (s *switchable) stalled() {
 }
 
 // refresh dials a new client when the current one stalled since the last
-// dial (at most once per timeout), closing the old one later.
+// dial, or knows it is down (cache.Unreachable, for a remote that could
+// not be dialled before), at most once per timeout; the old one is closed
+// later.
 func (s *switchable) refresh(ctx context.Context, timeout time.Duration) error {
 	if s.dial == nil {
 		return nil
 	}
 	s.mu.Lock()
-	if !s.stale || time.Since(s.lastDial) < timeout {
+	if !(s.stale || cache.TierDown(s.tier()) != nil) || time.Since(s.lastDial) < timeout {
 		s.mu.Unlock()
 		return nil
 	}

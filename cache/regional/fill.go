@@ -61,10 +61,11 @@ func (r *Regional) open(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	if err := digest.Validate(d); err != nil {
 		return nil, err
 	}
-	if r.ctx.Err() != nil {
+	r.mu.Lock()
+	if r.closed {
+		r.mu.Unlock()
 		return nil, errkind.New(errkind.Unavailable, "regional cache: blob %s: the tier is closed", digest.String(d))
 	}
-	r.mu.Lock()
 	if f = r.fills[key]; f != nil {
 		f.acquire()
 		r.mu.Unlock()

@@ -57,6 +57,16 @@
 // entries by group itself; a REAPI upstream sees one group, the one of the
 // credentials this tier dials it with, so a serve over a REAPI upstream
 // should map all its API keys to one group.
+//
+// # Serving it
+//
+// A serve of a regional tier passes it to server.New as the backend, with
+// server.Options.TempDir set to the local cache's TempDir (uploads are
+// then renamed into the disk cache) and Inventory listing the upstream
+// (gc.S3Group over an S3 upstream). The upstream is the S3 tier, or a
+// REAPI client of another serve, best wrapped in a failover tier (package
+// failover) so that a blip of the upstream is ridden out; StallTimeout
+// then exceeds the failover tier's retry bound.
 package regional
 
 import (
@@ -128,6 +138,7 @@ type Regional struct {
 	wg     sync.WaitGroup
 
 	mu        sync.Mutex
+	closed    bool
 	fills     map[string]*fill
 	present   map[string]time.Time    // blob key -> expiry
 	manifests map[string]manifestMemo // entry key -> memo
@@ -183,6 +194,9 @@ func New(local Local, upstream cache.Tier, opts Options) *Regional {
 // Close stops the fetches in flight (their readers get Unavailable) and
 // waits for them to end. It does not close the local cache or upstream.
 func (r *Regional) Close() error {
+	r.mu.Lock()
+	r.closed = true
+	r.mu.Unlock()
 	r.cancel()
 	r.wg.Wait()
 	return nil
