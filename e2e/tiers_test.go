@@ -96,8 +96,14 @@ func TestServeRestartMidRead(t *testing.T) {
 		t.Fatal(err)
 	}
 	srv.stop()
-	time.AfterFunc(2*time.Second, func() { srv.start(t) })
+	restarted := make(chan struct{})
+	go func() {
+		defer close(restarted)
+		time.Sleep(2 * time.Second)
+		srv.start(t)
+	}()
 	rest, err := io.ReadAll(rc)
+	<-restarted
 	if err != nil {
 		t.Fatalf("read across a restart of the serve: %v", err)
 	}
