@@ -1,0 +1,74 @@
+// Package toxic runs TCP proxies for tests that inject network faults
+// (latency, bandwidth limits, stalls, resets) between a client and a real
+// server, in-process, with Toxiproxy's proxy and toxics.
+package toxic
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/rs/zerolog"
+)
+
+var quiet sync.Once
+
+// Proxy is a TCP proxy on 127.0.0.1 in front of one upstream address.
+type Proxy struct {
+	p    *toxiproxy.Proxy
+	addr string
+}
+
+// Start starts a proxy to upstream ("HOST:PORT") for the test's duration.
+func Start(t testing.TB, upstream string) *Proxy {
+	t.Helper()
+	quiet.Do(func() { zerolog.SetGlobalLevel(zerolog.Disabled) })
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
+	p := toxiproxy.NewProxy(srv, "proxy-"+strings.ReplaceAll(upstream, ":", "-"), "127.0.0.1:0", upstream)
+	if err := p.Start(); err != nil {
+		t.Fatalf("starting a proxy to %s: %v", upstream, err)
+	}
+	t.Cleanup(p.Stop)
+	return &Proxy{p: p, addr: p.Listen}
+}
+
+// Addr is the proxy's "127.0.0.1:PORT".
+func (p *Proxy) Addr() string { return p.addr }
+
+// Add adds a toxic: typ is a Toxiproxy toxic type ("latency", "bandwidth",
+// "timeout", "reset_peer", "slicer", "limit_data"), stream "downstream"
+// (server to client) or "upstream", attrs its attributes as JSON
+// ("latency": 50, ...). It returns the toxic's name, for Remove.
+func (p *Proxy) Add(t testing.TB, typ, stream, attrs string) string {
+	t.Helper()
+	name := typ + "_" + stream
+	js := fmt.Sprintf(`{"name":%q,"type":%q,"stream":%q,"toxicity":1,"attributes":{%s}}`, name, typ, stream, attrs)
+	if _, err := p.p.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
+		t.Fatalf("adding toxic %s: %v", js, err)
+	}
+	return name
+}
+
+// Remove removes the toxic name (an error is reported, not fatal: it may
+// run after the test's end).
+func (p *Proxy) Remove(t testing.TB, name string) {
+	if err := p.p.Toxics.RemoveToxic(context.Background(), name); err != nil {
+		t.Errorf("removing toxic %s: %v", name, err)
+	}
+}
+
+// Disable closes the listener and every connection through the proxy:
+// the upstream looks down (connections refused).
+func (p *Proxy) Disable() { p.p.Stop() }
+
+// Enable listens again, on the same address. A failure is reported, not
+// fatal: tests call it from timers.
+func (p *Proxy) Enable(t testing.TB) {
+	t.Helper()
+	if err := p.p.Start(); err != nil {
+		t.Errorf("restarting the proxy on %s: %v", p.addr, err)
+	}
+}
