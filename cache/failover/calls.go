@@ -100,7 +100,7 @@ func (c *countReader) Read(p []byte) (int, error) {
 // are skipped, and when no remote answered, the pass is retried within
 // the bound.
 func (t *Tier) each(ctx context.Context, what string, write bool, call func(m *member) (absent bool, err error)) error {
-	rt := t.retrier(what)
+	rt := t.lookupRetrier(what)
 	for {
 		var answer error
 		tried := false

@@ -115,6 +115,13 @@ type Options struct {
 	// without progress (a read that receives bytes starts the bound
 	// again). Default DefaultRetryFor.
 	RetryFor time.Duration
+	// LookupRetryFor bounds the retries of every call but a blob read
+	// (action-cache lookups and updates, FindMissing, writes): 0, the
+	// default, makes one pass over the remotes, so that new work (a key
+	// lookup, a save) does not wait on remotes that are down but goes on
+	// with what the host has, while a blob read of a restore or of a
+	// running VM rides out an outage for RetryFor.
+	LookupRetryFor time.Duration
 	// AttemptTimeout is the deadline of one attempt of a call, and the
 	// longest a stream may go without a byte (default
 	// DefaultAttemptTimeout).
@@ -321,6 +328,7 @@ func Transient(err error) bool {
 type retrier struct {
 	t      *Tier
 	what   string
+	bound  time.Duration
 	since  time.Time // start of the current run of failures (zero: none)
 	passes int
 	order  []string
@@ -330,7 +338,14 @@ type retrier struct {
 }
 
 func (t *Tier) retrier(what string) *retrier {
-	return &retrier{t: t, what: what, tries: map[string]int{}}
+	return &retrier{t: t, what: what, bound: t.opts.RetryFor, tries: map[string]int{}}
+}
+
+// lookupRetrier is the retrier of a call that is not a blob read (a
+// lookup, an existence check, a write): bounded by LookupRetryFor, so that
+// new work does not wait on a dead remote.
+func (t *Tier) lookupRetrier(what string) *retrier {
+	return &retrier{t: t, what: what, bound: t.opts.LookupRetryFor, tries: map[string]int{}}
 }
 
 // failed records a transient failure of m.
@@ -365,7 +380,7 @@ func (r *retrier) wait(ctx context.Context) error {
 	if r.since.IsZero() {
 		r.since = time.Now()
 	}
-	left := r.t.opts.RetryFor - time.Since(r.since)
+	left := r.bound - time.Since(r.since)
 	if left <= 0 {
 		return r.final()
 	}
@@ -380,7 +395,7 @@ func (r *retrier) wait(ctx context.Context) error {
 		return fmt.Errorf("%s: %w", r.what, status.FromContextError(ctx.Err()).Err())
 	case <-tm.C:
 	}
-	if time.Since(r.since) >= r.t.opts.RetryFor {
+	if time.Since(r.since) >= r.bound {
 		return r.final()
 	}
 	return nil
@@ -396,8 +411,8 @@ func (r *retrier) final() error {
 		tried = []string{"none answered"}
 	}
 	if r.last == nil {
-		return errkind.New(errkind.Unavailable, "%s: no remote answered within %s", r.what, r.t.opts.RetryFor)
+		return errkind.New(errkind.Unavailable, "%s: no remote answered within %s", r.what, r.bound)
 	}
 	return errkind.New(errkind.Unavailable, "%s: no remote answered within %s; tried %s; last error, from %s: %w",
-		r.what, r.t.opts.RetryFor, strings.Join(tried, ", "), r.lastBy, r.last)
+		r.what, r.bound, strings.Join(tried, ", "), r.lastBy, r.last)
 }

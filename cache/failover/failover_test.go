@@ -529,3 +529,39 @@ func TestRemoteDownAtStartIsDialledAgain(t *testing.T) {
 		t.Fatalf("read from a remote down at start and back later: %v", err)
 	}
 }
+
+// TestLookupsDoNotWaitOnDeadRemotes: with every remote down, a lookup (new
+// work) fails after one pass over the remotes, so that a host goes on with
+// its local cache, while a blob read keeps trying within RetryFor.
+func TestLookupsDoNotWaitOnDeadRemotes(t *testing.T) {
+	ctx := context.Background()
+	down := func(name string) failover.Remote {
+		return failover.Remote{Tier: cache.Unreachable(name, errkind.New(errkind.Unavailable, "connection refused")), Name: name}
+	}
+	ft, err := failover.New([]failover.Remote{down("a"), down("b")}, failover.Options{RetryFor: 300 * time.Millisecond, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ft.Close()
+	d := digest.Compute(digest.BLAKE3, []byte("entry"))
+	if _, err := ft.GetActionResult(ctx, cache.Namespace{}, d); !errkind.Is(err, errkind.Unavailable) {
+		t.Fatalf("lookup with every remote down: %v, want Unavailable", err)
+	}
+	lookupFailures := int64(0)
+	for _, s := range ft.Stats() {
+		lookupFailures += s.Failures
+	}
+	if lookupFailures != 2 {
+		t.Errorf("a lookup failed %d times, want one pass over the two remotes", lookupFailures)
+	}
+	if _, err := ft.Read(ctx, cache.Namespace{}, d); !errkind.Is(err, errkind.Unavailable) {
+		t.Fatalf("read with every remote down: %v, want Unavailable once the bound passed", err)
+	}
+	readFailures := int64(0)
+	for _, s := range ft.Stats() {
+		readFailures += s.Failures
+	}
+	if readFailures-lookupFailures <= 2 {
+		t.Errorf("a read failed %d times, want several passes within its bound", readFailures-lookupFailures)
+	}
+}
