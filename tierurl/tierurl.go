@@ -1,20 +1,22 @@
-// Package tierurl opens the shared tier a URL names, as every command of
-// snaploader does: a REAPI cache (grpc://HOST:PORT, grpcs://HOST:PORT,
-// unix:///PATH) or an S3 bucket (s3://BUCKET[/PREFIX]?...). The tier comes
-// verified (a REAPI client and the S3 tier verify what they read) and
-// behind a breaker, with what the cache said of itself: the digest
-// function for new snapshots, its largest blob, whether this client may
-// publish.
+// Package tierurl opens the shared tiers URLs name, as every command of
+// snaploader does: REAPI caches (grpc://HOST:PORT, grpcs://HOST:PORT,
+// unix:///PATH) and S3 buckets (s3://BUCKET[/PREFIX]?...), in order, as
+// one verified failover tier, with what the first cache said of itself:
+// the digest function for new snapshots, its largest blob, whether this
+// client may publish.
 package tierurl
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/failover"
 	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
@@ -36,6 +38,12 @@ type Options struct {
 	// Logger gets the warning when a tier cannot be reached (nil:
 	// slog.Default()).
 	Logger *slog.Logger
+	// RetryFor bounds how long a blob read rides out transient failures
+	// (default failover.DefaultRetryFor, about a minute).
+	RetryFor time.Duration
+	// OnRead, when set, is told of every blob read: which remotes served
+	// it (failover.ReadEvent).
+	OnRead func(failover.ReadEvent)
 }
 
 // Opened is a tier opened from its URL.
@@ -52,9 +60,12 @@ type Opened struct {
 	// Writable is false when the tier refuses this client's action-cache
 	// updates (a read-only key).
 	Writable bool
-	// Down is why the tier could not be reached (it then fails every
-	// call), nil when it was.
+	// Down is why no tier could be reached at start (each is dialled
+	// again when used), nil when one was.
 	Down error
+	// Failover is Tier as the failover tier it is: its Stats name the
+	// remotes that served.
+	Failover *failover.Tier
 
 	closer io.Closer
 }
@@ -67,7 +78,8 @@ func (o *Opened) Close() error {
 	return o.closer.Close()
 }
 
-// DownError is a tier that could not be reached when Options.Required.
+// DownError is a tier that could not be reached (an error of Open when
+// Options.Required and none could).
 type DownError struct {
 	URL string
 	Err error
@@ -80,52 +92,111 @@ func (e *DownError) Error() string {
 // Unwrap returns the cause.
 func (e *DownError) Unwrap() error { return e.Err }
 
-// Open opens the tier url names. fn is the digest function for new
-// snapshots when the tier does not choose one. A tier that cannot be
-// reached (down, or too slow to answer) is not an error unless
-// opts.Required: Open logs a warning and returns a tier that fails every
-// call at once (Opened.Down says why). An endpoint that answers another
-// protocol, or a malformed URL, is InvalidArgument.
-func Open(ctx context.Context, url string, fn digest.Function, opts Options) (*Opened, error) {
+// Open opens the tiers urls name, in order (a regional serve, then the
+// bucket behind it, say), as one failover tier (cache/failover): a blob
+// read tries them in order, skips one that is down and rides out a
+// transient failure (a restart, reset connections, a stall) for
+// opts.RetryFor, resuming a cut stream where it stopped and verifying
+// every blob whichever remotes served it; lookups and writes make one pass
+// over them, so that new work goes on with the local cache when all are
+// down. Writes go to the first writable one. fn is the digest function for
+// new snapshots when no remote chooses one; the first REAPI remote that
+// answers gives the rest of what Opened says. A tier that cannot be reached
+// at start is not an error unless opts.Required and none can: it is
+// dialled again when used (Opened.Down says why none could be reached). An
+// endpoint that answers another protocol, or a malformed URL, is
+// InvalidArgument.
+func Open(ctx context.Context, urls []string, fn digest.Function, opts Options) (*Opened, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
 	o := &Opened{Function: fn, EntryFunction: digest.BLAKE3, Writable: true}
-	down := func(err error) (*Opened, error) {
-		if opts.Required {
-			return nil, &DownError{URL: url, Err: err}
+	var remotes []failover.Remote
+	var closers []io.Closer
+	described := false
+	var downs []error
+	for _, url := range urls {
+		dial, err := dialer(url, opts)
+		if err != nil {
+			return nil, err
 		}
-		opts.Logger.Warn("remote tier unavailable; continuing with the local cache", "remote", url, "err", errkind.Text(err))
-		o.Tier, o.Down = cache.Unreachable(url, err), err
-		return o, nil
+		t, err := dial(ctx)
+		if err != nil {
+			if ctx.Err() != nil || !cache.IsOutage(err) || errkind.Is(err, errkind.InvalidArgument) {
+				for _, c := range closers {
+					c.Close()
+				}
+				return nil, err
+			}
+			// Its breaker warns at the first call it fails, once.
+			downs = append(downs, &DownError{URL: url, Err: err})
+			t = cache.Unreachable(url, err)
+		} else if c, ok := t.(*remote.Client); ok {
+			closers = append(closers, c)
+			if !described {
+				described = true
+				o.Function, o.EntryFunction, o.Writable = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache()
+				o.Functions, o.MaxBlobBytes = c.Functions(), c.MaxBlobBytes()
+			}
+		}
+		remotes = append(remotes, failover.Remote{Tier: cache.Verifying(t), Name: url, Dial: func(ctx context.Context) (cache.Tier, error) {
+			t, err := dial(ctx)
+			if err != nil {
+				return nil, err
+			}
+			return cache.Verifying(t), nil
+		}})
 	}
-	switch {
-	case strings.HasPrefix(url, "grpc://"), strings.HasPrefix(url, "grpcs://"), strings.HasPrefix(url, "unix://"):
-		c, err := remote.Dial(ctx, url, opts.Remote)
-		if err != nil {
-			if ctx.Err() == nil && cache.IsOutage(err) && !errkind.Is(err, errkind.InvalidArgument) {
-				return down(err)
-			}
-			return nil, err
+	if len(downs) == len(urls) && len(urls) > 0 {
+		if opts.Required {
+			return nil, downs[0]
 		}
-		o.Tier, o.closer = cache.Verifying(c), c
-		o.Function, o.EntryFunction, o.Writable = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache()
-		o.Functions, o.MaxBlobBytes = c.Functions(), c.MaxBlobBytes()
-	case strings.HasPrefix(url, "s3://"):
-		c, err := s3cache.OpenURL(ctx, url)
-		if err != nil {
-			if ctx.Err() == nil && cache.IsOutage(err) {
-				return down(err)
-			}
-			return nil, err
-		}
-		o.Tier = cache.Verifying(c)
-	default:
-		return nil, errkind.New(errkind.InvalidArgument, "remote %q: want grpc://, grpcs://, unix:// or s3://", url)
+		o.Down = errors.Join(downs...)
 	}
 	if opts.MaxBlobBytes > 0 {
 		o.MaxBlobBytes = opts.MaxBlobBytes
 	}
-	o.Tier = cache.WithBreaker(o.Tier, cache.BreakerOptions{Name: url, Logger: opts.Logger})
+	ft, err := failover.New(remotes, failover.Options{RetryFor: opts.RetryFor, Logger: opts.Logger, OnRead: opts.OnRead})
+	if err != nil {
+		return nil, err
+	}
+	o.Tier, o.Failover = ft, ft
+	o.closer = closerFunc(func() error {
+		err := ft.Close()
+		for _, c := range closers {
+			c.Close()
+		}
+		return err
+	})
 	return o, nil
 }
+
+// dialer returns how to open the tier url names.
+func dialer(url string, opts Options) (func(context.Context) (cache.Tier, error), error) {
+	switch {
+	case strings.HasPrefix(url, "grpc://"), strings.HasPrefix(url, "grpcs://"), strings.HasPrefix(url, "unix://"):
+		return func(ctx context.Context) (cache.Tier, error) {
+			c, err := remote.Dial(ctx, url, opts.Remote)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		}, nil
+	case strings.HasPrefix(url, "s3://"):
+		if _, err := s3cache.ParseURL(url); err != nil {
+			return nil, err
+		}
+		return func(ctx context.Context) (cache.Tier, error) {
+			c, err := s3cache.OpenURL(ctx, url)
+			if err != nil {
+				return nil, err
+			}
+			return c, nil
+		}, nil
+	}
+	return nil, errkind.New(errkind.InvalidArgument, "remote %q: want grpc://, grpcs://, unix:// or s3://", url)
+}
+
+type closerFunc func() error
+
+func (f closerFunc) Close() error { return f() }

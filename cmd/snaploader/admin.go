@@ -54,7 +54,7 @@ func newInvalidateCmd() *cobra.Command {
 			if err != nil {
 				// Invalidation needs the remote when there is one: an
 				// invalidation the fleet does not see is refused.
-				return remoteDown(cf.remote.url, err)
+				return remoteDown(cf.remote.primary(), err)
 			}
 			fmt.Printf("new version id %s for instance %q platform %.12s config %.12s\n", v, kf.instance, keys.GetBranchKey().GetPlatformHash(), kf.configHash)
 			return nil
@@ -173,9 +173,9 @@ corrupt: it cannot restore). Without --remote it lists the local cache (ages fro
 recency); with --remote, a bucket or a snaploader serve. --json prints the same object for both.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			sf := storeFlags{remote: cf.remote.url, retention: retention, now: now, clockFromMetadata: fromMeta}
-			if cf.remote.url != "" {
-				if isREAPI(cf.remote.url) {
+			sf := storeFlags{remote: cf.remote.primary(), retention: retention, now: now, clockFromMetadata: fromMeta}
+			if cf.remote.primary() != "" {
+				if isREAPI(cf.remote.primary()) {
 					return listServer(ctx, &cf.remote, &sf, asJSON)
 				}
 				return listRemote(ctx, &sf, asJSON)
@@ -366,13 +366,13 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 		apiKey = os.Getenv("SNAPLOADER_API_KEY")
 	}
 	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
-	c, err := remote.Dial(ctx, rf.url, remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
+	c, err := remote.Dial(ctx, rf.primary(), remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
 		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
 	if err != nil {
 		if errkind.Is(err, errkind.InvalidArgument) {
 			return flagNamed(err)
 		}
-		return remoteDown(rf.url, fmt.Errorf("ls --remote %s: %w (%s)", rf.url, err, cannot))
+		return remoteDown(rf.primary(), fmt.Errorf("ls --remote %s: %w (%s)", rf.primary(), err, cannot))
 	}
 	defer c.Close()
 	req := &inventorypb.ListSnapshotsRequest{RetentionSeconds: int64(opts.Retention / time.Second)}
@@ -383,13 +383,13 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 	}
 	resp, err := inventorypb.NewInventoryClient(c.Conn()).ListSnapshots(ctx, req)
 	if status.Code(err) == codes.Unimplemented {
-		return status.Errorf(codes.InvalidArgument, "ls --remote %s: REAPI caches cannot list their contents (the Remote Execution API has no listing call), and this one does not offer snaploader serve's listing; they evict by themselves", rf.url)
+		return status.Errorf(codes.InvalidArgument, "ls --remote %s: REAPI caches cannot list their contents (the Remote Execution API has no listing call), and this one does not offer snaploader serve's listing; they evict by themselves", rf.primary())
 	}
 	if err != nil {
-		return remoteDown(rf.url, fmt.Errorf("listing the snapshots of %s: %w", rf.url, err))
+		return remoteDown(rf.primary(), fmt.Errorf("listing the snapshots of %s: %w", rf.primary(), err))
 	}
 	lt := listingOfServer(resp, now)
-	lt.Store, lt.Location = "remote", rf.url
+	lt.Store, lt.Location = "remote", rf.primary()
 	return printListing(lt, asJSON, "the server's blobs")
 }
 

@@ -83,7 +83,7 @@ later runs to reuse. Pin the command to a CPU
 			if err != nil {
 				return err
 			}
-			if cf.remote.url == "" {
+			if cf.remote.primary() == "" {
 				return usagef("--remote is required")
 			}
 			cf.remote.required = true // what is measured is the remote
@@ -140,7 +140,7 @@ func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir 
 	if err := writeBenchFile(src, size); err != nil {
 		return nil, fmt.Errorf("writing the synthetic file %s: %w", src, err)
 	}
-	rep := &benchReport{Remote: cf.remote.url, SizeBytes: size, Runs: runs}
+	rep := &benchReport{Remote: cf.remote.primary(), SizeBytes: size, Runs: runs}
 	if err := ensureBenchSnapshot(ctx, cf, filepath.Join(work, "seed-cache"), src, rep); err != nil {
 		return nil, err
 	}
@@ -246,7 +246,7 @@ func openBench(ctx context.Context, cf cacheFlags, dir string, remote bool) (*en
 	cf.maxBytes = DefaultCacheBytes
 	cf.metricsFile, cf.metricsAddr = "", ""
 	if !remote {
-		cf.remote.url = ""
+		cf.remote.urls = nil
 	}
 	e, err := cf.open(ctx)
 	if err != nil {
@@ -254,7 +254,7 @@ func openBench(ctx context.Context, cf cacheFlags, dir string, remote bool) (*en
 	}
 	if remote && e.loader.RemoteDown() != nil {
 		e.Close()
-		return nil, fmt.Errorf("remote %s: %w", cf.remote.url, e.loader.RemoteDown())
+		return nil, fmt.Errorf("remote %s: %w", cf.remote.primary(), e.loader.RemoteDown())
 	}
 	return e, nil
 }
@@ -280,7 +280,7 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 		return nil
 	}
 	if err := e.loader.RemoteDown(); err != nil {
-		return fmt.Errorf("remote %s: %w", cf.remote.url, err)
+		return fmt.Errorf("remote %s: %w", cf.remote.primary(), err)
 	}
 	s, _, err := cow.FromFile(ctx, benchFile, src, e.local, e.local, cow.Options{Namespace: e.loader.Namespace(ks.GetWriteKey()), TempDir: e.local.TempDir()})
 	if err != nil {
@@ -289,10 +289,10 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 	defer s.Close()
 	res, err := e.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: ks.GetWriteKey(), Chunked: []*cow.Store{s}, Local: true, Remote: true})
 	if err != nil {
-		return fmt.Errorf("saving the benchmark snapshot to %s: %w", cf.remote.url, err)
+		return fmt.Errorf("saving the benchmark snapshot to %s: %w", cf.remote.primary(), err)
 	}
 	if !res.PublishedRemote {
-		return fmt.Errorf("saving the benchmark snapshot to %s: not published (%v)", cf.remote.url, res.RemoteError)
+		return fmt.Errorf("saving the benchmark snapshot to %s: not published (%v)", cf.remote.primary(), res.RemoteError)
 	}
 	rep.Saved, rep.SnapshotID = true, res.SnapshotID
 	rep.ChunkSize, rep.Chunks = s.ChunkSize(), len(s.ChunkedFile().GetChunks())

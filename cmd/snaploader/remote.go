@@ -11,6 +11,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/failover"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/remote"
@@ -19,7 +20,8 @@ import (
 
 // remoteFlags select the shared tier.
 type remoteFlags struct {
-	url        string
+	urls       []string // --remote, in order
+	retryFor   time.Duration
 	apiKey     string
 	bearer     string
 	caFile     string
@@ -35,7 +37,8 @@ type remoteFlags struct {
 
 func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
-	fl.StringVar(&f.url, "remote", "", "shared tier: grpc://HOST:PORT, grpcs://HOST:PORT (REAPI cache) or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
+	fl.StringArrayVar(&f.urls, "remote", nil, "shared tier: grpc://HOST:PORT, grpcs://HOST:PORT, unix:///PATH (REAPI cache) or s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role); repeat it for ordered remotes (a regional serve, then the bucket): reads try them in order, saves publish to the first writable one")
+	fl.DurationVar(&f.retryFor, "remote-retry-for", failover.DefaultRetryFor, "how long a blob fetch of a restore or of a running VM retries a remote that fails (restarts, resets, stalls), across the remotes, before it fails")
 	fl.StringVar(&f.apiKey, "api-key", "", "API key sent to the REAPI remote (default $SNAPLOADER_API_KEY)")
 	fl.StringVar(&f.apiKeyHdr, "api-key-header", "x-api-key", "metadata header carrying --api-key")
 	fl.StringVar(&f.bearer, "bearer-token", "", "bearer token sent to the REAPI remote")
@@ -62,6 +65,8 @@ type openedRemote struct {
 	// its action cache (a read-only key).
 	writable bool
 	closer   io.Closer
+	// failover names the remotes that served reads (nil without remote).
+	failover *failover.Tier
 }
 
 // open opens the tier named by --remote. A remote that cannot be reached
@@ -75,24 +80,25 @@ type openedRemote struct {
 // configuration error, never an outage (remote.Probe).
 func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, log *slog.Logger) (*openedRemote, error) {
 	r := &openedRemote{fn: fn, entryFn: digest.BLAKE3, writable: true}
-	if f.url == "" {
+	if len(f.urls) == 0 {
 		return r, nil
 	}
 	opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
 	if fnSet {
 		opts.DigestFunction = fn
 	}
-	o, err := tierurl.Open(ctx, f.url, fn, tierurl.Options{Remote: opts, MaxBlobBytes: f.maxBlob, Required: f.required, Logger: log})
+	o, err := tierurl.Open(ctx, f.urls, fn, tierurl.Options{Remote: opts, MaxBlobBytes: f.maxBlob, Required: f.required, Logger: log, RetryFor: f.retryFor})
 	var de *tierurl.DownError
 	switch {
 	case errors.As(err, &de):
-		return nil, &remoteDownError{url: f.url, err: de.Err}
+		return nil, &remoteDownError{url: de.URL, err: de.Err}
 	case errkind.Is(err, errkind.InvalidArgument):
 		return nil, flagNamed(err)
 	case err != nil:
 		return nil, err
 	}
 	r.tier, r.fn, r.entryFn, r.fns, r.maxBlob, r.writable, r.closer = o.Tier, o.Function, o.EntryFunction, o.Functions, o.MaxBlobBytes, o.Writable, o
+	r.failover = o.Failover
 	return r, nil
 }
 
@@ -102,4 +108,13 @@ func flagNamed(err error) error {
 		return usagef("--%s", t)
 	}
 	return err
+}
+
+// primary is the first --remote ("" without one): the one listings, gc
+// and reports name.
+func (f *remoteFlags) primary() string {
+	if len(f.urls) == 0 {
+		return ""
+	}
+	return f.urls[0]
 }

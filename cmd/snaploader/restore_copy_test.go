@@ -129,7 +129,7 @@ func TestColdRestoreWritesOnce(t *testing.T) {
 	defer cancel()
 	sf := snapshotFlags{
 		cf: cacheFlags{dir: filepath.Join(dir, "b"), maxBytes: DefaultCacheBytes, function: "blake3",
-			remote: remoteFlags{url: url, timeout: time.Minute, apiKeyHdr: "x-api-key", noCompress: true}},
+			remote: remoteFlags{urls: []string{url}, timeout: time.Minute, apiKeyHdr: "x-api-key", noCompress: true}},
 		kf: keyFlags{instance: "ci", platform: []string{"os=linux", "arch=amd64"}, configHash: "c0ffee", ref: "feat", defaultRef: "main"},
 		gf: getFlags{policy: "local-first", maxStale: "24h"},
 	}

@@ -275,7 +275,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 		}
 	}
 	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer, metrics: clientmetrics.New(), metricsFile: f.metricsFile,
-		remoteURL: f.remote.url, remoteRequired: f.remote.required}
+		remoteURL: f.remote.primary(), remoteRequired: f.remote.required}
 	if f.metricsAddr != "" {
 		addr, err := e.metrics.Serve(ctx, f.metricsAddr)
 		if err != nil {

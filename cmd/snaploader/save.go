@@ -172,7 +172,7 @@ func newSaveCmd() *cobra.Command {
 			var skipped string
 			pub.remote, pub.localManifest, skipped = decidePublish(ctx, e, keys, cf.remote.readOnly, sp, gopts, kf.defaultRef)
 			if pub.remote && !e.remoteWritable {
-				return status.Errorf(codes.FailedPrecondition, "saving to remote %s: the remote refuses action-cache updates from this client (a read-only key?), so nothing could be published; pass --remote-read-only to save locally only", cf.remote.url)
+				return status.Errorf(codes.FailedPrecondition, "saving to remote %s: the remote refuses action-cache updates from this client (a read-only key?), so nothing could be published; pass --remote-read-only to save locally only", cf.remote.primary())
 			}
 			if kf.universal != "" && keys.GetWriteKey().GetRef() != "" && keys.GetWriteKey().GetRef() != kf.universal {
 				u := proto.Clone(keys.GetWriteKey()).(*snapshotpb.SnapshotKey)

@@ -1,0 +1,92 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/snaploader/snaploader/internal/toxic"
+)
+
+// A cold `snaploader restore` through a serve on a slow link, disturbed in
+// the middle for two seconds: the serve killed and restarted, its
+// connections reset, or the link stalled. Each restore rides the blip out
+// (its fetches retry and resume, verified) and writes the snapshot's bytes.
+func TestRestoreRidesOutBlips(t *testing.T) {
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"))
+	mem := filepath.Join(dir, "mem.img")
+	want := writeVM(t, mem, 24<<20, 31)
+	key := []string{"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1", "--ref", "main"}
+	run(ctx, append([]string{"save", "--cache-dir", filepath.Join(dir, "a"), "--chunked", "mem.img=" + mem, "--remote", srv.url()}, key...)...).must(t, "save through serve")
+
+	proxy := toxic.Start(t, srv.addr)
+	// About 8 MB/s: the restore takes a few seconds, so the blip lands in
+	// the middle of it.
+	proxy.Add(t, "bandwidth", "downstream", `"rate":8000`)
+	for _, tc := range []struct {
+		name string
+		blip func(t *testing.T) (end func())
+	}{
+		{"serve restarted", func(t *testing.T) func() {
+			srv.stop()
+			return func() { srv.start(t) }
+		}},
+		{"connections reset", func(t *testing.T) func() {
+			name := proxy.Add(t, "reset_peer", "downstream", `"timeout":0`)
+			return func() { proxy.Remove(t, name) }
+		}},
+		{"link stalled", func(t *testing.T) func() {
+			name := proxy.Add(t, "timeout", "downstream", `"timeout":0`)
+			return func() { proxy.Remove(t, name) }
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out := filepath.Join(dir, "out-"+strings.ReplaceAll(tc.name, " ", "-"))
+			args := append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "cold-"+strings.ReplaceAll(tc.name, " ", "-")),
+				"--out", out, "--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s"}, key...)
+			done := make(chan cliResult, 1)
+			go func() { done <- run(ctx, args...) }()
+			time.Sleep(time.Second)
+			end := tc.blip(t)
+			time.Sleep(2 * time.Second)
+			end()
+			r := (<-done).must(t, fmt.Sprintf("restore across a blip (%s)", tc.name))
+			if rep := r.report(t); rep["source"] != "remote" {
+				t.Errorf("restore reported %v, want it served by the remote", rep)
+			}
+			if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("restored bytes differ after a blip (%s): %v", tc.name, err)
+			}
+		})
+	}
+}
+
+// A host with ordered remotes whose first is dead restores from the second;
+// its save publishes to the second too (the first writable one that is up).
+func TestOrderedRemotesFirstDead(t *testing.T) {
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"))
+	dead := fmt.Sprintf("grpc://127.0.0.1:%d", freePort(t))
+	mem := filepath.Join(dir, "mem.img")
+	want := writeVM(t, mem, 2<<20, 32)
+	key := []string{"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1", "--ref", "main", "--remote", dead, "--remote", srv.url()}
+	saved := run(ctx, append([]string{"save", "--json", "--cache-dir", filepath.Join(dir, "a"), "--chunked", "mem.img=" + mem, "--chunk-size", "65536"}, key...)...).must(t, "save with the first remote dead")
+	if rep := saved.report(t); rep["published_remote"] != true {
+		t.Fatalf("save reported %v, want it published to the second remote", rep)
+	}
+	out := filepath.Join(dir, "out")
+	r := run(ctx, append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "b"), "--out", out}, key...)...).must(t, "restore with the first remote dead")
+	if rep := r.report(t); rep["source"] != "remote" {
+		t.Errorf("restore reported %v, want it served by a remote", rep)
+	}
+	if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("restored bytes differ: %v", err)
+	}
+}
