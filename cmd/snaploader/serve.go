@@ -15,10 +15,15 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/cache/failover"
 	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/cache/regional"
 	"github.com/snaploader/snaploader/cache/s3cache"
+	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/gc"
+	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/server"
+	"github.com/snaploader/snaploader/tierurl"
 )
 
 func newServeCmd() *cobra.Command {
@@ -27,6 +32,10 @@ func newServeCmd() *cobra.Command {
 		cacheDir    string
 		maxBytes    int64
 		s3URL       string
+		upstream    string
+		upAPIKey    string
+		upCAFile    string
+		upRetryFor  time.Duration
 		apiKeys     []string
 		metricsAddr string
 		debugAddr   string
@@ -47,8 +56,11 @@ func newServeCmd() *cobra.Command {
 		Use:   "serve",
 		Short: "Run an REAPI cache server (CAS, ActionCache, ByteStream) over a local disk cache or an S3 bucket",
 		Long: `serve runs a Remote Execution API cache so a fleet can share snapshots with nothing else installed.
-Backed by --cache-dir (a byte-bounded local cache) or by --s3 (stateless: several servers over one
-bucket serve the same data). With --api-key, every request must carry a known key (x-api-key header
+Backed by --cache-dir (a byte-bounded local cache), by --s3 (stateless: several servers over one
+bucket serve the same data), or, as a regional tier of a fleet, by --cache-dir in front of --s3 or of
+--upstream (another REAPI cache): a bounded disk LRU that reads fill, writes go through to the source
+of truth, version entries are always read from it (an invalidation reaches every host at once) and
+manifests are kept at most 5 seconds. With --api-key, every request must carry a known key (x-api-key header
 or "authorization: Bearer KEY"); each key maps to a group, whose action-cache entries no other group
 sees, and may be read-only.
 
@@ -142,12 +154,17 @@ then the environment, then the file.`,
 			if err != nil || gr <= 0 {
 				return usagef("--grace %q: want a positive duration such as 1h", grace)
 			}
+			regionalTier := cmd.Flags().Changed("cache-dir") && (s3URL != "" || upstream != "")
 			switch {
-			case s3URL != "" && cmd.Flags().Changed("cache-dir"):
-				return usagef("give either --cache-dir or --s3, not both")
+			case s3URL != "" && upstream != "":
+				return usagef("give either --s3 or --upstream, not both: the upstream is the one source of truth")
+			case upstream != "" && !regionalTier:
+				return usagef("--upstream needs --cache-dir: the disk cache this serve keeps in front of it")
 			case s3URL == "" && gcInterval > 0:
 				return usagef("--gc-interval needs --s3: the disk backend (--cache-dir) collects nothing, it evicts least recently used entries to stay under --max-bytes")
-			case s3URL != "":
+			}
+			var up cache.Tier // the source of truth behind a regional tier
+			if s3URL != "" {
 				c, err := s3cache.OpenURL(ctx, s3URL, func(o *s3cache.Options) {
 					o.CreateBucket = true
 					if cmd.Flags().Changed("compression") {
@@ -157,7 +174,7 @@ then the environment, then the file.`,
 				if err != nil {
 					return err
 				}
-				backend, where = c, c.Traits().Description
+				up, backend, where = c, c, c.Traits().Description
 				inventory = func(group string) gc.Store { return gc.S3Group(c, group) }
 				if gcInterval > 0 {
 					gopts := gc.Options{Retention: ret, Grace: gr, Logger: log}
@@ -168,7 +185,18 @@ then the environment, then the file.`,
 						return srv.CollectEvery(ctx, gc.S3(c), gcInterval, gopts)
 					}
 				}
-			default:
+			}
+			if upstream != "" {
+				o, err := tierurl.Open(ctx, []string{upstream}, digest.BLAKE3, tierurl.Options{
+					Remote: remote.Options{APIKey: upAPIKey, CAFile: upCAFile}, RetryFor: upRetryFor, Logger: log,
+				})
+				if err != nil {
+					return fmt.Errorf("--upstream %s: %w", upstream, err)
+				}
+				defer o.Close()
+				up, where = o.Tier, o.Tier.Traits().Description
+			}
+			if s3URL == "" || regionalTier {
 				dir := cacheDir
 				if dir == "" {
 					var err error
@@ -182,8 +210,21 @@ then the environment, then the file.`,
 					return fmt.Errorf("opening cache %s: %w", dir, err)
 				}
 				defer c.Close()
-				backend, where, tempDir = c, "directory "+dir, c.TempDir()
-				inventory = func(group string) gc.Store { return gc.LocalCache(c, group) }
+				tempDir = c.TempDir()
+				if regionalTier {
+					// A bounded disk cache in front of the source of truth:
+					// reads fill it, writes go through, version entries are
+					// always read through.
+					r := regional.New(c, up, regional.Options{StallTimeout: upRetryFor + 30*time.Second, Logger: log})
+					defer r.Close()
+					backend, where = r, "directory "+dir+" in front of "+where
+					if s3URL == "" {
+						inventory = nil // another cache lists its own contents
+					}
+				} else {
+					backend, where = c, "directory "+dir
+					inventory = func(group string) gc.Store { return gc.LocalCache(c, group) }
+				}
 			}
 			if os.Getenv("GOMEMLIMIT") == "" {
 				debug.SetMemoryLimit(maxUpMem + maxReadMem + 128<<20)
@@ -243,6 +284,10 @@ then the environment, then the file.`,
 	fl.StringVar(&listen, "listen", "127.0.0.1:8980", "gRPC listen address: HOST:PORT, or unix:///PATH for a Unix socket (a stale socket there is replaced)")
 	fl.StringVar(&cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
 	sizeFlag(cmd, &maxBytes, "max-bytes", DefaultCacheBytes, "bound of the local disk backend (bytes, or KiB/MiB/GiB/TiB)")
+	fl.StringVar(&upstream, "upstream", "", "with --cache-dir: serve a bounded disk cache in front of another REAPI cache (grpc://HOST:PORT, grpcs://HOST:PORT, unix:///PATH), the source of truth: reads fill the disk, writes go through")
+	fl.StringVar(&upAPIKey, "upstream-api-key", "", "API key this serve sends to --upstream")
+	fl.StringVar(&upCAFile, "upstream-ca-file", "", "PEM CA bundle trusted for a grpcs:// --upstream")
+	fl.DurationVar(&upRetryFor, "upstream-retry-for", failover.DefaultRetryFor, "how long a read from the upstream rides out its restarts, resets and stalls before it fails")
 	fl.StringVar(&s3URL, "s3", "", "S3 backend: s3://BUCKET[/PREFIX]?endpoint=HOST:PORT&secure=false (credentials from the standard AWS chain: environment, shared files with ?profile=, web identity, container or instance role)")
 	fl.StringArrayVar(&apiKeys, "api-key", nil, "KEY=GROUP[:ro] (repeatable); when given, requests without a known key are rejected")
 	fl.StringVar(&metricsAddr, "metrics-addr", "", "serve Prometheus metrics at http://ADDR/metrics")
