@@ -3,8 +3,8 @@ package main
 import (
 	"fmt"
 	"os"
-	"runtime"
-	"runtime/debug"
+
+	"github.com/snaploader/snaploader/internal/buildinfo"
 
 	"github.com/spf13/cobra"
 )
@@ -26,33 +26,10 @@ type versionInfo struct {
 	GoVersion string `json:"go_version"`
 }
 
-// buildVersion reads the version the Go toolchain recorded in the binary.
+// buildVersion is the version the Go toolchain recorded in the binary.
 func buildVersion() versionInfo {
-	v := versionInfo{Module: "github.com/snaploader/snaploader", Version: "(unknown)", GoVersion: runtime.Version()}
-	bi, ok := debug.ReadBuildInfo()
-	if !ok {
-		return v
-	}
-	if bi.Main.Path != "" {
-		v.Module = bi.Main.Path
-	}
-	if bi.Main.Version != "" {
-		v.Version = bi.Main.Version
-	}
-	if bi.GoVersion != "" {
-		v.GoVersion = bi.GoVersion
-	}
-	for _, s := range bi.Settings {
-		switch s.Key {
-		case "vcs.revision":
-			v.Revision = s.Value
-		case "vcs.time":
-			v.Time = s.Value
-		case "vcs.modified":
-			v.Modified = s.Value == "true"
-		}
-	}
-	return v
+	b := buildinfo.Read()
+	return versionInfo{Module: b.Module, Version: b.Version, Revision: b.Revision, Time: b.Time, Modified: b.Modified, GoVersion: b.GoVersion}
 }
 
 func newVersionCmd() *cobra.Command {
