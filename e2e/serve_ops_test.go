@@ -149,6 +149,18 @@ func TestServeMutualTLS(t *testing.T) {
 	if r := run(ctxT(t), "ls", "--remote", url, "--ca-file", f.CA, "--remote-timeout", "5s"); r.err == nil {
 		t.Error("a client without a certificate was served")
 	}
+	// The CLI presents its certificate with --tls-client-cert/--tls-client-key.
+	tlsArgs := []string{"--remote", url, "--ca-file", f.CA, "--tls-client-cert", f.ClientCert, "--tls-client-key", f.ClientKey, "--remote-required",
+		"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1", "--ref", "main"}
+	run(ctxT(t), append([]string{"save", "--cache-dir", filepath.Join(dir, "cli-a"), "--chunked", "mem.img=" + filepath.Join(dir, "mem.img"), "--save-policy", "always"}, tlsArgs...)...).must(t, "save over mutual TLS")
+	out := filepath.Join(dir, "cli-out")
+	r := run(ctxT(t), append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "cli-b"), "--out", out}, tlsArgs...)...).must(t, "restore over mutual TLS")
+	if rep := r.report(t); rep["source"] != "remote" {
+		t.Errorf("restore over mutual TLS reported %v, want the remote", rep)
+	}
+	if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
+		t.Errorf("the memory restored by the CLI over mutual TLS differs (%v)", err)
+	}
 	if _, err := remote.Dial(ctxT(t), url, remote.Options{CAFile: f.CA, MaxRetries: -1, CallTimeout: 5 * time.Second}); err == nil {
 		t.Error("remote.Dial without a client certificate was served")
 	}

@@ -367,7 +367,7 @@ func listServer(ctx context.Context, rf *remoteFlags, sf *storeFlags, asJSON boo
 	}
 	cannot := "only snaploader serve lists its snapshots; other REAPI caches cannot list their contents (the Remote Execution API has no listing call), they evict by themselves"
 	c, err := remote.Dial(ctx, rf.primary(), remote.Options{APIKey: apiKey, APIKeyHeader: rf.apiKeyHdr, BearerToken: rf.bearer,
-		CAFile: rf.caFile, CallTimeout: rf.timeout, MaxRetries: -1})
+		CAFile: rf.caFile, ClientCertFile: rf.clientCert, ClientKeyFile: rf.clientKey, CallTimeout: rf.timeout, MaxRetries: -1})
 	if err != nil {
 		if errkind.Is(err, errkind.InvalidArgument) {
 			return flagNamed(err)

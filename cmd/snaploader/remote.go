@@ -25,6 +25,8 @@ type remoteFlags struct {
 	apiKey     string
 	bearer     string
 	caFile     string
+	clientCert string
+	clientKey  string
 	readOnly   bool
 	noCompress bool
 	apiKeyHdr  string
@@ -43,6 +45,8 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.apiKeyHdr, "api-key-header", "x-api-key", "metadata header carrying --api-key")
 	fl.StringVar(&f.bearer, "bearer-token", "", "bearer token sent to the REAPI remote")
 	fl.StringVar(&f.caFile, "ca-file", "", "PEM CA bundle trusted for grpcs:// instead of the system roots")
+	fl.StringVar(&f.clientCert, "tls-client-cert", "", "PEM certificate this host presents to a grpcs:// remote that requires one (mutual TLS; with --tls-client-key)")
+	fl.StringVar(&f.clientKey, "tls-client-key", "", "PEM key of --tls-client-cert")
 	fl.BoolVar(&f.readOnly, "remote-read-only", false, "load from the remote but never publish to it")
 	fl.BoolVar(&f.noCompress, "no-compression", false, "do not use zstd compressed-blobs with the REAPI remote")
 	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
@@ -83,7 +87,11 @@ func (f *remoteFlags) open(ctx context.Context, fn digest.Function, fnSet bool, 
 	if len(f.urls) == 0 {
 		return r, nil
 	}
-	opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout}
+	if (f.clientCert == "") != (f.clientKey == "") {
+		return nil, usagef("--tls-client-cert and --tls-client-key go together")
+	}
+	opts := remote.Options{APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile, DisableCompression: f.noCompress, CallTimeout: f.timeout,
+		ClientCertFile: f.clientCert, ClientKeyFile: f.clientKey}
 	if fnSet {
 		opts.DigestFunction = fn
 	}
