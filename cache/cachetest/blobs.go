@@ -51,8 +51,11 @@ func contents() []struct {
 }
 
 func (s *suite) roundTrip(t *testing.T) {
-	for _, fn := range s.h.Functions {
+	for i, fn := range s.h.Functions {
 		for _, tc := range contents() {
+			if i > 0 && len(tc.data) > mib {
+				continue // the other functions take the same paths: small contents suffice
+			}
 			t.Run(digest.FunctionName(fn)+"/"+tc.name, func(t *testing.T) {
 				ns := s.ns()
 				ns.Function = fn
@@ -261,7 +264,7 @@ func (f *failingReader) Read(p []byte) (int, error) {
 }
 
 func (s *suite) writeSourceFails(t *testing.T) {
-	for _, n := range []int{100 << 10, 3*mib + 17} {
+	for _, n := range []int{100 << 10, mib + 17} {
 		data := random(uint64(400+n), n)
 		d := digest.Compute(s.fn, data)
 		t.Run(fmt.Sprintf("%d bytes/source fails", n), func(t *testing.T) {
@@ -397,8 +400,8 @@ func (s *suite) corruption(t *testing.T) {
 	}{
 		{"small", random(20, 2000)},
 		{"small guest memory", vmLike(23, 200<<10)},
-		{"random", random(21, 3*mib+5)},
-		{"guest memory", vmLike(22, 3*mib+5)},
+		{"random", random(21, mib+5)},
+		{"guest memory", vmLike(22, mib+5)},
 	} {
 		for _, dmg := range damages {
 			if dmg.name != "flipped byte" && tc.name != "random" {
@@ -459,8 +462,8 @@ func (s *suite) rangeReads(t *testing.T) {
 		name string
 		data []byte
 	}{
-		{"random", random(30, 3*mib+17)},
-		{"guest memory", vmLike(31, 3*mib+17)},
+		{"random", random(30, mib+17)},
+		{"guest memory", vmLike(31, mib+17)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tier := s.h.New(t)
@@ -508,7 +511,7 @@ func (s *suite) compressed(t *testing.T) {
 			t.Skip("the tier has no compressed reads (cache.CompressedReader)")
 		}
 		ns := s.ns()
-		for _, data := range [][]byte{vmLike(40, 3*mib+5), vmLike(41, 20<<10), random(42, 100<<10), nil} {
+		for _, data := range [][]byte{vmLike(40, mib+5), vmLike(41, 20<<10), random(42, 100<<10), nil} {
 			d := write(t, tier.Cache, ns, data)
 			rc, zst, err := cr.ReadCompressed(ctxT(t), ns, d)
 			if err != nil {
@@ -543,7 +546,7 @@ func (s *suite) compressed(t *testing.T) {
 		c := tier.Cache
 		ns := s.ns()
 		ctx := ctxT(t)
-		for _, data := range [][]byte{vmLike(43, 3*mib+5), random(44, 100<<10), vmLike(45, 20<<10)} {
+		for _, data := range [][]byte{vmLike(43, mib+5), random(44, 100<<10), vmLike(45, 20<<10)} {
 			z := encodeZstd(data)
 			d := digest.Compute(s.fn, data)
 			wrong := &repb.Digest{Hash: digest.Compute(s.fn, data[1:]).Hash, SizeBytes: d.SizeBytes}
@@ -626,7 +629,7 @@ func (s *suite) concurrentWriters(t *testing.T) {
 		c := tier.Cache
 		ns := s.ns()
 		ctx := ctxT(t)
-		data := vmLike(50, 3*mib+5)
+		data := vmLike(50, mib+5)
 		d := digest.Compute(s.fn, data)
 		if err := parallel(writers, func(int) error {
 			if err := c.Write(ctx, ns, d, bytes.NewReader(data)); err != nil {
