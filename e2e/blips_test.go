@@ -83,8 +83,12 @@ func TestOrderedRemotesFirstDead(t *testing.T) {
 	}
 	out := filepath.Join(dir, "out")
 	r := run(ctx, append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "b"), "--out", out}, key...)...).must(t, "restore with the first remote dead")
-	if rep := r.report(t); rep["source"] != "remote" {
+	rep := r.report(t)
+	if rep["source"] != "remote" {
 		t.Errorf("restore reported %v, want it served by a remote", rep)
+	}
+	if served, _ := rep["remotes_served"].([]any); len(served) != 1 || served[0] != srv.url() {
+		t.Errorf("remotes_served = %v, want only the second remote %s", rep["remotes_served"], srv.url())
 	}
 	if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("restored bytes differ: %v", err)

@@ -372,7 +372,7 @@ func TestJSONShapes(t *testing.T) {
 	writeRandom(t, mem, 1<<20, 5)
 	common := "snapshot_id key manifest_digest source fallback_index chunk_size chunks_total chunks_written bytes_written bytes_skipped_zero duration_ms remote_error"
 	saveKeys := sortedKeys(common + " remote_chunks_written published_local published_remote remote_skipped invalidated diff_base diff_bytes_read page_size")
-	restoreKeys := sortedKeys(common + " files other_files")
+	restoreKeys := sortedKeys(common + " files other_files remotes_served")
 	lsKeys := sortedKeys("store location snapshots live_stored_bytes referenced_stored_bytes stored_bytes blobs")
 	rowKeys := sortedKeys("instance scope platform_hash configuration_hash runner version_id ref snapshot_id digest_function completed age_seconds state newest live broken invalidated logical_bytes stored_bytes blobs missing_blobs previous_snapshot_id shared_chunks_with_previous")
 	errorKeys := sortedKeys("kind message exit_code")
@@ -396,6 +396,9 @@ func TestJSONShapes(t *testing.T) {
 		{"restore", append(keyArgs(cacheDir), "restore", "--json", "--out", filepath.Join(dir, "out")), exitOK, restoreKeys, func(t *testing.T, obj map[string]any) {
 			if o, ok := obj["other_files"].([]any); !ok || len(o) != 0 {
 				t.Errorf("other_files = %#v, want []", obj["other_files"])
+			}
+			if o, ok := obj["remotes_served"].([]any); !ok || len(o) != 0 {
+				t.Errorf("remotes_served = %#v, want [] for a restore from the local cache", obj["remotes_served"])
 			}
 		}},
 		{"restore, a miss", append(keyArgs(filepath.Join(dir, "nothing")), "restore", "--json", "--out", filepath.Join(dir, "out2")), exitNoSnapshot, []string{"error"}, func(t *testing.T, obj map[string]any) {

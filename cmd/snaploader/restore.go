@@ -82,6 +82,7 @@ are replaced, every other entry is left as it is and listed (on stderr, and as
 			if err := e.loader.RemoteDown(); err != nil {
 				rep.RemoteError = cliText(err)
 			}
+			rep.RemotesServed = e.remotesServed()
 			if asJSON {
 				return printJSON(os.Stdout, rep)
 			}
@@ -107,6 +108,9 @@ type restoreReport struct {
 	// files, left as they were (only --replace lets there be any); always
 	// present, empty when none.
 	OtherFiles []string `json:"other_files"`
+	// RemotesServed are the remotes (--remote URLs, in their order) that
+	// delivered blobs to this restore; [] when the local cache held them.
+	RemotesServed []string `json:"remotes_served"`
 }
 
 // restoreOptions configure restoreTo.

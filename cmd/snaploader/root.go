@@ -20,6 +20,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
+	"github.com/snaploader/snaploader/cache/failover"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/clientmetrics"
 	"github.com/snaploader/snaploader/digest"
@@ -206,6 +207,24 @@ type env struct {
 	// remoteURL is --remote, and remoteRequired --remote-required.
 	remoteURL      string
 	remoteRequired bool
+	// failover is the remotes' tier, which names those that served reads
+	// (nil without --remote).
+	failover *failover.Tier
+}
+
+// remotesServed names the remotes that delivered blob bytes so far, in
+// their order; [] when none did.
+func (e *env) remotesServed() []string {
+	out := []string{}
+	if e.failover == nil {
+		return out
+	}
+	for _, s := range e.failover.Stats() {
+		if s.ReadBytes > 0 {
+			out = append(out, s.Name)
+		}
+	}
+	return out
 }
 
 // remoteCheck fails with a remoteDownError when the remote is required
@@ -275,7 +294,7 @@ func (f *cacheFlags) open(ctx context.Context) (*env, error) {
 		}
 	}
 	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer, metrics: clientmetrics.New(), metricsFile: f.metricsFile,
-		remoteURL: f.remote.primary(), remoteRequired: f.remote.required}
+		remoteURL: f.remote.primary(), remoteRequired: f.remote.required, failover: r.failover}
 	if f.metricsAddr != "" {
 		addr, err := e.metrics.Serve(ctx, f.metricsAddr)
 		if err != nil {
