@@ -5,7 +5,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -19,6 +18,7 @@ import (
 	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/cachecount"
+	"github.com/snaploader/snaploader/internal/testserve"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/internal/toxic"
 	"github.com/snaploader/snaploader/remote"
@@ -134,19 +134,7 @@ func randBytes(t testing.TB, n int, seed byte) []byte {
 // returns the address.
 func serveBackend(t testing.TB, backend cache.Backend, tempDir string) string {
 	t.Helper()
-	s, err := snapserver.New(backend, snapserver.Options{TempDir: tempDir, Logger: slog.New(slog.DiscardHandler)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(ctx, lis) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return lis.Addr().String()
+	return testserve.Serve(t, backend, snapserver.Options{TempDir: tempDir})
 }
 
 // A fleet's tiers: hosts read through a regional serve (a disk cache over

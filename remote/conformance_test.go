@@ -3,7 +3,6 @@ package remote_test
 import (
 	"context"
 	"fmt"
-	"net"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -11,13 +10,13 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/minio/minio-go/v7"
-	"google.golang.org/grpc"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/cachetest"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/testserve"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/server"
@@ -45,20 +44,9 @@ const uploadTTL = 100 * time.Millisecond
 // and returns a client of it.
 func serve(t *testing.T, backend cache.Backend, tempDir string, opts remote.Options) *remote.Client {
 	t.Helper()
-	srv, err := server.New(backend, server.Options{TempDir: tempDir, UploadTTL: uploadTTL})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	gs := grpc.NewServer(srv.GRPCServerOptions()...)
-	srv.Register(gs)
-	go gs.Serve(lis)
-	t.Cleanup(gs.Stop)
+	addr := testserve.Serve(t, backend, server.Options{TempDir: tempDir, UploadTTL: uploadTTL})
 	opts.RetryBackoff = time.Millisecond
-	c, err := remote.Dial(context.Background(), "grpc://"+lis.Addr().String(), opts)
+	c, err := remote.Dial(context.Background(), "grpc://"+addr, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,6 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
-	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -21,6 +20,7 @@ import (
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/internal/cachecount"
+	"github.com/snaploader/snaploader/internal/testserve"
 	"github.com/snaploader/snaploader/internal/toxic"
 	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/server"
@@ -65,23 +65,8 @@ func startRemote(t testing.TB) *remoteServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv, err := server.New(lc, server.Options{TempDir: lc.TempDir(), Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-		lc.Close()
-	})
-	p := toxic.Start(t, lis.Addr().String())
+	t.Cleanup(func() { lc.Close() }) // after the server has stopped
+	p := toxic.Start(t, testserve.Serve(t, lc, server.Options{TempDir: lc.TempDir(), Logger: quiet}))
 	url := "grpc://" + p.Addr()
 	// The client's own retries are off: riding out faults is the
 	// failover tier's job here.

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"log/slog"
-	"net"
 	"sync"
 	"testing"
 	"time"
@@ -17,6 +16,7 @@ import (
 	"github.com/snaploader/snaploader/cache/s3cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/cachecount"
+	"github.com/snaploader/snaploader/internal/testserve"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/internal/toxic"
 	"github.com/snaploader/snaploader/remote"
@@ -43,24 +43,7 @@ func bucket(t testing.TB, m testutil.MinIO, name, endpoint string) *s3cache.Cach
 // its grpc:// URL.
 func serve(t testing.TB, backend cache.Backend, tempDir string) string {
 	t.Helper()
-	srv, err := server.New(backend, server.Options{TempDir: tempDir, Logger: quiet})
-	if err != nil {
-		t.Fatal(err)
-	}
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
-	return "grpc://" + lis.Addr().String()
+	return "grpc://" + testserve.Serve(t, backend, server.Options{TempDir: tempDir, Logger: quiet})
 }
 
 func dial(t testing.TB, url string) *remote.Client {
