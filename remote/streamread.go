@@ -18,7 +18,10 @@ import (
 )
 
 // streamReader reads a blob over ByteStream, resuming at the offset reached
-// after a retryable error and verifying the content.
+// after a retryable error and verifying the content. A compressed read cut
+// after some bytes resumes on the uncompressed resource: servers disagree
+// on what read_offset means for compressed-blobs (some resend the stream
+// from its start), while on blobs it is a plain byte offset.
 type streamReader struct {
 	c          *Client
 	ctx        context.Context
@@ -63,6 +66,9 @@ func (r *streamReader) start() error {
 func (r *streamReader) open() error {
 	if r.cancel != nil {
 		r.cancel()
+	}
+	if r.off > 0 {
+		r.compressed = false
 	}
 	ctx, cancel := context.WithTimeout(r.ctx, r.c.streamTimeout(r.d.SizeBytes-r.off))
 	r.cancel = cancel
