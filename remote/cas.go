@@ -16,6 +16,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
@@ -114,9 +115,10 @@ func (c *Client) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb
 
 // Traits: every read is verified as it is received (a compressed
 // transfer is decoded and verified too), and a server may answer reads of
-// part of a blob (unverified: the caller checks them against an outboard).
+// part of a blob (unverified: the caller checks them against an outboard)
+// until it has refused one.
 func (c *Client) Traits() cache.Traits {
-	return cache.Traits{Description: c.target, VerifiesReads: true, ServesRanges: true}
+	return cache.Traits{Description: c.target, VerifiesReads: true, ServesRanges: !c.ranges.refused.Load()}
 }
 
 // ReadCompressed is Read: the content, decoded and verified (the server's
@@ -196,7 +198,9 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 // ReadRange reads n bytes of blob d from off (fewer at its end) with one
 // ByteStream read (read_offset, read_limit) of the uncompressed resource,
 // retrying. The bytes are not verified: the caller checks them (see
-// cache.RangeReader).
+// cache.RangeReader). A server that refuses range reads (UNIMPLEMENTED, or
+// OUT_OF_RANGE for the read limit) is asked once: that read and every
+// later one is an error wrapping cache.ErrNoRange.
 func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
 	inst, fn, err := c.ns(ns)
 	if err != nil {
@@ -209,6 +213,16 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 		return nil, status.Errorf(codes.InvalidArgument, "reading blob %s at offset %d, %d bytes: outside its %d bytes", digest.String(d), off, n, d.SizeBytes)
 	}
 	n = min(n, d.SizeBytes-off)
+	noRange := func(why string) error {
+		return errkind.New(errkind.Unimplemented, "reading blob %s at [%d, %d) from %s: the server serves no part of a blob (%s): %w", digest.String(d), off, off+n, c.target, why, cache.ErrNoRange)
+	}
+	done, refused, err := c.ranges.turn(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading blob %s at [%d, %d) from %s: %w", digest.String(d), off, off+n, c.target, err)
+	}
+	if refused {
+		return nil, noRange("it refused an earlier range read")
+	}
 	buf := make([]byte, 0, n)
 	err = c.retry(ctx, func(ctx context.Context) error {
 		buf = buf[:0]
@@ -235,6 +249,10 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 			}
 		}
 	})
+	done(err)
+	if refusesRanges(err) {
+		return nil, noRange(errkind.Text(err))
+	}
 	if err != nil {
 		return nil, fmt.Errorf("reading blob %s at [%d, %d) from %s: %w", digest.String(d), off, off+n, c.target, err)
 	}

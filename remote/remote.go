@@ -100,6 +100,7 @@ type Client struct {
 	maxBatch int64
 	canWrite bool
 	maxBlob  int64 // largest blob the server takes, 0 when it states none
+	ranges   *rangeSupport
 }
 
 var _ cache.Cache = (*Client)(nil)
@@ -173,9 +174,10 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 	}
 	c := &Client{
 		target: target, conn: conn, opts: opts,
-		cas: repb.NewContentAddressableStorageClient(conn),
-		ac:  repb.NewActionCacheClient(conn),
-		bs:  bspb.NewByteStreamClient(conn),
+		cas:    repb.NewContentAddressableStorageClient(conn),
+		ac:     repb.NewActionCacheClient(conn),
+		bs:     bspb.NewByteStreamClient(conn),
+		ranges: newRangeSupport(),
 	}
 	c.readers = []bspb.ByteStreamClient{c.bs}
 	for range max(1, opts.Connections) - 1 {
