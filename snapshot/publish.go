@@ -3,6 +3,7 @@ package snapshot
 import (
 	"context"
 	"fmt"
+	"io"
 	"sync"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -182,8 +183,17 @@ func (l *Loader) republishIfRaced(ctx context.Context, ns cache.Namespace, m *sn
 	}
 }
 
+// uploadReporter is a tier whose Write may find a blob already stored in
+// another form and store nothing, which its FindMissing cannot tell
+// beforehand (the encrypted tier: a blob's ciphertext is known once it is
+// sealed). WriteReporting is Write, saying whether it stored the blob.
+type uploadReporter interface {
+	WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error)
+}
+
 // copyMissing copies the blobs of all that dst lacks from src, with bounded
-// parallelism; the first error cancels the rest.
+// parallelism; the first error cancels the rest. It returns the number of
+// blobs and bytes dst stored.
 func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*repb.Digest, src, dst cache.Cache) (int, int64, error) {
 	ds := make([]*repb.Digest, 0, len(all))
 	seen := map[string]bool{}
@@ -198,6 +208,7 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*rep
 		return 0, 0, fmt.Errorf("finding missing blobs: %w", err)
 	}
 	var mu sync.Mutex
+	var blobs int
 	var bytes int64
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(l.opts.Parallelism)
@@ -208,19 +219,28 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*rep
 				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 			}
 			defer rc.Close()
-			if err := dst.Write(gctx, ns, d, rc); err != nil {
+			stored := true
+			if ur, ok := dst.(uploadReporter); ok {
+				stored, err = ur.WriteReporting(gctx, ns, d, rc)
+			} else {
+				err = dst.Write(gctx, ns, d, rc)
+			}
+			if err != nil {
 				return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 			}
-			mu.Lock()
-			bytes += d.SizeBytes
-			mu.Unlock()
+			if stored {
+				mu.Lock()
+				blobs++
+				bytes += d.SizeBytes
+				mu.Unlock()
+			}
 			return nil
 		})
 	}
 	if err := g.Wait(); err != nil {
 		return 0, 0, err
 	}
-	return len(missing), bytes, nil
+	return blobs, bytes, nil
 }
 
 // PublishDecision is the remote save policy's answer for one save.

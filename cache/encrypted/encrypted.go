@@ -259,9 +259,19 @@ func (o *openedBlob) Read(p []byte) (int, error) {
 // ciphertext unless the wrapped tier has it; the plaintext is verified
 // against d while it is sealed.
 func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	_, err := c.WriteReporting(ctx, ns, d, r)
+	return err
+}
+
+// WriteReporting is Write, and reports whether the ciphertext was uploaded:
+// false when the wrapped tier held it already. FindMissing cannot tell
+// beforehand for a blob whose ciphertext this process has not seen (it is
+// known only once the blob is sealed), so a caller counting what it
+// uploaded counts this.
+func (c *Cache) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (uploaded bool, err error) {
 	vr, err := cache.NewVerifyingReader(io.NopCloser(r), ns.DigestFunction(), d)
 	if err != nil {
-		return err
+		return false, err
 	}
 	return c.write(ctx, ns, d, vr)
 }
@@ -289,15 +299,15 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 
 var _ cache.Tier = (*Cache)(nil)
 
-func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, vr io.Reader) error {
+func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, vr io.Reader) (bool, error) {
 	if err := digest.Validate(d); err != nil {
-		return status.Errorf(codes.InvalidArgument, "sealing blob: %v", err)
+		return false, status.Errorf(codes.InvalidArgument, "sealing blob: %v", err)
 	}
 	fn := ns.DigestFunction()
 	k := c.opts.Keys.Current()
 	h, err := digest.New(fn)
 	if err != nil {
-		return status.Errorf(codes.InvalidArgument, "sealing blob %s: %v", digest.String(d), err)
+		return false, status.Errorf(codes.InvalidArgument, "sealing blob %s: %v", digest.String(d), err)
 	}
 	size := sealedSize(d.GetSizeBytes(), len(k.ID))
 	buf := c.bufs.Get().(*bytes.Buffer)
@@ -307,7 +317,7 @@ func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, v
 	var tmp *os.File
 	if size > c.opts.MemoryLimit {
 		if tmp, err = os.CreateTemp(c.opts.TempDir, "sealed-*"); err != nil {
-			return status.Errorf(codes.Internal, "sealing blob %s: %v", digest.String(d), err)
+			return false, status.Errorf(codes.Internal, "sealing blob %s: %v", digest.String(d), err)
 		}
 		defer os.Remove(tmp.Name())
 		defer tmp.Close()
@@ -317,33 +327,33 @@ func (c *Cache) write(ctx context.Context, ns cache.Namespace, d *repb.Digest, v
 	}
 	cw := &countingWriter{}
 	if err := sealBlob(io.MultiWriter(w, h, cw), k, fn, d, vr); err != nil {
-		return sealError(d, err)
+		return false, sealError(d, err)
 	}
 	var one [1]byte
 	if n, err := vr.Read(one[:]); n > 0 {
-		return status.Errorf(codes.InvalidArgument, "sealing blob %s: content is longer than the digest says", digest.String(d))
+		return false, status.Errorf(codes.InvalidArgument, "sealing blob %s: content is longer than the digest says", digest.String(d))
 	} else if err != io.EOF {
-		return sealError(d, err)
+		return false, sealError(d, err)
 	}
 	s := &repb.Digest{Hash: hex.EncodeToString(h.Sum(nil)), SizeBytes: cw.n}
 	missing, err := c.inner.FindMissing(ctx, ns, []*repb.Digest{s})
 	if err != nil {
-		return fmt.Errorf("storing sealed blob of %s: %w", digest.String(d), err)
+		return false, fmt.Errorf("storing sealed blob of %s: %w", digest.String(d), err)
 	}
 	if len(missing) > 0 {
 		var body io.Reader = buf
 		if tmp != nil {
 			if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-				return status.Errorf(codes.Internal, "sealing blob %s: %v", digest.String(d), err)
+				return false, status.Errorf(codes.Internal, "sealing blob %s: %v", digest.String(d), err)
 			}
 			body = tmp
 		}
 		if err := c.inner.Write(ctx, ns, s, body); err != nil {
-			return fmt.Errorf("storing sealed blob %s of %s: %w", digest.String(s), digest.String(d), err)
+			return false, fmt.Errorf("storing sealed blob %s of %s: %w", digest.String(s), digest.String(d), err)
 		}
 	}
 	c.remember(k.ID, fn, d, s)
-	return nil
+	return len(missing) > 0, nil
 }
 
 // sealError is the error of a failure to seal blob d: content that does

@@ -9,14 +9,18 @@ import (
 	"net"
 	"testing"
 
+	"google.golang.org/grpc"
+
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/server"
 )
 
 // Serve serves backend with opts on a free 127.0.0.1 port until the test
 // ends, and returns the address ("127.0.0.1:PORT"). A nil opts.Logger
-// discards the server's log; an error of Serve is a test failure.
-func Serve(t testing.TB, backend cache.Backend, opts server.Options) string {
+// discards the server's log; an error of Serve is a test failure. extra
+// gRPC options (e.g. interceptors making the server behave like another
+// cache) are added to the server's own.
+func Serve(t testing.TB, backend cache.Backend, opts server.Options, extra ...grpc.ServerOption) string {
 	t.Helper()
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -31,7 +35,7 @@ func Serve(t testing.TB, backend cache.Backend, opts server.Options) string {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx, lis) }()
+	go func() { done <- srv.Serve(ctx, lis, extra...) }()
 	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
