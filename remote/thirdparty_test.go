@@ -31,11 +31,18 @@ type offsetIgnoring struct {
 	ignored atomic.Int32 // compressed reads asked at an offset
 }
 
-func (f *offsetIgnoring) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if info.FullMethod != "/google.bytestream.ByteStream/Read" {
+// onReads is a server option wrapping the stream of every ByteStream Read.
+func onReads(wrap func(grpc.ServerStream) grpc.ServerStream) grpc.ServerOption {
+	return grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if info.FullMethod == "/google.bytestream.ByteStream/Read" {
+			ss = wrap(ss)
+		}
 		return handler(srv, ss)
-	}
-	return handler(srv, &offsetIgnoringStream{ServerStream: ss, f: f})
+	})
+}
+
+func (f *offsetIgnoring) stream(ss grpc.ServerStream) grpc.ServerStream {
+	return &offsetIgnoringStream{ServerStream: ss, f: f}
 }
 
 type offsetIgnoringStream struct {
@@ -70,7 +77,7 @@ func (s *offsetIgnoringStream) SendMsg(m any) error {
 // the blob's bytes, verified.
 func TestCompressedReadResumesOnServerIgnoringOffsets(t *testing.T) {
 	f := &offsetIgnoring{}
-	e := start(t, server.Options{}, grpc.ChainStreamInterceptor(f.intercept))
+	e := start(t, server.Options{}, onReads(f.stream))
 	c := e.dial(t, remote.Options{})
 	if !c.Compression() {
 		t.Fatal("the server offers no zstd: nothing to test")
@@ -101,11 +108,8 @@ type noRanges struct {
 	refused atomic.Int32
 }
 
-func (f *noRanges) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	if info.FullMethod != "/google.bytestream.ByteStream/Read" {
-		return handler(srv, ss)
-	}
-	return handler(srv, &noRangesStream{ServerStream: ss, f: f})
+func (f *noRanges) stream(ss grpc.ServerStream) grpc.ServerStream {
+	return &noRangesStream{ServerStream: ss, f: f}
 }
 
 type noRangesStream struct {
@@ -131,7 +135,7 @@ func TestRangeReadsRefusedOncePerServer(t *testing.T) {
 		t.Run(code.String(), func(t *testing.T) {
 			ctx := context.Background()
 			f := &noRanges{code: code}
-			e := start(t, server.Options{}, grpc.ChainStreamInterceptor(f.intercept))
+			e := start(t, server.Options{}, onReads(f.stream))
 			const chunk = 64 << 10
 			data := blob(2<<20, 23)
 			for i := len(data) / 2; i < len(data); i += 101 {
@@ -196,7 +200,7 @@ func TestRangeReadsRefusedOncePerServer(t *testing.T) {
 // serves no ranges.
 func TestConcurrentRangeReadsRefusedOnce(t *testing.T) {
 	f := &noRanges{code: codes.Unimplemented}
-	e := start(t, server.Options{}, grpc.ChainStreamInterceptor(f.intercept))
+	e := start(t, server.Options{}, onReads(f.stream))
 	c := e.dial(t, remote.Options{})
 	data := blob(2<<20, 29)
 	d := digest.Compute(c.DigestFunction(), data)
