@@ -86,7 +86,11 @@ type SaveResult struct {
 	// Invalidated is true when the key was invalidated while the save
 	// ran: the snapshot is stored but is not restored by key.
 	Invalidated bool
-	Duration    time.Duration
+	// ArtifactsAsChunks names the artifact files stored as chunked files
+	// (restored as the same files) because the remote takes no blob that
+	// large: above its stated limit, or refused by it during this save.
+	ArtifactsAsChunks []string
+	Duration          time.Duration
 }
 
 // Totals sums the chunked files' stats.
@@ -250,9 +254,25 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 	if err := g.Wait(); err != nil {
 		return nil, fmt.Errorf("saving %s: %w", keyString(req.Key), err)
 	}
+	// Large artifact files go to the remote now: one it refuses as too
+	// large a blob is saved as chunks with the chunked files below.
+	if publish && req.Local {
+		var more []*cow.Store
+		files, more, err = l.uploadLargeArtifacts(ctx, ns, req, files)
+		asChunks = append(asChunks, more...)
+		if err != nil {
+			if !l.degraded(err) {
+				return nil, fmt.Errorf("saving %s: uploading to the remote: %w", keyString(req.Key), err)
+			}
+			publish = false
+		}
+	}
 	m.Files = files
 	for _, f := range files {
 		res.ArtifactBytes += f.Digest.SizeBytes
+	}
+	for _, s := range asChunks {
+		res.ArtifactsAsChunks = append(res.ArtifactsAsChunks, s.Name())
 	}
 
 	// Chunked files: dirty chunks and the tree into the first tier.

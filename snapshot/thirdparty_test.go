@@ -3,13 +3,22 @@ package snapshot_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/encrypted"
@@ -69,14 +78,13 @@ func (p *thirdParty) host(local *localcache.Cache) *snapshot.Loader {
 
 var thirdPartyTask = snapshot.Task{InstanceName: "ci", PlatformHash: "p", ConfigurationHash: "c"}
 
-// randomFile writes n random bytes (no zero page) to a new file.
+// randomFile writes n random bytes to a new file.
 func randomFile(t *testing.T, n int, seed uint64) (string, []byte) {
 	t.Helper()
 	b := make([]byte, n)
-	r := rand.New(rand.NewPCG(seed, 2))
-	for i := range b {
-		b[i] = byte(r.Uint32()) | 1
-	}
+	var s [32]byte
+	s[0] = byte(seed)
+	rand.NewChaCha8(s).Read(b)
 	p := filepath.Join(t.TempDir(), "file")
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
@@ -159,5 +167,101 @@ func TestEncryptedIncrementalSaveCountsUploads(t *testing.T) {
 	}
 	if got := p.restoreFiles(t)["mem"]; !bytes.Equal(got, data) {
 		t.Error("the incremental snapshot restores other bytes")
+	}
+}
+
+// blobCap makes the server refuse ByteStream uploads of blobs larger than
+// max, without saying so in its capabilities, as some caches do.
+type blobCap struct {
+	max     int64
+	refused atomic.Int32
+}
+
+func (f *blobCap) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if info.FullMethod != "/google.bytestream.ByteStream/Write" {
+		return handler(srv, ss)
+	}
+	first := &bspb.WriteRequest{}
+	if err := ss.RecvMsg(first); err != nil {
+		return err
+	}
+	name := first.GetResourceName()
+	size, err := strconv.ParseInt(name[strings.LastIndexByte(name, '/')+1:], 10, 64)
+	if err != nil {
+		return status.Errorf(codes.InvalidArgument, "resource name %q", name)
+	}
+	if size > f.max {
+		f.refused.Add(1)
+		return status.Errorf(codes.InvalidArgument, "Blob is %d bytes in size, while this backend is only capable of storing blobs of up to %d bytes", size, f.max)
+	}
+	return handler(srv, &replayFirst{ServerStream: ss, first: first})
+}
+
+// replayFirst gives the handler the message the interceptor read first.
+type replayFirst struct {
+	grpc.ServerStream
+	first *bspb.WriteRequest
+}
+
+func (s *replayFirst) RecvMsg(m any) error {
+	if s.first != nil {
+		proto.Merge(m.(proto.Message), s.first)
+		s.first = nil
+		return nil
+	}
+	return s.ServerStream.RecvMsg(m)
+}
+
+// An artifact file larger than a blob size limit the remote does not
+// state is refused once, then stored as chunks (and every larger one
+// without trying), and restored as the same file, encrypted or not.
+func TestArtifactRefusedForSizeIsStoredAsChunks(t *testing.T) {
+	ctx := context.Background()
+	for _, encrypt := range []bool{false, true} {
+		t.Run(fmt.Sprintf("encrypted=%v", encrypt), func(t *testing.T) {
+			var ring *encrypted.Keyring
+			if encrypt {
+				key, err := encrypted.NewKey(time.Now())
+				if err != nil {
+					t.Fatal(err)
+				}
+				if ring, err = encrypted.NewKeyring(key); err != nil {
+					t.Fatal(err)
+				}
+			}
+			capped := &blobCap{max: 1 << 20}
+			p := newThirdParty(t, ring, grpc.ChainStreamInterceptor(capped.intercept))
+			want := map[string][]byte{}
+			paths := map[string]string{}
+			for i, f := range []struct {
+				name string
+				size int
+			}{{"vmstate", 10 << 10}, {"rootfs", 2 << 20}, {"kernel", 3 << 20}, {"mem", 1 << 20}} {
+				paths[f.name], want[f.name] = randomFile(t, f.size, uint64(40+i))
+			}
+			l := p.host(openCache(t, t.TempDir()))
+			keys, err := l.KeySet(ctx, thirdPartyTask, snapshot.KeySetOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			res, err := l.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: keys.GetWriteKey(),
+				Files:        map[string]string{"vmstate": paths["vmstate"], "rootfs": paths["rootfs"], "kernel": paths["kernel"]},
+				ChunkedFiles: []snapshot.NamedFile{{Name: "mem", Path: paths["mem"]}}, ChunkSize: 256 << 10, Local: true, Remote: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !res.PublishedRemote || !slices.Equal(res.ArtifactsAsChunks, []string{"rootfs", "kernel"}) {
+				t.Errorf("published %v, artifacts as chunks %q; want published, rootfs and kernel", res.PublishedRemote, res.ArtifactsAsChunks)
+			}
+			if n := capped.refused.Load(); n != 1 {
+				t.Errorf("the remote refused %d uploads; want 1 (then the learned limit is kept)", n)
+			}
+			got := p.restoreFiles(t)
+			for name, b := range want {
+				if !bytes.Equal(got[name], b) {
+					t.Errorf("file %q restored with %d bytes, other than the %d saved", name, len(got[name]), len(b))
+				}
+			}
+		})
 	}
 }
