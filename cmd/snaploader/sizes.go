@@ -5,6 +5,7 @@ import (
 	"math"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -81,4 +82,20 @@ func (v sizeValue) Type() string { return "size" }
 func sizeFlag(cmd *cobra.Command, p *int64, name string, def int64, usage string) {
 	*p = def
 	cmd.Flags().Var(sizeValue{p}, name, usage)
+}
+
+// parseDuration accepts Go durations plus a day suffix ("1d", "1.5d").
+func parseDuration(s string) (time.Duration, error) {
+	if d, ok := strings.CutSuffix(s, "d"); ok {
+		days, err := strconv.ParseFloat(d, 64)
+		if err != nil || days < 0 {
+			return 0, usagef("invalid duration %q", s)
+		}
+		return time.Duration(days * float64(24*time.Hour)), nil
+	}
+	v, err := time.ParseDuration(s)
+	if err != nil {
+		return 0, usagef("invalid duration %q: %w", s, err)
+	}
+	return v, nil
 }
