@@ -22,7 +22,6 @@ import (
 	"github.com/snaploader/snaploader/errkind"
 	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/inventorypb"
-	"github.com/snaploader/snaploader/proto/snapshotpb"
 	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/server"
 	"github.com/snaploader/snaploader/snapshot"
@@ -64,70 +63,6 @@ func newInvalidateCmd() *cobra.Command {
 	kf.register(cmd)
 	kf.noRef = true
 	return cmd
-}
-
-// snapshotFlags select one snapshot: the key set's newest usable one, or
-// an exact one by --snapshot-id.
-type snapshotFlags struct {
-	cf cacheFlags
-	kf keyFlags
-	gf getFlags
-	id string
-}
-
-func (f *snapshotFlags) register(cmd *cobra.Command, idHelp string) {
-	f.cf.register(cmd)
-	f.kf.register(cmd)
-	f.gf.register(cmd)
-	cmd.Flags().StringVar(&f.id, "snapshot-id", "", idHelp)
-}
-
-// check refuses missing key flags: with --snapshot-id only --instance is
-// needed (the id names one snapshot of the instance), else the whole key.
-func (f *snapshotFlags) check() error {
-	if f.id == "" {
-		return f.kf.check()
-	}
-	if f.kf.instance == "" {
-		return usagef("--instance is required with --snapshot-id (the instance name the snapshot is stored under)")
-	}
-	return nil
-}
-
-// open opens the caches and finds the snapshot; the caller closes the env.
-// A lookup that finds no usable snapshot is a noSnapshotError.
-func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, error) {
-	if err := f.check(); err != nil {
-		return nil, nil, err
-	}
-	opts, err := f.gf.options()
-	if err != nil {
-		return nil, nil, err
-	}
-	e, err := f.cf.open(ctx)
-	if err != nil {
-		return nil, nil, err
-	}
-	var snap *snapshot.Snapshot
-	if f.id != "" {
-		snap, err = e.loader.GetSnapshotByID(ctx, f.kf.instance, f.id, opts)
-	} else {
-		var keys *snapshotpb.SnapshotKeySet
-		if keys, err = f.kf.keySet(ctx, e); err == nil {
-			snap, err = e.loader.GetSnapshot(ctx, keys, opts)
-		}
-	}
-	if err == nil || cache.IsNotFound(err) || cache.IsOutage(err) {
-		e.metrics.Lookup(snap, err)
-	}
-	if err != nil {
-		e.Close()
-		if cache.IsNotFound(err) {
-			err = &noSnapshotError{err}
-		}
-		return nil, nil, err
-	}
-	return e, snap, nil
 }
 
 func newInspectCmd() *cobra.Command {

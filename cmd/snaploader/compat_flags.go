@@ -4,6 +4,7 @@ import (
 	"context"
 
 	"github.com/snaploader/snaploader/proto/snapshotpb"
+	"github.com/snaploader/snaploader/snapshot"
 )
 
 // open checks the flags and opens the caches they name.
@@ -26,3 +27,12 @@ func (f *keyFlags) keySet(ctx context.Context, e *env) (*snapshotpb.SnapshotKeyS
 
 // primary is the first --remote ("" without one).
 func (f *remoteFlags) primary() string { return f.values().primary() }
+
+// open checks the flags, opens the caches and finds the snapshot.
+func (f *snapshotFlags) open(ctx context.Context) (*env, *snapshot.Snapshot, error) {
+	o, err := f.options()
+	if err != nil {
+		return nil, nil, err
+	}
+	return openSnapshot(ctx, o)
+}

@@ -241,7 +241,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	eB := &env{local: bCache, loader: bLoader, log: a.log}
 	t = time.Now()
 	// out holds the artifact files the restore to ready just wrote.
-	if _, err := restoreTo(ctx, eB, snap, out, restoreOptions{replace: true}); err != nil {
+	if _, err := restoreTo(ctx, eB, snap, out, restoreToOptions{replace: true}); err != nil {
 		return err
 	}
 	full := time.Since(t)

@@ -3,7 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
-	"os"
+	"io"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -40,9 +40,9 @@ func outDirError(flag string, err error, hint string) error {
 	return err
 }
 
-// reportOthers says on stderr which entries a command writing into dir
+// reportOthers says on w (stderr) which entries a command writing into dir
 // left there that are not its own.
-func reportOthers(dir string, others []string) {
+func reportOthers(w io.Writer, dir string, others []string) {
 	if len(others) == 0 {
 		return
 	}
@@ -50,5 +50,5 @@ func reportOthers(dir string, others []string) {
 	if len(others) == 1 {
 		what = "entry"
 	}
-	fmt.Fprintf(os.Stderr, "snaploader: %s also holds %d other %s, left as they were: %s\n", dir, len(others), what, fileio.NameList(others, 10))
+	fmt.Fprintf(w, "snaploader: %s also holds %d other %s, left as they were: %s\n", dir, len(others), what, fileio.NameList(others, 10))
 }

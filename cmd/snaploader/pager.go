@@ -82,7 +82,7 @@ left at --socket is replaced, anything else there is refused.`,
 			}
 			defer u.Close()
 			if !asJSON {
-				reportOthers(dir, u.Others)
+				reportOthers(os.Stderr, dir, u.Others)
 			}
 			mem, ok := u.Stores[memName]
 			if !ok {

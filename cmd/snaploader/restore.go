@@ -3,100 +3,50 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"time"
-
-	"github.com/spf13/cobra"
 
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-// getFlags choose how a snapshot is looked up.
-type getFlags struct {
-	policy   string
-	maxStale string
+// restoreOptions are what restore does: the snapshot it restores, and
+// the directory it writes into.
+type restoreOptions struct {
+	Snapshot snapshotOptions
+	// Out is the directory the snapshot's files are written into; Replace
+	// lets it hold entries already.
+	Out     string
+	Replace bool
+	// JSON prints one object; Progress draws a progress bar.
+	JSON, Progress bool
 }
 
-func (f *getFlags) register(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.policy, "read-policy", "local-first", "newest, local-first or local-only")
-	cmd.Flags().StringVar(&f.maxStale, "max-stale", "24h", "maximum age of a fallback key's local snapshot (Go duration or days, e.g. 1d)")
-}
-
-func (f *getFlags) options() (snapshot.GetOptions, error) {
-	p, err := snapshot.ParseReadPolicy(f.policy)
+// runRestore restores the snapshot o selects into o.Out.
+func runRestore(ctx context.Context, o restoreOptions, s streams) error {
+	start := time.Now()
+	e, snap, err := openSnapshot(ctx, o.Snapshot)
 	if err != nil {
-		return snapshot.GetOptions{}, err
+		return err
 	}
-	d, err := parseDuration(f.maxStale)
+	defer e.Close()
+	rep, err := restoreTo(ctx, e, snap, o.Out, restoreToOptions{replace: o.Replace, progress: o.Progress})
 	if err != nil {
-		return snapshot.GetOptions{}, usagef("--max-stale: %w", err)
+		return outDirError("--out", err, restoreReplaceHint)
 	}
-	if d <= 0 {
-		return snapshot.GetOptions{}, usagef("--max-stale %s: want a positive duration", f.maxStale)
+	rep.DurationMS = time.Since(start).Milliseconds()
+	if err := e.remoteCheck(); err != nil {
+		return err
 	}
-	return snapshot.GetOptions{ReadPolicy: p, MaxStaleFallbackAge: d}, nil
-}
-
-// restoreReplaceHint says what --replace does, for restore and pager.
-const restoreReplaceHint = "pass --replace to write the snapshot's files into it anyway (files of the same names are replaced, all others left as they are)"
-
-func newRestoreCmd() *cobra.Command {
-	var (
-		sf      snapshotFlags
-		out     string
-		replace bool
-		asJSON  bool
-	)
-	cmd := &cobra.Command{
-		Use:   "restore",
-		Short: "Restore the newest usable snapshot of the task's key set into a directory",
-		Long: `restore writes the files of the key set's newest usable snapshot into --out.
---out must not exist (it is created) or be an empty directory: a directory that
-holds anything is refused before a byte is written, naming what it holds. With
---replace, restore writes into it anyway: files with the snapshot's file names
-are replaced, every other entry is left as it is and listed (on stderr, and as
-"other_files" with --json).`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			ctx := cmd.Context()
-			start := time.Now()
-			if out == "" {
-				return usagef("--out is required")
-			}
-			// Before the cache is opened or a snapshot looked up.
-			if err := checkOutDir("--out", out, replace, restoreReplaceHint); err != nil {
-				return err
-			}
-			e, snap, err := sf.open(ctx)
-			if err != nil {
-				return err
-			}
-			defer e.Close()
-			rep, err := restoreTo(ctx, e, snap, out, restoreOptions{replace: replace, progress: !asJSON && stderrIsTerminal()})
-			if err != nil {
-				return outDirError("--out", err, restoreReplaceHint)
-			}
-			rep.DurationMS = time.Since(start).Milliseconds()
-			if err := e.remoteCheck(); err != nil {
-				return err
-			}
-			if err := e.loader.RemoteDown(); err != nil {
-				rep.RemoteError = cliText(err)
-			}
-			rep.RemotesServed = e.remotesServed()
-			if asJSON {
-				return printJSON(os.Stdout, rep)
-			}
-			fmt.Printf("restored snapshot %s from the %s cache (key ref %q, fallback %d) into %s in %s\n",
-				rep.SnapshotID, rep.Source, snap.Key.GetRef(), rep.FallbackIndex, out, time.Duration(rep.DurationMS)*time.Millisecond)
-			reportOthers(out, rep.OtherFiles)
-			return nil
-		},
+	if err := e.loader.RemoteDown(); err != nil {
+		rep.RemoteError = cliText(err)
 	}
-	sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
-	cmd.Flags().StringVar(&out, "out", "", "directory to write the snapshot's files into: created if missing, else it must be empty (see --replace)")
-	cmd.Flags().BoolVar(&replace, "replace", false, "write into an --out directory that already holds files: those with the snapshot's file names are replaced, all others are left as they are and listed")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
-	return cmd
+	rep.RemotesServed = e.remotesServed()
+	if o.JSON {
+		return printJSON(s.Out, rep)
+	}
+	fmt.Fprintf(s.Out, "restored snapshot %s from the %s cache (key ref %q, fallback %d) into %s in %s\n",
+		rep.SnapshotID, rep.Source, snap.Key.GetRef(), rep.FallbackIndex, o.Out, time.Duration(rep.DurationMS)*time.Millisecond)
+	reportOthers(s.Err, o.Out, rep.OtherFiles)
+	return nil
 }
 
 // restoreReport is the --json output of restore.
@@ -113,8 +63,8 @@ type restoreReport struct {
 	RemotesServed []string `json:"remotes_served"`
 }
 
-// restoreOptions configure restoreTo.
-type restoreOptions struct {
+// restoreToOptions configure restoreTo.
+type restoreToOptions struct {
 	// replace lets out hold entries already (snapshot.UnpackOptions.Replace).
 	replace bool
 	// progress draws a progress bar on stderr.
@@ -128,7 +78,7 @@ type restoreOptions struct {
 // live process holds locked); every file is written under a temporary
 // name of fileio.TempNameLen bytes whatever its own name, and renamed into
 // place when complete.
-func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, opts restoreOptions) (*restoreReport, error) {
+func restoreTo(ctx context.Context, e *env, snap *snapshot.Snapshot, out string, opts restoreToOptions) (*restoreReport, error) {
 	bar := newProgress(opts.progress, snapshot.ChunkedBytes(snap), "restoring")
 	defer bar.Finish()
 	r, err := e.loader.Restore(ctx, snap, out, snapshot.RestoreOptions{

@@ -144,7 +144,7 @@ func TestColdRestoreWritesOnce(t *testing.T) {
 	}
 	out := filepath.Join(dir, "out")
 	r0, w0 := procIO(t)
-	if _, err := restoreTo(ctx, e, snap, out, restoreOptions{}); err != nil {
+	if _, err := restoreTo(ctx, e, snap, out, restoreToOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	r1, w1 := procIO(t)
