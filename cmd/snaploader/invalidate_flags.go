@@ -1,0 +1,47 @@
+package main
+
+import (
+	"github.com/spf13/cobra"
+)
+
+// invalidateFlags are invalidate's flags.
+type invalidateFlags struct {
+	cf cacheFlags
+	kf keyFlags
+}
+
+func newInvalidateCmd() *cobra.Command {
+	var f invalidateFlags
+	cmd := &cobra.Command{
+		Use:   "invalidate",
+		Short: "Write a fresh version id for the key: every snapshot saved before is never returned again",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o, err := f.options()
+			if err != nil {
+				return err
+			}
+			return runInvalidate(cmd.Context(), o, stdStreams())
+		},
+	}
+	f.cf.register(cmd)
+	f.kf.register(cmd)
+	f.kf.noRef = true
+	return cmd
+}
+
+// options checks invalidate's flags: the key (no ref needed: a version id
+// covers every ref of the key) and the caches.
+func (f *invalidateFlags) options() (invalidateOptions, error) {
+	if err := f.kf.check(); err != nil {
+		return invalidateOptions{}, err
+	}
+	co, err := f.cf.options()
+	if err != nil {
+		return invalidateOptions{}, err
+	}
+	ko, err := f.kf.options()
+	if err != nil {
+		return invalidateOptions{}, err
+	}
+	return invalidateOptions{Cache: co, Key: ko}, nil
+}
