@@ -57,3 +57,48 @@ func (p *progress) Finish() {
 		_ = p.bar.Finish()
 	}
 }
+
+// countBar draws a spinner with a count on stderr once a run has lasted a
+// second; disabled, it draws nothing.
+type countBar struct {
+	mu      sync.Mutex
+	enabled bool
+	start   time.Time
+	desc    string
+	bar     *progressbar.ProgressBar
+}
+
+func newCountBar(enabled bool, desc string) *countBar {
+	return &countBar{enabled: enabled, start: time.Now(), desc: desc}
+}
+
+func (b *countBar) Set(n int64) {
+	if !b.enabled {
+		return
+	}
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.bar == nil {
+		if time.Since(b.start) < time.Second {
+			return
+		}
+		b.bar = progressbar.NewOptions64(-1,
+			progressbar.OptionSetWriter(os.Stderr),
+			progressbar.OptionSetDescription(b.desc),
+			progressbar.OptionShowCount(),
+			progressbar.OptionShowIts(),
+			progressbar.OptionSetItsString("objects"),
+			progressbar.OptionThrottle(100*time.Millisecond),
+			progressbar.OptionClearOnFinish(),
+		)
+	}
+	_ = b.bar.Set64(n)
+}
+
+func (b *countBar) Finish() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.bar != nil {
+		_ = b.bar.Finish()
+	}
+}
