@@ -1,12 +1,10 @@
 package main
 
 import (
+	"context"
 	"fmt"
-	"os"
 
 	"github.com/snaploader/snaploader/internal/buildinfo"
-
-	"github.com/spf13/cobra"
 )
 
 // versionInfo is the --json output of version.
@@ -32,27 +30,24 @@ func buildVersion() versionInfo {
 	return versionInfo{Module: b.Module, Version: b.Version, Revision: b.Revision, Time: b.Time, Modified: b.Modified, GoVersion: b.GoVersion}
 }
 
-func newVersionCmd() *cobra.Command {
-	var asJSON bool
-	cmd := &cobra.Command{
-		Use:   "version",
-		Short: "Print snaploader's version and the VCS revision it was built from",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			v := buildVersion()
-			if asJSON {
-				return printJSON(os.Stdout, v)
-			}
-			line := fmt.Sprintf("snaploader %s %s", v.Module, v.Version)
-			if v.Revision != "" {
-				line += " revision " + v.Revision
-				if v.Modified {
-					line += " (modified)"
-				}
-			}
-			fmt.Println(line + " built with " + v.GoVersion)
-			return nil
-		},
+// versionOptions say how version prints: JSON prints one object.
+type versionOptions struct {
+	JSON bool
+}
+
+// runVersion prints the version the Go toolchain recorded in the binary.
+func runVersion(_ context.Context, o versionOptions, s streams) error {
+	v := buildVersion()
+	if o.JSON {
+		return printJSON(s.Out, v)
 	}
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
-	return cmd
+	line := fmt.Sprintf("snaploader %s %s", v.Module, v.Version)
+	if v.Revision != "" {
+		line += " revision " + v.Revision
+		if v.Modified {
+			line += " (modified)"
+		}
+	}
+	_, err := fmt.Fprintln(s.Out, line+" built with "+v.GoVersion)
+	return err
 }
