@@ -12,8 +12,6 @@ import (
 	"slices"
 	"time"
 
-	"github.com/spf13/cobra"
-
 	"github.com/snaploader/snaploader/cow"
 	"github.com/snaploader/snaploader/snapshot"
 )
@@ -58,76 +56,56 @@ type benchReport struct {
 	WarmFirstByteP99US float64 `json:"warm_first_byte_p99_us"`
 }
 
-func newBenchCmd() *cobra.Command {
-	var (
-		cf      cacheFlags
-		size    string
-		runs    int
-		workDir string
-		asJSON  bool
-		keep    bool
-	)
-	cmd := &cobra.Command{
-		Use:   "bench",
-		Short: "Measure cold and warm lazy reads through the remote and the local cache against cp of the same file",
-		Long: `bench saves a synthetic VM-like file to --remote, then measures, against cp of
-the same file on the same disk: a lazy sequential read into an empty local cache, the time to the first byte
-of unfetched chunks (p50/p99), and the same from the local cache. Scratch files (the file, its copy and the
-local caches) live in a fresh directory under --work-dir, removed at the end. The snapshot it saved is
-invalidated at the end (its key gets a fresh version id, as snaploader invalidate does: the remote never
-gives it out again, and its blobs go as the remote drops unused data) unless --keep, which leaves it for
-later runs to reuse. Pin the command to a CPU
-(taskset -c 0 snaploader bench ...) to keep it off the server's.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			n, err := parseBytes("--size", size)
-			if err != nil {
-				return err
-			}
-			if cf.remote.primary() == "" {
-				return usagef("--remote is required")
-			}
-			cf.remote.required = true // what is measured is the remote
-			if runs <= 0 {
-				return usagef("--runs %d: want at least 1", runs)
-			}
-			rep, err := runBench(cmd.Context(), cf, n, runs, workDir, keep)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return printJSON(os.Stdout, rep)
-			}
-			printBench(os.Stdout, rep)
-			return nil
-		},
-	}
-	cf.register(cmd)
-	cmd.Flags().StringVar(&size, "size", "256MiB", "size of the synthetic file (bytes, or KiB/MiB/GiB)")
-	cmd.Flags().IntVar(&runs, "runs", 3, "measured runs of each figure (after one warm-up run), alternated; medians are reported")
-	cmd.Flags().StringVar(&workDir, "work-dir", "", "where scratch files go (default: the directory holding --cache-dir, i.e. the cache's disk)")
-	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
-	cmd.Flags().BoolVar(&keep, "keep", false, "keep the benchmark snapshot on the remote for later runs to reuse (default: invalidate its key at the end)")
-	return cmd
-}
-
 // benchKeys is the key of the benchmark snapshot of a given size: the same
 // as the flags --instance snaploader-bench --config-hash bench-v1-SIZE
 // --ref snaploader-bench give any other command.
-func benchKeys(size int64) keyFlags {
-	return keyFlags{instance: "snaploader-bench", configHash: fmt.Sprintf("bench-v1-%d", size), ref: "snaploader-bench"}
+func benchKeys(size int64) (keyOptions, error) {
+	ph, err := snapshot.PlatformHash(map[string]string{})
+	if err != nil {
+		return keyOptions{}, err
+	}
+	return keyOptions{Task: snapshot.Task{
+		InstanceName:      "snaploader-bench",
+		PlatformHash:      ph,
+		ConfigurationHash: fmt.Sprintf("bench-v1-%d", size),
+		Env: map[string]string{
+			snapshot.EnvBranch:        "snaploader-bench",
+			snapshot.EnvBaseBranch:    "",
+			snapshot.EnvDefaultBranch: "",
+		},
+	}}, nil
 }
 
-func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir string, keep bool) (_ *benchReport, err error) {
-	if workDir == "" {
-		dir := cf.dir
-		if dir == "" {
-			var err error
-			if dir, err = defaultCacheDir(); err != nil {
-				return nil, err
-			}
-		}
-		workDir = filepath.Dir(filepath.Clean(dir))
+// benchOptions are what bench measures: a synthetic file of Size bytes,
+// saved to the remote of Cache (unless it holds it already), read Runs
+// times after a warm-up, with scratch files in a new directory under
+// WorkDir. Keep leaves the benchmark snapshot on the remote.
+type benchOptions struct {
+	Cache   cacheOptions
+	Size    int64
+	Runs    int
+	WorkDir string
+	Keep    bool
+	JSON    bool
+}
+
+// runBench measures cold and warm lazy reads against cp and prints the
+// report.
+func runBench(ctx context.Context, o benchOptions, s streams) error {
+	rep, err := measureBench(ctx, o.Cache, o.Size, o.Runs, o.WorkDir, o.Keep)
+	if err != nil {
+		return err
 	}
+	if o.JSON {
+		return printJSON(s.Out, rep)
+	}
+	printBench(s.Out, rep)
+	return nil
+}
+
+// measureBench measures, in a scratch directory under workDir, what
+// bench reports.
+func measureBench(ctx context.Context, co cacheOptions, size int64, runs int, workDir string, keep bool) (_ *benchReport, err error) {
 	if err := os.MkdirAll(workDir, 0o755); err != nil {
 		return nil, fmt.Errorf("creating the scratch directory under %s: %w", workDir, err)
 	}
@@ -140,14 +118,14 @@ func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir 
 	if err := writeBenchFile(src, size); err != nil {
 		return nil, fmt.Errorf("writing the synthetic file %s: %w", src, err)
 	}
-	rep := &benchReport{Remote: cf.remote.primary(), SizeBytes: size, Runs: runs}
-	if err := ensureBenchSnapshot(ctx, cf, filepath.Join(work, "seed-cache"), src, rep); err != nil {
+	rep := &benchReport{Remote: co.Remote.primary(), SizeBytes: size, Runs: runs}
+	if err := ensureBenchSnapshot(ctx, co, filepath.Join(work, "seed-cache"), src, rep); err != nil {
 		return nil, err
 	}
 	if rep.Saved && !keep {
 		// Also when a measurement fails: the snapshot is this run's own.
 		defer func() {
-			if ierr := invalidateBench(ctx, cf, filepath.Join(work, "invalidate-cache"), size); ierr != nil {
+			if ierr := invalidateBench(ctx, co, filepath.Join(work, "invalidate-cache"), size); ierr != nil {
 				err = errors.Join(err, fmt.Errorf("invalidating the benchmark snapshot %s (run with --keep to keep it): %w", rep.SnapshotID, ierr))
 				return
 			}
@@ -166,20 +144,20 @@ func runBench(ctx context.Context, cf cacheFlags, size int64, runs int, workDir 
 		os.Remove(dst)
 
 		dir := filepath.Join(work, fmt.Sprintf("cache-%d", round))
-		coldT, err := benchRead(ctx, cf, dir, true, size)
+		coldT, err := benchRead(ctx, co, dir, true, size)
 		if err != nil {
 			return nil, fmt.Errorf("cold lazy read: %w", err)
 		}
-		warmT, err := benchRead(ctx, cf, dir, false, size)
+		warmT, err := benchRead(ctx, co, dir, false, size)
 		if err != nil {
 			return nil, fmt.Errorf("warm lazy read: %w", err)
 		}
 		os.RemoveAll(dir)
-		cfb, err := benchFirstBytes(ctx, cf, dir, true, size)
+		cfb, err := benchFirstBytes(ctx, co, dir, true, size)
 		if err != nil {
 			return nil, fmt.Errorf("cold first bytes: %w", err)
 		}
-		wfb, err := benchFirstBytes(ctx, cf, dir, false, size)
+		wfb, err := benchFirstBytes(ctx, co, dir, false, size)
 		if err != nil {
 			return nil, fmt.Errorf("warm first bytes: %w", err)
 		}
@@ -241,35 +219,36 @@ func writeBenchFile(path string, size int64) error {
 
 // openBench opens the caches with the local cache in dir; without remote
 // it is the local cache alone.
-func openBench(ctx context.Context, cf cacheFlags, dir string, remote bool) (*env, error) {
-	cf.dir = dir
-	cf.maxBytes = DefaultCacheBytes
-	cf.metricsFile, cf.metricsAddr = "", ""
+func openBench(ctx context.Context, co cacheOptions, dir string, remote bool) (*env, error) {
+	co.Dir = dir
 	if !remote {
-		cf.remote.urls = nil
+		co.Remote.URLs = nil
 	}
-	e, err := cf.open(ctx)
+	e, err := openEnv(ctx, co)
 	if err != nil {
 		return nil, err
 	}
 	if remote && e.loader.RemoteDown() != nil {
 		e.Close()
-		return nil, fmt.Errorf("remote %s: %w", cf.remote.primary(), e.loader.RemoteDown())
+		return nil, fmt.Errorf("remote %s: %w", co.Remote.primary(), e.loader.RemoteDown())
 	}
 	return e, nil
 }
 
 // ensureBenchSnapshot finds the benchmark snapshot of rep.SizeBytes on the
 // remote, or saves src there.
-func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, rep *benchReport) error {
+func ensureBenchSnapshot(ctx context.Context, co cacheOptions, dir, src string, rep *benchReport) error {
 	defer os.RemoveAll(dir)
-	e, err := openBench(ctx, cf, dir, true)
+	e, err := openBench(ctx, co, dir, true)
 	if err != nil {
 		return err
 	}
 	defer e.Close()
-	kf := benchKeys(rep.SizeBytes)
-	ks, err := kf.keySet(ctx, e)
+	k, err := benchKeys(rep.SizeBytes)
+	if err != nil {
+		return err
+	}
+	ks, err := e.keySet(ctx, k)
 	if err != nil {
 		return err
 	}
@@ -280,7 +259,7 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 		return nil
 	}
 	if err := e.loader.RemoteDown(); err != nil {
-		return fmt.Errorf("remote %s: %w", cf.remote.primary(), err)
+		return fmt.Errorf("remote %s: %w", co.Remote.primary(), err)
 	}
 	s, _, err := cow.FromFile(ctx, benchFile, src, e.local, e.local, cow.Options{Namespace: e.loader.Namespace(ks.GetWriteKey()), TempDir: e.local.TempDir()})
 	if err != nil {
@@ -289,10 +268,10 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 	defer s.Close()
 	res, err := e.loader.CacheSnapshot(ctx, &snapshot.SaveRequest{Key: ks.GetWriteKey(), Chunked: []*cow.Store{s}, Local: true, Remote: true})
 	if err != nil {
-		return fmt.Errorf("saving the benchmark snapshot to %s: %w", cf.remote.primary(), err)
+		return fmt.Errorf("saving the benchmark snapshot to %s: %w", co.Remote.primary(), err)
 	}
 	if !res.PublishedRemote {
-		return fmt.Errorf("saving the benchmark snapshot to %s: not published (%v)", cf.remote.primary(), res.RemoteError)
+		return fmt.Errorf("saving the benchmark snapshot to %s: not published (%v)", co.Remote.primary(), res.RemoteError)
 	}
 	rep.Saved, rep.SnapshotID = true, res.SnapshotID
 	rep.ChunkSize, rep.Chunks = s.ChunkSize(), len(s.ChunkedFile().GetChunks())
@@ -302,15 +281,18 @@ func ensureBenchSnapshot(ctx context.Context, cf cacheFlags, dir, src string, re
 // invalidateBench gives the benchmark key of size bytes a fresh version
 // id on the remote, so that the snapshot saved under the old one is never
 // given out again.
-func invalidateBench(ctx context.Context, cf cacheFlags, dir string, size int64) error {
+func invalidateBench(ctx context.Context, co cacheOptions, dir string, size int64) error {
 	defer os.RemoveAll(dir)
-	e, err := openBench(ctx, cf, dir, true)
+	e, err := openBench(ctx, co, dir, true)
 	if err != nil {
 		return err
 	}
 	defer e.Close()
-	kf := benchKeys(size)
-	ks, err := kf.keySet(ctx, e)
+	k, err := benchKeys(size)
+	if err != nil {
+		return err
+	}
+	ks, err := e.keySet(ctx, k)
 	if err != nil {
 		return err
 	}
@@ -338,8 +320,8 @@ func benchChunks(snap *snapshot.Snapshot) (int64, int) {
 
 // benchOpen finds the benchmark snapshot of size bytes through the caches
 // in dir and opens its lazy store.
-func benchOpen(ctx context.Context, cf cacheFlags, dir string, remote bool, size int64, readAhead int) (*env, *snapshot.Unpacked, *cow.Store, error) {
-	e, err := openBench(ctx, cf, dir, remote)
+func benchOpen(ctx context.Context, co cacheOptions, dir string, remote bool, size int64, readAhead int) (*env, *snapshot.Unpacked, *cow.Store, error) {
+	e, err := openBench(ctx, co, dir, remote)
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -347,8 +329,11 @@ func benchOpen(ctx context.Context, cf cacheFlags, dir string, remote bool, size
 		e.Close()
 		return nil, nil, nil, err
 	}
-	kf := benchKeys(size)
-	ks, err := kf.keySet(ctx, e)
+	k, err := benchKeys(size)
+	if err != nil {
+		return fail(err)
+	}
+	ks, err := e.keySet(ctx, k)
 	if err != nil {
 		return fail(err)
 	}
@@ -380,8 +365,8 @@ func benchOpen(ctx context.Context, cf cacheFlags, dir string, remote bool, size
 
 // benchRead times a lazy sequential read of the whole benchmark file, 1 MiB
 // at a time, through the caches in dir (from the remote when cold).
-func benchRead(ctx context.Context, cf cacheFlags, dir string, cold bool, size int64) (time.Duration, error) {
-	e, u, s, err := benchOpen(ctx, cf, dir, cold, size, 0)
+func benchRead(ctx context.Context, co cacheOptions, dir string, cold bool, size int64) (time.Duration, error) {
+	e, u, s, err := benchOpen(ctx, co, dir, cold, size, 0)
 	if err != nil {
 		return 0, err
 	}
@@ -404,8 +389,8 @@ func benchRead(ctx context.Context, cf cacheFlags, dir string, cold bool, size i
 // benchFirstBytes reads the first byte of every chunk, in order, with
 // read-ahead off, so that each read waits for its chunk alone; it returns
 // each read's latency.
-func benchFirstBytes(ctx context.Context, cf cacheFlags, dir string, cold bool, size int64) ([]time.Duration, error) {
-	e, u, s, err := benchOpen(ctx, cf, dir, cold, size, -1)
+func benchFirstBytes(ctx context.Context, co cacheOptions, dir string, cold bool, size int64) ([]time.Duration, error) {
+	e, u, s, err := benchOpen(ctx, co, dir, cold, size, -1)
 	if err != nil {
 		return nil, err
 	}

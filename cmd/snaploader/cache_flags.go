@@ -58,6 +58,11 @@ func (f *cacheFlags) options() (cacheOptions, error) {
 	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
 		return cacheOptions{}, usagef("--cache-dir %s is not a directory", dir)
 	}
+	return f.optionsAt(dir)
+}
+
+// optionsAt are the caches the flags select with the local cache in dir.
+func (f *cacheFlags) optionsAt(dir string) (cacheOptions, error) {
 	fn, err := digest.ParseFunction(f.function)
 	if err != nil {
 		return cacheOptions{}, usagef("--digest-function: %w", err)
