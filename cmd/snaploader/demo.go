@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -15,7 +14,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/spf13/cobra"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -26,32 +24,16 @@ import (
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-type demoFlags struct {
-	cf       cacheFlags
-	workDir  string
-	memMiB   int64
-	diskMiB  int64
-	dirtyPct float64
-	keep     bool
-}
-
-func newDemoCmd() *cobra.Command {
-	var f demoFlags
-	cmd := &cobra.Command{
-		Use:   "demo",
-		Short: "Save, dirty, incrementally save and restore a synthetic VM snapshot on two hosts' caches",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runDemo(cmd.Context(), &f)
-		},
-	}
-	f.cf.register(cmd)
-	fl := cmd.Flags()
-	fl.StringVar(&f.workDir, "work-dir", "", "where the synthetic VM files, host B's cache and the restored files go: a directory the demo creates inside it, or DIR itself if it does not exist yet; the demo removes only what it created (default: a temporary directory)")
-	fl.Int64Var(&f.memMiB, "mem-mib", 1024, "guest memory file size in MiB")
-	fl.Int64Var(&f.diskMiB, "disk-mib", 512, "root disk size in MiB")
-	fl.Float64Var(&f.dirtyPct, "dirty-percent", 1, "percentage of chunks the VM dirties before the incremental save")
-	fl.BoolVar(&f.keep, "keep", false, "keep the demo's work directory (its path is printed)")
-	return cmd
+// demoOptions are what demo runs: a synthetic VM of MemMiB of memory and
+// DiskMiB of disk, DirtyPercent of its chunks dirtied before the
+// incremental save, host A's cache from Cache, files in WorkDir (see
+// demoWorkDir), kept at the end with Keep.
+type demoOptions struct {
+	Cache           cacheOptions
+	WorkDir         string
+	MemMiB, DiskMiB int64
+	DirtyPercent    float64
+	Keep            bool
 }
 
 type demoRow struct {
@@ -62,18 +44,10 @@ type demoRow struct {
 	note   string
 }
 
-func runDemo(ctx context.Context, f *demoFlags) error {
-	const maxMiB = math.MaxInt64 >> 21 // memory and disk together fit an int64 of bytes
-	if f.memMiB < 1 || f.memMiB > maxMiB {
-		return status.Errorf(codes.InvalidArgument, "--mem-mib %d: want 1 to %d", f.memMiB, int64(maxMiB))
-	}
-	if f.diskMiB < 1 || f.diskMiB > maxMiB {
-		return status.Errorf(codes.InvalidArgument, "--disk-mib %d: want 1 to %d", f.diskMiB, int64(maxMiB))
-	}
-	if !(f.dirtyPct >= 0 && f.dirtyPct <= 100) {
-		return status.Errorf(codes.InvalidArgument, "--dirty-percent %v: want 0 to 100", f.dirtyPct)
-	}
-	work, cleanup, err := demoWorkDir(f.workDir, f.keep)
+// runDemo saves, dirties, incrementally saves and restores a synthetic VM
+// snapshot on two hosts' caches, and prints what each step took.
+func runDemo(ctx context.Context, o demoOptions, s streams) error {
+	work, cleanup, err := demoWorkDir(o.WorkDir, o.Keep, s.Err)
 	if err != nil {
 		return err
 	}
@@ -85,7 +59,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	var rows []demoRow
 	step := func(name string, bytes int64, chunks string, took time.Duration, note string) {
 		rows = append(rows, demoRow{name, bytes, chunks, took, note})
-		fmt.Fprintf(os.Stderr, "%-28s %s\n", name, took.Round(time.Millisecond))
+		fmt.Fprintf(s.Err, "%-28s %s\n", name, took.Round(time.Millisecond))
 	}
 
 	// 1. A synthetic VM: memory with ~30% zero pages and repeated pages,
@@ -96,10 +70,10 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	// A fresh seed per run, so a reused cache does not already hold the data.
 	seed := uint64(time.Now().UnixNano())
 	rng := rand.New(rand.NewPCG(seed, seed>>7))
-	if err := writeSynthetic(mem, f.memMiB<<20, 0.30, 0.10, rng); err != nil {
+	if err := writeSynthetic(mem, o.MemMiB<<20, 0.30, 0.10, rng); err != nil {
 		return err
 	}
-	if err := writeSynthetic(disk, f.diskMiB<<20, 0.50, 0.05, rng); err != nil {
+	if err := writeSynthetic(disk, o.DiskMiB<<20, 0.50, 0.05, rng); err != nil {
 		return err
 	}
 	if err := writeSynthetic(files["vmstate.snap"], 300<<10, 0.1, 0, rng); err != nil {
@@ -108,7 +82,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	if err := writeSynthetic(files["vmlinux"], 8<<20, 0, 0, rng); err != nil {
 		return err
 	}
-	total := (f.memMiB + f.diskMiB) << 20
+	total := (o.MemMiB + o.DiskMiB) << 20
 	step("generate VM files", total, "", time.Since(t), "synthetic memory + disk")
 
 	// Baseline: cp of the same files.
@@ -124,15 +98,15 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 
 	// Host A: the embedded default cache, which also serves as the shared
 	// tier host B reads from (as `snaploader serve` over it would).
-	a, err := f.cf.open(ctx)
+	a, err := openEnv(ctx, o.Cache)
 	if err != nil {
 		return err
 	}
 	defer a.Close()
-	if a.loader, err = snapshot.New(a.local, a.local, snapshot.Options{Group: f.cf.group, Logger: a.log}); err != nil {
+	if a.loader, err = snapshot.New(a.local, a.local, snapshot.Options{Group: o.Cache.Group, Logger: a.log}); err != nil {
 		return err
 	}
-	cfg := &snapshotpb.VMConfiguration{Vcpus: 2, MemoryBytes: f.memMiB << 20, Vmm: "demo", Disks: []*snapshotpb.Disk{{Name: "rootfs.img", SizeBytes: f.diskMiB << 20}}}
+	cfg := &snapshotpb.VMConfiguration{Vcpus: 2, MemoryBytes: o.MemMiB << 20, Vmm: "demo", Disks: []*snapshotpb.Disk{{Name: "rootfs.img", SizeBytes: o.DiskMiB << 20}}}
 	ch, err := snapshot.ConfigurationHash(cfg)
 	if err != nil {
 		return err
@@ -180,7 +154,7 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	// 3. The VM dirties ~1% of chunks through the COW store.
 	dirtied := 0
 	for _, s := range stores {
-		n := int((float64(s.Size())/float64(s.ChunkSize()))*f.dirtyPct/100 + 0.5)
+		n := int((float64(s.Size())/float64(s.ChunkSize()))*o.DirtyPercent/100 + 0.5)
 		for i := 0; i < n; i++ {
 			off := rng.Int64N(s.Size()-4096) &^ 4095
 			buf := make([]byte, 4096)
@@ -212,12 +186,12 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 
 	// 5. Host B: an empty cache whose second tier is host A's cache.
 	bDir := filepath.Join(work, "host-b-cache")
-	bCache, err := localcache.New(bDir, localcache.Options{MaxBytes: f.cf.maxBytes})
+	bCache, err := localcache.New(bDir, localcache.Options{MaxBytes: o.Cache.MaxBytes})
 	if err != nil {
 		return err
 	}
 	defer bCache.Close()
-	bLoader, err := snapshot.New(bCache, a.local, snapshot.Options{Group: f.cf.group, Logger: a.log})
+	bLoader, err := snapshot.New(bCache, a.local, snapshot.Options{Group: o.Cache.Group, Logger: a.log})
 	if err != nil {
 		return err
 	}
@@ -260,14 +234,14 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 	}
 	step("byte-for-byte check", total, "", time.Since(t), "restored files equal the VM's")
 
-	w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	w := tabwriter.NewWriter(s.Out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "STEP\tBYTES\tCHUNKS\tTIME\tNOTE")
 	for _, r := range rows {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", r.step, humanBytes(r.bytes), r.chunks, r.took.Round(time.Millisecond), r.note)
 	}
 	w.Flush()
-	fmt.Printf("\nmemory %d MiB + disk %d MiB stored as %s: %s of zero chunks skipped, %s of identical chunks stored once; cache %s\n",
-		f.memMiB, f.diskMiB, humanBytes(split.BytesWritten), humanBytes(split.BytesSkippedZero),
+	fmt.Fprintf(s.Out, "\nmemory %d MiB + disk %d MiB stored as %s: %s of zero chunks skipped, %s of identical chunks stored once; cache %s\n",
+		o.MemMiB, o.DiskMiB, humanBytes(split.BytesWritten), humanBytes(split.BytesSkippedZero),
 		humanBytes(max(0, total-split.BytesSkippedZero-split.BytesWritten)), a.local.Dir())
 	return nil
 }
@@ -278,8 +252,9 @@ func runDemo(ctx context.Context, f *demoFlags) error {
 // --work-dir that does not exist, that directory, created with its
 // missing parents (the topmost of which goes again); with an existing
 // directory, a new directory inside it, whatever else it holds left
-// alone. A --work-dir that is not a directory is refused untouched.
-func demoWorkDir(dir string, keep bool) (work string, cleanup func(), err error) {
+// alone. A --work-dir that is not a directory is refused untouched. With
+// keep, cleanup says on notes where the directory is.
+func demoWorkDir(dir string, keep bool, notes io.Writer) (work string, cleanup func(), err error) {
 	var created string // the topmost directory the demo made
 	fi, err := os.Stat(dir)
 	switch {
@@ -326,7 +301,7 @@ func demoWorkDir(dir string, keep bool) (work string, cleanup func(), err error)
 	}
 	return work, func() {
 		if keep {
-			fmt.Fprintf(os.Stderr, "kept the work directory %s\n", work)
+			fmt.Fprintf(notes, "kept the work directory %s\n", work)
 			return
 		}
 		os.RemoveAll(created)
