@@ -56,7 +56,7 @@ func (f *benchFlags) options() (benchOptions, error) {
 	if err != nil {
 		return o, err
 	}
-	if f.cf.remote.primary() == "" {
+	if len(f.cf.remote.urls) == 0 {
 		return o, usagef("--remote is required")
 	}
 	if f.runs <= 0 {

@@ -133,7 +133,11 @@ func TestColdRestoreWritesOnce(t *testing.T) {
 		kf: keyFlags{instance: "ci", platform: []string{"os=linux", "arch=amd64"}, configHash: "c0ffee", ref: "feat", defaultRef: "main"},
 		gf: getFlags{policy: "local-first", maxStale: "24h"},
 	}
-	e, snap, err := sf.open(ctx)
+	o, err := sf.options()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, snap, err := openSnapshot(ctx, o)
 	if err != nil {
 		t.Fatal(err)
 	}
