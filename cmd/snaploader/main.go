@@ -5,6 +5,29 @@
 // code that says what kind of failure it was (see exitCodes), prints
 // "snaploader: MESSAGE" and "snaploader: error kind: KIND" on stderr, and,
 // when the command was given --json, one error object on stdout.
+//
+// Each command is two parts in two files:
+//
+//   - CMD_flags.go is the flags part, the command's only code that knows
+//     cobra and pflag: newCMDCmd defines the command and its flags into a CMDFlags
+//     struct, whose options method turns them (with the environment, and
+//     for serve the --config file, already applied) into a typed CMDOptions
+//     struct. It checks every value and combination before anything is
+//     opened or written, returning usage errors (exit 2) that name the
+//     flag. RunE is options followed by the logic part, nothing else.
+//   - CMD.go is the logic part: CMDOptions and runCMD(ctx, opts, streams),
+//     which knows nothing of flags and can be called directly; it writes
+//     its result on streams.Out and its notes on streams.Err.
+//
+// The qemu subcommands share qemu_flags.go and qemu.go. Flag groups several
+// commands share follow the same rule: cache_flags.go, remote_flags.go,
+// key_flags.go and snapshot_flags.go give cacheOptions, remoteOptions,
+// keyOptions and snapshotOptions, which env.go, remote.go, key.go and
+// snapshot_open.go open. The other files that know cobra are flag
+// plumbing too: root.go (the root command, flag errors), sizes.go (the
+// size and duration syntaxes), serveops.go (serve's deployment flags and
+// configuration sources) and tracing.go (--trace-endpoint); logic parts
+// import neither cobra nor pflag.
 package main
 
 import (
