@@ -18,6 +18,11 @@ type benchFlags struct {
 
 func newBenchCmd() *cobra.Command {
 	var f benchFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *benchFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "bench",
 		Short: "Measure cold and warm lazy reads through the remote and the local cache against cp of the same file",

@@ -19,6 +19,11 @@ type demoFlags struct {
 
 func newDemoCmd() *cobra.Command {
 	var f demoFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *demoFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Save, dirty, incrementally save and restore a synthetic VM snapshot on two hosts' caches",

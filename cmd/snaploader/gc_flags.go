@@ -57,6 +57,11 @@ type gcFlags struct {
 
 func newGCCmd() *cobra.Command {
 	var f gcFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *gcFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "gc",
 		Short: "Delete the snapshots an S3 tier no longer needs and the blobs only they used",

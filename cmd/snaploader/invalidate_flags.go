@@ -12,6 +12,11 @@ type invalidateFlags struct {
 
 func newInvalidateCmd() *cobra.Command {
 	var f invalidateFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *invalidateFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "invalidate",
 		Short: "Write a fresh version id for the key: every snapshot saved before is never returned again",

@@ -11,6 +11,11 @@ type keygenFlags struct {
 
 func newKeygenCmd() *cobra.Command {
 	var f keygenFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *keygenFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "keygen --out FILE | --add-to FILE [--out FILE]",
 		Short: "Create a group key file for client-side encryption, or add a new key to one (rotation)",

@@ -17,6 +17,11 @@ type lsFlags struct {
 
 func newLsCmd() *cobra.Command {
 	var f lsFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *lsFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "ls",
 		Short: "List the snapshots in the local cache, with --remote s3://... in a bucket, with --remote grpc://... in a snaploader serve",

@@ -15,6 +15,11 @@ type pagerFlags struct {
 
 func newPagerCmd() *cobra.Command {
 	var f pagerFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *pagerFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "pager",
 		Short: "Restore a snapshot and serve its guest memory lazily to one Firecracker-style VMM over userfaultfd",

@@ -81,6 +81,11 @@ type qemuRestoreFlags struct {
 
 func newQemuRestoreCmd() *cobra.Command {
 	var f qemuRestoreFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *qemuRestoreFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
@@ -149,6 +154,11 @@ type qemuBootFlags struct {
 
 func newQemuBootCmd() *cobra.Command {
 	var f qemuBootFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *qemuBootFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "boot",
 		Short: "Boot a QEMU guest with its RAM in a shared memory file and run it until it exits or is interrupted",
@@ -215,6 +225,11 @@ type qemuSaveFlags struct {
 
 func newQemuSaveCmd() *cobra.Command {
 	var f qemuSaveFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *qemuSaveFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "save",
 		Short: "Snapshot a running QEMU started with a shared file memory backend (it exits) and save it",

@@ -17,6 +17,11 @@ type restoreFlags struct {
 
 func newRestoreCmd() *cobra.Command {
 	var f restoreFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *restoreFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Restore the newest usable snapshot of the task's key set into a directory",

@@ -29,6 +29,11 @@ type saveFlags struct {
 
 func newSaveCmd() *cobra.Command {
 	var f saveFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *saveFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "save",
 		Short: "Save a snapshot (artifact files and chunked files) under the task's write key",

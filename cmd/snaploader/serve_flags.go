@@ -39,6 +39,11 @@ type serveFlags struct {
 
 func newServeCmd() *cobra.Command {
 	var f serveFlags
+	return f.command()
+}
+
+// command defines the command, its flags read into f.
+func (f *serveFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run an REAPI cache server (CAS, ActionCache, ByteStream) over a local disk cache or an S3 bucket",
