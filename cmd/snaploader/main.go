@@ -9,12 +9,14 @@
 // Each command is two parts in two files:
 //
 //   - CMD_flags.go is the flags part, the command's only code that knows
-//     cobra and pflag: newCMDCmd defines the command and its flags into a CMDFlags
-//     struct, whose options method turns them (with the environment, and
-//     for serve the --config file, already applied) into a typed CMDOptions
-//     struct. It checks every value and combination before anything is
+//     cobra and pflag. CMDFlags holds the flags; its command method defines
+//     the command with its flags read into it (newCMDCmd returns it), and
+//     its options method turns them (with the environment, and for serve
+//     the --config file, already applied) into a typed CMDOptions struct.
+//     options checks every value and combination before anything is
 //     opened or written, returning usage errors (exit 2) that name the
-//     flag. RunE is options followed by the logic part, nothing else.
+//     flag, and can be tested directly (CMD_flags_test.go). RunE is
+//     options followed by the logic part, nothing else.
 //   - CMD.go is the logic part: CMDOptions and runCMD(ctx, opts, streams),
 //     which knows nothing of flags and can be called directly; it writes
 //     its result on streams.Out and its notes on streams.Err.
