@@ -34,13 +34,7 @@ invalidated at the end (its key gets a fresh version id, as snaploader invalidat
 gives it out again, and its blobs go as the remote drops unused data) unless --keep, which leaves it for
 later runs to reuse. Pin the command to a CPU
 (taskset -c 0 snaploader bench ...) to keep it off the server's.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runBench(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runBench),
 	}
 	f.cf.register(cmd)
 	cmd.Flags().StringVar(&f.size, "size", "256MiB", "size of the synthetic file (bytes, or KiB/MiB/GiB)")

@@ -27,13 +27,7 @@ func (f *demoFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Save, dirty, incrementally save and restore a synthetic VM snapshot on two hosts' caches",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runDemo(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runDemo),
 	}
 	f.cf.register(cmd)
 	fl := cmd.Flags()

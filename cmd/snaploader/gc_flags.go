@@ -69,13 +69,7 @@ func (f *gcFlags) command() *cobra.Command {
 always kept, older snapshots for --retention, and every blob a kept snapshot names.
 Unreferenced blobs younger than --grace are kept (a save may be about to name them).
 Safe to run while hosts save and restore, from two places at once, and to kill.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runGC(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runGC),
 	}
 	f.sf.register(cmd)
 	fl := cmd.Flags()

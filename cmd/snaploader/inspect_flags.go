@@ -9,13 +9,7 @@ func newInspectCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "inspect",
 		Short: "Print a snapshot's manifest as JSON",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := sf.options()
-			if err != nil {
-				return err
-			}
-			return runInspect(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(sf.options, runInspect),
 	}
 	sf.register(cmd, "inspect this exact snapshot")
 	return cmd

@@ -20,13 +20,7 @@ func (f *invalidateFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "invalidate",
 		Short: "Write a fresh version id for the key: every snapshot saved before is never returned again",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runInvalidate(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runInvalidate),
 	}
 	f.cf.register(cmd)
 	f.kf.register(cmd)

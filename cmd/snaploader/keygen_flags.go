@@ -25,13 +25,7 @@ overwritten. --add-to FILE adds a new key to an existing file (written back to
 FILE, or to --out, a new file): new saves seal with the newest
 key, and every key in the file still opens what it sealed, so snapshots saved
 before a rotation keep restoring until their key is removed from the file.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runKeygen(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runKeygen),
 	}
 	cmd.Flags().StringVar(&f.out, "out", "", "key file to write; refused if it exists (unless it is the --add-to file)")
 	cmd.Flags().StringVar(&f.addTo, "add-to", "", "existing key file to add a new key to")

@@ -31,13 +31,7 @@ invalidated (its key was invalidated since it was saved: only --snapshot-id rest
 (kept for --retention), expired (a collection may delete it) or broken (a chunk list is missing or
 corrupt: it cannot restore). Without --remote it lists the local cache (ages from the cache's
 recency); with --remote, a bucket or a snaploader serve. --json prints the same object for both.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runLs(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runLs),
 	}
 	f.cf.register(cmd)
 	fl := cmd.Flags()

@@ -32,13 +32,7 @@ their chunk size must be a multiple of 2 MiB (save --page-size 2MiB --chunk-size
 It exits when the VMM does, printing the fault statistics.
 --dir must not exist (it is created) or be empty, unless --replace; a socket
 left at --socket is replaced, anything else there is refused.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runPager(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runPager),
 	}
 	f.sf.register(cmd, "serve this exact snapshot instead of the key set's newest")
 	fl := cmd.Flags()

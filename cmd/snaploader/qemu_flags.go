@@ -89,13 +89,7 @@ func (f *qemuRestoreFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "restore",
 		Short: "Restore the key set's newest QEMU snapshot lazily (memory through FUSE, disks through NBD) and run it until it exits or is interrupted",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runQemuRestore(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runQemuRestore),
 	}
 	f.sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
 	f.qf.register(cmd)
@@ -162,13 +156,7 @@ func (f *qemuBootFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "boot",
 		Short: "Boot a QEMU guest with its RAM in a shared memory file and run it until it exits or is interrupted",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runQemuBoot(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runQemuBoot),
 	}
 	f.cf.register(cmd)
 	f.kf.register(cmd)
@@ -233,13 +221,7 @@ func (f *qemuSaveFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "save",
 		Short: "Snapshot a running QEMU started with a shared file memory backend (it exits) and save it",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runQemuSave(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runQemuSave),
 	}
 	f.cf.register(cmd)
 	f.kf.register(cmd)

@@ -31,13 +31,7 @@ holds anything is refused before a byte is written, naming what it holds. With
 --replace, restore writes into it anyway: files with the snapshot's file names
 are replaced, every other entry is left as it is and listed (on stderr, and as
 "other_files" with --json).`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options()
-			if err != nil {
-				return err
-			}
-			return runRestore(cmd.Context(), o, stdStreams())
-		},
+		RunE: runE(f.options, runRestore),
 	}
 	f.sf.register(cmd, "restore this exact snapshot instead of the key set's newest")
 	cmd.Flags().StringVar(&f.out, "out", "", "directory to write the snapshot's files into: created if missing, else it must be empty (see --replace)")

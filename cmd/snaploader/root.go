@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"os"
 	"slices"
@@ -137,3 +138,15 @@ func editDistance(a, b string) int {
 
 // stderrIsTerminal reports whether progress bars may be drawn.
 func stderrIsTerminal() bool { return term.IsTerminal(int(os.Stderr.Fd())) }
+
+// runE is a command's RunE: its flags part (options), then its logic part
+// (run) with the options, on the process's standard streams.
+func runE[O any](options func() (O, error), run func(context.Context, O, streams) error) func(*cobra.Command, []string) error {
+	return func(cmd *cobra.Command, _ []string) error {
+		o, err := options()
+		if err != nil {
+			return err
+		}
+		return run(cmd.Context(), o, stdStreams())
+	}
+}

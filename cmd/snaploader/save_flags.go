@@ -12,6 +12,8 @@ import (
 
 // saveFlags are save's flags.
 type saveFlags struct {
+	// flags are the command's, to tell the flags given from defaults.
+	flags     *pflag.FlagSet
 	cf        cacheFlags
 	kf        keyFlags
 	files     []string
@@ -37,16 +39,11 @@ func (f *saveFlags) command() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "save",
 		Short: "Save a snapshot (artifact files and chunked files) under the task's write key",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options(cmd.Flags())
-			if err != nil {
-				return err
-			}
-			return runSave(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(f.options, runSave),
 	}
 	f.cf.register(cmd)
 	f.kf.register(cmd)
+	f.flags = cmd.Flags()
 	fl := cmd.Flags()
 	fl.StringArrayVar(&f.files, "file", nil, "artifact file NAME=PATH stored whole (repeatable)")
 	fl.StringArrayVar(&f.chunked, "chunked", nil, "chunked file NAME=PATH split into chunks (repeatable)")
@@ -64,7 +61,7 @@ func (f *saveFlags) command() *cobra.Command {
 
 // options checks save's flags: names, chunk and page sizes, the key, the
 // caches and the policies, before anything is opened.
-func (f *saveFlags) options(fl *pflag.FlagSet) (saveOptions, error) {
+func (f *saveFlags) options() (saveOptions, error) {
 	var o saveOptions
 	if err := f.kf.check(); err != nil {
 		return o, err
@@ -122,7 +119,7 @@ func (f *saveFlags) options(fl *pflag.FlagSet) (saveOptions, error) {
 		return o, err
 	}
 	o.Files, o.Chunked, o.ChunkOrder, o.Diffs, o.DiffOrder, o.DiffBase = fileMap, chunkMap, chunkOrder, diffMap, diffOrder, f.baseID
-	o.ChunkSize, o.ChunkSizeSet, o.PageSize = f.chunkSize, fl.Changed("chunk-size"), ps
+	o.ChunkSize, o.ChunkSizeSet, o.PageSize = f.chunkSize, f.flags.Changed("chunk-size"), ps
 	o.VCPUs, o.MemoryBytes = f.vcpus, f.memBytes
 	o.JSON, o.Progress = f.asJSON, !f.asJSON && stderrIsTerminal()
 	return o, nil

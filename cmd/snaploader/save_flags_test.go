@@ -47,7 +47,7 @@ func TestSaveFlags(t *testing.T) {
 				args = append([]string{"--cache-dir", cacheDir}, tc.args...)
 			}
 			parseFlags(t, cmd, args)
-			_, err := f.options(cmd.Flags())
+			_, err := f.options()
 			checkUsage(t, args, err, tc.want)
 		})
 	}
@@ -66,7 +66,7 @@ func TestSaveFlagsOptions(t *testing.T) {
 	parseFlags(t, cmd, []string{"--cache-dir", dir, "--instance", "ci", "--config-hash", "c", "--ref", "feat", "--default-ref", "main",
 		"--universal-ref", "all", "--file", "vmstate=/s", "--chunked", "mem=/m", "--chunked", "disk=/d", "--chunk-size", "4MiB", "--page-size", "2MiB",
 		"--vcpus", "2", "--memory-bytes", "1GiB", "--save-policy", "always", "--read-policy", "newest", "--remote-read-only", "--json"})
-	o, err := f.options(cmd.Flags())
+	o, err := f.options()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -62,8 +62,9 @@ type serveOptions struct {
 	AccessLog        bool
 }
 
-// runServe runs the REAPI cache server o describes until ctx is done.
-func runServe(ctx context.Context, o serveOptions) error {
+// runServe runs the REAPI cache server o describes until ctx is done; it
+// logs with o.Logger.
+func runServe(ctx context.Context, o serveOptions, _ streams) error {
 	log := o.Logger
 	var backend cache.Backend
 	var inventory func(group string) gc.Store

@@ -12,6 +12,8 @@ import (
 
 // serveFlags are serve's flags.
 type serveFlags struct {
+	// flags are the command's, to tell the flags given from defaults.
+	flags       *pflag.FlagSet
 	listen      string
 	cacheDir    string
 	maxBytes    int64
@@ -101,14 +103,9 @@ or $SNAPLOADER_API_KEYS so they are not on the command line; --log-format json a
 (one line per RPC) for log collectors. Every flag may be set in a YAML --config file or a
 SNAPLOADER_<FLAG> environment variable (--max-bytes: SNAPLOADER_MAX_BYTES); the command line wins,
 then the environment, then the file.`,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := f.options(cmd.Flags())
-			if err != nil {
-				return err
-			}
-			return runServe(cmd.Context(), o)
-		},
+		RunE: runE(f.options, runServe),
 	}
+	f.flags = cmd.Flags()
 	fl := cmd.Flags()
 	fl.StringVar(&f.listen, "listen", "127.0.0.1:8980", "gRPC listen address: HOST:PORT, or unix:///PATH for a Unix socket (a stale socket there is replaced)")
 	fl.StringVar(&f.cacheDir, "cache-dir", "", "local disk backend directory (default: the user cache directory's snaploader-server/)")
@@ -141,7 +138,7 @@ then the environment, then the file.`,
 // in those not given: the logger, API keys and TLS are set up, bounds and
 // durations checked, and the backends' combination refused unless it is
 // one serve runs. Nothing is opened or listened on.
-func (f *serveFlags) options(fl *pflag.FlagSet) (serveOptions, error) {
+func (f *serveFlags) options() (serveOptions, error) {
 	var o serveOptions
 	var err error
 	if o.Logger, err = f.ops.logger(); err != nil {
@@ -161,7 +158,7 @@ func (f *serveFlags) options(fl *pflag.FlagSet) (serveOptions, error) {
 		bad  bool
 	}{
 		{"max-bytes", f.maxBytes <= 0},
-		{"max-blob-bytes", f.maxBlob < 0 || (fl.Changed("max-blob-bytes") && f.maxBlob == 0)},
+		{"max-blob-bytes", f.maxBlob < 0 || (f.flags.Changed("max-blob-bytes") && f.maxBlob == 0)},
 		{"max-scratch-bytes", f.maxScratch <= 0},
 		{"max-upload-memory", f.maxUpMem <= 0},
 		{"max-read-memory", f.maxReadMem <= 0},
@@ -169,7 +166,7 @@ func (f *serveFlags) options(fl *pflag.FlagSet) (serveOptions, error) {
 		{"idle-timeout", f.idleTimeout <= 0},
 	} {
 		if b.bad {
-			return o, usagef("--%s %s: want a positive value", b.flag, fl.Lookup(b.flag).Value)
+			return o, usagef("--%s %s: want a positive value", b.flag, f.flags.Lookup(b.flag).Value)
 		}
 	}
 	if o.Retention, err = parseDuration(f.retention); err != nil || o.Retention <= 0 {
@@ -178,7 +175,7 @@ func (f *serveFlags) options(fl *pflag.FlagSet) (serveOptions, error) {
 	if o.Grace, err = parseDuration(f.grace); err != nil || o.Grace <= 0 {
 		return o, usagef("--grace %q: want a positive duration such as 1h", f.grace)
 	}
-	o.Regional = fl.Changed("cache-dir") && (f.s3URL != "" || f.upstream != "")
+	o.Regional = f.flags.Changed("cache-dir") && (f.s3URL != "" || f.upstream != "")
 	switch {
 	case f.s3URL != "" && f.upstream != "":
 		return o, usagef("give either --s3 or --upstream, not both: the upstream is the one source of truth")
@@ -192,6 +189,6 @@ func (f *serveFlags) options(fl *pflag.FlagSet) (serveOptions, error) {
 	o.MetricsAddr, o.DebugAddr = f.metricsAddr, f.debugAddr
 	o.MaxBlobBytes, o.MaxScratchBytes, o.MaxUploadMemory, o.MaxReadMemory = f.maxBlob, f.maxScratch, f.maxUpMem, f.maxReadMem
 	o.UploadTTL, o.IdleTimeout, o.GCInterval, o.GCClockOffset = f.uploadTTL, f.idleTimeout, f.gcInterval, f.gcSkew
-	o.Compression, o.CompressionSet, o.AccessLog = f.compression, fl.Changed("compression"), f.ops.accessLog
+	o.Compression, o.CompressionSet, o.AccessLog = f.compression, f.flags.Changed("compression"), f.ops.accessLog
 	return o, nil
 }

@@ -32,7 +32,7 @@ func TestServeFlags(t *testing.T) {
 			var f serveFlags
 			cmd := f.command()
 			parseFlags(t, cmd, append([]string{"--log-level", "error"}, tc.args...))
-			o, err := f.options(cmd.Flags())
+			o, err := f.options()
 			checkUsage(t, tc.args, err, tc.want)
 			if err == nil && o.Regional != (tc.name == "regional over a bucket" || tc.name == "regional over an upstream") {
 				t.Errorf("%q: regional %v", tc.args, o.Regional)
@@ -47,7 +47,7 @@ func TestServeFlagsOptions(t *testing.T) {
 	cmd := f.command()
 	parseFlags(t, cmd, []string{"--log-level", "error", "--listen", "unix:///tmp/s.sock", "--s3", "s3://b?endpoint=127.0.0.1:1", "--gc-interval", "2h",
 		"--retention", "3d", "--grace", "90m", "--compression=false", "--max-blob-bytes", "1GiB", "--api-key", "k1=team"})
-	o, err := f.options(cmd.Flags())
+	o, err := f.options()
 	if err != nil {
 		t.Fatal(err)
 	}

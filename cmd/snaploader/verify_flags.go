@@ -9,13 +9,7 @@ func newVerifyCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "verify",
 		Short: "Re-hash every blob a snapshot needs (local cache, else the remote), drop local copies that do not match; exit non-zero on any mismatch or missing blob",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			o, err := sf.options()
-			if err != nil {
-				return err
-			}
-			return runVerify(cmd.Context(), o, stdStreams())
-		},
+		RunE:  runE(sf.options, runVerify),
 	}
 	sf.register(cmd, "verify this exact snapshot")
 	return cmd

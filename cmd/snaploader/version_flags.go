@@ -9,9 +9,7 @@ func newVersionCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "version",
 		Short: "Print snaploader's version and the VCS revision it was built from",
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runVersion(cmd.Context(), versionOptions{JSON: asJSON}, stdStreams())
-		},
+		RunE:  runE(func() (versionOptions, error) { return versionOptions{JSON: asJSON}, nil }, runVersion),
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print one JSON object")
 	return cmd
