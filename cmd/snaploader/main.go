@@ -164,6 +164,7 @@ var runState struct {
 }
 
 func main() {
+	stopProfile := startProfile()
 	ctx, cancel := context.WithCancel(context.Background())
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
@@ -191,7 +192,9 @@ func main() {
 		wasInterrupted = !runState.interruptHandled
 	default:
 	}
-	os.Exit(reportOutcome(os.Stdout, os.Stderr, cmd, err, wasInterrupted))
+	code := reportOutcome(os.Stdout, os.Stderr, cmd, err, wasInterrupted)
+	stopProfile()
+	os.Exit(code)
 }
 
 // reportOutcome prints how the command ended and returns the exit code: on
