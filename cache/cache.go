@@ -55,26 +55,39 @@ func NotFoundf(format string, args ...any) error {
 
 // ReadAll reads a whole blob.
 func ReadAll(ctx context.Context, c Cache, ns Namespace, d *repb.Digest) ([]byte, error) {
+	return readAllInto(ctx, c, ns, d, make([]byte, 0, d.SizeBytes))
+}
+
+// readAllInto is ReadAll into buf's space (grown only when the blob is
+// longer than d says).
+func readAllInto(ctx context.Context, c Cache, ns Namespace, d *repb.Digest, buf []byte) ([]byte, error) {
 	rc, err := c.Read(ctx, ns, d)
 	if err != nil {
 		return nil, err
 	}
 	defer rc.Close()
-	buf := make([]byte, 0, d.SizeBytes)
-	b, err := readFull(rc, buf)
+	b, err := readFull(rc, buf[:0])
 	if err != nil {
 		return nil, fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 	}
 	return b, nil
 }
 
+// readFull appends r's bytes to buf up to io.EOF. Once buf is full it
+// reads on into a small scratch array (the end of the stream is where a
+// verifying reader checks the content), growing buf only if r has more.
 func readFull(r io.Reader, buf []byte) ([]byte, error) {
+	var scratch [64]byte
 	for {
+		var n int
+		var err error
 		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
+			n, err = r.Read(scratch[:])
+			buf = append(buf, scratch[:n]...)
+		} else {
+			n, err = r.Read(buf[len(buf):cap(buf)])
+			buf = buf[:len(buf)+n]
 		}
-		n, err := r.Read(buf[len(buf):cap(buf)])
-		buf = buf[:len(buf)+n]
 		if errors.Is(err, io.EOF) {
 			return buf, nil
 		}
@@ -90,6 +103,10 @@ type Blob interface {
 	io.ReaderAt
 	io.Closer
 	Size() int64
+	// WithContents calls fn with where the blob's bytes are, so that a
+	// copy of the whole blob can skip reading it through ReadAt (see
+	// Contents), and returns fn's error.
+	WithContents(fn func(Contents) error) error
 }
 
 // Opener opens blobs for random reads; the local cache and the read-through

@@ -119,3 +119,14 @@ func ReadWhole(ctx context.Context, c Cache, ns Namespace, d *repb.Digest) (io.R
 	rc, err := c.Read(ctx, ns, d)
 	return rc, false, err
 }
+
+// Contents says where an open blob's verified bytes are, for copies of
+// the whole blob: in memory (Mem), or in a file holding them raw from
+// offset 0 (File: the local cache's file, for in-kernel copies and
+// SEEK_DATA/SEEK_HOLE). Neither is set when the bytes are reachable only
+// through ReadAt. Both are lent for the call of Blob.WithContents alone:
+// the callee must not write to them, keep them, or close File.
+type Contents struct {
+	Mem  []byte
+	File *os.File
+}

@@ -51,6 +51,7 @@ type ReadThrough struct {
 	opts   ReadThroughOptions
 	sf     singleflight.Group
 
+	bufs  sync.Pool // *[]byte: buffers of dropped handoffs, for the next fetches
 	mu    sync.Mutex
 	live  map[string]*handoff // fetched blobs whose buffer is held
 	held  []*handoff          // the same, oldest first
@@ -218,13 +219,16 @@ func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest, 
 	}
 	if hs := rt.local; d.GetSizeBytes() <= maxBufferedFetch {
 		// Verify once while reading; store without hashing again.
-		b, err := ReadAll(ctx, Verifying(rt.remote), ns, d)
+		b, err := readAllInto(ctx, Verifying(rt.remote), ns, d, rt.buffer(d.GetSizeBytes()))
 		if err != nil {
+			rt.recycle(b)
 			rt.remoteErrors.Add(1)
 			return fmt.Errorf("fetching blob %s from remote: %w", digest.String(d), err)
 		}
 		if rt.opts.HandoffBytes < 0 {
-			if err := hs.PutHashed(ctx, ns, d, b); err != nil {
+			err := hs.PutHashed(ctx, ns, d, b)
+			rt.recycle(b)
+			if err != nil {
 				rt.remoteErrors.Add(1)
 				return fmt.Errorf("fetching blob %s from remote: %w", digest.String(d), err)
 			}
@@ -250,20 +254,41 @@ func (rt *ReadThrough) fetch(ctx context.Context, ns Namespace, d *repb.Digest, 
 	return nil
 }
 
+// buffer is an empty buffer with room for n bytes: one a dropped handoff
+// left behind when it is large enough, so that fetches reuse memory
+// instead of touching fresh pages.
+func (rt *ReadThrough) buffer(n int64) []byte {
+	if bp, ok := rt.bufs.Get().(*[]byte); ok && int64(cap(*bp)) >= n {
+		return (*bp)[:0]
+	}
+	return make([]byte, 0, n)
+}
+
+// recycle gives b, which nothing reads any more, to the next fetches.
+func (rt *ReadThrough) recycle(b []byte) {
+	if cap(b) > 0 {
+		b = b[:0]
+		rt.bufs.Put(&b)
+	}
+}
+
 // handoff is a fetched, verified blob served from memory while (and after)
 // it is written into the local tier. It stays in ReadThrough.live, buffer
 // and all, until trimLocked drops it (its write has ended and more than
 // HandoffBytes are held); the local tier's file then serves its open
-// handles, and is closed with the last of them.
+// handles, and is closed with the last of them. The dropped buffer is
+// recycled once no reader is inside it (readers hold inUse's read lock
+// while they use the buffer).
 type handoff struct {
-	rt   *ReadThrough
-	d    *repb.Digest
-	key  string
-	buf  atomic.Pointer[[]byte] // nil once dropped
-	done chan struct{}          // closed when the local write has ended
-	err  error                  // the write's error; set before done closes
-	file Blob                   // the stored blob, once written (nil on error)
-	refs int                    // under rt.mu: handles, plus one for the write
+	rt    *ReadThrough
+	d     *repb.Digest
+	key   string
+	inUse sync.RWMutex
+	buf   atomic.Pointer[[]byte] // nil once dropped
+	done  chan struct{}          // closed when the local write has ended
+	err   error                  // the write's error; set before done closes
+	file  Blob                   // the stored blob, once written (nil on error)
+	refs  int                    // under rt.mu: handles, plus one for the write
 }
 
 // handOff makes data (verified against d) available to readers at once and
@@ -275,8 +300,11 @@ func (rt *ReadThrough) handOff(ctx context.Context, ns Namespace, d *repb.Digest
 	rt.live[key] = h
 	rt.held = append(rt.held, h)
 	rt.heldB += int64(len(data))
-	rt.trimLocked()
+	dropped := rt.trimLocked()
 	rt.mu.Unlock()
+	if len(dropped) > 0 {
+		go rt.recycleDropped(dropped)
+	}
 	go func() {
 		err := hs.PutHashed(ctx, ns, d, data)
 		var f Blob
@@ -290,15 +318,16 @@ func (rt *ReadThrough) handOff(ctx context.Context, ns Namespace, d *repb.Digest
 		h.file, h.err = f, err
 		close(h.done)
 		rt.mu.Lock()
-		rt.trimLocked()
+		dropped := rt.trimLocked()
 		rt.mu.Unlock()
+		rt.recycleDropped(dropped)
 		h.release()
 	}()
 }
 
 // trimLocked drops the oldest handoffs whose write has ended while more
-// than HandoffBytes are held.
-func (rt *ReadThrough) trimLocked() {
+// than HandoffBytes are held, and returns their buffers for recycleDropped.
+func (rt *ReadThrough) trimLocked() (dropped []droppedBuf) {
 	kept := rt.held[:0]
 	for _, h := range rt.held {
 		written := false
@@ -310,6 +339,7 @@ func (rt *ReadThrough) trimLocked() {
 		if rt.heldB > rt.opts.HandoffBytes && written {
 			if bp := h.buf.Swap(nil); bp != nil {
 				rt.heldB -= int64(len(*bp))
+				dropped = append(dropped, droppedBuf{h, *bp})
 			}
 			delete(rt.live, h.key)
 			if h.refs == 0 && h.file != nil {
@@ -321,6 +351,26 @@ func (rt *ReadThrough) trimLocked() {
 	}
 	clear(rt.held[len(kept):])
 	rt.held = kept
+	return dropped
+}
+
+// droppedBuf is the buffer trimLocked took from handoff h.
+type droppedBuf struct {
+	h   *handoff
+	buf []byte
+}
+
+// recycleDropped recycles the buffers trimLocked dropped, each once the
+// readers that were inside it have left (new readers no longer see it).
+// It is called without rt.mu, and never by a fetch that a reader inside
+// a buffer may be waiting for.
+func (rt *ReadThrough) recycleDropped(dropped []droppedBuf) {
+	for _, d := range dropped {
+		// Taking the write lock waits out the readers inside the buffer.
+		d.h.inUse.Lock()
+		d.h.inUse.Unlock()
+		rt.recycle(d.buf)
+	}
 }
 
 // acquire returns the live handoff of key with a reference taken, or nil.
@@ -356,7 +406,9 @@ func (b *handoffBlob) Size() int64 { return b.h.d.GetSizeBytes() }
 
 func (b *handoffBlob) ReadAt(p []byte, off int64) (int, error) {
 	h := b.h
+	h.inUse.RLock()
 	if bp := h.buf.Load(); bp != nil {
+		defer h.inUse.RUnlock()
 		data := *bp
 		if off < 0 || off >= int64(len(data)) {
 			if off == int64(len(data)) {
@@ -370,6 +422,7 @@ func (b *handoffBlob) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return n, nil
 	}
+	h.inUse.RUnlock()
 	<-h.done
 	if h.file == nil {
 		return 0, fmt.Errorf("reading blob %s at offset %d: %w", digest.String(h.d), off, h.err)
@@ -390,18 +443,21 @@ func (b *handoffBlob) Close() error {
 	return err
 }
 
-// Stored is the local tier's blob once the write has ended and the buffer
-// is gone, else nil: in-kernel copies (restore) use it.
-func (b *handoffBlob) Stored() Blob {
-	if b.h.buf.Load() != nil {
-		return nil
+// WithContents lends fn the verified bytes in memory while the buffer is
+// held, else the local tier's blob's contents once it is written.
+func (b *handoffBlob) WithContents(fn func(Contents) error) error {
+	h := b.h
+	h.inUse.RLock()
+	if bp := h.buf.Load(); bp != nil {
+		defer h.inUse.RUnlock()
+		return fn(Contents{Mem: *bp})
 	}
-	select {
-	case <-b.h.done:
-		return b.h.file
-	default:
-		return nil
+	h.inUse.RUnlock()
+	<-h.done
+	if h.file == nil {
+		return fmt.Errorf("reading blob %s: %w", digest.String(h.d), h.err)
 	}
+	return h.file.WithContents(fn)
 }
 
 // Read is Open as a stream: the blob is in the local tier and verified

@@ -80,6 +80,9 @@ type fileBlob struct {
 }
 
 func (b *fileBlob) Size() int64 { return b.size }
+func (b *fileBlob) WithContents(fn func(cache.Contents) error) error {
+	return fn(cache.Contents{File: b.File})
+}
 func (b *fileBlob) Close() error {
 	b.c.closes.Add(1)
 	return b.File.Close()

@@ -63,20 +63,23 @@ func writeStore(ctx context.Context, s *cow.Store, path string, progress func(in
 	w.clone.Store(true)
 	g, gctx := errgroup.WithContext(ctx)
 	g.SetLimit(writeParallelism)
+	// Scratch buffers, only for the chunks that are neither in memory
+	// nor in a file of the local cache (and for copies the kernel
+	// refuses): one per chunk in flight at most, reused.
 	bufs := sync.Pool{New: func() any { b := make([]byte, s.ChunkSize()); return &b }}
 	for _, c := range s.ChunkedFile().GetChunks() {
 		g.Go(func() error {
 			if err := gctx.Err(); err != nil {
 				return err
 			}
-			bp := bufs.Get().(*[]byte)
-			defer bufs.Put(bp)
 			off, n := c.GetOffset(), c.GetDigest().GetSizeBytes()
-			done, err := s.WithCleanChunk(off, func(b cache.Blob) error { return w.copyBlob(b, off, n, (*bp)[:n]) })
+			done, err := s.WithCleanChunk(off, func(b cache.Blob) error { return w.copyBlob(b, off, n, &bufs) })
 			if err != nil {
 				return err
 			}
 			if !done {
+				bp := bufs.Get().(*[]byte)
+				defer bufs.Put(bp)
 				if _, err := s.ReadAt((*bp)[:n], off); err != nil {
 					return err
 				}
@@ -110,24 +113,31 @@ type chunkWriter struct {
 	nocopy atomic.Bool
 }
 
-// rawFiler is a blob whose raw content is an open file (the local cache's).
-type rawFiler interface{ File() *os.File }
-
-// storedBlob is a blob served from memory that may be stored in the local
-// cache by now (cache.ReadThrough's fetched blobs).
-type storedBlob interface{ Stored() cache.Blob }
-
-// copyBlob writes the n bytes of b (a chunk's clean blob) at off, with an
-// in-kernel copy when b is a file of the local cache; buf holds n bytes.
-func (w *chunkWriter) copyBlob(b cache.Blob, off, n int64, buf []byte) error {
-	if sb, ok := b.(storedBlob); ok {
-		if st := sb.Stored(); st != nil {
-			b = st
+// copyBlob writes the n bytes of b (a chunk's clean blob) at off: from
+// memory without a copy when b's bytes are there (just fetched), with an
+// in-kernel copy when they are a file of the local cache, else through a
+// scratch buffer of bufs.
+func (w *chunkWriter) copyBlob(b cache.Blob, off, n int64, bufs *sync.Pool) error {
+	written := false
+	err := b.WithContents(func(c cache.Contents) error {
+		switch {
+		case int64(len(c.Mem)) >= n:
+			written = true
+			return w.writeData(c.Mem[:n], off)
+		case c.File != nil && !w.nocopy.Load():
+			written = true
+			bp := bufs.Get().(*[]byte)
+			defer bufs.Put(bp)
+			return w.copyFile(c.File, off, n, (*bp)[:n])
 		}
+		return nil
+	})
+	if err != nil || written {
+		return err
 	}
-	if rf, ok := b.(rawFiler); ok && !w.nocopy.Load() {
-		return w.copyFile(rf.File(), off, n, buf)
-	}
+	bp := bufs.Get().(*[]byte)
+	defer bufs.Put(bp)
+	buf := (*bp)[:n]
 	if _, err := b.ReadAt(buf, 0); err != nil && err != io.EOF {
 		return err
 	}

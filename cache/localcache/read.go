@@ -249,12 +249,12 @@ func (b *blob) Close() error {
 	return err
 }
 
-// File is the open file holding the blob's raw content from offset 0 (the
-// cached blob itself, or the decoded copy of a compressed one), sparse
-// where the content has long zero runs: for in-kernel copies
-// (copy_file_range, FICLONERANGE) and SEEK_DATA/SEEK_HOLE. Callers must
-// neither write to it nor close it, and must not use it after Close.
-func (b *blob) File() *os.File { return b.f }
+// WithContents lends fn the open file holding the blob's raw content
+// from offset 0 (the cached blob itself, or the decoded copy of a
+// compressed one), sparse where the content has long zero runs.
+func (b *blob) WithContents(fn func(cache.Contents) error) error {
+	return fn(cache.Contents{File: b.f})
+}
 
 // ReadRange reads n bytes of blob d from off (fewer at its end); see
 // cache.RangeReader.
