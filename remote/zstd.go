@@ -22,7 +22,9 @@ func getDecoder(r io.Reader) (*zstd.Decoder, error) {
 		}
 		d.Close()
 	}
-	return zstdio.NewDecoder(r, maxDecoderWindow)
+	// Frame checksums are not checked: every blob this package decodes is
+	// verified against its digest, which a checksum cannot add to.
+	return zstdio.NewDecoder(r, maxDecoderWindow, zstd.IgnoreChecksum(true))
 }
 
 func putDecoder(d *zstd.Decoder) {

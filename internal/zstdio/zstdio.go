@@ -35,7 +35,7 @@ func NewEncoder(opts ...zstd.EOption) *zstd.Encoder {
 }
 
 // NewDecoder returns a decoder of r on one goroutine, in low-memory mode,
-// that refuses frames with a window over maxWindow.
-func NewDecoder(r io.Reader, maxWindow uint64) (*zstd.Decoder, error) {
-	return zstd.NewReader(r, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true), zstd.WithDecoderMaxWindow(maxWindow))
+// that refuses frames with a window over maxWindow, with opts added.
+func NewDecoder(r io.Reader, maxWindow uint64, opts ...zstd.DOption) (*zstd.Decoder, error) {
+	return zstd.NewReader(r, append([]zstd.DOption{zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true), zstd.WithDecoderMaxWindow(maxWindow)}, opts...)...)
 }
