@@ -10,6 +10,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -40,6 +41,8 @@ type streamReader struct {
 	off     int64 // content bytes delivered
 	retries int
 	err     error
+
+	codec *readCodec // decodes the responses; nil until the first open
 }
 
 // start opens the stream and receives the first message, retrying.
@@ -74,7 +77,10 @@ func (r *streamReader) open() error {
 	r.cancel = cancel
 	r.buf, r.rawErr, r.openErr = nil, nil, nil
 	name := ReadResourceName(r.inst, r.fn, r.d, r.compressed)
-	stream, err := r.c.reader().Read(ctx, &bspb.ReadRequest{ResourceName: name, ReadOffset: r.off})
+	if r.codec == nil {
+		r.codec = newReadCodec()
+	}
+	stream, err := r.c.reader().Read(ctx, &bspb.ReadRequest{ResourceName: name, ReadOffset: r.off}, grpc.ForceCodecV2(r.codec))
 	if err != nil {
 		r.openErr = err
 		return err
@@ -171,6 +177,9 @@ func (r *streamReader) Close() error {
 	if r.dec != nil {
 		putDecoder(r.dec)
 		r.dec = nil
+	}
+	if r.codec != nil {
+		r.codec.release()
 	}
 	if r.err == nil {
 		r.err = status.Error(codes.FailedPrecondition, "reader closed")
