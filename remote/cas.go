@@ -165,7 +165,7 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 	var resp *repb.BatchReadBlobsResponse
 	err := c.retry(ctx, func(ctx context.Context) error {
 		var err error
-		resp, err = c.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{InstanceName: inst, Digests: []*repb.Digest{d}, DigestFunction: fn})
+		resp, err = c.lane.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{InstanceName: inst, Digests: []*repb.Digest{d}, DigestFunction: fn})
 		if err != nil {
 			return err
 		}
@@ -196,11 +196,12 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 }
 
 // ReadRange reads n bytes of blob d from off (fewer at its end) with one
-// ByteStream read (read_offset, read_limit) of the uncompressed resource,
-// retrying. The bytes are not verified: the caller checks them (see
-// cache.RangeReader). A server that refuses range reads (UNIMPLEMENTED, or
-// OUT_OF_RANGE for the read limit) is asked once: that read and every
-// later one is an error wrapping cache.ErrNoRange.
+// ByteStream read (read_offset, read_limit) of the uncompressed resource
+// over the fault lane (see Options.SharedFaultLane), retrying. The bytes
+// are not verified: the caller checks them (see cache.RangeReader). A
+// server that refuses range reads (UNIMPLEMENTED, or OUT_OF_RANGE for the
+// read limit) is asked once: that read and every later one is an error
+// wrapping cache.ErrNoRange.
 func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
 	inst, fn, err := c.ns(ns)
 	if err != nil {
@@ -226,7 +227,7 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 	buf := make([]byte, 0, n)
 	err = c.retry(ctx, func(ctx context.Context) error {
 		buf = buf[:0]
-		stream, err := c.reader().Read(ctx, &bspb.ReadRequest{ResourceName: ReadResourceName(inst, fn, d, false), ReadOffset: off, ReadLimit: n})
+		stream, err := c.lane.bs.Read(ctx, &bspb.ReadRequest{ResourceName: ReadResourceName(inst, fn, d, false), ReadOffset: off, ReadLimit: n})
 		if err != nil {
 			return err
 		}

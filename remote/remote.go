@@ -81,6 +81,12 @@ type Options struct {
 	// connection is one TCP stream with its own flow-control windows and
 	// its own reader goroutine on each side.
 	Connections int
+	// SharedFaultLane sends reads of part of a blob and batch reads of
+	// small blobs over the same connections as whole-blob transfers. By
+	// default they have a connection of their own (the fault lane, dialled
+	// on first use), so that a page fault's few KiB never queue behind the
+	// megabytes of read-ahead already in flight on a connection.
+	SharedFaultLane bool
 }
 
 // Client talks to one REAPI cache.
@@ -93,6 +99,7 @@ type Client struct {
 	bs       bspb.ByteStreamClient
 	readers  []bspb.ByteStreamClient // ByteStream reads, round robin
 	extra    []*grpc.ClientConn      // connections beyond conn
+	lane     faultLane               // ranged and small reads (conn.go)
 	next     atomic.Uint32
 	fn       digest.Function
 	fns      []digest.Function
@@ -180,6 +187,10 @@ func Dial(ctx context.Context, target string, opts Options) (*Client, error) {
 		ranges: newRangeSupport(),
 	}
 	c.readers = []bspb.ByteStreamClient{c.bs}
+	if err := c.dialLane(addr, dopts); err != nil {
+		c.Close()
+		return nil, status.Errorf(codes.InvalidArgument, "remote cache %s: %v", target, err)
+	}
 	for range max(1, opts.Connections) - 1 {
 		cc, err := grpc.NewClient(addr, dopts...)
 		if err != nil {
@@ -350,6 +361,9 @@ func (c *Client) CanUpdateActionCache() bool { return c.canWrite }
 // Close closes the connections.
 func (c *Client) Close() error {
 	errs := []error{c.conn.Close()}
+	if c.lane.conn != nil {
+		errs = append(errs, c.lane.conn.Close())
+	}
 	for _, cc := range c.extra {
 		errs = append(errs, cc.Close())
 	}
