@@ -146,6 +146,11 @@ type Store struct {
 
 	pq prefetchQueue
 	ra readAheadState
+	// link sizes background fetching to the link (linkrate.go); faults
+	// counts the reads waiting on the source, which read-ahead yields to
+	// (faultgate.go).
+	link   linkEstimate
+	faults faultGate
 	// fetchLat is a moving average of the time an open from the source
 	// takes (nanoseconds), which sizes read-ahead.
 	fetchLat atomic.Int64
@@ -160,6 +165,7 @@ type Store struct {
 	fgFetches    atomic.Int64
 	prefetched   atomic.Int64
 	queuedTotal  atomic.Int64
+	yields       atomic.Int64
 }
 
 // Open returns a lazy Store over cf: nothing is read until a chunk is

@@ -30,8 +30,11 @@ type Options struct {
 	// out-of-order touch gets 4. Default DefaultReadAhead; negative
 	// disables read-ahead.
 	ReadAhead int
-	// PrefetchConcurrency bounds concurrent background opens. Default
-	// DefaultPrefetchConcurrency.
+	// PrefetchConcurrency bounds concurrent background opens (and so the
+	// memory of chunks in flight). Within it, as many run as keep about one
+	// bandwidth-delay product of the link in flight, measured from the
+	// fetches that complete: two on a fast link with short round trips,
+	// more as latency grows. Default DefaultPrefetchConcurrency.
 	PrefetchConcurrency int
 	// PrefetchRate bounds the bytes per second of chunks background opens
 	// start. Default DefaultPrefetchRate; negative means unbounded.

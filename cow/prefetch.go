@@ -12,8 +12,9 @@ type prefetchItem struct {
 	ctx context.Context // nil for read-ahead
 }
 
-// prefetchQueue is a LIFO of chunks to open in the background, served by at
-// most max goroutines that exist only while there is work.
+// prefetchQueue is a LIFO of chunks to open in the background, served by
+// goroutines that exist only while there is work: as many as the link
+// estimate wants in flight, at most max.
 type prefetchQueue struct {
 	mu      sync.Mutex
 	stack   []prefetchItem
@@ -81,7 +82,17 @@ func (s *Store) push(items []prefetchItem) {
 		}
 		q.stack = append(q.stack, it)
 	}
-	for q.running < q.max && q.running < len(q.stack) {
+	s.spawnLocked(0)
+}
+
+// spawnLocked starts workers while fewer run than the link estimate wants
+// in flight (at most Options.PrefetchConcurrency) and than there are
+// queued items for them; busy is how many running workers hold an item
+// already. q.mu is held.
+func (s *Store) spawnLocked(busy int) {
+	q := &s.pq
+	limit := s.link.target(s.cs, q.max)
+	for q.running < limit && q.running-busy < len(q.stack) {
 		q.running++
 		q.wg.Add(1)
 		go s.prefetchWorker()
@@ -93,7 +104,9 @@ func (s *Store) prefetchWorker() {
 	defer q.wg.Done()
 	for {
 		q.mu.Lock()
-		if q.stopped || len(q.stack) == 0 {
+		// Workers beyond what the link wants in flight stop (see
+		// linkEstimate); more start when it wants more.
+		if q.stopped || len(q.stack) == 0 || q.running > s.link.target(s.cs, q.max) {
 			q.running--
 			q.mu.Unlock()
 			return
@@ -102,9 +115,18 @@ func (s *Store) prefetchWorker() {
 		q.stack[len(q.stack)-1] = prefetchItem{}
 		q.stack = q.stack[:len(q.stack)-1]
 		it.c.queued.Store(false) // under q.mu, so push sees stack and flag agree
+		s.spawnLocked(1)
 		q.mu.Unlock()
 		if (it.ctx != nil && it.ctx.Err() != nil) || it.c.settled.Load() {
 			continue
+		}
+		// Faults first: a read waiting on the source goes before
+		// read-ahead.
+		if s.faults.wait(s.ctx.Done(), maxYield) {
+			s.yields.Add(1)
+			if it.c.settled.Load() {
+				continue
+			}
 		}
 		if wait := q.pace(s.cs); wait > 0 {
 			select {

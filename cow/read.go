@@ -82,10 +82,13 @@ func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
 		}
 		ob, d := c.ob, c.d
 		c.mu.RUnlock()
-		if done, err := s.readRange(c, d, ob, p, in); done || err != nil {
-			return err
+		s.faults.enter()
+		done, err := s.readRange(c, d, ob, p, in)
+		if !done && err == nil {
+			err = s.fetch(c, true)
 		}
-		if err := s.fetch(c, true); err != nil {
+		s.faults.leave()
+		if done || err != nil {
 			return err
 		}
 	}
@@ -126,7 +129,10 @@ func (s *Store) WithCleanChunk(off int64, fn func(b cache.Blob) error) (bool, er
 			return true, nil
 		}
 		c.mu.RUnlock()
-		if err := s.fetch(c, true); err != nil {
+		s.faults.enter()
+		err := s.fetch(c, true)
+		s.faults.leave()
+		if err != nil {
 			return false, err
 		}
 	}
@@ -150,6 +156,7 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 		attribute.String("file", s.name), attribute.Int64("offset", c.off), attribute.Int64("bytes", c.d.SizeBytes),
 		attribute.String("digest", c.d.GetHash()), attribute.Bool("foreground", foreground))
 	start := time.Now()
+	ticket := s.link.begin(start)
 	var b cache.Blob
 	var tier string
 	var err error
@@ -163,6 +170,7 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 		err = cache.Corruptf("source blob has %d bytes", b.Size())
 	}
 	if err != nil {
+		s.link.end(ticket, 0, time.Now(), false)
 		s.fetchErrors.Add(1)
 		err = fmt.Errorf("fetching chunk at offset %d (digest %s) of chunked file %q: %w", c.off, digest.String(c.d), s.name, err)
 		telemetry.End(span, err)
@@ -170,6 +178,8 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	}
 	telemetry.End(span, nil)
 	wait := time.Since(start)
+	// Only fetches that crossed a link size read-ahead to it.
+	s.link.end(ticket, c.d.SizeBytes, start.Add(wait), tier != cache.TierLocal)
 	if old := s.fetchLat.Load(); old == 0 {
 		s.fetchLat.Store(int64(wait))
 	} else {

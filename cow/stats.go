@@ -13,6 +13,7 @@ type Stats struct {
 	ForegroundFetches int64 // opens a ReadAt or WriteAt waited for
 	Prefetched        int64 // opens done by read-ahead or Prefetch
 	PrefetchQueued    int64 // chunks ever put in the prefetch queue
+	PrefetchYields    int64 // background opens that waited for a fault first
 }
 
 // Stats returns the store's counters.
@@ -27,6 +28,7 @@ func (s *Store) Stats() Stats {
 		ForegroundFetches: s.fgFetches.Load(),
 		Prefetched:        s.prefetched.Load(),
 		PrefetchQueued:    s.queuedTotal.Load(),
+		PrefetchYields:    s.yields.Load(),
 	}
 	for _, c := range s.snapshotChunks() {
 		c.mu.RLock()

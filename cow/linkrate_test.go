@@ -1,0 +1,106 @@
+package cow
+
+import (
+	"testing"
+	"time"
+)
+
+// The fetches in flight follow the link: two on a short, fast link, more
+// as its latency grows, at most the configured bound, and fetches served
+// locally or that failed say nothing about the link.
+func TestLinkEstimateTarget(t *testing.T) {
+	const chunk = 4096000
+	ms := func(f float64) time.Duration { return time.Duration(f * float64(time.Millisecond)) }
+	t0 := time.Unix(1000, 0)
+	// pair: two fetches of a chunk begun together on a link of rate
+	// bytes/s, the second done once both are delivered.
+	pair := func(l *linkEstimate, at time.Time, rate float64) {
+		a, b := l.begin(at), l.begin(at)
+		one := time.Duration(chunk / rate * float64(time.Second))
+		l.end(a, chunk, at.Add(one), true)
+		l.end(b, chunk, at.Add(2*one), true)
+	}
+	lone := func(l *linkEstimate, at time.Time, dur time.Duration, observed bool) {
+		l.end(l.begin(at), chunk, at.Add(dur), observed)
+	}
+	for _, tc := range []struct {
+		name string
+		run  func(l *linkEstimate)
+		most int
+		want int
+	}{
+		{"nothing measured", func(*linkEstimate) {}, 4, 2},
+		{"bound below two", func(*linkEstimate) {}, 1, 1},
+		// 1 Gbit/s, 1 ms each way: a 4 MB chunk is 32.8 ms on the wire.
+		{"1 Gbit/s, 1 ms each way", func(l *linkEstimate) {
+			pair(l, t0, 125e6)
+			lone(l, t0.Add(time.Second), ms(32.77+4), true)
+		}, 8, 2},
+		// A bucket 50 ms away at 100 MB/s: 100 ms of round trips a chunk.
+		{"100 MB/s, 50 ms each way", func(l *linkEstimate) {
+			pair(l, t0, 100e6)
+			lone(l, t0.Add(time.Second), ms(40.96+100), true)
+		}, 8, 4},
+		{"bounded", func(l *linkEstimate) {
+			pair(l, t0, 100e6)
+			lone(l, t0.Add(time.Second), ms(40.96+500), true)
+		}, 4, 4},
+		{"local opens are not the link", func(l *linkEstimate) {
+			pair(l, t0, 100e6)
+			lone(l, t0.Add(time.Second), ms(40.96+100), true)
+			for i := range 20 {
+				lone(l, t0.Add(2*time.Second+time.Duration(i)*time.Millisecond), time.Microsecond, false)
+			}
+		}, 8, 4},
+		{"overlapping fetches are not lone", func(l *linkEstimate) {
+			pair(l, t0, 100e6)
+			a := l.begin(t0.Add(time.Second))
+			b := l.begin(t0.Add(time.Second + ms(1)))
+			l.end(b, chunk, t0.Add(time.Second+ms(500)), true)
+			l.end(a, chunk, t0.Add(time.Second+ms(600)), true)
+		}, 8, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var l linkEstimate
+			tc.run(&l)
+			if got := l.target(chunk, tc.most); got != tc.want {
+				t.Errorf("target %d, want %d (rate %.0f B/s)", got, tc.want, l.rateLocked())
+			}
+			if n := l.inFlight(); n != 0 {
+				t.Errorf("%d fetches still in flight", n)
+			}
+		})
+	}
+}
+
+// Read-ahead waits while a fault is pending, and not otherwise.
+func TestFaultGate(t *testing.T) {
+	var g faultGate
+	if g.wait(nil, time.Hour) {
+		t.Fatal("waited with no fault pending")
+	}
+	g.enter()
+	g.enter()
+	waited := make(chan bool)
+	go func() { waited <- g.wait(nil, time.Hour) }()
+	g.leave()
+	select {
+	case <-waited:
+		t.Fatal("stopped waiting with a fault still pending")
+	case <-time.After(20 * time.Millisecond):
+	}
+	g.leave()
+	if !<-waited {
+		t.Error("wait says it did not wait")
+	}
+	g.enter()
+	done := make(chan struct{})
+	close(done)
+	if !g.wait(done, time.Hour) {
+		t.Error("wait with a closed done says it did not wait")
+	}
+	g.leave()
+	if g.wait(nil, time.Hour) {
+		t.Error("waited after every fault left")
+	}
+}
