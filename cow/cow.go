@@ -100,7 +100,15 @@ type chunk struct {
 	noRange atomic.Bool // the source cannot serve verified ranges of it
 	touched atomic.Bool // accessed by a read or write
 	queued  atomic.Bool // in the prefetch queue
+	// opening holds the digests of the clean content being opened from
+	// the source, while an open runs under mu: a small read meanwhile is
+	// served by a verified range read instead of waiting for the whole
+	// chunk (see readChunk).
+	opening atomic.Pointer[cleanDigests]
 }
+
+// cleanDigests are a chunk's clean digest and its outboard's.
+type cleanDigests struct{ d, ob *repb.Digest }
 
 // Store is a lazy copy-on-write chunked file. It is safe for concurrent use.
 type Store struct {

@@ -356,3 +356,46 @@ func TestWholeChunkWaitsForTheReaderToPause(t *testing.T) {
 		})
 	}
 }
+
+// A small read of a chunk whose read-ahead is in flight is served by a
+// verified range read at once instead of waiting for the whole chunk, and
+// the chunk is still fetched from the remote once.
+func TestRangeReadDoesNotWaitForReadAhead(t *testing.T) {
+	cf, remote, want := rangeFixture(t, "dd", 0, Options{})
+	g := gated(cf, remote)
+	defer g.open()
+	s, rt := openCold(t, cf, g, Options{})
+	s.Prefetch(context.Background(), []int64{rangeCS})
+	waitFor(t, "read-ahead of chunk 1 to start", func() bool { return g.chunkStarts.Load() == 1 })
+	done := make(chan error, 1)
+	p := make([]byte, 4096)
+	go func() {
+		_, err := s.ReadAt(p, rangeCS+50000)
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		g.open()
+		t.Fatal("a small read waited for the whole chunk being read ahead")
+	}
+	if !bytes.Equal(p, want[rangeCS+50000:rangeCS+50000+4096]) {
+		t.Fatal("range read returned wrong bytes")
+	}
+	if n := g.chunkBytes.Load(); n != 0 {
+		t.Errorf("%d bytes of whole chunks served before the read returned", n)
+	}
+	g.open()
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, b := g.chunkStarts.Load(), g.chunkBytes.Load(); n != 1 || b != rangeCS {
+		t.Errorf("remote served %d whole-chunk reads, %d bytes; want the chunk once (%d bytes)", n, b, rangeCS)
+	}
+	if st := rt.Stats(); st.RangeReads != 1 {
+		t.Errorf("%d verified range reads, want 1", st.RangeReads)
+	}
+}

@@ -55,6 +55,16 @@ func (s *Store) ReadAt(p []byte, off int64) (int, error) {
 
 func (s *Store) readChunk(c *chunk, p []byte, in int64) error {
 	for {
+		// The chunk is being opened (read ahead, say): its lock is held
+		// until the whole chunk is in, and a small read need not wait.
+		if op := c.opening.Load(); op != nil {
+			s.faults.enter()
+			done, err := s.readRange(c, op.d, op.ob, p, in)
+			s.faults.leave()
+			if done || err != nil {
+				return err
+			}
+		}
 		c.mu.RLock()
 		switch {
 		case c.overlay:
@@ -155,6 +165,8 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	ctx, span := telemetry.Start(s.ctx, "snaploader.chunk_fetch",
 		attribute.String("file", s.name), attribute.Int64("offset", c.off), attribute.Int64("bytes", c.d.SizeBytes),
 		attribute.String("digest", c.d.GetHash()), attribute.Bool("foreground", foreground))
+	c.opening.Store(&cleanDigests{c.d, c.ob})
+	defer c.opening.Store(nil)
 	start := time.Now()
 	ticket := s.link.begin(start)
 	var b cache.Blob
