@@ -25,19 +25,12 @@ func IsOutage(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded)
 }
 
-// Health is implemented by tiers that know they are down: Down returns the
-// error that put them there, nil while they are up.
-type Health interface {
-	Down() error
-}
-
-// TierDown returns the error a tier reported when it went down, or nil
-// when c is up or cannot tell.
-func TierDown(c Cache) error {
-	if h, ok := c.(Health); ok {
-		return h.Down()
+// TierDown is t.Down(), nil for no tier.
+func TierDown(t Tier) error {
+	if t == nil {
+		return nil
 	}
-	return nil
+	return t.Down()
 }
 
 // BreakerOptions configure NewBreaker.
@@ -58,7 +51,7 @@ type BreakerOptions struct {
 // call: after a call fails with an outage (IsOutage), every call fails at
 // once with Unavailable naming the first error, until RetryAfter has
 // passed; then one call at a time probes the tier, and the first success
-// closes the breaker again. It implements Health.
+// closes the breaker again. Down says whether it is open.
 type Breaker struct {
 	c    Tier
 	opts BreakerOptions
@@ -191,12 +184,12 @@ func (b *Breaker) UpdateActionResult(ctx context.Context, ns Namespace, key *rep
 	return b.call(ctx, func() error { return b.c.UpdateActionResult(ctx, ns, key, ar) })
 }
 
-// WithBreaker wraps c in a Breaker. The result implements Health.
+// WithBreaker wraps c in a Breaker.
 func WithBreaker(c Tier, opts BreakerOptions) Tier { return NewBreaker(c, opts) }
 
 // Unreachable is a tier that could not be reached at all (e.g. its
 // capabilities could not be read): every call fails with err, wrapped as
-// Unavailable. It implements Health.
+// Unavailable, and Down is err.
 func Unreachable(name string, err error) Tier {
 	return unreachable{name: name, err: fmt.Errorf("%s: %w", name, err)}
 }
@@ -216,7 +209,14 @@ func (u unreachable) ReadCompressed(context.Context, Namespace, *repb.Digest) (i
 	return nil, false, u.fail()
 }
 
-func (u unreachable) Down() error { return u.err }
+func (u unreachable) Down() error  { return u.err }
+func (u unreachable) Close() error { return nil }
+func (u unreachable) WriteCompressed(context.Context, Namespace, *repb.Digest, io.Reader) error {
+	return u.fail()
+}
+func (u unreachable) PutHashed(context.Context, Namespace, *repb.Digest, []byte) error {
+	return u.fail()
+}
 func (u unreachable) fail() error {
 	if IsOutage(u.err) {
 		return u.err
@@ -257,3 +257,16 @@ func (b *Breaker) ReadCompressed(ctx context.Context, ns Namespace, d *repb.Dige
 	}
 	return &breakerReader{ReadCloser: rc, b: b, ctx: ctx}, compressed, nil
 }
+
+// WriteCompressed implements Tier.
+func (b *Breaker) WriteCompressed(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+	return b.call(ctx, func() error { return b.c.WriteCompressed(ctx, ns, d, r) })
+}
+
+// PutHashed implements Tier.
+func (b *Breaker) PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error {
+	return b.call(ctx, func() error { return b.c.PutHashed(ctx, ns, d, data) })
+}
+
+// Close closes the wrapped tier.
+func (b *Breaker) Close() error { return b.c.Close() }

@@ -49,7 +49,13 @@ func (f *flaky) ReadRange(context.Context, Namespace, *repb.Digest, int64, int64
 func (f *flaky) ReadCompressed(context.Context, Namespace, *repb.Digest) (io.ReadCloser, bool, error) {
 	return nil, false, f.answer()
 }
-func (f *flaky) Traits() Traits { return Traits{Description: "flaky", ServesRanges: true} }
+func (f *flaky) WriteCompressed(context.Context, Namespace, *repb.Digest, io.Reader) error {
+	return f.answer()
+}
+func (f *flaky) PutHashed(context.Context, Namespace, *repb.Digest, []byte) error { return f.answer() }
+func (f *flaky) Traits() Traits                                                   { return Traits{Description: "flaky", ServesRanges: true} }
+func (f *flaky) Down() error                                                      { return nil }
+func (f *flaky) Close() error                                                     { return nil }
 
 func TestBreaker(t *testing.T) {
 	ctx := context.Background()

@@ -1,10 +1,12 @@
-// Package cache defines the storage interface every snaploader tier
-// implements (local disk, REAPI remote, S3) and composable wrappers over it:
-// digest-verifying reads, a read-through second tier, and counters.
+// Package cache defines the storage contracts every snaploader tier
+// fulfils (Tier; Local for a host's own tier, Backend for what a server
+// serves, Source for what the lazy store reads) and composable wrappers
+// over them: digest-verifying reads, a breaker, a read-through second tier.
 //
-// Errors carry gRPC status codes so that callers can tell NotFound (the blob
-// or entry is absent), Unavailable (the tier is down), InvalidArgument and
-// Internal (corrupt data) apart with status.Code, however deeply wrapped.
+// Errors carry the kinds of package errkind, so that callers can tell
+// NotFound (the blob or entry is absent), Unavailable (the tier is down),
+// InvalidArgument, ResourceExhausted and DataLoss (stored data failed
+// verification) apart, however deeply wrapped.
 package cache
 
 import (

@@ -13,10 +13,10 @@ import (
 	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
-// CompressedReader is implemented by tiers that may store blobs
-// zstd-compressed at rest (each blob that shrinks enough), so that a server answers REAPI
-// compressed-blobs/zstd reads from the stored bytes without decoding and
-// re-encoding them.
+// CompressedReader is the part of the Tier contract that lets a server
+// answer REAPI compressed-blobs/zstd reads from the bytes a tier stores
+// zstd-compressed at rest (each blob that shrinks enough), without
+// decoding and re-encoding them.
 //
 // ReadCompressed opens blob d as it is stored. When compressed is true the
 // stream is zstd frames that decode to d's content; the tier has not
@@ -30,12 +30,13 @@ type CompressedReader interface {
 	ReadCompressed(ctx context.Context, ns Namespace, d *repb.Digest) (rc io.ReadCloser, compressed bool, err error)
 }
 
-// CompressedWriter is implemented by tiers that accept blobs already
-// zstd-compressed (a REAPI compressed-blobs/zstd upload): r yields zstd
-// frames whose decoded content must be exactly what d names, else the
-// error is InvalidArgument and nothing is stored. The tier decodes only to
-// verify and stores the frames as they are when they are smaller than the
-// content (else the decoded content).
+// CompressedWriter is the part of the Tier contract that takes blobs
+// already zstd-compressed (a REAPI compressed-blobs/zstd upload): r yields
+// zstd frames whose decoded content must be exactly what d names, else the
+// error is InvalidArgument and nothing is stored. A tier storing blobs
+// compressed (Traits.StoresCompressed) decodes only to verify and stores
+// the frames as they are when they are smaller than the content; any other
+// stores the decoded content (WriteDecoded).
 type CompressedWriter interface {
 	WriteCompressed(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error
 }

@@ -50,18 +50,47 @@ type Tier interface {
 	Cache
 	RangeReader
 	CompressedReader
+	CompressedWriter
+	// PutHashed stores data that the caller has just hashed to d: a tier
+	// may store it without hashing it again (one that cannot says so by
+	// hashing it, as Write does).
+	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
 	// Traits describe the tier.
 	Traits() Traits
+	// Down is the error that put the tier out of service (an open
+	// breaker, a remote that could not be reached), nil while it is up or
+	// when it cannot tell.
+	Down() error
+	// Close releases what the tier holds (connections, files, work in
+	// flight); the tier must not be used afterwards. A wrapper closes the
+	// tier it wraps; a composition over tiers its caller keeps (the
+	// regional tier) closes only what it made.
+	Close() error
+}
+
+// Source is what the lazy copy-on-write store reads the blobs of clean
+// chunks from: a host's own tier, or the read-through composition of it
+// with a remote (ReadThrough).
+type Source interface {
+	Opener
+	// OpenTier is Open, also naming the tier that served the blob
+	// (TierLocal or TierRemote).
+	OpenTier(ctx context.Context, ns Namespace, d *repb.Digest) (Blob, string, error)
+	// ReadVerifiedRange fills p with the bytes of d at off, verified
+	// against d before it returns, given the digest of d's outboard; an
+	// error wrapping ErrNoRange means it cannot, and the caller opens the
+	// whole blob instead.
+	ReadVerifiedRange(ctx context.Context, ns Namespace, d, outboard *repb.Digest, p []byte, off int64) error
+	// Fetch makes sure a verified copy of d is at hand, so that the next
+	// Open is quick.
+	Fetch(ctx context.Context, ns Namespace, d *repb.Digest) error
 }
 
 // Local is what the loader, the lazy copy-on-write store and the
 // read-through layer need from a host's own tier (the local cache).
 type Local interface {
 	Tier
-	Opener
-	// PutHashed stores data that the caller has just hashed to d, without
-	// hashing it again.
-	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
+	Source
 	// CreateActionResult stores ar under key only if no entry is there, as
 	// one atomic step across processes; it returns the entry stored
 	// afterwards and whether it was ar.
@@ -96,8 +125,6 @@ type Backend interface {
 	// by the caller to decode to d, as they are when the tier stores
 	// compressed blobs (else decoded); res as for PutFile.
 	PutCompressedFile(ctx context.Context, ns Namespace, d *repb.Digest, f *os.File, n int64, res Reservation) error
-	// PutHashed stores data that the caller has just hashed to d.
-	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
 	// Usage is the bytes the tier's entries occupy on this host's disk
 	// and Evictions how many entries it has evicted (both 0 for a tier
 	// that keeps nothing on this host).

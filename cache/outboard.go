@@ -31,9 +31,10 @@ func Outboard(data []byte) (outboard []byte, d *repb.Digest) {
 	return ob, &repb.Digest{Hash: hex.EncodeToString(root[:]), SizeBytes: int64(len(data))}
 }
 
-// RangeReader is an optional interface of a Cache that reads part of a
-// blob: n bytes from off (fewer at its end). The bytes are not verified:
-// a caller checks them against an outboard.
+// RangeReader reads part of a blob, as every Tier does: n bytes from off
+// (fewer at its end). The bytes are verified only when the tier's Traits
+// say VerifiesRanges; else a caller checks them against an outboard. A
+// tier that serves no ranges returns an error wrapping ErrNoRange.
 type RangeReader interface {
 	ReadRange(ctx context.Context, ns Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error)
 }

@@ -65,7 +65,7 @@ type ReadThrough struct {
 	rangeBytes    atomic.Int64
 }
 
-var _ Opener = (*ReadThrough)(nil)
+var _ Source = (*ReadThrough)(nil)
 
 // ReadThroughStats are a ReadThrough's counters.
 type ReadThroughStats struct {

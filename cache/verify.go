@@ -148,5 +148,14 @@ func (v verifying) UpdateActionResult(ctx context.Context, ns Namespace, key *re
 	return v.c.UpdateActionResult(ctx, ns, key, ar)
 }
 
-// Down forwards the wrapped tier's health (see Health).
-func (v verifying) Down() error { return TierDown(v.c) }
+// WriteCompressed passes through: the tier verifies what it stores.
+func (v verifying) WriteCompressed(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) error {
+	return v.c.WriteCompressed(ctx, ns, d, r)
+}
+
+func (v verifying) PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error {
+	return v.c.PutHashed(ctx, ns, d, data)
+}
+
+func (v verifying) Down() error  { return v.c.Down() }
+func (v verifying) Close() error { return v.c.Close() }

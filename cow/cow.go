@@ -51,27 +51,18 @@ const (
 	DefaultPrefetchRate = 1 << 30
 )
 
-// Source opens the blobs of clean chunks. cache.Opener satisfies it.
-type Source interface {
-	Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error)
-}
+// Source opens the blobs of clean chunks, naming the tier that served
+// each, and serves verified ranges of a chunk not yet fetched when it can
+// (see cache.Source): a local tier (cache.Local) or cache.ReadThrough.
+type Source = cache.Source
 
-// Sink stores chunk blobs. cache.Cache satisfies it.
+// Sink stores chunk blobs: any tier (cache.Tier).
 type Sink interface {
 	FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error)
 	Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error
-}
-
-// hashedSink is a Sink that can store bytes whose digest the caller has
-// just computed from them without hashing them again (the local cache).
-type hashedSink interface {
+	// PutHashed stores bytes whose digest the store has just computed
+	// from them; a tier may store them without hashing them again.
 	PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error
-}
-
-// TierSource is a Source that says which tier served each open (e.g.
-// cache.ReadThrough).
-type TierSource interface {
-	OpenTier(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, string, error)
 }
 
 // chunk is the state of one non-hole (or once-written) chunk. Its zero value
@@ -83,7 +74,8 @@ type chunk struct {
 	// d is the digest of the chunk's last clean content (loaded or saved);
 	// nil for a hole. A dirty chunk keeps its last clean digest here.
 	d *repb.Digest
-	// ob is the digest of d's outboard, when known (see RangeSource).
+	// ob is the digest of d's outboard, when known (see
+	// Source.ReadVerifiedRange).
 	ob *repb.Digest
 	// blob is the source blob of a clean chunk once opened.
 	blob cache.Blob

@@ -3,215 +3,24 @@ package cow
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
-	"google.golang.org/protobuf/proto"
 
-	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/proto/snapshotpb"
 )
-
-// dirCAS is a small directory-backed blob store standing in for the local
-// cache: blobs are files named by hash, verified when written and opened.
-type dirCAS struct {
-	dir       string
-	opens     atomic.Int64
-	closes    atomic.Int64
-	writes    atomic.Int64
-	openDelay time.Duration
-	openErr   func(d *repb.Digest) error // injected failure, may be nil
-
-	mu    sync.Mutex
-	order []string // hashes in order of Open calls
-}
-
-func newDirCAS(t testing.TB) *dirCAS {
-	return &dirCAS{dir: t.TempDir()}
-}
-
-func (c *dirCAS) path(d *repb.Digest) string { return filepath.Join(c.dir, d.Hash) }
-
-func (c *dirCAS) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
-	var out []*repb.Digest
-	for _, d := range ds {
-		if _, err := os.Stat(c.path(d)); err != nil {
-			out = append(out, d)
-		}
-	}
-	return out, nil
-}
-
-func (c *dirCAS) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
-	b, err := io.ReadAll(r)
-	if err != nil {
-		return err
-	}
-	if got := digest.Compute(ns.Function, b); !digest.Equal(got, d) {
-		return status.Errorf(codes.InvalidArgument, "blob %s hashes to %s", digest.String(d), digest.String(got))
-	}
-	tmp := c.path(d) + ".tmp"
-	if err := os.WriteFile(tmp, b, 0o644); err != nil {
-		return err
-	}
-	c.writes.Add(1)
-	return os.Rename(tmp, c.path(d))
-}
-
-type fileBlob struct {
-	*os.File
-	size int64
-	c    *dirCAS
-}
-
-func (b *fileBlob) Size() int64 { return b.size }
-func (b *fileBlob) WithContents(fn func(cache.Contents) error) error {
-	return fn(cache.Contents{File: b.File})
-}
-func (b *fileBlob) Close() error {
-	b.c.closes.Add(1)
-	return b.File.Close()
-}
-
-func (c *dirCAS) Open(ctx context.Context, ns cache.Namespace, d *repb.Digest) (cache.Blob, error) {
-	c.mu.Lock()
-	c.order = append(c.order, d.Hash)
-	c.mu.Unlock()
-	c.opens.Add(1)
-	if c.openDelay > 0 {
-		time.Sleep(c.openDelay)
-	}
-	if c.openErr != nil {
-		if err := c.openErr(d); err != nil {
-			return nil, err
-		}
-	}
-	b, err := os.ReadFile(c.path(d))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, cache.NotFoundf("blob %s not found", digest.String(d))
-	}
-	if err != nil {
-		return nil, err
-	}
-	if got := digest.Compute(ns.Function, b); !digest.Equal(got, d) {
-		return nil, status.Errorf(codes.DataLoss, "blob %s is corrupt", digest.String(d))
-	}
-	f, err := os.Open(c.path(d))
-	if err != nil {
-		return nil, err
-	}
-	return &fileBlob{File: f, size: d.SizeBytes, c: c}, nil
-}
-
-const testCS = 16 * PageSize // 64 KiB chunks keep test data small
-
-// randBytes returns n deterministic pseudo-random bytes.
-func randBytes(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
-	b := make([]byte, n)
-	for i := 0; i+8 <= n; i += 8 {
-		v := r.Uint64()
-		for k := range 8 {
-			b[i+k] = byte(v >> (8 * k))
-		}
-	}
-	for i := n &^ 7; i < n; i++ {
-		b[i] = byte(r.Uint32())
-	}
-	return b
-}
-
-// layout builds file content: for each chunk, 'd' = random data,
-// 'z' = explicit zeros, 'h' = hole (sparse), plus a short tail of tail bytes.
-func layout(t testing.TB, dir, spec string, tail int) (string, []byte) {
-	t.Helper()
-	size := int64(len(spec))*testCS + int64(tail)
-	want := make([]byte, size)
-	path := filepath.Join(dir, "file")
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	for i, k := range spec {
-		off := int64(i) * testCS
-		switch k {
-		case 'd':
-			copy(want[off:], randBytes(uint64(i+1), testCS))
-			if _, err := f.WriteAt(want[off:off+testCS], off); err != nil {
-				t.Fatal(err)
-			}
-		case 'z':
-			if _, err := f.WriteAt(make([]byte, testCS), off); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if tail > 0 {
-		off := int64(len(spec)) * testCS
-		copy(want[off:], randBytes(999, tail))
-		if _, err := f.WriteAt(want[off:], off); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return path, want
-}
-
-func testOpts(t testing.TB) Options {
-	return Options{ChunkSize: testCS, TempDir: t.TempDir(), ReadAhead: -1}
-}
-
-// newStore splits a file with the given layout and returns a lazy store
-// over the result, reopened so that nothing has been fetched.
-func newStore(t *testing.T, spec string, tail int, opts Options) (*Store, *dirCAS, []byte) {
-	t.Helper()
-	cas := newDirCAS(t)
-	path, want := layout(t, t.TempDir(), spec, tail)
-	s0, _, err := FromFile(context.Background(), "mem", path, cas, cas, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf := s0.ChunkedFile()
-	if err := s0.Close(); err != nil {
-		t.Fatal(err)
-	}
-	s, err := Open("mem", cf, cas, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	cas.opens.Store(0)
-	cas.closes.Store(0)
-	return s, cas, want
-}
-
-func readAll(t *testing.T, s *Store) []byte {
-	t.Helper()
-	got := make([]byte, s.Size())
-	n, err := s.ReadAt(got, 0)
-	if err != nil || n != len(got) {
-		t.Fatalf("ReadAt(all) = %d, %v", n, err)
-	}
-	return got
-}
 
 func TestValidateChunkedFile(t *testing.T) {
 	d := func(n int64) *repb.Digest { return digest.Compute(digest.BLAKE3, make([]byte, n)) }
@@ -394,133 +203,6 @@ func TestWriteDirtyAndSourceUnchanged(t *testing.T) {
 	}
 }
 
-func TestSave(t *testing.T) {
-	tests := []struct {
-		name        string
-		spec        string
-		tail        int
-		writes      map[int64][]byte // offset -> data
-		wantWritten int
-		wantDirty   int
-		wantTotal   int
-		wantZero    int64
-	}{
-		{
-			name: "k dirty chunks write k blobs", spec: "dddddd",
-			writes:      map[int64][]byte{5: {1}, 2*testCS + 9: {2, 3}, 5 * testCS: {4}},
-			wantWritten: 3, wantDirty: 3, wantTotal: 6,
-		},
-		{
-			name: "write into hole", spec: "dhd",
-			writes:      map[int64][]byte{testCS + 4096: {7}},
-			wantWritten: 1, wantDirty: 1, wantTotal: 3,
-		},
-		{
-			name: "zeroed chunk becomes hole", spec: "ddd",
-			writes:      map[int64][]byte{testCS: make([]byte, testCS)},
-			wantWritten: 0, wantDirty: 1, wantTotal: 2, wantZero: testCS,
-		},
-		{
-			name: "zeroed short last chunk becomes hole", spec: "dd", tail: 300,
-			writes:      map[int64][]byte{2 * testCS: make([]byte, 300)},
-			wantWritten: 0, wantDirty: 1, wantTotal: 2, wantZero: 300,
-		},
-		{
-			name: "identical dirty chunks stored once", spec: "ddd",
-			writes:      map[int64][]byte{0: bytes.Repeat([]byte{9}, testCS), testCS: bytes.Repeat([]byte{9}, testCS)},
-			wantWritten: 1, wantDirty: 2, wantTotal: 3,
-		},
-		{
-			name: "rewriting the same content stores nothing", spec: "dd",
-			writes:      map[int64][]byte{0: randBytes(1, 16)}, // the bytes already there
-			wantWritten: 0, wantDirty: 1, wantTotal: 2,
-		},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			s, cas, want := newStore(t, tc.spec, tc.tail, testOpts(t))
-			for off, p := range tc.writes {
-				if _, err := s.WriteAt(p, off); err != nil {
-					t.Fatal(err)
-				}
-				copy(want[off:], p)
-			}
-			writesBefore := cas.writes.Load()
-			cf, st, err := s.Save(context.Background(), cas)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if st.ChunksWritten != tc.wantWritten || st.ChunksDirty != tc.wantDirty || st.ChunksTotal != tc.wantTotal || st.BytesSkippedZero != tc.wantZero {
-				t.Fatalf("SaveStats = %+v; want written %d dirty %d total %d zero %d", st, tc.wantWritten, tc.wantDirty, tc.wantTotal, tc.wantZero)
-			}
-			if got := cas.writes.Load() - writesBefore; got != 2*int64(tc.wantWritten) {
-				t.Fatalf("sink received %d writes, want %d (chunks and their outboards)", got, 2*tc.wantWritten)
-			}
-			if st.BytesWritten > int64(tc.wantWritten)*testCS {
-				t.Fatalf("BytesWritten = %d for %d chunks", st.BytesWritten, tc.wantWritten)
-			}
-			if err := ValidateChunkedFile(cf); err != nil {
-				t.Fatalf("Save produced an invalid ChunkedFile: %v", err)
-			}
-			if d := s.Dirty(); len(d) != 0 {
-				t.Fatalf("Dirty after Save = %v", d)
-			}
-			if !proto.Equal(cf, s.ChunkedFile()) {
-				t.Fatal("ChunkedFile() differs from what Save returned")
-			}
-			if got := readAll(t, s); !bytes.Equal(got, want) {
-				t.Fatal("store content changed by Save")
-			}
-			s2, err := Open("mem", cf, cas, testOpts(t))
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s2.Close()
-			if got := readAll(t, s2); !bytes.Equal(got, want) {
-				t.Fatal("a store over the saved ChunkedFile has other content")
-			}
-			// A second Save with nothing dirty stores nothing.
-			_, st2, err := s.Save(context.Background(), cas)
-			if err != nil || st2.ChunksWritten != 0 || st2.ChunksDirty != 0 || st2.ChunksTotal != tc.wantTotal {
-				t.Fatalf("second Save = %+v, %v", st2, err)
-			}
-		})
-	}
-}
-
-// failingSink fails every Write after the first n.
-type failingSink struct {
-	*dirCAS
-	n atomic.Int64
-}
-
-func (f *failingSink) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
-	if f.n.Add(-1) < 0 {
-		return status.Error(codes.Unavailable, "remote is down")
-	}
-	return f.dirCAS.Write(ctx, ns, d, r)
-}
-
-func TestSaveErrorKeepsDirty(t *testing.T) {
-	s, cas, _ := newStore(t, "dddddddd", 0, testOpts(t))
-	for i := range 8 {
-		s.WriteAt([]byte{byte(i + 1)}, int64(i)*testCS)
-	}
-	sink := &failingSink{dirCAS: cas}
-	sink.n.Store(2)
-	_, _, err := s.Save(context.Background(), sink)
-	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), "offset") {
-		t.Fatalf("Save error = %v; want Unavailable naming the offset", err)
-	}
-	if d := s.Dirty(); len(d) != 8 {
-		t.Fatalf("after a failed Save, Dirty = %v; want all 8 chunks", d)
-	}
-	_, st, err := s.Save(context.Background(), cas)
-	if err != nil || len(s.Dirty()) != 0 || st.ChunksDirty != 8 {
-		t.Fatalf("retry: %+v, %v", st, err)
-	}
-}
-
 func TestConcurrentReadWrite(t *testing.T) {
 	opts := testOpts(t)
 	opts.ReadAhead = 4
@@ -592,17 +274,6 @@ func TestConcurrentFirstReadsOpenOnce(t *testing.T) {
 	wg.Wait()
 	if n := cas.opens.Load(); n != 1 {
 		t.Fatalf("8 concurrent first reads opened the chunk %d times, want 1", n)
-	}
-}
-
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
 	}
 }
 
@@ -734,75 +405,6 @@ func TestResize(t *testing.T) {
 	defer s2.Close()
 	if got := readAll(t, s2); !bytes.Equal(got, want) {
 		t.Fatal("saved grown store has other content")
-	}
-}
-
-func TestFromFileSparse(t *testing.T) {
-	cas := newDirCAS(t)
-	path, want := layout(t, t.TempDir(), "hhdhzhdh", 0)
-	opts := testOpts(t)
-	s, st, err := FromFile(context.Background(), "disk", path, cas, cas, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	// Only chunks 2, 4 (explicit zeros: data to SEEK_DATA) and 6 are read.
-	if st.ChunksDirty != 3 || st.ChunksWritten != 2 || st.ChunksTotal != 2 || st.BytesSkippedZero != 6*testCS || st.BytesWritten != 2*testCS {
-		t.Fatalf("SaveStats = %+v", st)
-	}
-	if n, _ := os.ReadDir(cas.dir); len(n) != 4 {
-		t.Fatalf("sink holds %d blobs, want 4 (2 chunks and their outboards)", len(n))
-	}
-	if got := readAll(t, s); !bytes.Equal(got, want) {
-		t.Fatal("content differs")
-	}
-	// Splitting again stores nothing new.
-	s2, st2, err := FromFile(context.Background(), "disk", path, cas, cas, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s2.Close()
-	if st2.ChunksWritten != 0 {
-		t.Fatalf("second split wrote %d blobs", st2.ChunksWritten)
-	}
-}
-
-func TestFromFileDigestFunctions(t *testing.T) {
-	for _, fn := range []digest.Function{digest.BLAKE3, digest.SHA256} {
-		t.Run(fn.String(), func(t *testing.T) {
-			cas := newDirCAS(t)
-			path, want := layout(t, t.TempDir(), "dd", 10)
-			opts := testOpts(t)
-			opts.Namespace.Function = fn
-			s, _, err := FromFile(context.Background(), "", path, cas, cas, opts)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer s.Close()
-			if s.Name() != "file" {
-				t.Fatalf("Name = %q, want the file's base name", s.Name())
-			}
-			c := s.ChunkedFile().Chunks[0]
-			if !digest.Equal(c.Digest, digest.Compute(fn, want[:testCS])) {
-				t.Fatalf("chunk digest %s is not the %v of the data", digest.String(c.Digest), fn)
-			}
-			if got := readAll(t, s); !bytes.Equal(got, want) {
-				t.Fatal("content differs")
-			}
-		})
-	}
-}
-
-func TestFromFileErrors(t *testing.T) {
-	cas := newDirCAS(t)
-	if _, _, err := FromFile(context.Background(), "x", filepath.Join(t.TempDir(), "nope"), cas, cas, testOpts(t)); status.Code(err) != codes.InvalidArgument {
-		t.Fatalf("missing file: %v", err)
-	}
-	opts := testOpts(t)
-	opts.ChunkSize = 5000
-	path, _ := layout(t, t.TempDir(), "d", 0)
-	if _, _, err := FromFile(context.Background(), "x", path, cas, cas, opts); status.Code(err) != codes.InvalidArgument {
-		t.Fatalf("bad chunk size: %v", err)
 	}
 }
 
@@ -947,68 +549,5 @@ func TestPrefetchNewestFirst(t *testing.T) {
 	cas.mu.Unlock()
 	if fmt.Sprint(got) != "[0 5 6 1 2]" {
 		t.Fatalf("chunks opened in order %v; want [0 5 6 1 2] (newest request first, each in its given order)", got)
-	}
-}
-
-// hookSink runs a hook on the first FindMissing.
-type hookSink struct {
-	*dirCAS
-	once sync.Once
-	hook func()
-}
-
-func (h *hookSink) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
-	h.once.Do(h.hook)
-	return h.dirCAS.FindMissing(ctx, ns, ds)
-}
-
-func TestWriteDuringSaveStaysDirty(t *testing.T) {
-	s, cas, want := newStore(t, "ddd", 0, testOpts(t))
-	first := randBytes(1000, 64)
-	s.WriteAt(first, 0)
-	snap := slices.Clone(want)
-	copy(snap, first)
-	second := randBytes(2000, 64)
-	// FindMissing runs after chunk 0 was hashed: the hook writes to it and
-	// to the clean chunk 1 while the Save is in flight.
-	sink := &hookSink{dirCAS: cas, hook: func() {
-		for _, off := range []int64{0, testCS} {
-			if _, err := s.WriteAt(second, off); err != nil {
-				t.Error(err)
-			}
-		}
-	}}
-	cf, st, err := s.Save(context.Background(), sink)
-	if err != nil || st.ChunksWritten != 1 {
-		t.Fatalf("Save = %+v, %v", st, err)
-	}
-	if got := s.Dirty(); fmt.Sprint(got) != fmt.Sprint([]int64{0, testCS}) {
-		t.Fatalf("Dirty = %v; want [0 %d], the chunks written during Save", got, testCS)
-	}
-	s2, err := Open("mem", cf, cas, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s2.Close()
-	if got := readAll(t, s2); !bytes.Equal(got, snap) {
-		t.Fatal("the saved snapshot is not the content as of the Save")
-	}
-	copy(want, snap)
-	copy(want, second)
-	copy(want[testCS:], second)
-	if got := readAll(t, s); !bytes.Equal(got, want) {
-		t.Fatal("the store lost the writes made during Save")
-	}
-	cf2, st, err := s.Save(context.Background(), cas)
-	if err != nil || st.ChunksWritten != 2 || len(s.Dirty()) != 0 {
-		t.Fatalf("second Save = %+v, %v", st, err)
-	}
-	s3, err := Open("mem", cf2, cas, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s3.Close()
-	if got := readAll(t, s3); !bytes.Equal(got, want) {
-		t.Fatal("second snapshot content differs")
 	}
 }

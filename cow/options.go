@@ -53,7 +53,8 @@ type Options struct {
 	// Close. Default context.Background().
 	Parent context.Context
 	// NoOutboards: Save and FromFile do not compute and store chunk
-	// outboards (they do for BLAKE3 otherwise; see RangeSource).
+	// outboards (they do for BLAKE3 otherwise; see
+	// Source.ReadVerifiedRange).
 	NoOutboards bool
 	// BehindQuiet is how long the store waits, after a verified range read
 	// of an unfetched chunk, for the reader to go quiet (no other range
@@ -80,8 +81,8 @@ type FetchEvent struct {
 	Bytes      int64
 	Foreground bool          // a ReadAt or WriteAt waited for it
 	Wait       time.Duration // how long the open took
-	// Tier is the tier that served it, when the source says (see
-	// TierSource), else "".
+	// Tier is the tier that served it (cache.TierLocal or
+	// cache.TierRemote, as Source.OpenTier says).
 	Tier string
 }
 

@@ -1,7 +1,6 @@
 package cow
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"time"
@@ -12,26 +11,17 @@ import (
 	"github.com/snaploader/snaploader/digest"
 )
 
-// RangeSource is a Source that can serve a verified range of a chunk
-// without fetching it whole, given the digest of the chunk's outboard
-// (cache.ReadThrough implements it). ReadVerifiedRange fills p with the
-// bytes of d at off, verified against d before it returns; an error
-// wrapping cache.ErrNoRange means it cannot, and the chunk is fetched and
-// verified whole. Fetch makes sure the whole blob of d is verified and at
-// hand, so that the next Open is quick; the whole chunk streams in behind a
-// range read with it, without holding the chunk's lock.
-type RangeSource interface {
-	ReadVerifiedRange(ctx context.Context, ns cache.Namespace, d, outboard *repb.Digest, p []byte, off int64) error
-	Fetch(ctx context.Context, ns cache.Namespace, d *repb.Digest) error
-}
-
 // readRange serves p at in of unfetched chunk c (digest d, outboard ob)
-// with a verified range read when the source can, starting the fetch of
-// the whole chunk behind it. It reports whether it served p.
+// with a verified range read (Source.ReadVerifiedRange) when the source
+// can, starting the fetch of the whole chunk behind it: Source.Fetch
+// makes sure the whole blob is verified and at hand, streaming in without
+// holding the chunk's lock. It reports whether it served p; when the
+// source cannot serve ranges (cache.ErrNoRange) the chunk is fetched and
+// verified whole.
 func (s *Store) readRange(c *chunk, d, ob *repb.Digest, p []byte, in int64) (bool, error) {
-	rs, ok := s.src.(RangeSource)
+	rs := s.src
 	// A read of much of the chunk waits for the whole of it instead.
-	if !ok || ob == nil || c.noRange.Load() || len(p) == 0 || int64(len(p)) > d.GetSizeBytes()/4 {
+	if ob == nil || c.noRange.Load() || len(p) == 0 || int64(len(p)) > d.GetSizeBytes()/4 {
 		return false, nil
 	}
 	err := rs.ReadVerifiedRange(s.ctx, s.ns, d, ob, p, in)

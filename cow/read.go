@@ -169,14 +169,7 @@ func (s *Store) openLocked(c *chunk, foreground bool) error {
 	defer c.opening.Store(nil)
 	start := time.Now()
 	ticket := s.link.begin(start)
-	var b cache.Blob
-	var tier string
-	var err error
-	if ts, ok := s.src.(TierSource); ok {
-		b, tier, err = ts.OpenTier(ctx, s.ns, c.d)
-	} else {
-		b, err = s.src.Open(ctx, s.ns, c.d)
-	}
+	b, tier, err := s.src.OpenTier(ctx, s.ns, c.d)
 	if err == nil && b.Size() != c.d.SizeBytes {
 		b.Close()
 		err = cache.Corruptf("source blob has %d bytes", b.Size())

@@ -1,7 +1,6 @@
 package cow
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -239,13 +238,8 @@ func (sv *saver) run(ctx context.Context, jobs []*saveJob) error {
 		}
 	})
 
-	put := func(d *repb.Digest, b []byte) error {
-		return sv.sink.Write(ctx, sv.opts.Namespace, d, bytes.NewReader(b))
-	}
-	if hs, ok := sv.sink.(hashedSink); ok {
-		// The digest was computed from these very bytes just now.
-		put = func(d *repb.Digest, b []byte) error { return hs.PutHashed(ctx, sv.opts.Namespace, d, b) }
-	}
+	// The digest was computed from these very bytes just now.
+	put := func(d *repb.Digest, b []byte) error { return sv.sink.PutHashed(ctx, sv.opts.Namespace, d, b) }
 	for range par {
 		g.Go(func() error {
 			for h := range uploadCh {

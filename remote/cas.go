@@ -129,6 +129,21 @@ func (c *Client) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb
 
 var _ cache.Tier = (*Client)(nil)
 
+// WriteCompressed decodes the zstd frames of r and writes the content
+// (Write compresses the transfer again when the server takes zstd).
+func (c *Client) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return cache.WriteDecoded(ctx, c, ns, d, r)
+}
+
+// PutHashed is Write of data: the server verifies what it receives anyway.
+func (c *Client) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return cache.WriteBytes(ctx, c, ns, d, data)
+}
+
+// Down is nil: a client's outages are the errors of its calls (the
+// breaker over it tells).
+func (c *Client) Down() error { return nil }
+
 // Read opens a blob; its content is verified against d as it is read (a
 // mismatch is a DataLoss error at the end). A missing blob is NotFound.
 func (c *Client) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {

@@ -179,7 +179,7 @@ func (l *Loader) cacheSnapshot(ctx context.Context, req *SaveRequest) (*SaveResu
 		}
 		publish = false
 	}
-	primary := cache.Cache(l.local)
+	primary := cache.Tier(l.local)
 	if !req.Local {
 		primary = l.remote
 	}

@@ -112,7 +112,6 @@ func Open(ctx context.Context, urls []string, fn digest.Function, opts Options) 
 	}
 	o := &Opened{Function: fn, EntryFunction: digest.BLAKE3, Writable: true}
 	var remotes []failover.Remote
-	var closers []io.Closer
 	described := false
 	var downs []error
 	for _, url := range urls {
@@ -120,27 +119,24 @@ func Open(ctx context.Context, urls []string, fn digest.Function, opts Options) 
 		if err != nil {
 			return nil, err
 		}
-		t, err := dial(ctx)
+		t, c, err := dial(ctx)
 		if err != nil {
 			if ctx.Err() != nil || !cache.IsOutage(err) || errkind.Is(err, errkind.InvalidArgument) {
-				for _, c := range closers {
-					c.Close()
+				for _, r := range remotes {
+					r.Tier.Close()
 				}
 				return nil, err
 			}
 			// Its breaker warns at the first call it fails, once.
 			downs = append(downs, &DownError{URL: url, Err: err})
 			t = cache.Unreachable(url, err)
-		} else if c, ok := t.(*remote.Client); ok {
-			closers = append(closers, c)
-			if !described {
-				described = true
-				o.Function, o.EntryFunction, o.Writable = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache()
-				o.Functions, o.MaxBlobBytes = c.Functions(), c.MaxBlobBytes()
-			}
+		} else if c != nil && !described {
+			described = true
+			o.Function, o.EntryFunction, o.Writable = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache()
+			o.Functions, o.MaxBlobBytes = c.Functions(), c.MaxBlobBytes()
 		}
 		remotes = append(remotes, failover.Remote{Tier: cache.Verifying(t), Name: url, Dial: func(ctx context.Context) (cache.Tier, error) {
-			t, err := dial(ctx)
+			t, _, err := dial(ctx)
 			if err != nil {
 				return nil, err
 			}
@@ -158,45 +154,42 @@ func Open(ctx context.Context, urls []string, fn digest.Function, opts Options) 
 	}
 	ft, err := failover.New(remotes, failover.Options{RetryFor: opts.RetryFor, Logger: opts.Logger, OnRead: opts.OnRead})
 	if err != nil {
+		for _, r := range remotes {
+			r.Tier.Close()
+		}
 		return nil, err
 	}
-	o.Tier, o.Failover = ft, ft
-	o.closer = closerFunc(func() error {
-		err := ft.Close()
-		for _, c := range closers {
-			c.Close()
-		}
-		return err
-	})
+	// Closing the failover tier closes every remote's client.
+	o.Tier, o.Failover, o.closer = ft, ft, ft
 	return o, nil
 }
 
+// dialFunc opens a tier; a REAPI cache also gives its client, which says
+// what the cache offers (nil for a bucket).
+type dialFunc func(context.Context) (cache.Tier, *remote.Client, error)
+
 // dialer returns how to open the tier url names.
-func dialer(url string, opts Options) (func(context.Context) (cache.Tier, error), error) {
+func dialer(url string, opts Options) (dialFunc, error) {
 	switch {
 	case strings.HasPrefix(url, "grpc://"), strings.HasPrefix(url, "grpcs://"), strings.HasPrefix(url, "unix://"):
-		return func(ctx context.Context) (cache.Tier, error) {
+		return func(ctx context.Context) (cache.Tier, *remote.Client, error) {
 			c, err := remote.Dial(ctx, url, opts.Remote)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
-			return c, nil
+			return c, c, nil
 		}, nil
 	case strings.HasPrefix(url, "s3://"):
 		if _, err := s3cache.ParseURL(url); err != nil {
 			return nil, err
 		}
-		return func(ctx context.Context) (cache.Tier, error) {
+		return func(ctx context.Context) (cache.Tier, *remote.Client, error) {
 			c, err := s3cache.OpenURL(ctx, url)
 			if err != nil {
-				return nil, err
+				return nil, nil, err
 			}
-			return c, nil
+			return c, nil, nil
 		}, nil
 	}
 	return nil, errkind.New(errkind.InvalidArgument, "remote %q: want grpc://, grpcs://, unix:// or s3://", url)
 }
-
-type closerFunc func() error
-
-func (f closerFunc) Close() error { return f() }

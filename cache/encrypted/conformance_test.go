@@ -134,3 +134,14 @@ func (r *restartable) ReadCompressed(ctx context.Context, ns cache.Namespace, d 
 }
 
 func (r *restartable) Traits() cache.Traits { return r.local().Traits() }
+
+func (r *restartable) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, rd io.Reader) error {
+	return r.local().WriteCompressed(ctx, ns, d, rd)
+}
+
+func (r *restartable) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return r.local().PutHashed(ctx, ns, d, data)
+}
+
+func (r *restartable) Down() error  { return nil }
+func (r *restartable) Close() error { return r.local().Close() }

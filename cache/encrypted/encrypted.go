@@ -61,8 +61,7 @@ type Options struct {
 }
 
 // Cache seals what it stores in the wrapped tier and opens what it reads.
-// It implements cache.Cache over plaintext digests, and cache.Health when
-// the wrapped tier does.
+// It fulfils the whole cache.Tier contract over plaintext digests.
 type Cache struct {
 	inner cache.Tier
 	opts  Options
@@ -98,8 +97,11 @@ func New(inner cache.Tier, opts Options) (*Cache, error) {
 	return c, nil
 }
 
-// Down forwards the wrapped tier's health.
-func (c *Cache) Down() error { return cache.TierDown(c.inner) }
+// Down is the wrapped tier's.
+func (c *Cache) Down() error { return c.inner.Down() }
+
+// Close closes the wrapped tier.
+func (c *Cache) Close() error { return c.inner.Close() }
 
 func pk(keyID string, fn digest.Function, d *repb.Digest) plainKey {
 	return plainKey{keyID, fn, d.GetHash(), d.GetSizeBytes()}
@@ -295,6 +297,22 @@ func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Diges
 // ReadCompressed is Read: the plaintext, verified.
 func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest) (io.ReadCloser, bool, error) {
 	return cache.ReadWhole(ctx, c, ns, d)
+}
+
+// WriteCompressed decodes the zstd frames of r and seals the content as
+// Write does (sealed blobs are not compressed).
+func (c *Cache) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return cache.WriteDecoded(ctx, c, ns, d, r)
+}
+
+// PutHashed seals data, which the caller has just hashed to d, without
+// hashing it again.
+func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	if int64(len(data)) != d.GetSizeBytes() {
+		return errkind.New(errkind.InvalidArgument, "sealing blob %s: %d bytes", digest.String(d), len(data))
+	}
+	_, err := c.write(ctx, ns, d, bytes.NewReader(data))
+	return err
 }
 
 var _ cache.Tier = (*Cache)(nil)

@@ -62,9 +62,32 @@ func (t *Tier) UpdateActionResult(ctx context.Context, ns cache.Namespace, key *
 // up. A failed attempt is retried only when r can be read again from its
 // start (an io.Seeker) or the attempt consumed none of it.
 func (t *Tier) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return t.write(ctx, "writing blob", d, r, func(m *member, src io.Reader) error { return m.tier.Write(ctx, ns, d, src) })
+}
+
+// WriteCompressed is Write of zstd frames: each remote takes them as its
+// WriteCompressed does.
+func (t *Tier) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return t.write(ctx, "writing compressed blob", d, r, func(m *member, src io.Reader) error { return m.tier.WriteCompressed(ctx, ns, d, src) })
+}
+
+// PutHashed is Write of data, which the caller has just hashed to d.
+func (t *Tier) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return t.each(ctx, "writing blob "+digest.String(d), true, func(m *member) (bool, error) {
+		err := m.tier.PutHashed(ctx, ns, d, data)
+		if err == nil {
+			m.writes.Add(1)
+		}
+		return false, err
+	})
+}
+
+// write makes one pass of put over the writable remotes with the bytes of
+// r, read again from the start for the next remote when r can seek.
+func (t *Tier) write(ctx context.Context, what string, d *repb.Digest, r io.Reader, put func(m *member, src io.Reader) error) error {
 	seeker, _ := r.(io.Seeker)
 	src := &countReader{r: r}
-	return t.each(ctx, "writing blob "+digest.String(d), true, func(m *member) (bool, error) {
+	return t.each(ctx, what+" "+digest.String(d), true, func(m *member) (bool, error) {
 		if src.n > 0 {
 			if seeker == nil {
 				return false, errkind.New(errkind.Unavailable, "%s: the data was partly sent and cannot be read again", m.name)
@@ -74,7 +97,7 @@ func (t *Tier) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r 
 			}
 			src.n = 0
 		}
-		err := m.tier.Write(ctx, ns, d, src)
+		err := put(m, src)
 		if err == nil {
 			m.writes.Add(1)
 		}

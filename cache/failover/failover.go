@@ -177,10 +177,7 @@ type member struct {
 	reads, readBytes, failures, notFound, writes atomic.Int64
 }
 
-var (
-	_ cache.Tier   = (*Tier)(nil)
-	_ cache.Health = (*Tier)(nil)
-)
+var _ cache.Tier = (*Tier)(nil)
 
 // New returns a Tier over remotes, tried in their order.
 func New(remotes []Remote, opts Options) (*Tier, error) {
@@ -271,7 +268,7 @@ func (t *Tier) Traits() cache.Traits {
 	return tr
 }
 
-// Down is an error when every remote is down (cache.Health), else nil.
+// Down is an error when every remote is down, else nil.
 func (t *Tier) Down() error {
 	var errs []error
 	for _, m := range t.members {

@@ -1,6 +1,7 @@
 package failover
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -33,7 +34,8 @@ func (g *guarded) watch(ctx context.Context) (context.Context, *stall.Guard) {
 
 func (g *guarded) Traits() cache.Traits { return g.c.Traits() }
 
-func (g *guarded) Down() error { return cache.TierDown(g.c) }
+func (g *guarded) Down() error  { return g.c.Down() }
+func (g *guarded) Close() error { return g.c.Close() }
 
 func (g *guarded) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	ctx, w := g.watch(ctx)
@@ -60,6 +62,19 @@ func (g *guarded) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	ctx, w := g.watch(ctx)
 	defer w.Stop()
 	return w.Err(g.c.Write(ctx, ns, d, progressReader{r, w}))
+}
+
+// WriteCompressed counts each piece read from r as progress.
+func (g *guarded) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	ctx, w := g.watch(ctx)
+	defer w.Stop()
+	return w.Err(g.c.WriteCompressed(ctx, ns, d, progressReader{r, w}))
+}
+
+// PutHashed is Write of data, so that its pieces count as progress (the
+// remotes hash what they receive anyway).
+func (g *guarded) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return g.Write(ctx, ns, d, bytes.NewReader(data))
 }
 
 type progressReader struct {

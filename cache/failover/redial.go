@@ -88,14 +88,12 @@ func (s *switchable) refresh(ctx context.Context, timeout time.Duration) error {
 	s.stale = false
 	s.mu.Unlock()
 	old := s.cur.Swap(&tierBox{t})
-	if c, ok := old.t.(io.Closer); ok {
-		time.AfterFunc(2*timeout, func() { c.Close() })
-	}
+	time.AfterFunc(2*timeout, func() { old.t.Close() })
 	return nil
 }
 
 func (s *switchable) Traits() cache.Traits { return s.tier().Traits() }
-func (s *switchable) Down() error          { return cache.TierDown(s.tier()) }
+func (s *switchable) Down() error          { return s.tier().Down() }
 
 func (s *switchable) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.Digest) ([]*repb.Digest, error) {
 	return s.tier().FindMissing(ctx, ns, ds)
@@ -125,10 +123,13 @@ func (s *switchable) UpdateActionResult(ctx context.Context, ns cache.Namespace,
 	return s.tier().UpdateActionResult(ctx, ns, key, ar)
 }
 
-// Close closes the current client.
-func (s *switchable) Close() error {
-	if c, ok := s.tier().(io.Closer); ok {
-		return c.Close()
-	}
-	return nil
+func (s *switchable) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	return s.tier().WriteCompressed(ctx, ns, d, r)
 }
+
+func (s *switchable) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	return s.tier().PutHashed(ctx, ns, d, data)
+}
+
+// Close closes the current client.
+func (s *switchable) Close() error { return s.tier().Close() }

@@ -28,9 +28,8 @@ import (
 // space: it is released as f becomes an entry, so the space is counted
 // once. The caller still closes f; once PutFile succeeds its name is gone
 // (renamed, or removed when the blob was stored already).
-func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, space cache.Reservation) error {
-	res := ownReservation(space)
-	defer res.Release()
+func (c *Cache) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res cache.Reservation) error {
+	defer release(res)
 	if err := checkDigest(ns, d); err != nil {
 		return fmt.Errorf("writing blob: %w", err)
 	}
@@ -109,9 +108,8 @@ func (c *Cache) renameInto(f *os.File, rel string) error {
 // res, when not nil, is the reservation that covered f's space (released
 // as the blob becomes an entry). The caller still closes f; once
 // PutCompressedFile succeeds its name is gone.
-func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, space cache.Reservation) error {
-	res := ownReservation(space)
-	defer res.Release()
+func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res cache.Reservation) error {
+	defer release(res)
 	if err := checkDigest(ns, d); err != nil {
 		return fmt.Errorf("writing blob: %w", err)
 	}
@@ -164,16 +162,9 @@ func (c *Cache) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *re
 	return nil
 }
 
-// ownReservation is space as one of this cache's reservations (Reserve
-// made it), or nil when there is none; another kind is released at once,
-// since the stored entry is counted by this cache alone.
-func ownReservation(space cache.Reservation) *Reservation {
-	if space == nil {
-		return nil
+// release gives res back, if there is one (Release is idempotent).
+func release(res cache.Reservation) {
+	if res != nil {
+		res.Release()
 	}
-	if r, ok := space.(*Reservation); ok {
-		return r
-	}
-	space.Release()
-	return nil
 }

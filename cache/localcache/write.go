@@ -255,13 +255,13 @@ func (c *Cache) stored(rel string, size int64, verified bool) {
 }
 
 // storedReserved is stored for a file that res (if not nil) covered: the
-// reservation is released in the same step as the entry is counted.
-func (c *Cache) storedReserved(rel string, size int64, verified bool, res *Reservation) {
+// reservation is released just before the entry is counted, so the space
+// is never counted twice (the eviction that follows keeps entries and
+// reservations within the bound).
+func (c *Cache) storedReserved(rel string, size int64, verified bool, res cache.Reservation) {
+	release(res)
 	now := time.Now()
 	c.mu.Lock()
-	if res != nil {
-		res.releaseLocked()
-	}
 	e := c.entries[rel]
 	if e == nil {
 		e = &entry{rel: rel, size: size}

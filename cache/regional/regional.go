@@ -156,10 +156,7 @@ type manifestMemo struct {
 	expires time.Time
 }
 
-var (
-	_ cache.Backend = (*Regional)(nil)
-	_ cache.Health  = (*Regional)(nil)
-)
+var _ cache.Backend = (*Regional)(nil)
 
 // New returns a regional tier keeping copies in local of what upstream
 // holds. Temporary files of fetches a killed process left in local's
@@ -244,8 +241,8 @@ func (r *Regional) Traits() cache.Traits {
 	}
 }
 
-// Down is the upstream's outage, when it knows of one (cache.Health).
-func (r *Regional) Down() error { return cache.TierDown(r.up) }
+// Down is the upstream's outage, when it knows of one.
+func (r *Regional) Down() error { return r.up.Down() }
 
 // Upstream is the upstream tier.
 func (r *Regional) Upstream() cache.Tier { return r.up }

@@ -8,7 +8,6 @@ import (
 	"os"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	"github.com/klauspost/compress/zstd"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
@@ -92,27 +91,14 @@ func (r *Regional) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Dige
 }
 
 // PutCompressedFile stores the n bytes of zstd frames in f (verified by
-// the caller to decode to d) in the upstream, as frames when it takes
-// them (cache.CompressedWriter), else decoded; then the disk keeps them.
+// the caller to decode to d) in the upstream, as its WriteCompressed takes
+// them (kept as frames by a tier that stores blobs compressed, else
+// decoded); then the disk keeps them.
 func (r *Regional) PutCompressedFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, n int64, res cache.Reservation) error {
-	frames := io.NewSectionReader(f, 0, n)
-	if cw, ok := r.up.(cache.CompressedWriter); ok {
-		if err := cw.WriteCompressed(ctx, ns, d, frames); err != nil {
-			return fmt.Errorf("regional cache: writing blob %s to upstream %s: %w", digest.String(d), r.up.Traits().Description, err)
-		}
-		r.remember(ns, d)
-	} else {
-		dec, err := zstd.NewReader(frames, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
-			zstd.WithDecoderMaxWindow(cache.MaxZstdWindow))
-		if err != nil {
-			return errkind.New(errkind.Internal, "regional cache: decoder for blob %s: %v", digest.String(d), err)
-		}
-		err = r.upstreamWrite(ctx, ns, d, dec)
-		dec.Close()
-		if err != nil {
-			return err
-		}
+	if err := r.up.WriteCompressed(ctx, ns, d, io.NewSectionReader(f, 0, n)); err != nil {
+		return fmt.Errorf("regional cache: writing blob %s to upstream %s: %w", digest.String(d), r.up.Traits().Description, err)
 	}
+	r.remember(ns, d)
 	if err := r.local.PutCompressedFile(ctx, ns, d, f, n, res); err != nil {
 		r.keepCopy(d, err)
 		release(res)
@@ -132,6 +118,13 @@ func (r *Regional) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Di
 	}
 	r.keepCopy(d, r.local.PutHashed(ctx, ns, d, data))
 	return nil
+}
+
+// WriteCompressed decodes the zstd frames of r and stores the content as
+// Write does (the server's compressed uploads come through
+// PutCompressedFile, which keeps the frames).
+func (r *Regional) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, src io.Reader) error {
+	return cache.WriteDecoded(ctx, r, ns, d, src)
 }
 
 func release(res cache.Reservation) {

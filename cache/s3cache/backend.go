@@ -81,6 +81,14 @@ func (c *Cache) Usage() int64 { return 0 }
 // Evictions is 0: a bucket does not evict (gc deletes what is not live).
 func (c *Cache) Evictions() int64 { return 0 }
 
+// Down is nil: a bucket's outages are the errors of its calls (a breaker
+// in front of it tells).
+func (c *Cache) Down() error { return nil }
+
+// Close is nil: the tier holds no connection of its own beyond the HTTP
+// client's idle ones.
+func (c *Cache) Close() error { return nil }
+
 func release(res cache.Reservation) {
 	if res != nil {
 		res.Release()

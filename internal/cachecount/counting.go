@@ -101,8 +101,25 @@ func (c *Counting) ReadCompressed(ctx context.Context, ns cache.Namespace, d *re
 // Traits are the wrapped tier's.
 func (c *Counting) Traits() cache.Traits { return c.c.Traits() }
 
-// Down forwards the wrapped tier's health (see Health).
-func (c *Counting) Down() error { return cache.TierDown(c.c) }
+// Down is the wrapped tier's.
+func (c *Counting) Down() error { return c.c.Down() }
+
+// Close closes the wrapped tier.
+func (c *Counting) Close() error { return c.c.Close() }
+
+// WriteCompressed counts the call as a write, and the bytes consumed from
+// r (compressed).
+func (c *Counting) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
+	c.writes.Add(1)
+	return c.c.WriteCompressed(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
+}
+
+// PutHashed counts the call as a write, and data's bytes.
+func (c *Counting) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Digest, data []byte) error {
+	c.writes.Add(1)
+	c.writeBytes.Add(int64(len(data)))
+	return c.c.PutHashed(ctx, ns, d, data)
+}
 
 // Write counts the call and the bytes consumed from r.
 func (c *Counting) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
