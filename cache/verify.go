@@ -21,6 +21,27 @@ func (ns Namespace) DigestFunction() digest.Function {
 	return ns.Function
 }
 
+// CheckFunction returns ns's digest function (digest.Default when unset)
+// when it is one snaploader computes, else InvalidArgument.
+func (ns Namespace) CheckFunction() (digest.Function, error) {
+	switch fn := ns.DigestFunction(); fn {
+	case digest.BLAKE3, digest.SHA256:
+		return fn, nil
+	}
+	return 0, errkind.New(errkind.InvalidArgument, "unsupported digest function %v", ns.Function)
+}
+
+// CheckDigest is CheckFunction, and d a well-formed digest (else
+// InvalidArgument): what every tier checks before it looks a blob or an
+// entry up.
+func (ns Namespace) CheckDigest(d *repb.Digest) (digest.Function, error) {
+	fn, err := ns.CheckFunction()
+	if err != nil {
+		return 0, err
+	}
+	return fn, digest.Validate(d)
+}
+
 // Corruptf returns a DataLoss error: stored data that failed digest
 // verification. Only a verified mismatch creates one.
 func Corruptf(format string, args ...any) error { return errkind.DataLossf(format, args...) }

@@ -2,6 +2,7 @@ package localcache
 
 import (
 	"encoding/hex"
+	"fmt"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -64,8 +65,8 @@ func acRel(ns cache.Namespace, key *repb.Digest) (string, error) {
 }
 
 func checkNS(ns cache.Namespace) error {
-	if _, err := digest.New(ns.DigestFunction()); err != nil {
-		return status.Errorf(codes.InvalidArgument, "namespace: %v", err)
+	if _, err := ns.CheckFunction(); err != nil {
+		return fmt.Errorf("namespace: %w", err)
 	}
 	return nil
 }

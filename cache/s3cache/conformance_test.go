@@ -29,7 +29,7 @@ func harness(m testutil.MinIO, mod func(*Options)) cachetest.Harness {
 				Cache:  c,
 				Reopen: func(t *testing.T) cache.Cache { return newCache(t, m, bucket, mod) },
 				Corrupt: func(t *testing.T, ns cache.Namespace, d *repb.Digest, damage func([]byte) []byte) {
-					fn, err := function(ns)
+					fn, err := ns.CheckFunction()
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -49,7 +49,7 @@ func harness(m testutil.MinIO, mod func(*Options)) cachetest.Harness {
 				// told from the entry written. A damaged first byte
 				// makes the entry unparsable (wire type 7).
 				CorruptActionResult: func(t *testing.T, ns cache.Namespace, key *repb.Digest) {
-					fn, err := function(ns)
+					fn, err := ns.CheckFunction()
 					if err != nil {
 						t.Fatal(err)
 					}

@@ -33,23 +33,9 @@ func cleanPrefix(p string) (string, error) {
 	return p + "/", nil
 }
 
-// function returns ns's digest function, BLAKE3 when unset.
-func function(ns cache.Namespace) (digest.Function, error) {
-	switch ns.Function {
-	case repb.DigestFunction_UNKNOWN:
-		return digest.Default, nil
-	case digest.BLAKE3, digest.SHA256:
-		return ns.Function, nil
-	}
-	return 0, status.Errorf(codes.InvalidArgument, "s3 cache: unsupported digest function %v", ns.Function)
-}
-
 func checkDigest(ns cache.Namespace, d *repb.Digest, what string) (digest.Function, error) {
-	fn, err := function(ns)
+	fn, err := ns.CheckDigest(d)
 	if err != nil {
-		return 0, err
-	}
-	if err := digest.Validate(d); err != nil {
 		return 0, fmt.Errorf("s3 cache: %s: %w", what, err)
 	}
 	return fn, nil
