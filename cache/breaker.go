@@ -62,6 +62,11 @@ type Breaker struct {
 	probing bool
 }
 
+var (
+	_ Tier = (*Breaker)(nil)
+	_ Tier = unreachable{}
+)
+
 // NewBreaker wraps c.
 func NewBreaker(c Tier, opts BreakerOptions) *Breaker {
 	if opts.RetryAfter <= 0 {

@@ -114,6 +114,8 @@ func Verifying(c Tier) Tier {
 // out so that none is lost.
 type verifying struct{ c Tier }
 
+var _ Tier = verifying{}
+
 // Traits are the wrapped tier's, with reads verified.
 func (v verifying) Traits() Traits {
 	t := v.c.Traits()

@@ -29,8 +29,11 @@
 //     intact; on a full disk a write is ResourceExhausted naming the
 //     digest, leaves nothing behind, and succeeds once there is room.
 //
-// Capabilities are discovered by type assertion on the tier; a subtest
-// whose capability or hook the tier lacks is skipped, saying why. The
+// A cache.Tier declares every capability the suite checks; since the suite
+// also runs against compositions that are only a cache.Cache (the
+// read-through layer), it looks for those parts by type assertion, and a
+// subtest whose capability or hook the instance lacks is skipped, saying
+// why. The
 // package also has the helpers the harnesses of tiers on local disks share
 // (ExhaustDescriptors, SmallFilesystem, Fill, DamageFile, FilesUnder).
 //

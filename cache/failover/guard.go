@@ -24,6 +24,8 @@ type guarded struct {
 	timeout time.Duration
 }
 
+var _ cache.Tier = (*guarded)(nil)
+
 func guard(c cache.Tier, name string, timeout time.Duration) cache.Tier {
 	return &guarded{c: c, name: name, timeout: timeout}
 }

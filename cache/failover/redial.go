@@ -43,6 +43,8 @@ type switchable struct {
 	lastDial time.Time // of the last dial attempt
 }
 
+var _ cache.Tier = (*switchable)(nil)
+
 type tierBox struct{ t cache.Tier }
 
 func newSwitchable(t cache.Tier, dial func(context.Context) (cache.Tier, error)) *switchable {

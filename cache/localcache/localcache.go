@@ -140,7 +140,7 @@ type Cache struct {
 
 var (
 	_ cache.Cache  = (*Cache)(nil)
-	_ cache.Opener = (*Cache)(nil)
+	_ cache.Source = (*Cache)(nil)
 )
 
 // New opens (creating if needed) the cache in dir and rebuilds its index by
