@@ -118,7 +118,7 @@ func BenchmarkColdHost(b *testing.B) {
 
 	// Lazy reads and first bytes, measured by the operator's command.
 	_, out := runPinned(b, binary, "bench", "--remote", url, "--work-dir", work, "--cache-dir", filepath.Join(work, "unused"),
-		"--size", fmt.Sprint(size), "--runs", "3", "--json")
+		"--size", fmt.Sprint(size), "--runs", "3", "--json", "--keep")
 	var rep struct {
 		CpMBs              float64 `json:"cp_mb_s"`
 		ColdReadMBs        float64 `json:"cold_read_mb_s"`

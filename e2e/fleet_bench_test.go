@@ -74,7 +74,7 @@ func BenchmarkFleetRestore(b *testing.B) {
 	idle := rssBytes(srv.Process.Pid)
 	// Seed the remote with bench's snapshot (one short run).
 	runPinned(b, binary, "bench", "--remote", url, "--work-dir", work, "--cache-dir", filepath.Join(work, "unused"),
-		"--size", fmt.Sprint(size), "--runs", "1", "--json")
+		"--size", fmt.Sprint(size), "--runs", "1", "--json", "--keep")
 	key := []string{"--instance", "snaploader-bench", "--config-hash", fmt.Sprintf("bench-v1-%d", size), "--ref", "snaploader-bench", "--remote", url}
 	seeded := rssBytes(srv.Process.Pid)
 
