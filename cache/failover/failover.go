@@ -268,6 +268,17 @@ func (t *Tier) Traits() cache.Traits {
 	return tr
 }
 
+// remotesVerify reports whether every remote's whole reads verify the
+// blob (so that a read need not hash it again).
+func (t *Tier) remotesVerify() bool {
+	for _, m := range t.members {
+		if !m.raw.Traits().VerifiesReads {
+			return false
+		}
+	}
+	return true
+}
+
 // Down is an error when every remote is down, else nil.
 func (t *Tier) Down() error {
 	var errs []error

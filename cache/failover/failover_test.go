@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -401,6 +402,55 @@ func (c *corruptTier) Read(_ context.Context, _ cache.Namespace, d *repb.Digest)
 }
 
 func (c *corruptTier) Traits() cache.Traits { return cache.Traits{Description: "corrupt"} }
+
+// verifyingLiar is a remote that declares its reads verified and sends
+// other bytes than the blob's, reporting DataLoss only where its stream
+// ends, as a verifying client does.
+type verifyingLiar struct {
+	cache.Tier
+	data []byte
+}
+
+func (v *verifyingLiar) Read(_ context.Context, _ cache.Namespace, d *repb.Digest) (io.ReadCloser, error) {
+	return io.NopCloser(io.MultiReader(bytes.NewReader(v.data), iotest.ErrReader(cache.Corruptf("blob %s: digest mismatch", digest.String(d))))), nil
+}
+
+func (v *verifyingLiar) Traits() cache.Traits {
+	return cache.Traits{Description: "liar", VerifiesReads: true}
+}
+
+// A read from remotes whose reads verify is not hashed again, but their
+// verdict still withholds the final bytes: a mismatch reported at the end
+// of the remote's stream ends the read with DataLoss before them.
+func TestVerifyingRemoteVerdict(t *testing.T) {
+	ctx := ctxT(t)
+	good := startRemote(t)
+	data := randBytes(10, 2*mib)
+	d := good.put(t, data)
+	bad := bytes.Clone(data)
+	bad[len(bad)-1] ^= 1
+	ft, err := failover.New([]failover.Remote{{Tier: &verifyingLiar{Tier: good.client, data: bad}}}, failover.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := ft.Read(ctx, ns, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(rc)
+	rc.Close()
+	if !errkind.Is(err, errkind.DataLoss) || len(got) >= len(data) {
+		t.Fatalf("read of bytes its remote found corrupt at the end: %d bytes, %v; want DataLoss before the final bytes", len(got), err)
+	}
+	// An honest verifying remote: the whole blob.
+	ft, err = failover.New([]failover.Remote{{Tier: good.client}}, failover.Options{Logger: quiet})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := cache.ReadAll(ctx, ft, ns, d); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read from a verifying remote: %d bytes, %v", len(got), err)
+	}
+}
 
 // Bytes that do not match the digest never end a read cleanly (the final
 // bytes are withheld, the error is DataLoss); a remote that reports its

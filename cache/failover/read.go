@@ -17,9 +17,12 @@ import (
 )
 
 // reader reads [start, end) of a blob from the remotes, resuming at the
-// offset reached after a transient failure. A whole read (whole) hashes
-// what it delivers and delivers the blob's final bytes only once the
-// whole blob matched the digest.
+// offset reached after a transient failure. A whole read (whole) delivers
+// the blob's final bytes only once the whole blob matched the digest: it
+// hashes what it delivers (v), unless every remote declares that its reads
+// verify (cache.Traits.VerifiesReads), in which case it resumes with whole
+// reads only and takes the remote's verdict at the end of its stream, so
+// that the bytes are hashed once.
 type reader struct {
 	t          *Tier
 	ctx        context.Context
@@ -51,8 +54,11 @@ func (t *Tier) ReadFrom(ctx context.Context, ns cache.Namespace, d *repb.Digest)
 	if err != nil {
 		return nil, "", errkind.New(errkind.InvalidArgument, "failover: blob %s: %v", digest.String(d), err)
 	}
-	r := &reader{t: t, ctx: ctx, ns: ns, d: d, whole: true, end: d.GetSizeBytes(), v: v,
+	r := &reader{t: t, ctx: ctx, ns: ns, d: d, whole: true, end: d.GetSizeBytes(),
 		rt: t.retrier("reading blob " + digest.String(d)), began: time.Now()}
+	if !t.remotesVerify() {
+		r.v = v
+	}
 	if err := r.open(); err != nil {
 		r.finish(err)
 		return nil, "", err
@@ -152,7 +158,7 @@ func (r *reader) attempt(m *member) (io.ReadCloser, error) {
 	if err := r.t.ready(r.ctx, m); err != nil {
 		return nil, err
 	}
-	if !r.whole || (r.off > 0 && m.raw.Traits().ServesRanges) {
+	if !r.whole || (r.off > 0 && r.v != nil && m.raw.Traits().ServesRanges) {
 		p := &pieces{ctx: r.ctx, m: m, ns: r.ns, d: r.d, off: r.off, end: r.end}
 		if err := p.next(); err != nil {
 			return nil, err
@@ -298,9 +304,31 @@ func (r *reader) complete() error {
 		if err := r.v.Check(); err != nil {
 			return r.finish(cache.Corruptf("%s: the bytes received from %s do not match the digest: %v", r.rt.what, strings.Join(r.remotes, " and "), err))
 		}
+	} else if r.whole && r.rc != nil {
+		// The remote checks the blob when its stream ends.
+		if err := r.remoteVerdict(); err != nil {
+			return r.finish(err)
+		}
 	}
 	r.finish(nil)
 	return nil
+}
+
+// remoteVerdict reads the end of the current remote's stream, where a
+// remote whose reads verify reports a blob that does not match its digest.
+func (r *reader) remoteVerdict() error {
+	var one [1]byte
+	for {
+		n, err := r.rc.Read(one[:])
+		switch {
+		case n > 0:
+			return cache.Corruptf("%s: %s sent more than the blob's %d bytes", r.rt.what, r.cur.name, r.end)
+		case errors.Is(err, io.EOF):
+			return nil
+		case err != nil:
+			return fmt.Errorf("%s from %s at its end: %w", r.rt.what, strings.Join(r.remotes, " and "), err)
+		}
+	}
 }
 
 // finish records the read's end once and returns err (sticky).
