@@ -264,6 +264,13 @@ func (l *Loader) getRemote(ctx context.Context, key *snapshotpb.SnapshotKey, idx
 // resolve decodes a manifest, reads its trees and checks that every blob it
 // names is in primary, or else confirmed present in secondary by one
 // FindMissing call. Lookups refresh LRU recency in the local cache.
+//
+// A manifest read from the remote (primary the remote, no secondary) is
+// resolved in fewer round trips: its trees and its small artifact files
+// are fetched into the local cache together, which proves them present
+// (the restore that follows finds them there), and only the rest (chunks,
+// large files) is looked up; a snapshot of small files alone needs no
+// lookup at all.
 func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionResult, primary, secondary cache.Cache) (*snapshotpb.SnapshotManifest, digest.Function, bool, error) {
 	dm, err := decodeManifest(ar)
 	if err != nil {
@@ -271,12 +278,17 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 	}
 	ns := l.ns(instance, dm.function)
 	m := &snapshotpb.SnapshotManifest{VmConfiguration: dm.config, VmMetadata: dm.metadata, Files: dm.files}
-	var blobs []*repb.Digest
+	fromRemote := primary != cache.Cache(l.local) && secondary == nil
+	var blobs, fetch []*repb.Digest
 	for _, f := range dm.files {
+		if fromRemote && f.GetDigest().GetSizeBytes() <= maxFetchedWithManifest {
+			fetch = append(fetch, f.GetDigest())
+			continue
+		}
 		blobs = append(blobs, f.GetDigest())
 	}
-	// The trees are read together: one round trip for all of a cold
-	// snapshot's chunked files.
+	// The trees (and a remote snapshot's small files) are read together:
+	// one round trip for all of a cold snapshot's chunked files.
 	trees := make([]*snapshotpb.ChunkedFile, len(dm.trees))
 	g, gctx := errgroup.WithContext(ctx)
 	for i, d := range dm.trees {
@@ -289,16 +301,36 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 			return err
 		})
 	}
+	if len(fetch) > 0 {
+		rt := cache.NewReadThrough(l.local, l.remote)
+		for _, d := range fetch {
+			g.Go(func() error {
+				err := rt.Fetch(gctx, ns, d)
+				if cache.IsNotFound(err) {
+					return status.Errorf(codes.NotFound, "referenced blobs are missing, e.g. %s: %v", describeBlob(m, d), err)
+				}
+				if err != nil {
+					return fmt.Errorf("fetching %s: %w", describeBlob(m, d), err)
+				}
+				return nil
+			})
+		}
+	}
 	if err := g.Wait(); err != nil {
 		return nil, 0, false, err
 	}
 	for i, d := range dm.trees {
 		cf := trees[i]
 		m.ChunkedFiles = append(m.ChunkedFiles, cf)
-		blobs = append(blobs, d.GetTreeDigest())
+		if !fromRemote { // a tree just read from the remote is there
+			blobs = append(blobs, d.GetTreeDigest())
+		}
 		for _, c := range cf.GetChunks() {
 			blobs = append(blobs, c.GetDigest())
 		}
+	}
+	if len(blobs) == 0 {
+		return m, dm.function, false, nil
 	}
 	find := primary.FindMissing
 	if primary == cache.Cache(l.local) {
@@ -323,6 +355,12 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 	}
 	return m, dm.function, true, nil
 }
+
+// maxFetchedWithManifest is the largest artifact file a lookup of a remote
+// manifest fetches instead of asking whether the remote holds it: the
+// fetch takes as many round trips as the question, and the restore that
+// follows needs the file anyway.
+const maxFetchedWithManifest = 4 << 20
 
 // readTree reads a tree blob from the local cache, else (when allowed) from
 // the remote, keeping a local copy: trees are small and every later lookup

@@ -53,7 +53,7 @@ func (r *lookupRecorder) GetActionResult(ctx context.Context, ns cache.Namespace
 		select {
 		case <-grow:
 			continue
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(200 * time.Millisecond):
 		}
 		break
 	}

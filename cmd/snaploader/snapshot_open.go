@@ -29,10 +29,7 @@ func openSnapshot(ctx context.Context, o snapshotOptions) (*env, *snapshot.Snaps
 	if o.ID != "" {
 		snap, err = e.loader.GetSnapshotByID(ctx, o.Instance, o.ID, o.Get)
 	} else {
-		keys, kerr := e.keySet(ctx, o.Key)
-		if err = kerr; err == nil {
-			snap, err = e.loader.GetSnapshot(ctx, keys, o.Get)
-		}
+		snap, _, err = e.loader.FindSnapshot(ctx, o.Key.Task, snapshot.KeySetOptions{UniversalRef: o.Key.UniversalRef, Logger: e.log}, o.Get)
 	}
 	if err == nil || cache.IsNotFound(err) || cache.IsOutage(err) {
 		e.metrics.Lookup(snap, err)
