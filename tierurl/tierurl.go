@@ -183,8 +183,11 @@ func dialer(url string, opts Options) (dialFunc, error) {
 		if _, err := s3cache.ParseURL(url); err != nil {
 			return nil, err
 		}
+		// Unless the bucket must be reachable at start, its check goes
+		// out with the first requests rather than a round trip before.
+		background := func(o *s3cache.Options) { o.CheckInBackground = !opts.Required }
 		return func(ctx context.Context) (cache.Tier, *remote.Client, error) {
-			c, err := s3cache.OpenURL(ctx, url)
+			c, err := s3cache.OpenURL(ctx, url, background)
 			if err != nil {
 				return nil, nil, err
 			}

@@ -63,8 +63,21 @@ func code(err error) codes.Code {
 }
 
 // errorf wraps err from the S3 client with a status code and says what was
-// being done: "s3 cache: <what> (bucket B): <err>".
+// being done: "s3 cache: <what> (bucket B): <err>". While the bucket check
+// New left running has not said the bucket exists, an absent object or a
+// refusal may come from a missing bucket or refused credentials: the
+// check's answer is awaited, and its failure is the error when it failed.
 func (c *Cache) errorf(err error, format string, args ...any) error {
+	if k := code(err); k == codes.NotFound || k == codes.PermissionDenied {
+		if cerr := c.check.failed(); cerr != nil {
+			return errkind.New(errkind.Of(cerr), "s3 cache: %s: %w", fmt.Sprintf(format, args...), cerr)
+		}
+	}
+	return c.clientErrorf(err, format, args...)
+}
+
+// clientErrorf is errorf without the bucket check.
+func (c *Cache) clientErrorf(err error, format string, args ...any) error {
 	what := fmt.Sprintf(format, args...)
 	k := code(err)
 	if k == codes.PermissionDenied && c.creds != nil {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 // maxCopySize is the largest object a single CopyObject request copies.
@@ -110,6 +111,12 @@ func (c *Cache) FindMissing(ctx context.Context, ns cache.Namespace, ds []*repb.
 	for _, e := range uniq {
 		if e.missing {
 			missing = append(missing, e.d)
+		}
+	}
+	if len(missing) > 0 {
+		// A missing bucket holds nothing: that is the answer, not the blobs.
+		if err := c.check.failed(); err != nil {
+			return nil, errkind.New(errkind.Of(err), "s3 cache: finding missing blobs among %d (first %s): %w", len(ds), digest.String(missing[0]), err)
 		}
 	}
 	return missing, nil

@@ -67,6 +67,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
+	"github.com/snaploader/snaploader/errkind"
 )
 
 const (
@@ -124,6 +125,13 @@ type Options struct {
 	// CreateBucket makes New create the bucket when it does not exist
 	// (otherwise a missing bucket is a NotFound error).
 	CreateBucket bool
+	// CheckInBackground makes New return before the bucket's existence is
+	// checked when the region is known (with none, every request needs
+	// the bucket's region first, and that request is the check): the
+	// check then goes out with the first requests instead of a round trip
+	// before them, and a call that fails reports the check's failure (a
+	// missing bucket, refused credentials) when it failed.
+	CheckInBackground bool
 	// MaxRetries is how many times a failed request is tried; 0 means
 	// the client's default (10), 1 disables retries.
 	MaxRetries int
@@ -158,6 +166,25 @@ type Cache struct {
 	opts   Options
 	prefix string // "" or ending in "/"
 	creds  *chain // where the credentials came from
+	// check is the bucket check New left running (CheckInBackground).
+	check *bucketCheck
+}
+
+// bucketCheck is a check of the bucket's existence running in the
+// background.
+type bucketCheck struct {
+	done chan struct{}
+	err  error // set before done closes
+}
+
+// failed waits for the check and returns its error, nil when the bucket
+// exists or no check runs.
+func (b *bucketCheck) failed() error {
+	if b == nil {
+		return nil
+	}
+	<-b.done
+	return b.err
 }
 
 var _ cache.Cache = (*Cache)(nil)
@@ -210,14 +237,22 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 		return nil, status.Errorf(codes.InvalidArgument, "s3 cache: client for %s: %v", opts.Endpoint, err)
 	}
 	c := &Cache{client: client, core: minio.Core{Client: client}, opts: opts, prefix: prefix, creds: creds}
-	exists, err := client.BucketExists(ctx, opts.Bucket)
-	if err != nil {
-		return nil, c.errorf(err, "checking bucket %s at %s", opts.Bucket, opts.Endpoint)
+	if opts.CheckInBackground && opts.Region != "" && !opts.CreateBucket {
+		c.check = &bucketCheck{done: make(chan struct{})}
+		go func() {
+			defer close(c.check.done)
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+			defer cancel()
+			c.check.err = c.checkBucket(cctx)
+		}()
+		return c, nil
 	}
-	if !exists {
-		if !opts.CreateBucket {
-			return nil, status.Errorf(codes.NotFound, "s3 cache: bucket %s does not exist at %s", opts.Bucket, opts.Endpoint)
-		}
+	err = c.checkBucket(ctx)
+	missing := errkind.Is(err, errkind.NotFound)
+	if err != nil && !(missing && opts.CreateBucket) {
+		return nil, err
+	}
+	if missing {
 		err := client.MakeBucket(ctx, opts.Bucket, minio.MakeBucketOptions{Region: opts.Region})
 		if err != nil {
 			if code := minio.ToErrorResponse(err).Code; code != "BucketAlreadyOwnedByYou" && code != "BucketAlreadyExists" {
@@ -231,4 +266,35 @@ func New(ctx context.Context, opts Options) (*Cache, error) {
 // String describes the cache for logs: s3://BUCKET/PREFIX at ENDPOINT.
 func (c *Cache) String() string {
 	return fmt.Sprintf("s3://%s/%s at %s", c.opts.Bucket, strings.TrimSuffix(c.prefix, "/"), c.opts.Endpoint)
+}
+
+// checkBucket returns nil when the bucket exists, else why not: NotFound,
+// or the error of the check.
+func (c *Cache) checkBucket(ctx context.Context) error {
+	exists, err := c.bucketExists(ctx)
+	if err != nil {
+		return c.clientErrorf(err, "checking bucket %s at %s", c.opts.Bucket, c.opts.Endpoint)
+	}
+	if !exists {
+		return status.Errorf(codes.NotFound, "s3 cache: bucket %s does not exist at %s", c.opts.Bucket, c.opts.Endpoint)
+	}
+	return nil
+}
+
+// bucketExists checks that the bucket exists. Without a configured region
+// every request first needs the bucket's, which the client asks for once:
+// that request answers the check too (NoSuchBucket), so opening the tier
+// costs one round trip, not two.
+func (c *Cache) bucketExists(ctx context.Context) (bool, error) {
+	if c.opts.Region != "" || c.opts.CreateBucket {
+		return c.client.BucketExists(ctx, c.opts.Bucket)
+	}
+	_, err := c.client.GetBucketLocation(ctx, c.opts.Bucket)
+	switch {
+	case err == nil:
+		return true, nil
+	case minio.ToErrorResponse(err).Code == minio.NoSuchBucket:
+		return false, nil
+	}
+	return false, err
 }

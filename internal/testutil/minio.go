@@ -176,6 +176,7 @@ func startMinIOProc(bin, dataDir, logPath, user, password string) (*minioProc, s
 		"MINIO_BROWSER=off",
 		"MINIO_UPDATE=off",
 		"MINIO_CI_CD=on",
+		"MINIO_PROMETHEUS_AUTH_TYPE=public", // request counts for Requests
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -286,4 +287,44 @@ func (m MinIO) Damage(t testing.TB, bucket, key string, damage func([]byte) []by
 	if _, err := m.Client.PutObject(ctx, bucket, key, bytes.NewReader(b), int64(len(b)), minio.PutObjectOptions{UserMetadata: info.UserMetadata}); err != nil {
 		t.Fatalf("putting %s/%s on %s: %v", bucket, key, m.Endpoint, err)
 	}
+}
+
+// Requests returns how many S3 requests the server has received so far,
+// per API (GetObject, HeadObject, PutObject...), from its metrics.
+func (m MinIO) Requests() (map[string]float64, error) {
+	hc := &http.Client{Timeout: 10 * time.Second}
+	resp, err := hc.Get("http://" + m.Endpoint + "/minio/metrics/v3/api/requests")
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("minio metrics at %s: %s: %s", m.Endpoint, resp.Status, b)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(line, "minio_api_requests_total{")
+		if !ok {
+			continue
+		}
+		labels, value, ok := strings.Cut(rest, "} ")
+		if !ok {
+			continue
+		}
+		_, name, ok := strings.Cut(labels, `name="`)
+		if !ok {
+			continue
+		}
+		name, _, _ = strings.Cut(name, `"`)
+		var v float64
+		if _, err := fmt.Sscan(strings.TrimSpace(value), &v); err != nil {
+			return nil, fmt.Errorf("minio metrics at %s: %q: %v", m.Endpoint, line, err)
+		}
+		out[name] += v
+	}
+	return out, nil
 }
