@@ -74,6 +74,42 @@ func timedRun(b testing.TB, bin string, env []string, args ...string) time.Durat
 	return d
 }
 
+// bucketKey is the key of the snapshots the bucket benchmarks and tests
+// save and restore (with --ref and --default-ref added).
+var bucketKey = []string{"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1"}
+
+// bucketEnv gives the snaploader processes m's credentials and no
+// region or profile of the machine's.
+func bucketEnv(m testutil.MinIO) []string {
+	return []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=" + m.SecretKey, "AWS_REGION=", "AWS_PROFILE="}
+}
+
+// saveOneFile saves a snapshot of one file of size random bytes under ref
+// main to url with the binary under test and returns the bytes.
+func saveOneFile(t testing.TB, env []string, url, dir string, size int) []byte {
+	t.Helper()
+	state := filepath.Join(dir, "vmstate")
+	data := make([]byte, size)
+	rand.Read(data)
+	if err := os.WriteFile(state, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	timedRun(t, binary, env, append([]string{"save", "--remote", url, "--cache-dir", filepath.Join(dir, "saver"), "--ref", "main", "--file", "vmstate=" + state}, bucketKey...)...)
+	return data
+}
+
+// seeVersion runs a restore of a key without snapshot with bin, which
+// leaves the key's version id in the cache at dir.
+func seeVersion(t testing.TB, bin string, env []string, url, cache, out string) {
+	t.Helper()
+	cmd := exec.Command(bin, append([]string{"restore", "--remote", url, "--cache-dir", cache, "--ref", "nothing-here", "--out", out}, bucketKey...)...)
+	cmd.Env = append(os.Environ(), env...)
+	// Exit 3 (1 before exit codes had kinds): nothing to restore.
+	if out, err := cmd.CombinedOutput(); err == nil || !bytes.Contains(out, []byte("no snapshot for")) {
+		t.Fatalf("restore of a key without snapshot: %v (want no snapshot)\n%s", err, out)
+	}
+}
+
 // BenchmarkRestoreToReadyFromBucket runs `snaploader restore --remote
 // s3://...` of a one-file snapshot (256 KiB) found through one fallback
 // key (the branch key misses, the default branch's key hits), as a whole
@@ -83,16 +119,18 @@ func timedRun(b testing.TB, bin string, env []string, args ...string) time.Durat
 // cache) and one that has seen the key's version before (its cache holds
 // the version entry only), each with the bucket's region in the URL or not
 // (the client then asks for it first). With SNAPLOADER_BENCH_BASELINE=REV the binary of
-// that revision runs the same cases, interleaved, for an A/B in one run.
-// Reported per binary and host: ms at 50 ms, ms without latency, their
-// difference in 50-ms round trips, and requests per restore.
+// that revision runs the same cases, interleaved, for an A/B in one run, and
+// with SNAPLOADER_BENCH_OTHER=NAME=PATH the binary at PATH too.
+// Reported per binary and host: ms at 50 ms (median and fastest), ms
+// without latency, the difference of the fastest runs in 50-ms round trips,
+// and requests per restore (-v prints them as a table).
 //
-//	SNAPLOADER_BENCH_BASELINE=6a03955 go test -run '^$' -bench RestoreToReadyFromBucket -benchtime 10x ./e2e/
+//	SNAPLOADER_BENCH_BASELINE=6a03955 go test -run '^$' -bench RestoreToReadyFromBucket -benchtime 10x -v ./e2e/
 func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 	m := testutil.StartMinIO(b)
 	bucket := m.NewBucket(b)
 	proxy := bucketModel(b, m)
-	env := []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=" + m.SecretKey, "AWS_REGION=", "AWS_PROFILE="}
+	env := bucketEnv(m)
 	url := func(endpoint string) string {
 		return fmt.Sprintf("s3://%s/ready?endpoint=%s&secure=false", bucket, endpoint)
 	}
@@ -102,32 +140,26 @@ func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 		}
 		return url(endpoint)
 	}
-	key := []string{"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1"}
 	dir := b.TempDir()
-	state := filepath.Join(dir, "vmstate")
-	data := make([]byte, 256<<10)
-	rand.Read(data)
-	if err := os.WriteFile(state, data, 0o644); err != nil {
-		b.Fatal(err)
-	}
-	save := append([]string{"save", "--remote", url(m.Endpoint), "--cache-dir", filepath.Join(dir, "saver"), "--ref", "main", "--file", "vmstate=" + state}, key...)
-	timedRun(b, binary, env, save...)
+	data := saveOneFile(b, env, url(m.Endpoint), dir, 256<<10)
 
 	bins := []struct{ name, path string }{{"new", binary}}
 	if old := baselineBinary(b); old != "" {
 		bins = append(bins, struct{ name, path string }{"base", old})
+	}
+	if other := os.Getenv("SNAPLOADER_BENCH_OTHER"); other != "" {
+		name, path, ok := strings.Cut(other, "=")
+		if !ok || name == "" || path == "" {
+			b.Fatalf("SNAPLOADER_BENCH_OTHER=%q: want NAME=PATH of a snaploader binary", other)
+		}
+		bins = append(bins, struct{ name, path string }{name, path})
 	}
 	// A host that has seen the version: its cache holds the version entry
 	// a restore of a key without snapshot left behind.
 	primed := map[string]string{}
 	for _, bin := range bins {
 		p := filepath.Join(dir, "primed-"+bin.name)
-		cmd := exec.Command(bin.path, append([]string{"restore", "--remote", url(m.Endpoint), "--cache-dir", p, "--ref", "nothing-here", "--out", filepath.Join(dir, "nothing-"+bin.name)}, key...)...)
-		cmd.Env = append(os.Environ(), env...)
-		// Exit 3 (1 before exit codes had kinds): nothing to restore.
-		if out, err := cmd.CombinedOutput(); err == nil || !bytes.Contains(out, []byte("no snapshot for")) {
-			b.Fatalf("priming a cache with the version: %v (want no snapshot)\n%s", err, out)
-		}
+		seeVersion(b, bin.path, env, url(m.Endpoint), p, filepath.Join(dir, "nothing-"+bin.name))
 		primed[bin.name] = p
 	}
 
@@ -166,7 +198,7 @@ func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 			endpoint = proxy.Addr()
 		}
 		args := append([]string{"restore", "--remote", regionURL(endpoint, k.region), "--cache-dir", cache, "--ref", "feature", "--default-ref", "main",
-			"--out", filepath.Join(dir, fmt.Sprintf("out-%d", run))}, key...)
+			"--out", filepath.Join(dir, fmt.Sprintf("out-%d", run))}, bucketKey...)
 		before := minioRequests(b, m)
 		d := timedRun(b, binPath[k.bin], env, args...)
 		after := minioRequests(b, m)
@@ -201,7 +233,7 @@ func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 		byName[fmt.Sprintf("%s/%s/%v/%v", k.bin, k.host, k.region, k.latency)] = k
 	}
 	var table strings.Builder
-	fmt.Fprintf(&table, "\n| binary | host | ms at 50 ms (min-max) | ms without latency | 50-ms trips | requests (median per restore) |\n|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&table, "\n| binary | host | ms at 50 ms: median (min-max) | ms without latency: median (min) | 50-ms trips (from the minimums) | requests (median per restore) |\n|---|---|---|---|---|---|\n")
 	for _, bin := range bins {
 		for _, hr := range []struct {
 			host   string
@@ -214,7 +246,9 @@ func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 			slow := byName[fmt.Sprintf("%s/%s/%v/true", bin.name, hr.host, hr.region)]
 			fast := byName[fmt.Sprintf("%s/%s/%v/false", bin.name, hr.host, hr.region)]
 			ms, ms0 := median(slow.ms), median(fast.ms)
-			trips := float64(ms-ms0) / float64(50*time.Millisecond)
+			// From the fastest runs: a loaded machine adds time to some
+			// runs, never removes any.
+			trips := float64(slices.Min(slow.ms)-slices.Min(fast.ms)) / float64(50*time.Millisecond)
 			reqs := medianRequests(slow.reqs)
 			total := 0.0
 			var parts []string
@@ -222,9 +256,10 @@ func BenchmarkRestoreToReadyFromBucket(b *testing.B) {
 				total += reqs[api]
 				parts = append(parts, fmt.Sprintf("%s %.0f", api, reqs[api]))
 			}
-			fmt.Fprintf(&table, "| %s | %s | %d (%d-%d) | %d | %.1f | %.0f: %s |\n", bin.name, host, ms.Milliseconds(),
-				slices.Min(slow.ms).Milliseconds(), slices.Max(slow.ms).Milliseconds(), ms0.Milliseconds(), trips, total, strings.Join(parts, ", "))
+			fmt.Fprintf(&table, "| %s | %s | %d (%d-%d) | %d (%d) | %.1f | %.0f: %s |\n", bin.name, host, ms.Milliseconds(),
+				slices.Min(slow.ms).Milliseconds(), slices.Max(slow.ms).Milliseconds(), ms0.Milliseconds(), slices.Min(fast.ms).Milliseconds(), trips, total, strings.Join(parts, ", "))
 			b.ReportMetric(float64(ms.Microseconds())/1000, bin.name+"-"+host+"-ms")
+			b.ReportMetric(float64(slices.Min(slow.ms).Microseconds())/1000, bin.name+"-"+host+"-ms-min")
 			b.ReportMetric(float64(ms0.Microseconds())/1000, bin.name+"-"+host+"-ms-no-latency")
 			b.ReportMetric(trips, bin.name+"-"+host+"-trips")
 			b.ReportMetric(total, bin.name+"-"+host+"-requests")
@@ -284,29 +319,18 @@ func minioRequests(b testing.TB, m testutil.MinIO) map[string]float64 {
 func TestRestoreFromBucketRequestBudget(t *testing.T) {
 	m := testutil.StartMinIO(t)
 	bucket := m.NewBucket(t)
-	env := []string{"AWS_ACCESS_KEY_ID=" + m.AccessKey, "AWS_SECRET_ACCESS_KEY=" + m.SecretKey, "AWS_REGION=", "AWS_PROFILE="}
+	env := bucketEnv(m)
 	url := fmt.Sprintf("s3://%s/budget?endpoint=%s&secure=false&region=us-east-1", bucket, m.Endpoint)
-	key := []string{"--instance", "ci", "--platform", "os=linux", "--config-hash", "c1"}
 	dir := t.TempDir()
-	state := filepath.Join(dir, "vmstate")
-	data := make([]byte, 64<<10)
-	rand.Read(data)
-	if err := os.WriteFile(state, data, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cli(t, env, append([]string{"save", "--remote", url, "--cache-dir", filepath.Join(dir, "saver"), "--ref", "main", "--file", "vmstate=" + state}, key...)...)
+	data := saveOneFile(t, env, url, dir, 64<<10)
 	host := filepath.Join(dir, "host")
-	cmd := exec.Command(binary, append([]string{"restore", "--remote", url, "--cache-dir", host, "--ref", "other", "--out", filepath.Join(dir, "none")}, key...)...)
-	cmd.Env = append(os.Environ(), env...)
-	if out, err := cmd.CombinedOutput(); err == nil || !bytes.Contains(out, []byte("no snapshot for")) {
-		t.Fatalf("restore of a key without snapshot: %v\n%s", err, out)
-	}
+	seeVersion(t, binary, env, url, host, filepath.Join(dir, "none"))
 
 	before, err := m.Requests()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli(t, env, append([]string{"restore", "--remote", url, "--cache-dir", host, "--ref", "feature", "--default-ref", "main", "--out", filepath.Join(dir, "out")}, key...)...)
+	cli(t, env, append([]string{"restore", "--remote", url, "--cache-dir", host, "--ref", "feature", "--default-ref", "main", "--out", filepath.Join(dir, "out")}, bucketKey...)...)
 	after, err := m.Requests()
 	if err != nil {
 		t.Fatal(err)
