@@ -29,10 +29,40 @@ func TestRestoreRidesOutBlips(t *testing.T) {
 	// About 8 MB/s: the restore takes a few seconds, so the blip lands in
 	// the middle of it.
 	proxy.Add(t, "bandwidth", "downstream", `"rate":8000`)
-	for _, tc := range []struct {
-		name string
-		blip func(t *testing.T) (end func())
-	}{
+	for _, tc := range blipKinds(srv, proxy) {
+		t.Run(tc.name, func(t *testing.T) {
+			out := filepath.Join(dir, "out-"+strings.ReplaceAll(tc.name, " ", "-"))
+			args := append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "cold-"+strings.ReplaceAll(tc.name, " ", "-")),
+				"--out", out, "--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s"}, key...)
+			done := make(chan cliResult, 1)
+			go func() { done <- run(ctx, args...) }()
+			time.Sleep(time.Second)
+			end := tc.start(t)
+			time.Sleep(2 * time.Second)
+			end()
+			r := (<-done).must(t, fmt.Sprintf("restore across a blip (%s)", tc.name))
+			if rep := r.report(t); rep["source"] != "remote" {
+				t.Errorf("restore reported %v, want it served by the remote", rep)
+			}
+			if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
+				t.Fatalf("restored bytes differ after a blip (%s): %v", tc.name, err)
+			}
+		})
+	}
+}
+
+// blip is one way a remote goes away for a while: start begins it and
+// returns the function that ends it.
+type blip struct {
+	name  string
+	start func(t *testing.T) (end func())
+}
+
+// blipKinds are the blips a client of srv through proxy rides out: srv
+// killed and restarted, every connection through the proxy reset, and the
+// link stalled (no byte passes, connections stay open).
+func blipKinds(srv *server, proxy *toxic.Proxy) []blip {
+	return []blip{
 		{"serve restarted", func(t *testing.T) func() {
 			srv.stop()
 			return func() { srv.start(t) }
@@ -45,25 +75,6 @@ func TestRestoreRidesOutBlips(t *testing.T) {
 			name := proxy.Add(t, "timeout", "downstream", `"timeout":0`)
 			return func() { proxy.Remove(t, name) }
 		}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			out := filepath.Join(dir, "out-"+strings.ReplaceAll(tc.name, " ", "-"))
-			args := append([]string{"restore", "--json", "--cache-dir", filepath.Join(dir, "cold-"+strings.ReplaceAll(tc.name, " ", "-")),
-				"--out", out, "--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s"}, key...)
-			done := make(chan cliResult, 1)
-			go func() { done <- run(ctx, args...) }()
-			time.Sleep(time.Second)
-			end := tc.blip(t)
-			time.Sleep(2 * time.Second)
-			end()
-			r := (<-done).must(t, fmt.Sprintf("restore across a blip (%s)", tc.name))
-			if rep := r.report(t); rep["source"] != "remote" {
-				t.Errorf("restore reported %v, want it served by the remote", rep)
-			}
-			if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
-				t.Fatalf("restored bytes differ after a blip (%s): %v", tc.name, err)
-			}
-		})
 	}
 }
 

@@ -1,0 +1,272 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/snaploader/snaploader/internal/testguest"
+	"github.com/snaploader/snaploader/internal/testutil"
+	"github.com/snaploader/snaploader/internal/toxic"
+)
+
+// vmBlipFor is how long each blip of the running-VM tests lasts: long
+// enough that faults wait on it through several retries and a breaker
+// period, short enough to keep the tests quick.
+const vmBlipFor = 3 * time.Second
+
+// chunkFetchesSample matches every sample of the chunk fetch counter.
+var chunkFetchesSample = regexp.MustCompile(`(?m)^snaploader_chunk_fetches_total\{[^}]*\} ([0-9.e+]+)$`)
+
+// scrape returns the text of http://addr/metrics ("" while it does not
+// answer).
+func scrape(addr string) string {
+	c := http.Client{Timeout: 2 * time.Second}
+	resp, err := c.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return ""
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// waitChunkFetched waits until the process serving metrics on addr has
+// fetched at least one chunk: its lazy restore is under way. exited, when
+// it receives, means the process ended first (nil: not watched).
+func waitChunkFetched(ctx context.Context, t *testing.T, addr string, exited <-chan error, what func() string) {
+	t.Helper()
+	for {
+		total := 0.0
+		for _, m := range chunkFetchesSample.FindAllStringSubmatch(scrape(addr), -1) {
+			v, _ := strconv.ParseFloat(m[1], 64)
+			total += v
+		}
+		if total > 0 {
+			return
+		}
+		select {
+		case err := <-exited:
+			t.Fatalf("exited (%v) before fetching a chunk: %s", err, what())
+		case <-ctx.Done():
+			t.Fatalf("no chunk fetched: %v: %s", ctx.Err(), what())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// A lazy `snaploader pager` restore serving a Firecracker-style VMM
+// stand-in through a slow link to its serve, disturbed in the middle for a
+// few seconds: the serve killed and restarted, its connections reset, or
+// the link stalled. The VMM's faults wait out the blip (they are never
+// failed while --remote-retry-for holds): it stays alive and reads every
+// page of guest memory equal to the snapshot.
+func TestPagerRidesOutBlips(t *testing.T) {
+	testutil.RequireRoot(t)
+	testutil.RequireDevice(t, "/dev/userfaultfd")
+	stub, cleanup, err := testutil.BuildMain("../uffd/internal/vmmstub", "vmmstub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cleanup()
+	ctx := ctxT(t)
+	dir := t.TempDir()
+	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"))
+	mem := filepath.Join(dir, "memory")
+	writeVM(t, mem, 6<<20, 41)
+	state := filepath.Join(dir, "vmstate")
+	if err := os.WriteFile(state, []byte("device state"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	key := []string{"--instance", "fc", "--platform", "vmm=firecracker", "--config-hash", "blips", "--ref", "main"}
+	run(ctx, append([]string{"save", "--cache-dir", filepath.Join(dir, "a"), "--chunk-size", "262144", "--remote", srv.url(),
+		"--chunked", "memory=" + mem, "--file", "vmstate=" + state}, key...)...).must(t, "save through serve")
+
+	proxy := toxic.Start(t, srv.addr)
+	// About 2 MB/s: fetching the memory takes about 3 s at least, so the
+	// blip, started after the first chunk arrived, lands in the middle.
+	proxy.Add(t, "bandwidth", "downstream", `"rate":2000`)
+	for _, tc := range blipKinds(srv, proxy) {
+		t.Run(tc.name, func(t *testing.T) {
+			sub := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
+			sock, metrics := filepath.Join(sub+".sock"), fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			pager := exec.Command(binary, append([]string{"pager", "--json", "--cache-dir", sub + "-cache", "--dir", sub, "--socket", sock,
+				"--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s", "--metrics-addr", metrics}, key...)...)
+			var pout bytes.Buffer
+			perr := &syncLog{}
+			pager.Stdout = &pout
+			pager.Stderr = writerFunc(func(b []byte) (int, error) { return perr.WriteString(string(b)) })
+			if err := pager.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer pager.Process.Kill()
+			waitPath(ctx, t, sock, perr.String)
+
+			vm := exec.Command(stub, "-sock", sock, "-expect", mem, "-regions", "2")
+			vm.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1")
+			var vout, verr bytes.Buffer
+			vm.Stdout, vm.Stderr = &vout, &verr
+			if err := vm.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer vm.Process.Kill()
+			vmDone := make(chan error, 1)
+			go func() { vmDone <- vm.Wait() }()
+
+			waitChunkFetched(ctx, t, metrics, vmDone, perr.String)
+			end := tc.start(t)
+			select {
+			case err := <-vmDone:
+				end()
+				t.Fatalf("the VMM stand-in ended (%v) as the blip began: the blip did not land mid-restore; stdout %s", err, vout.String())
+			case <-time.After(vmBlipFor):
+			}
+			end()
+			select {
+			case err := <-vmDone:
+				if err != nil {
+					t.Fatalf("the VMM stand-in died during the blip: %v\nstdout %s\nstderr %s\npager stderr %s", err, vout.String(), verr.String(), perr.String())
+				}
+			default: // alive: it goes on once the remote is back
+			}
+			if err := <-vmDone; err != nil {
+				t.Fatalf("VMM stand-in after the blip: %v\nstdout %s\nstderr %s\npager stderr %s", err, vout.String(), verr.String(), perr.String())
+			}
+			var res struct {
+				Result     string `json:"result"`
+				Pages      int    `json:"pages"`
+				Mismatches int    `json:"mismatches"`
+			}
+			sc := bufio.NewScanner(bytes.NewReader(vout.Bytes()))
+			for sc.Scan() {
+				if strings.Contains(sc.Text(), `"result"`) {
+					json.Unmarshal(sc.Bytes(), &res)
+				}
+			}
+			if res.Result != "ok" || res.Mismatches != 0 || res.Pages != (6<<20)/4096 {
+				t.Fatalf("VMM stand-in saw %+v, want every page equal to the snapshot", res)
+			}
+			if err := pager.Wait(); err != nil {
+				t.Fatalf("pager: %v; stderr: %s", err, perr.String())
+			}
+			var rep pagerOutput
+			if err := json.Unmarshal(pout.Bytes(), &rep); err != nil {
+				t.Fatalf("pager output %q: %v", pout.String(), err)
+			}
+			if rep.Source != "remote" || rep.ChunkFetches == 0 {
+				t.Errorf("pager report %+v: want a remote snapshot fetched chunk by chunk", rep)
+			}
+		})
+	}
+}
+
+// writerFunc is an io.Writer.
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(b []byte) (int, error) { return f(b) }
+
+// waitPath waits until path exists (a socket a process listens on).
+func waitPath(ctx context.Context, t *testing.T, path string, what func() string) {
+	t.Helper()
+	for {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("%s did not appear: %s", path, what())
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// A QEMU guest restored lazily by `snaploader qemu restore` (memory
+// through FUSE, disk through NBD) through a slow link to its serve,
+// disturbed in the middle for a few seconds: the serve killed and
+// restarted, its connections reset, or the link stalled. The guest's
+// memory faults and disk reads wait out the blip: it stays alive and
+// keeps counting, without a gap, after it.
+func TestQEMURestoreRidesOutBlips(t *testing.T) {
+	tg := needGuest(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"))
+	disk := filepath.Join(dir, "disk.img")
+	if err := testguest.MakeTestDisk(ctx, disk, vmDisk); err != nil {
+		t.Fatal(err)
+	}
+	key := []string{"--instance", "vms", "--platform", "arch=x86_64", "--config-hash", "blips", "--ref", "main"}
+	serialA := filepath.Join(dir, "serial-a.log")
+	_, stopA := startCLI(t, append([]string{"qemu", "boot", "--cache-dir", filepath.Join(dir, "cache-a"), "--dir", filepath.Join(dir, "vm-a"),
+		"--serial-log", serialA, "--memory-bytes", strconv.Itoa(vmMemory), "--kernel", tg.Kernel, "--initrd", tg.Initrd, "--append", tg.Append,
+		"--disk", "root=" + disk, "--chunk-size", strconv.Itoa(vmChunkSize), "--save-on-exit", "--remote", srv.url()}, key...)...)
+	waitSerial(ctx, t, serialA, 3)
+	if out := stopA(); !strings.Contains(out, "remote: true") {
+		t.Fatalf("qemu boot did not save remotely:\n%s", out)
+	}
+	before := testguest.ParseCounters(readFile(t, serialA))
+	last := before[len(before)-1]
+
+	proxy := toxic.Start(t, srv.addr)
+	// About 8 MB/s: the guest's first faults and the read-ahead take
+	// seconds, so the blip, started after the first chunk arrived, lands
+	// in the middle of the restore.
+	proxy.Add(t, "bandwidth", "downstream", `"rate":8000`)
+	for _, tc := range blipKinds(srv, proxy) {
+		t.Run(tc.name, func(t *testing.T) {
+			sub := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
+			serial, metrics := sub+"-serial.log", fmt.Sprintf("127.0.0.1:%d", freePort(t))
+			cmd := exec.Command(binary, append([]string{"qemu", "restore", "--cache-dir", sub + "-cache", "--dir", sub, "--serial-log", serial,
+				"--read-policy", "newest", "--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s", "--metrics-addr", metrics}, key...)...)
+			var out bytes.Buffer
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			defer cmd.Process.Kill()
+			waitChunkFetched(ctx, t, metrics, nil, func() string { return "qemu restore" })
+			end := tc.start(t)
+			time.Sleep(vmBlipFor)
+			end()
+			// Alive after the blip: it counts on from where it was saved,
+			// a few more lines than it had printed when the blip ended.
+			now := testguest.ParseCounters(readFileOrEmpty(serial))
+			upTo := last
+			if len(now) > 0 {
+				upTo = now[len(now)-1]
+			}
+			waitSerial(ctx, t, serial, upTo+2)
+			// Interrupted without --save-on-exit, it stops the guest and
+			// says so.
+			cmd.Process.Signal(os.Interrupt)
+			cmd.Wait()
+			if !strings.Contains(out.String(), "guest stopped") {
+				t.Errorf("qemu restore did not stop the guest on an interrupt:\n%s", out.String())
+			}
+			all := testguest.ParseCounters(append(readFile(t, serialA), readFile(t, serial)...))
+			contiguous(t, "serial across the restore and the blip", all)
+			if all[len(all)-1] < last+2 {
+				t.Fatalf("restored guest counted to %d, want past %d", all[len(all)-1], last+1)
+			}
+		})
+	}
+}
+
+// readFileOrEmpty is the file's content, or nothing while it is missing.
+func readFileOrEmpty(path string) []byte {
+	b, _ := os.ReadFile(path)
+	return b
+}
