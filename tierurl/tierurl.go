@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	neturl "net/url"
 	"strings"
 	"time"
 
@@ -128,14 +129,14 @@ func Open(ctx context.Context, urls []string, fn digest.Function, opts Options) 
 				return nil, err
 			}
 			// Its breaker warns at the first call it fails, once.
-			downs = append(downs, &DownError{URL: url, Err: err})
-			t = cache.Unreachable(url, err)
+			downs = append(downs, &DownError{URL: Name(url), Err: err})
+			t = cache.Unreachable(Name(url), err)
 		} else if c != nil && !described {
 			described = true
 			o.Function, o.EntryFunction, o.Writable = c.DigestFunction(), c.EntryFunction(), c.CanUpdateActionCache()
 			o.Functions, o.MaxBlobBytes = c.Functions(), c.MaxBlobBytes()
 		}
-		remotes = append(remotes, failover.Remote{Tier: cache.Verifying(t), Name: url, Dial: func(ctx context.Context) (cache.Tier, error) {
+		remotes = append(remotes, failover.Remote{Tier: cache.Verifying(t), Name: Name(url), Dial: func(ctx context.Context) (cache.Tier, error) {
 			t, _, err := dial(ctx)
 			if err != nil {
 				return nil, err
@@ -196,3 +197,15 @@ func dialer(url string, opts Options) (dialFunc, error) {
 	}
 	return nil, errkind.New(errkind.InvalidArgument, "remote %q: want grpc://, grpcs://, unix:// or s3://", url)
 }
+
+// Name is how reports, logs, traces and metrics name the tier url names:
+// the URL without the user information a token may have been put in.
+func Name(url string) string {
+	u, err := neturl.Parse(url)
+	if err != nil || u.User == nil {
+		return url
+	}
+	u.User = nil
+	return u.String()
+}
+

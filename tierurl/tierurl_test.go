@@ -73,3 +73,20 @@ func TestOpen(t *testing.T) {
 		})
 	}
 }
+
+// Remotes are named by their URL without user information (where a token
+// may have been put), in reports, traces and metrics alike.
+func TestName(t *testing.T) {
+	for _, tc := range []struct{ url, want string }{
+		{"grpc://cache:8980", "grpc://cache:8980"},
+		{"grpcs://token@cache:443", "grpcs://cache:443"},
+		{"grpcs://user:secret@cache:443", "grpcs://cache:443"},
+		{"unix:///run/snaploader/serve.sock", "unix:///run/snaploader/serve.sock"},
+		{"s3://snaps/prefix?endpoint=minio:9000&secure=false", "s3://snaps/prefix?endpoint=minio:9000&secure=false"},
+		{"%%", "%%"}, // unparsable: as given (Open refuses it)
+	} {
+		if got := Name(tc.url); got != tc.want {
+			t.Errorf("Name(%q) = %q, want %q", tc.url, got, tc.want)
+		}
+	}
+}

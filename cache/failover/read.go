@@ -9,11 +9,14 @@ import (
 	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 	"google.golang.org/grpc/status"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/errkind"
+	"github.com/snaploader/snaploader/telemetry"
 )
 
 // reader reads [start, end) of a blob from the remotes, resuming at the
@@ -34,6 +37,9 @@ type reader struct {
 	v          *digest.Verifier
 	rt         *retrier
 	began      time.Time
+	// span is the read's own span; parent the caller's (a chunk fetch),
+	// which is told the remote that served too.
+	span, parent trace.Span
 
 	rc       io.ReadCloser
 	cur      *member
@@ -54,11 +60,12 @@ func (t *Tier) ReadFrom(ctx context.Context, ns cache.Namespace, d *repb.Digest)
 	if err != nil {
 		return nil, "", errkind.New(errkind.InvalidArgument, "failover: blob %s: %v", digest.String(d), err)
 	}
-	r := &reader{t: t, ctx: ctx, ns: ns, d: d, whole: true, end: d.GetSizeBytes(),
+	r := &reader{t: t, ns: ns, d: d, whole: true, end: d.GetSizeBytes(),
 		rt: t.retrier("reading blob " + digest.String(d)), began: time.Now()}
 	if !t.remotesVerify() {
 		r.v = v
 	}
+	r.trace(ctx)
 	if err := r.open(); err != nil {
 		r.finish(err)
 		return nil, "", err
@@ -94,13 +101,22 @@ func (t *Tier) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest
 		return nil, errkind.New(errkind.Unimplemented, "failover: blob %s at [%d, %d): no remote serves ranges: %w", digest.String(d), off, off+n, cache.ErrNoRange)
 	}
 	end := min(off+n, d.GetSizeBytes())
-	r := &reader{t: t, ctx: ctx, ns: ns, d: d, start: off, off: off, end: end,
+	r := &reader{t: t, ns: ns, d: d, start: off, off: off, end: end,
 		rt: t.retrier(fmt.Sprintf("reading blob %s at [%d, %d)", digest.String(d), off, end)), began: time.Now()}
+	r.trace(ctx)
 	if err := r.open(); err != nil {
 		r.finish(err)
 		return nil, err
 	}
 	return r, nil
+}
+
+// trace starts the read's span, a child of ctx's, and makes ctx the
+// read's context (the remotes' calls are its children).
+func (r *reader) trace(ctx context.Context) {
+	r.parent = trace.SpanFromContext(ctx)
+	r.ctx, r.span = telemetry.Start(ctx, "snaploader.remote_read", attribute.String("digest", digest.String(r.d)),
+		attribute.Int64("offset", r.start), attribute.Int64("length", r.end-r.start))
 }
 
 // open opens the stream at r.off on the first remote that serves it,
@@ -340,6 +356,15 @@ func (r *reader) finish(err error) error {
 		return err
 	}
 	r.reported = true
+	// The remotes that served, by name (a URL without credentials), on
+	// the read's span and on its caller's.
+	served := strings.Join(r.remotes, ", then ")
+	r.span.SetAttributes(attribute.String("remote", served), attribute.Int("attempts", r.attempts),
+		attribute.Int64("bytes_read", r.off-r.start), attribute.Bool("complete", err == nil && r.off >= r.end))
+	telemetry.End(r.span, err)
+	if served != "" {
+		r.parent.SetAttributes(attribute.String("remote", served))
+	}
 	if f := r.t.opts.OnRead; f != nil {
 		f(ReadEvent{Digest: r.d, Offset: r.start, Length: r.end - r.start, Remotes: r.remotes,
 			Bytes: r.off - r.start, Attempts: r.attempts, Complete: err == nil && r.off >= r.end,
