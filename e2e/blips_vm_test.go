@@ -249,6 +249,15 @@ func TestQEMURestoreRidesOutBlips(t *testing.T) {
 				upTo = now[len(now)-1]
 			}
 			waitSerial(ctx, t, serial, upTo+2)
+			// Its metrics name the remote, and the failures it rode out.
+			remote := `\{remote="` + regexp.QuoteMeta("grpc://"+proxy.Addr()) + `"\}`
+			text := scrape(metrics)
+			if v := metricValue(t, text, `snaploader_remote_blob_bytes_total`+remote); v <= 0 {
+				t.Errorf("remote blob bytes %v, want > 0:\n%s", v, text)
+			}
+			if v := metricValue(t, text, `snaploader_remote_failures_total`+remote); tc.fails && v <= 0 {
+				t.Errorf("remote failures %v, want the blip's failed calls counted:\n%s", v, text)
+			}
 			// Interrupted without --save-on-exit, it stops the guest and
 			// says so.
 			cmd.Process.Signal(os.Interrupt)

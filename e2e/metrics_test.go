@@ -59,6 +59,10 @@ func TestRestoreMetricsTextfile(t *testing.T) {
 		{`snaploader_chunk_bytes_fetched_total\{tier="local"\}`, func(v float64) bool { return v == -1 }},
 		{`snaploader_chunk_wait_seconds_count\{tier="remote"\}`, func(v float64) bool { return v > 0 }},
 		{`snaploader_cold_starts_total`, func(v float64) bool { return v == 0 }},
+		// The remote that served, named by its URL.
+		{`snaploader_remote_blob_reads_total\{remote="` + regexp.QuoteMeta(srv.url()) + `"\}`, func(v float64) bool { return v > 0 }},
+		{`snaploader_remote_blob_bytes_total\{remote="` + regexp.QuoteMeta(srv.url()) + `"\}`, func(v float64) bool { return v > 0 }},
+		{`snaploader_remote_up\{remote="` + regexp.QuoteMeta(srv.url()) + `"\}`, func(v float64) bool { return v == 1 }},
 	} {
 		if v := metricValue(t, cold, c.sample); !c.want(v) {
 			t.Errorf("first restore on an empty cache: %s = %v\n%s", c.sample, v, cold)
@@ -72,6 +76,7 @@ func TestRestoreMetricsTextfile(t *testing.T) {
 		{`snaploader_snapshot_hits_total\{fallback_index="0",tier="local"\}`, func(v float64) bool { return v == 1 }},
 		{`snaploader_chunk_bytes_fetched_total\{tier="local"\}`, func(v float64) bool { return v > 0 }},
 		{`snaploader_chunk_bytes_fetched_total\{tier="remote"\}`, func(v float64) bool { return v == -1 }},
+		{`snaploader_remote_blob_bytes_total\{remote="` + regexp.QuoteMeta(srv.url()) + `"\}`, func(v float64) bool { return v == 0 }},
 	} {
 		if v := metricValue(t, warm, c.sample); !c.want(v) {
 			t.Errorf("second restore on the same host: %s = %v\n%s", c.sample, v, warm)

@@ -96,10 +96,20 @@ func TestColdRestoreIsOneTraceAcrossProcesses(t *testing.T) {
 	if n := ops["snaploader"]["snaploader.get_key"]; n != 2 {
 		t.Errorf("%d get_key spans, want 2 (branch key rejected, fallback used)", n)
 	}
-	remoteFetches := 0
+	remoteFetches, remoteReads := 0, 0
 	for _, s := range found.Spans {
 		if s.Operation == "snaploader.chunk_fetch" && tag(s, "tier") == "remote" {
 			remoteFetches++
+			// The fetch names the remote that served it.
+			if got := tag(s, "remote"); got != srv.url() {
+				t.Errorf("a chunk fetch from the remote tier says remote=%v, want %s", got, srv.url())
+			}
+		}
+		if s.Operation == "snaploader.remote_read" {
+			remoteReads++
+			if got := tag(s, "remote"); got != srv.url() {
+				t.Errorf("a remote_read span says remote=%v, want %s", got, srv.url())
+			}
 		}
 		if s.Operation == "snaploader.get_key" && tag(s, "fallback_index") == float64(0) && tag(s, "rejected") != "absent" {
 			t.Errorf("the branch key's span says rejected=%v, want absent", tag(s, "rejected"))
@@ -107,6 +117,9 @@ func TestColdRestoreIsOneTraceAcrossProcesses(t *testing.T) {
 	}
 	if remoteFetches == 0 {
 		t.Error("no chunk fetch span says tier=remote")
+	}
+	if remoteReads == 0 {
+		t.Error("no remote_read span: the blob reads from the remotes are not traced")
 	}
 	serveSpans := 0
 	for _, s := range found.Spans {

@@ -90,6 +90,9 @@ func openEnv(ctx context.Context, o cacheOptions) (*env, error) {
 	}
 	e := &env{local: local, remote: r.tier, remoteWritable: r.writable, log: log, closer: r.closer, metrics: clientmetrics.New(), metricsFile: o.MetricsFile,
 		remoteURL: o.Remote.primary(), remoteRequired: o.Remote.Required, failover: r.failover}
+	if r.failover != nil {
+		e.metrics.WatchRemotes(r.failover.Stats)
+	}
 	if o.MetricsAddr != "" {
 		addr, err := e.metrics.Serve(ctx, o.MetricsAddr)
 		if err != nil {
