@@ -100,56 +100,24 @@ func TestPagerRidesOutBlips(t *testing.T) {
 	proxy.Add(t, "bandwidth", "downstream", `"rate":2000`)
 	for _, tc := range blipKinds(srv, proxy) {
 		t.Run(tc.name, func(t *testing.T) {
-			sub := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-"))
-			sock, metrics := filepath.Join(sub+".sock"), fmt.Sprintf("127.0.0.1:%d", freePort(t))
-			pager := exec.Command(binary, append([]string{"pager", "--json", "--cache-dir", sub + "-cache", "--dir", sub, "--socket", sock,
-				"--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", "30s", "--metrics-addr", metrics}, key...)...)
-			var pout bytes.Buffer
-			perr := &syncLog{}
-			pager.Stdout = &pout
-			pager.Stderr = writerFunc(func(b []byte) (int, error) { return perr.WriteString(string(b)) })
-			if err := pager.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer pager.Process.Kill()
-			waitPath(ctx, t, sock, perr.String)
-
-			vm := exec.Command(stub, "-sock", sock, "-expect", mem, "-regions", "2")
-			vm.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1")
-			var vout, verr bytes.Buffer
-			vm.Stdout, vm.Stderr = &vout, &verr
-			if err := vm.Start(); err != nil {
-				t.Fatal(err)
-			}
-			defer vm.Process.Kill()
-			vmDone := make(chan error, 1)
-			go func() { vmDone <- vm.Wait() }()
-
-			waitChunkFetched(ctx, t, metrics, vmDone, perr.String)
+			p := startPagerVM(ctx, t, stub, mem, filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")), proxy, "30s", key)
 			end := tc.start(t)
 			select {
-			case err := <-vmDone:
+			case err := <-p.vmDone:
 				end()
-				t.Fatalf("the VMM stand-in ended (%v) as the blip began: the blip did not land mid-restore; stdout %s", err, vout.String())
+				t.Fatalf("the VMM stand-in ended (%v) as the blip began: the blip did not land mid-restore; stdout %s", err, p.vout.String())
 			case <-time.After(vmBlipFor):
 			}
 			end()
-			select {
-			case err := <-vmDone:
-				if err != nil {
-					t.Fatalf("the VMM stand-in died during the blip: %v\nstdout %s\nstderr %s\npager stderr %s", err, vout.String(), verr.String(), perr.String())
-				}
-			default: // alive: it goes on once the remote is back
-			}
-			if err := <-vmDone; err != nil {
-				t.Fatalf("VMM stand-in after the blip: %v\nstdout %s\nstderr %s\npager stderr %s", err, vout.String(), verr.String(), perr.String())
+			if err := <-p.vmDone; err != nil {
+				t.Fatalf("VMM stand-in across the blip: %v\nstdout %s\nstderr %s\npager stderr %s", err, p.vout.String(), p.verr.String(), p.perr.String())
 			}
 			var res struct {
 				Result     string `json:"result"`
 				Pages      int    `json:"pages"`
 				Mismatches int    `json:"mismatches"`
 			}
-			sc := bufio.NewScanner(bytes.NewReader(vout.Bytes()))
+			sc := bufio.NewScanner(bytes.NewReader(p.vout.Bytes()))
 			for sc.Scan() {
 				if strings.Contains(sc.Text(), `"result"`) {
 					json.Unmarshal(sc.Bytes(), &res)
@@ -158,18 +126,77 @@ func TestPagerRidesOutBlips(t *testing.T) {
 			if res.Result != "ok" || res.Mismatches != 0 || res.Pages != (6<<20)/4096 {
 				t.Fatalf("VMM stand-in saw %+v, want every page equal to the snapshot", res)
 			}
-			if err := pager.Wait(); err != nil {
-				t.Fatalf("pager: %v; stderr: %s", err, perr.String())
+			if err := p.pager.Wait(); err != nil {
+				t.Fatalf("pager: %v; stderr: %s", err, p.perr.String())
 			}
 			var rep pagerOutput
-			if err := json.Unmarshal(pout.Bytes(), &rep); err != nil {
-				t.Fatalf("pager output %q: %v", pout.String(), err)
+			if err := json.Unmarshal(p.pout.Bytes(), &rep); err != nil {
+				t.Fatalf("pager output %q: %v", p.pout.String(), err)
 			}
 			if rep.Source != "remote" || rep.ChunkFetches == 0 {
 				t.Errorf("pager report %+v: want a remote snapshot fetched chunk by chunk", rep)
 			}
 		})
 	}
+
+	// Past --remote-retry-for the fault fails: the pager says which chunk,
+	// which remotes it tried and why, and ends the VMM (a guest must not
+	// run on with a page it cannot have).
+	t.Run("remote gone past the bound", func(t *testing.T) {
+		p := startPagerVM(ctx, t, stub, mem, filepath.Join(dir, "gone"), proxy, "2s", key)
+		srv.stop()
+		if err := <-p.vmDone; err == nil {
+			t.Fatalf("the VMM stand-in completed with its remote gone: stdout %s", p.vout.String())
+		}
+		err := p.pager.Wait()
+		msg := p.perr.String()
+		if err == nil {
+			t.Fatalf("pager succeeded with its remote gone; stderr %s", msg)
+		}
+		for _, want := range []string{"chunk at offset", `chunked file "memory"`, "grpc://" + proxy.Addr(), "within 2s", "failed attempts", "last error"} {
+			if !strings.Contains(msg, want) {
+				t.Errorf("pager's error lacks %q:\n%s", want, msg)
+			}
+		}
+	})
+}
+
+// pagerVM is a `snaploader pager` serving a VMM stand-in, both running.
+type pagerVM struct {
+	pager, vm  *exec.Cmd
+	pout       bytes.Buffer
+	perr       *syncLog
+	vout, verr bytes.Buffer
+	vmDone     chan error
+}
+
+// startPagerVM starts a pager restoring key lazily into dir through proxy
+// (riding out failures for retryFor) and the VMM stand-in checking memory
+// against mem, and returns once the pager has fetched a chunk for it.
+func startPagerVM(ctx context.Context, t *testing.T, stub, mem, dir string, proxy *toxic.Proxy, retryFor string, key []string) *pagerVM {
+	t.Helper()
+	sock, metrics := dir+".sock", fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	p := &pagerVM{perr: &syncLog{}, vmDone: make(chan error, 1)}
+	p.pager = exec.Command(binary, append([]string{"pager", "--json", "--cache-dir", dir + "-cache", "--dir", dir, "--socket", sock,
+		"--remote", "grpc://" + proxy.Addr(), "--remote-retry-for", retryFor, "--metrics-addr", metrics}, key...)...)
+	p.pager.Stdout = &p.pout
+	p.pager.Stderr = writerFunc(func(b []byte) (int, error) { return p.perr.WriteString(string(b)) })
+	if err := p.pager.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.pager.Process.Kill() })
+	waitPath(ctx, t, sock, p.perr.String)
+
+	p.vm = exec.Command(stub, "-sock", sock, "-expect", mem, "-regions", "2")
+	p.vm.Env = append(os.Environ(), "GODEBUG=asyncpreemptoff=1")
+	p.vm.Stdout, p.vm.Stderr = &p.vout, &p.verr
+	if err := p.vm.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.vm.Process.Kill() })
+	go func() { p.vmDone <- p.vm.Wait() }()
+	waitChunkFetched(ctx, t, metrics, p.vmDone, p.perr.String)
+	return p
 }
 
 // writerFunc is an io.Writer.
