@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/snaploader/snaploader/internal/testguest"
-	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/internal/toxic"
 )
 
@@ -74,13 +73,7 @@ func waitChunkFetched(ctx context.Context, t *testing.T, addr string, exited <-c
 // failed while --remote-retry-for holds): it stays alive and reads every
 // page of guest memory equal to the snapshot.
 func TestPagerRidesOutBlips(t *testing.T) {
-	testutil.RequireRoot(t)
-	testutil.RequireDevice(t, "/dev/userfaultfd")
-	stub, cleanup, err := testutil.BuildMain("../uffd/internal/vmmstub", "vmmstub")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cleanup()
+	stub := vmmStub(t)
 	ctx := ctxT(t)
 	dir := t.TempDir()
 	srv := startServe(t, nil, "--cache-dir", filepath.Join(dir, "serve"))
