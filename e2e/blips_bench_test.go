@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -26,7 +27,7 @@ func BenchmarkRestoreAcrossRestart(b *testing.B) {
 	dir := b.TempDir()
 	srv := startServe(b, nil, "--cache-dir", filepath.Join(dir, "serve"))
 	mem := filepath.Join(dir, "mem.img")
-	writeVM(b, mem, int(size), 51)
+	want := writeVM(b, mem, int(size), 51)
 	key := []string{"--instance", "bench", "--platform", "os=linux", "--config-hash", "blip", "--ref", "main"}
 	cmdline := func(args ...string) []string { return append(args, key...) }
 	if r := run(b.Context(), cmdline("save", "--cache-dir", filepath.Join(dir, "a"), "--chunked", "mem.img="+mem, "--remote", srv.url())...); r.err != nil {
@@ -60,8 +61,8 @@ func BenchmarkRestoreAcrossRestart(b *testing.B) {
 		if r.err != nil {
 			b.Fatalf("restore (restart: %v): %v\n%s", disturb, r.err, r.stderr)
 		}
-		if fi, err := os.Stat(filepath.Join(out, "mem.img")); err != nil || fi.Size() != size {
-			b.Fatalf("restore (restart: %v) wrote %v (%v), want %d bytes", disturb, fi, err, size)
+		if got, err := os.ReadFile(filepath.Join(out, "mem.img")); err != nil || !bytes.Equal(got, want) {
+			b.Fatalf("restore (restart: %v): the restored bytes differ from the saved ones (%v)", disturb, err)
 		}
 		return d
 	}
