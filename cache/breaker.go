@@ -124,7 +124,7 @@ func (b *Breaker) done(ctx context.Context, probe bool, err error) {
 	case outage && b.down == nil:
 		b.down = err
 		b.retryAt = b.opts.Now().Add(b.opts.RetryAfter)
-		b.opts.Logger.Warn("remote tier unavailable; continuing with the local cache", "remote", b.opts.Name, "err", err)
+		b.opts.Logger.Warn("remote tier unavailable; new lookups skip it while blob reads already waiting ride out the outage within their retry bound", "remote", b.opts.Name, "err", err)
 	case outage:
 		b.retryAt = b.opts.Now().Add(b.opts.RetryAfter)
 	case b.down != nil && (err == nil || !IsOutage(err)) && ctx.Err() == nil:

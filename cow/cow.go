@@ -23,6 +23,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
@@ -305,9 +306,10 @@ func (s *Store) ChunkedFile() *snapshotpb.ChunkedFile {
 }
 
 // Close waits for the whole-chunk fetches started behind verified range
-// reads (so that the chunks read are in the cache), stops read-ahead,
-// releases the source blobs and removes the overlay. Later reads and writes
-// fail with FailedPrecondition.
+// reads (so that the chunks read are in the cache), for at most
+// Options.CloseGrace before it cancels them, stops read-ahead, releases the
+// source blobs and removes the overlay. Later reads and writes fail with
+// FailedPrecondition.
 func (s *Store) Close() error {
 	s.behindMu.Lock()
 	if !s.closing {
@@ -317,7 +319,16 @@ func (s *Store) Close() error {
 		}
 	}
 	s.behindMu.Unlock()
-	s.behind.Wait()
+	done := make(chan struct{})
+	go func() { s.behind.Wait(); close(done) }()
+	grace := time.NewTimer(s.opts.CloseGrace)
+	select {
+	case <-done:
+	case <-grace.C:
+		s.cancel() // fetches riding out an outage end now
+		<-done
+	}
+	grace.Stop()
 	if s.closed.Swap(true) {
 		return nil
 	}

@@ -68,6 +68,12 @@ type Options struct {
 	// gets one whole chunk per BehindMaxDelay (one such fetch runs at a
 	// time). Default DefaultBehindMaxDelay.
 	BehindMaxDelay time.Duration
+	// CloseGrace bounds how long Close waits for the whole-chunk fetches
+	// still running behind range reads before it cancels them: with the
+	// remote down, each would otherwise ride out the outage for the
+	// remote's whole retry bound, and a VMM's exit would wait for it.
+	// Default DefaultCloseGrace.
+	CloseGrace time.Duration
 	// OnFetch, when set, is called after every successful open of a clean
 	// chunk from the source (from several goroutines, with the chunk's lock
 	// held: it must be quick, e.g. count into metrics).
@@ -120,6 +126,9 @@ func (o Options) withDefaults() (Options, error) {
 	if o.BehindMaxDelay <= 0 {
 		o.BehindMaxDelay = DefaultBehindMaxDelay
 	}
+	if o.CloseGrace <= 0 {
+		o.CloseGrace = DefaultCloseGrace
+	}
 	return o, nil
 }
 
@@ -132,6 +141,10 @@ const (
 	DefaultBehindQuiet    = 10 * time.Millisecond
 	DefaultBehindMaxDelay = 250 * time.Millisecond
 )
+
+// DefaultCloseGrace is how long Close lets whole-chunk fetches behind
+// range reads finish (see Options.CloseGrace).
+const DefaultCloseGrace = 2 * time.Second
 
 func checkChunkSize(cs int64) error {
 	switch {

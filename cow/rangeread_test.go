@@ -399,3 +399,29 @@ func TestRangeReadDoesNotWaitForReadAhead(t *testing.T) {
 		t.Errorf("%d verified range reads, want 1", st.RangeReads)
 	}
 }
+
+// TestCloseCancelsWholeChunkFetchesPastGrace: a whole chunk behind a range
+// read that never arrives (a remote riding out an outage) holds Close for
+// Options.CloseGrace at most; then it is cancelled and Close returns.
+func TestCloseCancelsWholeChunkFetchesPastGrace(t *testing.T) {
+	cf, remote, want := rangeFixture(t, "dd", 0, Options{})
+	g := gated(cf, remote) // the gate never opens: whole chunks never come
+	s, _ := openCold(t, cf, g, Options{BehindQuiet: -1, CloseGrace: 50 * time.Millisecond})
+	p := make([]byte, 4096)
+	if _, err := s.ReadAt(p, 100); err != nil || !bytes.Equal(p, want[100:4196]) {
+		t.Fatalf("range read: %v", err)
+	}
+	for g.chunkStarts.Load() == 0 {
+		time.Sleep(time.Millisecond) // the whole chunk's fetch has begun
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- s.Close() }()
+	select {
+	case err := <-closed:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Minute):
+		t.Fatal("Close still waits for a whole-chunk fetch that cannot finish")
+	}
+}
