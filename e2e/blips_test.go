@@ -38,7 +38,7 @@ func TestRestoreRidesOutBlips(t *testing.T) {
 			go func() { done <- run(ctx, args...) }()
 			time.Sleep(time.Second)
 			end := tc.start(t)
-			time.Sleep(2 * time.Second)
+			time.Sleep(blipFor)
 			end()
 			r := (<-done).must(t, fmt.Sprintf("restore across a blip (%s)", tc.name))
 			if rep := r.report(t); rep["source"] != "remote" {

@@ -21,10 +21,10 @@ import (
 	"github.com/snaploader/snaploader/internal/toxic"
 )
 
-// vmBlipFor is how long each blip of the running-VM tests lasts: long
-// enough that faults wait on it through several retries and a breaker
-// period, short enough to keep the tests quick.
-const vmBlipFor = 3 * time.Second
+// blipFor is how long each blip of the blip tests lasts: as long as a
+// remote's restart or a reset storm in a fleet (5 s), so that fetches and
+// faults wait on it through several retries and breaker periods.
+const blipFor = 5 * time.Second
 
 // chunkFetchesSample matches every sample of the chunk fetch counter.
 var chunkFetchesSample = regexp.MustCompile(`(?m)^snaploader_chunk_fetches_total\{[^}]*\} ([0-9.e+]+)$`)
@@ -99,7 +99,7 @@ func TestPagerRidesOutBlips(t *testing.T) {
 			case err := <-p.vmDone:
 				end()
 				t.Fatalf("the VMM stand-in ended (%v) as the blip began: the blip did not land mid-restore; stdout %s", err, p.vout.String())
-			case <-time.After(vmBlipFor):
+			case <-time.After(blipFor):
 			}
 			end()
 			if err := <-p.vmDone; err != nil {
@@ -259,7 +259,7 @@ func TestQEMURestoreRidesOutBlips(t *testing.T) {
 			defer cmd.Process.Kill()
 			waitChunkFetched(ctx, t, metrics, nil, func() string { return "qemu restore" })
 			end := tc.start(t)
-			time.Sleep(vmBlipFor)
+			time.Sleep(blipFor)
 			end()
 			// Alive after the blip: it counts on from where it was saved,
 			// a few more lines than it had printed when the blip ended.
