@@ -180,7 +180,8 @@ func (c *Client) batchRead(ctx context.Context, inst string, fn digest.Function,
 	var resp *repb.BatchReadBlobsResponse
 	err := c.retry(ctx, func(ctx context.Context) error {
 		var err error
-		resp, err = c.lane.cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{InstanceName: inst, Digests: []*repb.Digest{d}, DigestFunction: fn})
+		cas, _ := c.faults()
+		resp, err = cas.BatchReadBlobs(ctx, &repb.BatchReadBlobsRequest{InstanceName: inst, Digests: []*repb.Digest{d}, DigestFunction: fn})
 		if err != nil {
 			return err
 		}
@@ -242,7 +243,8 @@ func (c *Client) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Dige
 	buf := make([]byte, 0, n)
 	err = c.retry(ctx, func(ctx context.Context) error {
 		buf = buf[:0]
-		stream, err := c.lane.bs.Read(ctx, &bspb.ReadRequest{ResourceName: ReadResourceName(inst, fn, d, false), ReadOffset: off, ReadLimit: n})
+		_, bs := c.faults()
+		stream, err := bs.Read(ctx, &bspb.ReadRequest{ResourceName: ReadResourceName(inst, fn, d, false), ReadOffset: off, ReadLimit: n})
 		if err != nil {
 			return err
 		}

@@ -4,6 +4,7 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 )
 
 // Conn is the client's connection, for services beside the REAPI ones
@@ -40,4 +41,15 @@ func (c *Client) dialLane(addr string, dopts []grpc.DialOption) error {
 	}
 	c.lane = faultLane{conn: cc, cas: repb.NewContentAddressableStorageClient(cc), bs: bspb.NewByteStreamClient(cc)}
 	return nil
+}
+
+// faults is the lane a fault's read takes now: the fault lane, unless its
+// connection is failing (it was first dialled while the server could not
+// accept, say, and waits out its reconnect backoff), in which case the
+// first connection serves faults as it did before there was a lane.
+func (c *Client) faults() (repb.ContentAddressableStorageClient, bspb.ByteStreamClient) {
+	if c.lane.conn != nil && c.lane.conn.GetState() == connectivity.TransientFailure {
+		return c.cas, c.bs
+	}
+	return c.lane.cas, c.lane.bs
 }
