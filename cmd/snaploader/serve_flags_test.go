@@ -27,6 +27,10 @@ func TestServeFlags(t *testing.T) {
 		{"no idle time", []string{"--idle-timeout", "0s"}, "--idle-timeout 0s: want a positive value"},
 		{"retention", []string{"--retention", "0"}, `--retention "0": want a positive duration such as 7d or 36h`},
 		{"grace", []string{"--grace", "soon"}, `--grace "soon": want a positive duration such as 1h`},
+		{"log format", []string{"--log-format", "yaml"}, `--log-format "yaml" / --log-level "error": log format "yaml": want text or json`},
+		{"log level", []string{"--log-level", "loud"}, `log level "loud": want debug, info, warn or error`},
+		{"client CA without TLS", []string{"--tls-client-ca", "ca.pem"}, "--tls-client-ca needs --tls-cert and --tls-key"},
+		{"certificate without key", []string{"--tls-cert", "cert.pem"}, "--tls-cert and --tls-key go together"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var f serveFlags

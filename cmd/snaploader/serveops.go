@@ -86,7 +86,7 @@ func (o *serveOps) applyConfig(cmd *cobra.Command) error {
 func (o *serveOps) logger() (*slog.Logger, error) {
 	log, err := server.NewLogger(os.Stderr, o.logFormat, o.logLevel)
 	if err != nil {
-		return nil, err
+		return nil, usagef("--log-format %q / --log-level %q: %w", o.logFormat, o.logLevel, err)
 	}
 	slog.SetDefault(log)
 	if len(o.sources) > 0 {
@@ -131,9 +131,12 @@ func (o *serveOps) apiKeys(specs []string) (map[string]server.APIKey, error) {
 func (o *serveOps) grpcOptions() ([]grpc.ServerOption, string, error) {
 	if o.tlsCert == "" && o.tlsKey == "" {
 		if o.tlsClientCA != "" {
-			return nil, "", fmt.Errorf("--tls-client-ca needs --tls-cert and --tls-key")
+			return nil, "", usagef("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS")
 		}
 		return nil, "plaintext", nil
+	}
+	if o.tlsCert == "" || o.tlsKey == "" {
+		return nil, "", usagef("--tls-cert and --tls-key go together: give both (the certificate chain and its private key)")
 	}
 	cfg, err := server.TLSConfig(o.tlsCert, o.tlsKey, o.tlsClientCA)
 	if err != nil {
