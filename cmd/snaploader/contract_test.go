@@ -371,7 +371,7 @@ func TestJSONShapes(t *testing.T) {
 	mem := filepath.Join(dir, "mem.img")
 	writeRandom(t, mem, 1<<20, 5)
 	common := "snapshot_id key manifest_digest source fallback_index chunk_size chunks_total chunks_written bytes_written bytes_skipped_zero duration_ms remote_error"
-	saveKeys := sortedKeys(common + " remote_chunks_written published_local published_remote remote_skipped invalidated diff_base diff_bytes_read page_size")
+	saveKeys := sortedKeys(common + " remote_chunks_written published_local published_remote remote_skipped invalidated diff_base diff_bytes_read page_size artifacts_as_chunks")
 	restoreKeys := sortedKeys(common + " files other_files remotes_served")
 	lsKeys := sortedKeys("store location snapshots live_stored_bytes referenced_stored_bytes stored_bytes blobs")
 	rowKeys := sortedKeys("instance scope platform_hash configuration_hash runner version_id ref snapshot_id digest_function completed age_seconds state newest live broken invalidated logical_bytes stored_bytes blobs missing_blobs previous_snapshot_id shared_chunks_with_previous")

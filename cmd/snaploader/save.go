@@ -57,6 +57,9 @@ type report struct {
 	DiffBytesRead int64  `json:"diff_bytes_read"`
 	// PageSize is the guest page size recorded with --page-size (0: none).
 	PageSize int64 `json:"page_size"`
+	// ArtifactsAsChunks names the artifact files the remote refused as
+	// one blob, stored as chunked files instead ([] when none).
+	ArtifactsAsChunks []string `json:"artifacts_as_chunks"`
 }
 
 func keyJSON(k *snapshotpb.SnapshotKey) json.RawMessage {
@@ -168,6 +171,7 @@ func runSave(ctx context.Context, o saveOptions, s streams) error {
 		PublishedRemote:     res.PublishedRemote,
 		Invalidated:         res.Invalidated,
 		PageSize:            ps,
+		ArtifactsAsChunks:   append([]string{}, res.ArtifactsAsChunks...),
 	}
 	if cfs := res.Manifest.GetChunkedFiles(); len(o.ChunkOrder) == 0 && len(cfs) > 0 {
 		rep.ChunkSize = cfs[0].GetChunkSize() // a diff keeps its base's
