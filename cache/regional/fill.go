@@ -76,7 +76,6 @@ func (r *Regional) open(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	r.fills[key] = f
 	r.wg.Add(1)
 	r.mu.Unlock()
-	r.stats.fills.Add(1)
 	// The fetch outlives the reader that started it: the others, and the
 	// disk cache, want the blob too. It keeps ctx's values (the trace).
 	go r.fetch(context.WithoutCancel(ctx), ns, d, key, f)
@@ -137,6 +136,7 @@ func (r *Regional) fetch(ctx context.Context, ns cache.Namespace, d *repb.Digest
 		f.finish(d.GetSizeBytes(), nil)
 		return
 	}
+	r.stats.fills.Add(1) // from here on, the upstream is asked
 	tmp, err := fileio.CreateTemp(r.local.TempDir())
 	if err != nil {
 		r.stats.fillErrors.Add(1)
