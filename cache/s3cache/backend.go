@@ -14,21 +14,16 @@ import (
 )
 
 // Traits: reads are verified (raw and decoded content alike); a
-// compressed read passes the stored frames on unverified; there are no
-// range reads (a compressed object is one zstd stream); nothing is kept on
-// this host's disk.
+// compressed read passes the stored frames on unverified; range reads
+// fetch only the bytes or frames they need and are not verified (see
+// ReadRange); nothing is kept on this host's disk.
 func (c *Cache) Traits() cache.Traits {
 	return cache.Traits{
 		Description:      c.String(),
 		VerifiesReads:    true,
+		ServesRanges:     true,
 		StoresCompressed: !c.opts.DisableCompression,
 	}
-}
-
-// ReadRange is an error wrapping cache.ErrNoRange: the caller reads the
-// whole blob.
-func (c *Cache) ReadRange(ctx context.Context, ns cache.Namespace, d *repb.Digest, off, n int64) (io.ReadCloser, error) {
-	return nil, errkind.New(errkind.Unimplemented, "s3 cache: blob %s at [%d, %d) (bucket %s): %w", digest.String(d), off, off+n, c.opts.Bucket, cache.ErrNoRange)
 }
 
 // Discard deletes the object of blob d after a read found it failed

@@ -17,6 +17,7 @@ import (
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/testutil"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // vmLikeImage is size bytes in 64 KiB blocks: 30% zero, 35% a repeated
@@ -197,16 +198,19 @@ func TestCompressedReadsAndWrites(t *testing.T) {
 			if ok, err := c.present(ctxT(t), key); ok || err != nil {
 				t.Errorf("flip at %d: the corrupt object was kept (%v)", at, err)
 			}
-			// The stored frames are not verified by the tier: a
-			// verifying reader over them fails, and nothing is deleted.
+			// The stored frames are not decoded by the tier: a
+			// verifying reader over them fails. Only a seek index not
+			// describing its frames (flip at 40) is refused by the tier.
 			putWithMeta(t, m, bucket, key, bad, map[string]string{metaEncoding: encodingZstd})
 			rc, compressed, err := c.ReadCompressed(ctxT(t), ns, d)
-			if err != nil || !compressed {
-				t.Fatalf("ReadCompressed: %v %v", compressed, err)
+			if err == nil {
+				if !compressed {
+					t.Fatal("ReadCompressed of a compressed object: raw")
+				}
+				vr, _ := cache.NewZstdVerifyingReader(rc, digest.BLAKE3, d)
+				_, err = io.ReadAll(vr)
+				vr.Close()
 			}
-			vr, _ := cache.NewZstdVerifyingReader(rc, digest.BLAKE3, d)
-			_, err = io.ReadAll(vr)
-			vr.Close()
 			wantCode(t, err, codes.DataLoss, "verified compressed read of a corrupt object")
 		}
 		putWithMeta(t, m, bucket, key, z, map[string]string{metaEncoding: encodingZstd})
@@ -229,8 +233,21 @@ func TestCompressedReadsAndWrites(t *testing.T) {
 		if err := c.WriteCompressed(ctxT(t), ns, d2, bytes.NewReader(z.Bytes())); err != nil {
 			t.Fatal(err)
 		}
-		if info := storedObject(t, m, bucket, c.casKey(digest.BLAKE3, d2)); info.Size != int64(z.Len()) {
-			t.Errorf("stored %d bytes, want the %d uploaded zstd bytes as they are", info.Size, z.Len())
+		// Stored in the seekable layout, so that range reads fetch only
+		// their frames.
+		stored := getObject(t, m, bucket, c.casKey(digest.BLAKE3, d2))
+		if x, _, err := zstdio.ParseSeekIndex(stored, d2.SizeBytes); err != nil || x.ObjectSize() != int64(len(stored)) || len(stored) >= len(img2) {
+			t.Errorf("stored %d bytes (index %v): want the seekable layout, smaller than the %d-byte content", len(stored), err, len(img2))
+		}
+		// An upload already in that layout is stored as it is.
+		img3, _ := vmLikeImage(1<<20, 7)
+		d3 := digest.Compute(digest.BLAKE3, img3)
+		z3 := zstdio.EncodeSeekable(encoder, img3, 64<<10)
+		if err := c.WriteCompressed(ctxT(t), ns, d3, bytes.NewReader(z3)); err != nil {
+			t.Fatal(err)
+		}
+		if got := getObject(t, m, bucket, c.casKey(digest.BLAKE3, d3)); !bytes.Equal(got, z3) {
+			t.Errorf("a seekable upload was stored as %d other bytes, want its %d bytes as they are", len(got), len(z3))
 		}
 		got, err := readBack(t, c, digest.BLAKE3, d2)
 		if err != nil || !bytes.Equal(got, img2) {

@@ -40,13 +40,15 @@ const (
 // encoder compresses blobs at rest; EncodeAll is safe for concurrent use.
 var encoder = zstdio.NewEncoder()
 
-// compress returns the zstd form of b when it is worth storing instead of
-// b (it saves at least 1/64 of the size), else nil.
-func compress(b []byte) []byte {
+// compress returns the zstd form of b in the seekable layout (frames of
+// Options.FrameSize behind their index, see zstdio.EncodeSeekable) when it
+// is worth storing instead of b (it saves at least 1/64 of the size), else
+// nil.
+func (c *Cache) compress(b []byte) []byte {
 	if len(b) < minCompressSize {
 		return nil
 	}
-	z := encoder.EncodeAll(b, make([]byte, 0, len(b)/2))
+	z := zstdio.EncodeSeekable(encoder, b, c.frameSize)
 	if len(z) > len(b)-len(b)/64 {
 		return nil
 	}
@@ -167,10 +169,12 @@ func age(info minio.ObjectInfo, m objectMeta, now time.Time, clockFromMetadata b
 func maxCompressedSize(size int64) int64 { return size + size/64 + 64<<10 }
 
 // WriteCompressed stores blob d from the zstd stream r
-// (cache.CompressedWriter). The stream is decoded only to verify it; a blob
-// up to Options.SmallBlobLimit is stored as the frames received when they
-// are smaller than the content (else raw), a larger one is stored as Write
-// stores it. Content not matching d is InvalidArgument and nothing is
+// (cache.CompressedWriter). The stream is decoded to verify it; a blob up
+// to Options.SmallBlobLimit is stored as Write stores it, in the seekable
+// layout when that is smaller than the content (else raw), so that range
+// reads of it fetch only their frames: the frames received are kept as
+// they are when they already are in that layout, and encoded again
+// otherwise. A larger blob is stored raw, as Write stores it. Content not matching d is InvalidArgument and nothing is
 // stored; a blob already present is not read.
 func (c *Cache) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
 	fn, err := checkDigest(ns, d, "writing blob")
@@ -217,8 +221,12 @@ func (c *Cache) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb
 	if got := digest.Compute(fn, raw); got.Hash != d.Hash {
 		return mismatchf(d, "content hashes to %s", got.Hash)
 	}
-	if int64(len(z)) > d.SizeBytes-d.SizeBytes/64 {
+	if x, _, err := zstdio.ParseSeekIndex(z, d.SizeBytes); err != nil || x.ObjectSize() != int64(len(z)) ||
+		int64(len(z)) > d.SizeBytes-d.SizeBytes/64 {
 		z = nil
+		if !c.opts.DisableCompression {
+			z = c.compress(raw)
+		}
 	}
 	return c.putBlob(ctx, d, key, raw, z)
 }

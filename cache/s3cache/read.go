@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"time"
 
@@ -12,6 +13,7 @@ import (
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/digest"
+	"github.com/snaploader/snaploader/internal/zstdio"
 )
 
 // Read opens the blob d for streaming. The stream is verified against d: a
@@ -27,13 +29,13 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 	if isEmpty(fn, d) {
 		return io.NopCloser(bytes.NewReader(nil)), nil
 	}
-	or, compressed, err := c.openBlob(ctx, fn, d)
+	or, key, compressed, err := c.openBlob(ctx, fn, d)
 	if err != nil {
 		return nil, err
 	}
-	var src io.ReadCloser = or
+	src := or
 	if compressed {
-		dec, err := newBoundedDecoder(or, d, or.key)
+		dec, err := newBoundedDecoder(or, d, key)
 		if err != nil {
 			or.Close()
 			return nil, err
@@ -46,7 +48,7 @@ func (c *Cache) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 		src.Close()
 		return nil, err
 	}
-	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: key}, nil
 }
 
 // ReadCompressed opens the blob d as it is stored (cache.CompressedReader):
@@ -62,7 +64,7 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 	if isEmpty(fn, d) {
 		return io.NopCloser(bytes.NewReader(nil)), false, nil
 	}
-	or, compressed, err := c.openBlob(ctx, fn, d)
+	or, key, compressed, err := c.openBlob(ctx, fn, d)
 	if err != nil {
 		return nil, false, err
 	}
@@ -74,13 +76,96 @@ func (c *Cache) ReadCompressed(ctx context.Context, ns cache.Namespace, d *repb.
 		or.Close()
 		return nil, false, err
 	}
-	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: or.key}, false, nil
+	return &dropCorrupt{ReadCloser: rc, c: c, ctx: ctx, key: key}, false, nil
 }
 
+// maxParallelRead is the largest object fetched in parallel parts into
+// memory; a larger one (always stored raw) streams from one GET.
+const maxParallelRead = 64 << 20
+
 // openBlob opens the object of blob d and says whether it is stored
-// compressed. A raw object must have d's size.
-func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest) (*objectReader, bool, error) {
+// compressed. A raw object must have d's size. An object up to
+// maxParallelRead comes in parts of Options.ReadPartSize fetched at once
+// (each hedged); a larger one streams.
+func (c *Cache) openBlob(ctx context.Context, fn digest.Function, d *repb.Digest) (io.ReadCloser, string, bool, error) {
 	key := c.casKey(fn, d)
+	if d.SizeBytes > maxParallelRead {
+		or, compressed, err := c.openStream(ctx, d, key)
+		return or, key, compressed, err
+	}
+	var (
+		rc         io.ReadCloser
+		compressed bool
+		err        error
+	)
+	for range 2 {
+		rc, compressed, err = c.openParts(ctx, d, key)
+		if !errors.Is(err, errChanged) {
+			break
+		}
+	}
+	if err != nil && !cache.IsCorrupt(err) {
+		err = c.errorf(err, "reading blob %s at %s", digest.String(d), key)
+	}
+	return rc, key, compressed, err
+}
+
+// openParts fetches the object of blob d in parts at once. Every object
+// the tier writes is at most the blob's size (compressed only when that
+// saves a 64th); a smaller one answers the parts past its end with 416.
+func (c *Cache) openParts(ctx context.Context, d *repb.Digest, key string) (io.ReadCloser, bool, error) {
+	bound := max(1, d.SizeBytes)
+	if l := c.layouts.get(key); l != nil && l.kind == layoutSeekable {
+		bound = l.idx.ObjectSize()
+	}
+	ps := c.fetchParts(ctx, key, bound, c.opts.ReadPartSize, "")
+	defer cancelParts(ps)
+	p0 := ps[0]
+	<-p0.done
+	corrupt := func(format string, args ...any) error {
+		c.drop(ctx, key)
+		return cache.Corruptf("s3 cache: blob %s at %s (bucket %s): %s (deleted)", digest.String(d), key, c.opts.Bucket, fmt.Sprintf(format, args...))
+	}
+	if errors.Is(p0.err, errPastEnd) {
+		return nil, false, corrupt("the object is empty")
+	}
+	if p0.err != nil {
+		return nil, false, p0.err
+	}
+	m, err := parseMeta(p0.sp.info.Metadata)
+	if err != nil {
+		return nil, false, corrupt("%v", err)
+	}
+	total := p0.sp.total
+	if !m.compressed && total != d.SizeBytes {
+		return nil, false, corrupt("object has %d bytes", total)
+	}
+	if total > bound {
+		// Larger than any object the tier writes: read it as it is, and
+		// let decoding and verification judge it.
+		cancelParts(ps)
+		or, compressed, err := c.openStream(ctx, d, key)
+		return or, compressed, err
+	}
+	data, err := gather(ps, 0, total, p0.sp.info.ETag)
+	if err != nil {
+		return nil, false, err
+	}
+	if int64(len(data)) != total {
+		return nil, false, errChanged
+	}
+	if m.compressed {
+		// Decoders skip the index: check that it describes the frames,
+		// so that range reads of the object find them.
+		if err := zstdio.CheckSeekable(data, d.SizeBytes); err != nil {
+			return nil, false, corrupt("%v", err)
+		}
+	}
+	return io.NopCloser(bytes.NewReader(data)), m.compressed, nil
+}
+
+// openStream opens the object of blob d as one streamed GET.
+func (c *Cache) openStream(ctx context.Context, d *repb.Digest, key string) (*objectReader, bool, error) {
 	obj, err := c.client.GetObject(ctx, c.opts.Bucket, key, minio.GetObjectOptions{})
 	if err != nil {
 		return nil, false, c.errorf(err, "reading blob %s at %s", digest.String(d), key)

@@ -86,7 +86,7 @@ func (c *Cache) writeSmall(ctx context.Context, fn digest.Function, d *repb.Dige
 	}
 	var z []byte
 	if !c.opts.DisableCompression {
-		z = compress(buf)
+		z = c.compress(buf)
 	}
 	return c.putBlob(ctx, d, key, buf, z)
 }

@@ -146,6 +146,28 @@ func ParseSeekIndex(head []byte, size int64) (x *SeekIndex, need int, err error)
 	return x, 0, nil
 }
 
+// CheckSeekable checks that an object holding content of size bytes, when
+// it starts with a seek index, is what its index describes: frames that
+// start where it says and end with the object. An object without an index
+// (one zstd stream) passes.
+func CheckSeekable(obj []byte, size int64) error {
+	x, _, err := ParseSeekIndex(obj, size)
+	switch {
+	case errors.Is(err, ErrNotSeekable):
+		return nil
+	case err != nil:
+		return err
+	case x.ObjectSize() != int64(len(obj)):
+		return fmt.Errorf("seek index: frames end at %d in an object of %d bytes", x.ObjectSize(), len(obj))
+	}
+	for i, off := range x.Offsets[:len(x.Offsets)-1] {
+		if !IsZstdFrame(obj[off:]) {
+			return fmt.Errorf("seek index: no zstd frame %d at offset %d", i, off)
+		}
+	}
+	return nil
+}
+
 // IsZstdFrame reports whether b starts with a zstd data frame's magic.
 func IsZstdFrame(b []byte) bool {
 	return len(b) >= 4 && binary.LittleEndian.Uint32(b) == zstdMagic

@@ -2,6 +2,7 @@ package zstdio
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -222,5 +223,39 @@ func BenchmarkSeekableFrameSize(b *testing.B) {
 				b.ReportMetric(float64(stored)/float64(content), "stored/content")
 			})
 		}
+	}
+}
+
+func TestCheckSeekable(t *testing.T) {
+	data := textLike(5, 700<<10)
+	size := int64(len(data))
+	z := EncodeSeekable(NewEncoder(), data, 128<<10)
+	x, _, err := ParseSeekIndex(z, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two frame lengths changed so that they still add up: the frames no
+	// longer start where the index says.
+	shifted := bytes.Clone(z)
+	binary.LittleEndian.PutUint32(shifted[seekFixed:], uint32(x.Offsets[1]-x.Offsets[0]+1))
+	binary.LittleEndian.PutUint32(shifted[seekFixed+4:], uint32(x.Offsets[2]-x.Offsets[1]-1))
+	longer := bytes.Clone(z)
+	binary.LittleEndian.PutUint32(longer[seekFixed:], uint32(x.Offsets[1]-x.Offsets[0]+1))
+	for _, tc := range []struct {
+		name string
+		obj  []byte
+		ok   bool
+	}{
+		{"as written", z, true},
+		{"one zstd stream", NewEncoder().EncodeAll(data, nil), true},
+		{"frames shifted", shifted, false},
+		{"frames longer than the object", longer, false},
+		{"truncated", z[:len(z)-1], false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := CheckSeekable(tc.obj, size); (err == nil) != tc.ok {
+				t.Errorf("CheckSeekable: %v, want ok=%v", err, tc.ok)
+			}
+		})
 	}
 }
