@@ -50,8 +50,14 @@ func saveRemote(b *testing.B, url, path string) { saveRemoteWith(b, url, path, n
 
 // saveRemoteWith is saveRemote through a wrapped remote tier.
 func saveRemoteWith(b *testing.B, url, path string, wrap func(cache.Tier, *localcache.Cache) cache.Tier) {
-	ctx := context.Background()
 	lc, l := benchHostWith(b, url, wrap)
+	saveFile(b, lc, l, path)
+}
+
+// saveFile splits path as the chunked file memory.img on the host of lc
+// and l, and saves it locally and to its remote.
+func saveFile(b *testing.B, lc *localcache.Cache, l *snapshot.Loader, path string) {
+	ctx := context.Background()
 	ks, err := l.KeySet(ctx, task, snapshot.KeySetOptions{})
 	if err != nil {
 		b.Fatal(err)

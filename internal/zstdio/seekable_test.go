@@ -6,59 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
-	"strings"
 	"testing"
 	"time"
+
+	"github.com/snaploader/snaploader/internal/testutil"
 )
-
-// bucketImage is the image of the bucket benchmarks: 30% of its MiBs zero,
-// the rest half random and half one repeated byte.
-func bucketImage(seed uint64, size int) []byte {
-	rng := rand.New(rand.NewPCG(seed, 18))
-	b := make([]byte, size)
-	for off := 0; off < size; off += 1 << 20 {
-		m := b[off:min(size, off+1<<20)]
-		switch k := rng.IntN(100); {
-		case k < 30:
-		case k < 65:
-			for i := range m {
-				m[i] = byte(rng.Uint32())
-			}
-		default:
-			c := byte(rng.Uint32())
-			for i := range m {
-				m[i] = c
-			}
-		}
-	}
-	return b
-}
-
-// textLike is size bytes of log-like text: words of a Zipf-distributed
-// vocabulary, numbers and timestamps.
-func textLike(seed uint64, size int) []byte {
-	rng := rand.New(rand.NewPCG(seed, 7))
-	words := make([]string, 4096)
-	for i := range words {
-		w := make([]byte, 3+rng.IntN(8))
-		for j := range w {
-			w[j] = byte('a' + rng.IntN(26))
-		}
-		words[i] = string(w)
-	}
-	z := rand.NewZipf(rng, 1.1, 4, uint64(len(words)-1))
-	var sb strings.Builder
-	for sb.Len() < size {
-		fmt.Fprintf(&sb, "2026-12-07T19:%02d:%02d.%06dZ level=info pid=%d ", rng.IntN(60), rng.IntN(60), rng.IntN(1e6), 1000+rng.IntN(50))
-		for range 4 + rng.IntN(12) {
-			sb.WriteString(words[z.Uint64()])
-			sb.WriteByte(' ')
-		}
-		sb.WriteByte('\n')
-	}
-	return []byte(sb.String()[:size])
-}
 
 func decodeAll(t testing.TB, z []byte) []byte {
 	t.Helper()
@@ -81,9 +33,9 @@ func TestSeekableRoundTrip(t *testing.T) {
 		data      []byte
 		frameSize int
 	}{
-		{"image, several frames, short last", bucketImage(1, 3<<20+12345), 256 << 10},
-		{"text, one frame", textLike(2, 100<<10), 256 << 10},
-		{"text, exact frames", textLike(3, 1<<20), 64 << 10},
+		{"image, several frames, short last", testutil.BucketImage(1, 3<<20+12345), 256 << 10},
+		{"text, one frame", testutil.TextLike(2, 100<<10), 256 << 10},
+		{"text, exact frames", testutil.TextLike(3, 1<<20), 64 << 10},
 		{"one byte", []byte{7}, 16 << 10},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -117,7 +69,7 @@ func TestSeekableRoundTrip(t *testing.T) {
 }
 
 func TestParseSeekIndex(t *testing.T) {
-	data := textLike(4, 600<<10)
+	data := testutil.TextLike(4, 600<<10)
 	size := int64(len(data))
 	z := EncodeSeekable(NewEncoder(), data, 128<<10)
 	single := NewEncoder().EncodeAll(data, nil)
@@ -175,7 +127,7 @@ func BenchmarkSeekableFrameSize(b *testing.B) {
 	for _, data := range []struct {
 		name string
 		b    []byte
-	}{{"image", bucketImage(9, 16<<20)}, {"text", textLike(9, 16<<20)}} {
+	}{{"image", testutil.BucketImage(9, 16<<20)}, {"text", testutil.TextLike(9, 16<<20)}} {
 		for _, fs := range []int{16 << 10, 64 << 10, 256 << 10, 1 << 20, 2 << 20, 0} {
 			name := fmt.Sprintf("%s/frame=%dKiB", data.name, fs>>10)
 			if fs == 0 {
@@ -227,7 +179,7 @@ func BenchmarkSeekableFrameSize(b *testing.B) {
 }
 
 func TestCheckSeekable(t *testing.T) {
-	data := textLike(5, 700<<10)
+	data := testutil.TextLike(5, 700<<10)
 	size := int64(len(data))
 	z := EncodeSeekable(NewEncoder(), data, 128<<10)
 	x, _, err := ParseSeekIndex(z, size)
