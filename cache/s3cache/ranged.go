@@ -77,6 +77,11 @@ func (c *Cache) getRangeOnce(ctx context.Context, key string, start, end int64, 
 	if err != nil {
 		return span{}, fmt.Errorf("at offset %d: %w", start+int64(n), err)
 	}
+	// Reading on to the end of the body lets the connection be reused.
+	var one [1]byte
+	if k, _ := body.Read(one[:]); k > 0 {
+		return span{}, fmt.Errorf("ranged GET of [%d, %d) answered with more than its Content-Length", start, end)
+	}
 	c.rangeBytes.Add(int64(n))
 	c.rangeGets.Add(1)
 	return span{start: start, data: data, info: info, total: total}, nil

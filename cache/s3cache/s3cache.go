@@ -33,10 +33,24 @@
 // bucket lifecycle rule AbortIncompleteMultipartUpload cleans up). A blob
 // already present is not uploaded again.
 //
-// Read does not trust the bucket: it streams the object through a digest
+// Read does not trust the bucket: it passes the object through a digest
 // verifier, and a corrupt or truncated object ends in a DataLoss error
 // naming the digest instead of io.EOF, so wrong bytes are never passed off
-// as a complete blob. The object that failed is then deleted, so that
+// as a complete blob. An object up to 64 MiB is fetched in parts of
+// Options.ReadPartSize requested at once (one round trip, each connection
+// carrying a part), and a request slower than nearly all recent ones is
+// sent again alongside, the first answer winning (hedge.go).
+//
+// # Range reads
+//
+// Compressed blobs are stored in the seekable layout (independent zstd
+// frames of Options.FrameSize content bytes behind a seek index, see
+// zstdio.EncodeSeekable), so that ReadRange fetches only the frames a range
+// needs, in one ranged GET once the object's index is known, and in one
+// round of parallel ranged GETs of the object's prefix the first time
+// (rangeread.go). Range reads are not verified by the tier: the caller
+// checks them against the blob's outboard. Objects written before (one
+// zstd stream) still read, whole and by range. The object that failed is then deleted, so that
 // FindMissing reports the blob missing and the next Write stores it again
 // (a Write of a blob present uploads nothing).
 //
