@@ -3,10 +3,12 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sort"
 	"testing"
@@ -228,5 +230,62 @@ func BenchmarkBucketFaults(b *testing.B) {
 		b.ReportMetric(float64(size)/1e6/slowS, v.name+"-restore-MB/s")
 		b.ReportMetric(float64(size)/1e6/fastS, v.name+"-restore-no-latency-MB/s")
 		b.ReportMetric(fastS/slowS, v.name+"-restore-x-no-latency")
+	}
+}
+
+// BenchmarkBucketBinaries runs `snaploader bench --remote s3://...` through
+// the bucket model (50 ms to first byte, 100 MB/s per connection) with
+// this binary and with SNAPLOADER_OLD_BINARY (a build of an earlier
+// commit), alternated, each on a fresh bucket, and reports each binary's
+// median first byte of an unfetched chunk (p50, p99) and lazy sequential
+// read into an empty cache:
+//
+//	git archive OLD | tar -x -C /tmp/old && (cd /tmp/old && go build -o snaploader-old ./cmd/snaploader)
+//	SNAPLOADER_OLD_BINARY=/tmp/old/snaploader-old go test -run '^$' -bench BucketBinaries -benchtime 3x ./e2e/
+func BenchmarkBucketBinaries(b *testing.B) {
+	old := os.Getenv("SNAPLOADER_OLD_BINARY")
+	if old == "" {
+		b.Skip("SNAPLOADER_OLD_BINARY not set")
+	}
+	m, ok := tryMinIO(b)
+	if !ok {
+		b.Skip("minio not installed")
+	}
+	size := testutil.BenchMiB(b, 64) << 20
+	link := bucketLink(b, m, bucketLatencyMs)
+	type report struct {
+		ColdReadMBs        float64 `json:"cold_read_mb_s"`
+		ColdFirstByteP50US float64 `json:"cold_first_byte_p50_us"`
+		ColdFirstByteP99US float64 `json:"cold_first_byte_p99_us"`
+	}
+	bins := []struct{ name, path string }{{"old", old}, {"new", binary}}
+	reps := map[string][]report{}
+	for b.Loop() {
+		for _, bin := range bins {
+			work := b.TempDir()
+			cmd := exec.Command(bin.path, "bench", "--remote", fmt.Sprintf("s3://%s?endpoint=%s&secure=false", m.NewBucket(b), link),
+				"--work-dir", work, "--cache-dir", filepath.Join(work, "unused"), "--size", fmt.Sprint(size), "--runs", "1", "--json")
+			cmd.Env = append(os.Environ(), "AWS_ACCESS_KEY_ID="+m.AccessKey, "AWS_SECRET_ACCESS_KEY="+m.SecretKey, "AWS_REGION=us-east-1")
+			out, err := cmd.Output()
+			if err != nil {
+				b.Fatalf("%s bench: %v: %s", bin.name, err, out)
+			}
+			var r report
+			if err := json.Unmarshal(out, &r); err != nil {
+				b.Fatalf("%s bench --json: %v: %s", bin.name, err, out)
+			}
+			reps[bin.name] = append(reps[bin.name], r)
+		}
+	}
+	for _, bin := range bins {
+		var p50, p99, mbs []time.Duration
+		for _, r := range reps[bin.name] {
+			p50 = append(p50, time.Duration(r.ColdFirstByteP50US)*time.Microsecond)
+			p99 = append(p99, time.Duration(r.ColdFirstByteP99US)*time.Microsecond)
+			mbs = append(mbs, time.Duration(r.ColdReadMBs*1000))
+		}
+		b.ReportMetric(float64(median(p50).Microseconds())/1000, bin.name+"-first-byte-p50-ms")
+		b.ReportMetric(float64(median(p99).Microseconds())/1000, bin.name+"-first-byte-p99-ms")
+		b.ReportMetric(float64(median(mbs))/1000, bin.name+"-lazy-read-MB/s")
 	}
 }
