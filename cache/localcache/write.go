@@ -131,7 +131,7 @@ func (c *Cache) PutHashed(ctx context.Context, ns cache.Namespace, d *repb.Diges
 			}
 			return nil
 		}
-		if err := writeDirect(f, data); err != nil {
+		if err := writeSparse(f, data, 0); err != nil {
 			return err
 		}
 		return f.Truncate(int64(len(data)))
