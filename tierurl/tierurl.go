@@ -208,4 +208,3 @@ func Name(url string) string {
 	u.User = nil
 	return u.String()
 }
-
