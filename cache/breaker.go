@@ -178,6 +178,12 @@ func (b *Breaker) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io.
 	return b.call(ctx, func() error { return b.c.Write(ctx, ns, d, r) })
 }
 
+// WriteReporting implements Tier.
+func (b *Breaker) WriteReporting(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) (stored bool, err error) {
+	err = b.call(ctx, func() error { stored, err = b.c.WriteReporting(ctx, ns, d, r); return err })
+	return stored, err
+}
+
 // GetActionResult implements Cache.
 func (b *Breaker) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (ar *repb.ActionResult, err error) {
 	err = b.call(ctx, func() error { ar, err = b.c.GetActionResult(ctx, ns, key); return err })
@@ -236,6 +242,10 @@ func (u unreachable) Read(context.Context, Namespace, *repb.Digest) (io.ReadClos
 }
 func (u unreachable) Write(context.Context, Namespace, *repb.Digest, io.Reader) error {
 	return u.fail()
+}
+
+func (u unreachable) WriteReporting(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return false, u.Write(ctx, ns, d, r)
 }
 func (u unreachable) GetActionResult(context.Context, Namespace, *repb.Digest) (*repb.ActionResult, error) {
 	return nil, u.fail()

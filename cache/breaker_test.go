@@ -37,6 +37,9 @@ func (f *flaky) Read(context.Context, Namespace, *repb.Digest) (io.ReadCloser, e
 	return nil, f.answer()
 }
 func (f *flaky) Write(context.Context, Namespace, *repb.Digest, io.Reader) error { return f.answer() }
+func (f *flaky) WriteReporting(context.Context, Namespace, *repb.Digest, io.Reader) (bool, error) {
+	return true, f.answer()
+}
 func (f *flaky) GetActionResult(context.Context, Namespace, *repb.Digest) (*repb.ActionResult, error) {
 	return nil, f.answer()
 }

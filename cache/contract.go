@@ -55,6 +55,11 @@ type Tier interface {
 	// may store it without hashing it again (one that cannot says so by
 	// hashing it, as Write does).
 	PutHashed(ctx context.Context, ns Namespace, d *repb.Digest, data []byte) error
+	// WriteReporting is Write, also saying whether the tier stored the
+	// blob (false: it found it already stored, in a form FindMissing could
+	// not name beforehand, such as the encrypted tier's ciphertext). A
+	// tier that cannot tell says true; a wrapper answers for what it wraps.
+	WriteReporting(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) (stored bool, err error)
 	// Traits describe the tier.
 	Traits() Traits
 	// Down is the error that put the tier out of service (an open

@@ -163,6 +163,10 @@ func (v verifying) Write(ctx context.Context, ns Namespace, d *repb.Digest, r io
 	return v.c.Write(ctx, ns, d, r)
 }
 
+func (v verifying) WriteReporting(ctx context.Context, ns Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return v.c.WriteReporting(ctx, ns, d, r)
+}
+
 func (v verifying) GetActionResult(ctx context.Context, ns Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	return v.c.GetActionResult(ctx, ns, key)
 }

@@ -82,6 +82,12 @@ func (c *Client) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, 
 	return nil
 }
 
+// WriteReporting is Write; the blob is stored (or was already) when it
+// returns nil.
+func (c *Client) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return true, c.Write(ctx, ns, d, r)
+}
+
 // upload is what a ByteStream write sends.
 type upload struct {
 	data       []byte        // whole payload in memory, or

@@ -3,7 +3,6 @@ package snapshot
 import (
 	"context"
 	"fmt"
-	"io"
 	"sync"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -183,18 +182,10 @@ func (l *Loader) republishIfRaced(ctx context.Context, ns cache.Namespace, m *sn
 	}
 }
 
-// uploadReporter is a tier whose Write may find a blob already stored in
-// another form and store nothing, which its FindMissing cannot tell
-// beforehand (the encrypted tier: a blob's ciphertext is known once it is
-// sealed). WriteReporting is Write, saying whether it stored the blob.
-type uploadReporter interface {
-	WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error)
-}
-
 // copyMissing copies the blobs of all that dst lacks from src, with bounded
 // parallelism; the first error cancels the rest. It returns the number of
 // blobs and bytes dst stored.
-func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*repb.Digest, src, dst cache.Cache) (int, int64, error) {
+func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*repb.Digest, src cache.Cache, dst cache.Tier) (int, int64, error) {
 	ds := make([]*repb.Digest, 0, len(all))
 	seen := map[string]bool{}
 	for _, d := range all {
@@ -219,12 +210,9 @@ func (l *Loader) copyMissing(ctx context.Context, ns cache.Namespace, all []*rep
 				return fmt.Errorf("reading blob %s: %w", digest.String(d), err)
 			}
 			defer rc.Close()
-			stored := true
-			if ur, ok := dst.(uploadReporter); ok {
-				stored, err = ur.WriteReporting(gctx, ns, d, rc)
-			} else {
-				err = dst.Write(gctx, ns, d, rc)
-			}
+			// The encrypted tier may find a blob's ciphertext already
+			// stored, which FindMissing could not tell beforehand.
+			stored, err := dst.WriteReporting(gctx, ns, d, rc)
 			if err != nil {
 				return fmt.Errorf("writing blob %s: %w", digest.String(d), err)
 			}

@@ -117,6 +117,10 @@ func (r *restartable) Write(ctx context.Context, ns cache.Namespace, d *repb.Dig
 	return r.local().Write(ctx, ns, d, rd)
 }
 
+func (r *restartable) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, rd io.Reader) (bool, error) {
+	return r.local().WriteReporting(ctx, ns, d, rd)
+}
+
 func (r *restartable) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	return r.local().GetActionResult(ctx, ns, key)
 }

@@ -65,6 +65,17 @@ func (t *Tier) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r 
 	return t.write(ctx, "writing blob", d, r, func(m *member, src io.Reader) error { return m.tier.Write(ctx, ns, d, src) })
 }
 
+// WriteReporting is Write, saying whether the remote that took the blob
+// stored it.
+func (t *Tier) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	var stored bool
+	err := t.write(ctx, "writing blob", d, r, func(m *member, src io.Reader) (err error) {
+		stored, err = m.tier.WriteReporting(ctx, ns, d, src)
+		return err
+	})
+	return stored, err
+}
+
 // WriteCompressed is Write of zstd frames: each remote takes them as its
 // WriteCompressed does.
 func (t *Tier) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {

@@ -66,6 +66,14 @@ func (g *guarded) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest,
 	return w.Err(g.c.Write(ctx, ns, d, progressReader{r, w}))
 }
 
+// WriteReporting counts each piece read from r as progress.
+func (g *guarded) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	ctx, w := g.watch(ctx)
+	defer w.Stop()
+	stored, err := g.c.WriteReporting(ctx, ns, d, progressReader{r, w})
+	return stored, w.Err(err)
+}
+
 // WriteCompressed counts each piece read from r as progress.
 func (g *guarded) WriteCompressed(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) error {
 	ctx, w := g.watch(ctx)

@@ -117,6 +117,10 @@ func (s *switchable) Write(ctx context.Context, ns cache.Namespace, d *repb.Dige
 	return s.tier().Write(ctx, ns, d, r)
 }
 
+func (s *switchable) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return s.tier().WriteReporting(ctx, ns, d, r)
+}
+
 func (s *switchable) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	return s.tier().GetActionResult(ctx, ns, key)
 }

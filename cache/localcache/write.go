@@ -67,6 +67,12 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return nil
 }
 
+// WriteReporting is Write; the blob is stored (or was already) when it
+// returns nil.
+func (c *Cache) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return true, c.Write(ctx, ns, d, r)
+}
+
 // copySparse copies r to f, leaving page-aligned zero runs of at least
 // fileio.SparseHoleMin bytes as holes. It reads at most limit+1 bytes so that an
 // over-long stream is noticed without reading it all.

@@ -76,6 +76,12 @@ func (r *Regional) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest
 	return nil
 }
 
+// WriteReporting is Write; the blob is stored (or was already) when it
+// returns nil.
+func (r *Regional) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, src io.Reader) (bool, error) {
+	return true, r.Write(ctx, ns, d, src)
+}
+
 // PutFile stores f's content (verified by the caller) in the upstream,
 // then renames f into the disk cache with res.
 func (r *Regional) PutFile(ctx context.Context, ns cache.Namespace, d *repb.Digest, f *os.File, res cache.Reservation) error {

@@ -43,6 +43,12 @@ func (c *Cache) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest, r
 	return c.writeMultipart(ctx, fn, d, key, r)
 }
 
+// WriteReporting is Write; the blob is stored (or was already) when it
+// returns nil.
+func (c *Cache) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	return true, c.Write(ctx, ns, d, r)
+}
+
 func mismatchf(d *repb.Digest, format string, args ...any) error {
 	return status.Errorf(codes.InvalidArgument, "s3 cache: writing blob %s: %s", digest.String(d), fmt.Sprintf(format, args...))
 }

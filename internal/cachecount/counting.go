@@ -127,6 +127,12 @@ func (c *Counting) Write(ctx context.Context, ns cache.Namespace, d *repb.Digest
 	return c.c.Write(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
 }
 
+// WriteReporting counts the call and the bytes consumed from r.
+func (c *Counting) WriteReporting(ctx context.Context, ns cache.Namespace, d *repb.Digest, r io.Reader) (bool, error) {
+	c.writes.Add(1)
+	return c.c.WriteReporting(ctx, ns, d, countingReader{io.NopCloser(r), &c.writeBytes})
+}
+
 // GetActionResult counts the call.
 func (c *Counting) GetActionResult(ctx context.Context, ns cache.Namespace, key *repb.Digest) (*repb.ActionResult, error) {
 	c.acGets.Add(1)
