@@ -21,7 +21,7 @@ import (
 func TestReadThroughRecyclesBuffersSafely(t *testing.T) {
 	ctx := context.Background()
 	remote := newLocal(t, "")
-	rt := cache.NewReadThroughOptions(newLocal(t, ""), remote, cache.ReadThroughOptions{HandoffBytes: 1})
+	rt := cache.NewReadThroughOptions(newLocal(t, ""), remote, cache.ReadThroughOptions{HandoffBytes: mib + mib/2}) // the newest blob is held; the next fetch drops it
 	const blobs = 12
 	datas := make([][]byte, blobs)
 	ds := make([]*repb.Digest, blobs)
