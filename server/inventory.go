@@ -187,21 +187,8 @@ func (s *Server) Status(ctx context.Context) (*statuspage.Status, error) {
 			st.Errors = append(st.Errors, s.san.clean(err).Error())
 			continue
 		}
-		for _, l := range inv.Snapshots {
-			sn := l.Snapshot
-			row := statuspage.Snapshot{
-				Group: g, Instance: sn.Key.GetInstanceName(), PlatformHash: sn.Key.GetPlatformHash(),
-				ConfigurationHash: sn.Key.GetConfigurationHash(), Runner: sn.Key.GetRunnerId(), VersionID: sn.Key.GetVersionId(),
-				Ref: sn.Key.GetRef(), SnapshotID: sn.SnapshotID, DigestFunction: digest.FunctionName(sn.Function),
-				Completed: sn.Created, AgeSeconds: int64(now.Sub(sn.Created).Seconds()), LastRead: s.lastRead(g, sn),
-				State: State(sn, l), LogicalBytes: l.LogicalBytes, StoredBytes: l.StoredBytes, Blobs: l.Blobs,
-				MissingBlobs: l.Missing, PreviousID: l.PreviousID,
-			}
-			if l.PreviousID != "" {
-				shared := l.SharedChunks
-				row.SharedChunks = &shared
-			}
-			st.Snapshots = append(st.Snapshots, row)
+		for i, l := range InventoryResponse(inv).GetSnapshots() {
+			st.Snapshots = append(st.Snapshots, statuspage.SnapshotOf(g, gc.RowOf(l, now), s.lastRead(g, inv.Snapshots[i].Snapshot)))
 		}
 	}
 	return st, nil
@@ -212,22 +199,7 @@ func (s *Server) Status(ctx context.Context) (*statuspage.Status, error) {
 // saved), newest (under some key), retained (kept for the retention) or
 // expired.
 func State(sn *gc.Snapshot, l gc.Listing) string {
-	return ListingState(l.Broken, sn.Invalidated, len(sn.KeyEntries) > 0, sn.Live)
-}
-
-// ListingState is State of a listing's flags.
-func ListingState(broken, invalidated, newest, live bool) string {
-	switch {
-	case broken:
-		return "broken"
-	case invalidated:
-		return "invalidated"
-	case newest:
-		return "newest"
-	case live:
-		return "retained"
-	}
-	return "expired"
+	return gc.ListingState(l.Broken, sn.Invalidated, len(sn.KeyEntries) > 0, sn.Live)
 }
 
 func (s *Server) describe() string { return s.backend.Traits().Description }

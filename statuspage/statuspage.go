@@ -136,6 +136,18 @@ type Snapshot struct {
 	SharedChunks *float64 `json:"shared_chunks_with_previous,omitempty"`
 }
 
+// SnapshotOf is the page's entry for row r of group's listing, lastRead
+// when the snapshot was last read (nil when not known).
+func SnapshotOf(group string, r gc.Row, lastRead *time.Time) Snapshot {
+	return Snapshot{
+		Group: group, Instance: r.Instance, PlatformHash: r.PlatformHash, ConfigurationHash: r.ConfigurationHash,
+		Runner: r.Runner, VersionID: r.VersionID, Ref: r.Ref, SnapshotID: r.SnapshotID, DigestFunction: r.DigestFunction,
+		Completed: r.Completed, AgeSeconds: r.AgeSeconds, LastRead: lastRead, State: r.State,
+		LogicalBytes: r.LogicalBytes, StoredBytes: r.StoredBytes, Blobs: r.Blobs, MissingBlobs: r.MissingBlobs,
+		PreviousID: r.PreviousID, SharedChunks: r.SharedChunks,
+	}
+}
+
 // Lookups counts hits and misses.
 type Lookups struct {
 	Hits   int64 `json:"hits"`

@@ -11,7 +11,6 @@ import (
 	"github.com/snaploader/snaploader/cache/localcache"
 	"github.com/snaploader/snaploader/gc"
 	"github.com/snaploader/snaploader/proto/inventorypb"
-	"github.com/snaploader/snaploader/server"
 	"github.com/snaploader/snaploader/snapshot"
 )
 
@@ -54,9 +53,10 @@ func (s *localIDs) ListEntries(ctx context.Context, fn func(gc.Entry) error) err
 	return nil
 }
 
-// lsRow is one snapshot of ls --json, local or remote alike. Every field
-// is always present; shared_chunks_with_previous is null for the first
-// snapshot of a key.
+// lsRow is one snapshot of ls --json, local or remote alike: a gc.Row
+// (same fields, same order) with its JSON names. Every field is always
+// present; shared_chunks_with_previous is null for the first snapshot of
+// a key.
 type lsRow struct {
 	Instance          string    `json:"instance"`
 	Scope             string    `json:"scope"`
@@ -134,21 +134,7 @@ func listingOfServer(resp *inventorypb.ListSnapshotsResponse, now time.Time) *li
 	lt := &listing{Snapshots: make([]lsRow, 0, len(resp.GetSnapshots())), LiveStoredBytes: resp.GetLiveStoredBytes(),
 		ReferencedStoredBytes: resp.GetReferencedStoredBytes(), StoredBytes: resp.GetStoredBytes(), Blobs: resp.GetBlobs()}
 	for _, l := range resp.GetSnapshots() {
-		k, created := l.GetKey(), l.GetCompleted().AsTime()
-		r := lsRow{
-			Instance: k.GetInstanceName(), Scope: l.GetScope(), PlatformHash: k.GetPlatformHash(),
-			ConfigurationHash: k.GetConfigurationHash(), Runner: k.GetRunnerId(), VersionID: k.GetVersionId(),
-			Ref: k.GetRef(), SnapshotID: l.GetSnapshotId(), DigestFunction: l.GetDigestFunction(),
-			Completed: created, AgeSeconds: int64(now.Sub(created).Seconds()), Newest: l.GetNewest(), Live: l.GetLive(),
-			Broken: l.GetBroken(), Invalidated: l.GetInvalidated(), LogicalBytes: l.GetLogicalBytes(), StoredBytes: l.GetStoredBytes(),
-			Blobs: int(l.GetBlobs()), MissingBlobs: int(l.GetMissingBlobs()), PreviousID: l.GetPreviousSnapshotId(),
-			State: server.ListingState(l.GetBroken(), l.GetInvalidated(), l.GetNewest(), l.GetLive()),
-		}
-		if r.PreviousID != "" {
-			shared := l.GetSharedChunks()
-			r.SharedChunks = &shared
-		}
-		lt.Snapshots = append(lt.Snapshots, r)
+		lt.Snapshots = append(lt.Snapshots, lsRow(gc.RowOf(l, now)))
 	}
 	return lt
 }
