@@ -5,12 +5,5 @@ import (
 )
 
 func newInspectCmd() *cobra.Command {
-	var sf snapshotFlags
-	cmd := &cobra.Command{
-		Use:   "inspect",
-		Short: "Print a snapshot's manifest as JSON",
-		RunE:  runE(sf.options, runInspect),
-	}
-	sf.register(cmd, "inspect this exact snapshot")
-	return cmd
+	return newSnapshotCmd("inspect", "Print a snapshot's manifest as JSON", "inspect this exact snapshot", runInspect)
 }

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+
 	"github.com/spf13/cobra"
 
 	"github.com/snaploader/snaploader/snapshot"
@@ -80,4 +82,18 @@ func (f *snapshotFlags) options() (snapshotOptions, error) {
 		}
 	}
 	return o, nil
+}
+
+// newSnapshotCmd is a command that acts on one snapshot chosen by
+// snapshotFlags (inspect, verify): idHelp is the help of its
+// --snapshot-id.
+func newSnapshotCmd(use, short, idHelp string, run func(context.Context, snapshotOptions, streams) error) *cobra.Command {
+	var sf snapshotFlags
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		RunE:  runE(sf.options, run),
+	}
+	sf.register(cmd, idHelp)
+	return cmd
 }
