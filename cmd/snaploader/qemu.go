@@ -70,6 +70,21 @@ func (o qemuHostOptions) host(e *env) (*vmm.Host, error) {
 	return vmm.NewHost(vmm.Options{Loader: e.loader, Local: e.local, QEMUPath: o.QEMUPath, Accel: o.Accel, ChunkSize: o.ChunkSize, Logger: e.log})
 }
 
+// open opens the cache c names and the VM host on it; the caller closes
+// the env.
+func (o qemuHostOptions) open(ctx context.Context, c cacheOptions) (*env, *vmm.Host, error) {
+	e, err := openEnv(ctx, c)
+	if err != nil {
+		return nil, nil, err
+	}
+	h, err := o.host(e)
+	if err != nil {
+		e.Close()
+		return nil, nil, err
+	}
+	return e, h, nil
+}
+
 // hostIn returns the VM host and a work directory: dir, or a temporary one
 // that cleanup removes.
 func (o qemuHostOptions) hostIn(e *env, dir string) (*vmm.Host, string, func(), error) {
@@ -77,14 +92,23 @@ func (o qemuHostOptions) hostIn(e *env, dir string) (*vmm.Host, string, func(), 
 	if err != nil {
 		return nil, "", nil, err
 	}
-	if dir != "" {
-		return h, dir, func() {}, nil
-	}
-	tmp, err := os.MkdirTemp("", "snaploader-vm-")
+	dir, cleanup, err := workDir(dir)
 	if err != nil {
 		return nil, "", nil, err
 	}
-	return h, tmp, func() { os.RemoveAll(tmp) }, nil
+	return h, dir, cleanup, nil
+}
+
+// workDir is dir, or a temporary directory that cleanup removes.
+func workDir(dir string) (string, func(), error) {
+	if dir != "" {
+		return dir, func() {}, nil
+	}
+	tmp, err := os.MkdirTemp("", "snaploader-vm-")
+	if err != nil {
+		return "", nil, err
+	}
+	return tmp, func() { os.RemoveAll(tmp) }, nil
 }
 
 // runQemuRestore restores the snapshot o selects lazily (memory through
@@ -117,15 +141,11 @@ func runQemuRestore(ctx context.Context, o qemuRestoreOptions, s streams) error 
 // runQemuBoot boots o.Machine with its RAM in a shared memory file and
 // runs it until it exits or is interrupted.
 func runQemuBoot(ctx context.Context, o qemuBootOptions, s streams) error {
-	e, err := openEnv(ctx, o.Cache)
+	e, h, err := o.Host.open(ctx, o.Cache)
 	if err != nil {
 		return err
 	}
 	defer e.Close()
-	h, err := o.Host.host(e)
-	if err != nil {
-		return err
-	}
 	v, err := h.Boot(ctx, o.Machine, vmm.BootOptions{Dir: o.Dir, SerialLog: o.SerialLog})
 	if err != nil {
 		return err
@@ -138,12 +158,12 @@ func runQemuBoot(ctx context.Context, o qemuBootOptions, s streams) error {
 
 // runQemuSave snapshots the running QEMU o names (it exits) and saves it.
 func runQemuSave(ctx context.Context, o qemuSaveOptions, s streams) error {
-	e, err := openEnv(ctx, o.Cache)
+	e, h, err := o.Host.open(ctx, o.Cache)
 	if err != nil {
 		return err
 	}
 	defer e.Close()
-	h, dir, cleanup, err := o.Host.hostIn(e, o.Dir)
+	dir, cleanup, err := workDir(o.Dir)
 	if err != nil {
 		return err
 	}
