@@ -11,13 +11,13 @@ import (
 
 // remoteFlags select the shared tier.
 type remoteFlags struct {
-	urls       []string // --remote, in order
-	retryFor   time.Duration
-	apiKey     string
-	bearer     string
-	caFile     string
-	clientCert string
-	clientKey  string
+	urls     []string // --remote, in order
+	retryFor time.Duration
+	apiKey   string
+	bearer   string
+	// tls are the client's certificate and key (mutual TLS) and the CA
+	// bundle trusted for grpcs://.
+	tls        tlsFiles
 	readOnly   bool
 	noCompress bool
 	apiKeyHdr  string
@@ -35,9 +35,10 @@ func (f *remoteFlags) register(cmd *cobra.Command) {
 	fl.StringVar(&f.apiKey, "api-key", "", "API key sent to the REAPI remote (default $SNAPLOADER_API_KEY)")
 	fl.StringVar(&f.apiKeyHdr, "api-key-header", "x-api-key", "metadata header carrying --api-key")
 	fl.StringVar(&f.bearer, "bearer-token", "", "bearer token sent to the REAPI remote")
-	fl.StringVar(&f.caFile, "ca-file", "", "PEM CA bundle trusted for grpcs:// instead of the system roots")
-	fl.StringVar(&f.clientCert, "tls-client-cert", "", "PEM certificate this host presents to a grpcs:// remote that requires one (mutual TLS; with --tls-client-key)")
-	fl.StringVar(&f.clientKey, "tls-client-key", "", "PEM key of --tls-client-cert")
+	f.tls.register(fl,
+		tlsFlag{"tls-client-cert", "PEM certificate this host presents to a grpcs:// remote that requires one (mutual TLS; with --tls-client-key)"},
+		tlsFlag{"tls-client-key", "PEM key of --tls-client-cert"},
+		tlsFlag{"ca-file", "PEM CA bundle trusted for grpcs:// instead of the system roots"})
 	fl.BoolVar(&f.readOnly, "remote-read-only", false, "load from the remote but never publish to it")
 	fl.BoolVar(&f.noCompress, "no-compression", false, "do not use zstd compressed-blobs with the REAPI remote")
 	fl.DurationVar(&f.timeout, "remote-timeout", 60*time.Second, "deadline of each call to the REAPI remote (retried calls get a fresh one)")
@@ -55,7 +56,7 @@ func (f *remoteFlags) options() (remoteOptions, error) {
 	if f.maxBlob < 0 {
 		return o, usagef("--remote-max-blob-bytes %d: want a positive number of bytes", f.maxBlob)
 	}
-	if len(f.urls) > 0 && (f.clientCert == "") != (f.clientKey == "") {
+	if len(f.urls) > 0 && (f.tls.cert == "") != (f.tls.key == "") {
 		return o, usagef("--tls-client-cert and --tls-client-key go together")
 	}
 	return o, nil
@@ -66,8 +67,8 @@ func (f *remoteFlags) options() (remoteOptions, error) {
 // --api-key is not given.
 func (f *remoteFlags) values() remoteOptions {
 	o := remoteOptions{
-		URLs: f.urls, RetryFor: f.retryFor, APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.caFile,
-		ClientCert: f.clientCert, ClientKey: f.clientKey, ReadOnly: f.readOnly, NoCompression: f.noCompress, Timeout: f.timeout,
+		URLs: f.urls, RetryFor: f.retryFor, APIKey: f.apiKey, APIKeyHeader: f.apiKeyHdr, BearerToken: f.bearer, CAFile: f.tls.ca,
+		ClientCert: f.tls.cert, ClientKey: f.tls.key, ReadOnly: f.readOnly, NoCompression: f.noCompress, Timeout: f.timeout,
 		MaxBlobBytes: f.maxBlob, Required: f.required,
 	}
 	if o.APIKey == "" {

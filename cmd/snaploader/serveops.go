@@ -17,11 +17,13 @@ import (
 // serveOps are the flags of serve that deploy it: its configuration
 // sources, TLS, API key sources and logs.
 type serveOps struct {
-	config                       string
-	tlsCert, tlsKey, tlsClientCA string
-	apiKeyFile                   string
-	logFormat, logLevel          string
-	accessLog                    bool
+	config string
+	// tls are the server's certificate chain and key and the CA bundle
+	// client certificates must be signed by.
+	tls                 tlsFiles
+	apiKeyFile          string
+	logFormat, logLevel string
+	accessLog           bool
 	// sources says where each flag not given on the command line was
 	// taken from.
 	sources map[string]string
@@ -33,9 +35,10 @@ const envPrefix = "SNAPLOADER_"
 func (o *serveOps) register(cmd *cobra.Command) {
 	fl := cmd.Flags()
 	fl.StringVar(&o.config, "config", "", "YAML file of settings: flag names to values (default $SNAPLOADER_CONFIG); a flag on the command line wins over its SNAPLOADER_<FLAG> environment variable, which wins over the file")
-	fl.StringVar(&o.tlsCert, "tls-cert", "", "serve gRPC over TLS with this PEM certificate chain (clients use grpcs://); reread when it changes")
-	fl.StringVar(&o.tlsKey, "tls-key", "", "the PEM private key of --tls-cert")
-	fl.StringVar(&o.tlsClientCA, "tls-client-ca", "", "with --tls-cert: require client certificates signed by a CA of this PEM bundle (mutual TLS)")
+	o.tls.register(fl,
+		tlsFlag{"tls-cert", "serve gRPC over TLS with this PEM certificate chain (clients use grpcs://); reread when it changes"},
+		tlsFlag{"tls-key", "the PEM private key of --tls-cert"},
+		tlsFlag{"tls-client-ca", "with --tls-cert: require client certificates signed by a CA of this PEM bundle (mutual TLS)"})
 	fl.StringVar(&o.apiKeyFile, "api-key-file", "", "file of KEY=GROUP[:ro] lines (mode 0600 or stricter), added to --api-key and $SNAPLOADER_API_KEYS")
 	fl.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fl.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -129,21 +132,21 @@ func (o *serveOps) apiKeys(specs []string) (map[string]server.APIKey, error) {
 
 // grpcOptions are the gRPC server options of --tls-*.
 func (o *serveOps) grpcOptions() ([]grpc.ServerOption, string, error) {
-	if o.tlsCert == "" && o.tlsKey == "" {
-		if o.tlsClientCA != "" {
+	if o.tls.cert == "" && o.tls.key == "" {
+		if o.tls.ca != "" {
 			return nil, "", usagef("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked over TLS")
 		}
 		return nil, "plaintext", nil
 	}
-	if o.tlsCert == "" || o.tlsKey == "" {
+	if o.tls.cert == "" || o.tls.key == "" {
 		return nil, "", usagef("--tls-cert and --tls-key go together: give both (the certificate chain and its private key)")
 	}
-	cfg, err := server.TLSConfig(o.tlsCert, o.tlsKey, o.tlsClientCA)
+	cfg, err := server.TLSConfig(o.tls.cert, o.tls.key, o.tls.ca)
 	if err != nil {
 		return nil, "", fmt.Errorf("--tls-cert/--tls-key: %w", err)
 	}
 	mode := "TLS"
-	if o.tlsClientCA != "" {
+	if o.tls.ca != "" {
 		mode = "mutual TLS"
 	}
 	return []grpc.ServerOption{grpc.Creds(credentials.NewTLS(cfg))}, mode, nil
