@@ -39,6 +39,7 @@ type streamReader struct {
 	openErr error  // the last open failed
 	dec     *zstd.Decoder
 	off     int64 // content bytes delivered
+	whole   bool  // the blob was received and decoded at once (readWhole)
 	retries int
 	err     error
 
@@ -129,6 +130,10 @@ func (r *streamReader) Read(p []byte) (int, error) {
 		var err error
 		if r.openErr != nil {
 			err = r.openErr
+		} else if r.whole {
+			err = io.EOF
+		} else if r.decodesWhole(p) {
+			n, err = r.readWhole(p)
 		} else if r.compressed {
 			n, err = r.dec.Read(p)
 			if err != nil && !errors.Is(err, io.EOF) && r.rawErr != nil {
