@@ -5,9 +5,13 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
@@ -132,45 +136,57 @@ func (h hiding) Read(ctx context.Context, ns cache.Namespace, d *repb.Digest) (i
 	return h.Tier.Read(ctx, ns, d)
 }
 
-// TestRemoteManifestFetchesSmallFilesInsteadOfAsking: resolving a remote
-// manifest fetches its trees and small artifact files into the local cache
-// in one go and asks the remote only about the chunks; a snapshot of files
-// alone is found without asking about any blob, and one whose file the
-// remote lost is passed over for the next key.
-func TestRemoteManifestFetchesSmallFilesInsteadOfAsking(t *testing.T) {
+// TestRemoteManifestCarriesSmallBlobs: a manifest written to the remote
+// carries copies of its trees and small artifact files, so resolving it
+// reads no blob and asks the remote only about the chunks; a larger file
+// is fetched with the lookup, and a key whose file the remote lost is
+// passed over; a copy that does not match its digest is not used; a
+// remote that refuses entries that large gets the manifest without copies.
+func TestRemoteManifestCarriesSmallBlobs(t *testing.T) {
 	ctx := context.Background()
 	remoteLC := newRemoteLC(t)
 	writer := newHost(t, remoteLC, Options{})
 	dir := t.TempDir()
 	mem, files := vmFiles(t, dir, 94, 1<<20)
 	withChunks := writer.save(t, writer.keys(t, taskOn("main", "", "")).GetBranchKey(), mem, files, true)
-	state := filepath.Join(dir, "state.bin")
-	if err := os.WriteFile(state, []byte("a small file alone"), 0o644); err != nil {
-		t.Fatal(err)
+	saveFile := func(ref, name string, data []byte) *SaveResult {
+		t.Helper()
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		res, err := writer.loader.CacheSnapshot(ctx, &SaveRequest{Key: writer.keys(t, taskOn(ref, "", "")).GetBranchKey(),
+			Files: map[string]string{name: path}, Local: true, Remote: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
 	}
-	filesOnly, err := writer.loader.CacheSnapshot(ctx, &SaveRequest{Key: writer.keys(t, taskOn("files", "", "")).GetBranchKey(),
-		Files: map[string]string{"state.bin": state}, Local: true, Remote: true})
-	if err != nil {
-		t.Fatal(err)
-	}
+	filesOnly := saveFile("files", "state.bin", []byte("a small file alone"))
+	large := saveFile("large", "large.bin", make([]byte, maxInlineBlob+1))
 	chunks := 0
 	for _, cf := range withChunks.Manifest.GetChunkedFiles() {
 		chunks += len(cf.GetChunks())
 	}
-
-	t.Run("chunks are asked about, trees and files fetched", func(t *testing.T) {
-		remote := cachecount.NewCounting(remoteLC)
+	find := func(t *testing.T, remote cache.Tier, task Task) (*host, *Snapshot) {
+		t.Helper()
 		h := newHost(t, remote, Options{})
-		snap, _, err := h.loader.FindSnapshot(ctx, taskOn("main", "", ""), KeySetOptions{}, GetOptions{ReadPolicy: LocalFirst})
+		snap, _, err := h.loader.FindSnapshot(ctx, task, KeySetOptions{}, GetOptions{ReadPolicy: LocalFirst})
 		if err != nil {
 			t.Fatal(err)
 		}
+		return h, snap
+	}
+
+	t.Run("trees and small files come with the manifest", func(t *testing.T) {
+		remote := cachecount.NewCounting(remoteLC)
+		h, snap := find(t, remote, taskOn("main", "", ""))
 		st := remote.Stats()
 		if st.FindMissing != 1 || st.FindMissingDigests != int64(chunks) {
 			t.Errorf("%d lookups of %d blobs, want 1 of the %d chunks", st.FindMissing, st.FindMissingDigests, chunks)
 		}
-		if st.Reads != 2 {
-			t.Errorf("%d blob reads, want 2 (the tree and vmstate.snap)", st.Reads)
+		if st.Reads != 0 {
+			t.Errorf("%d blob reads, want none (the tree and vmstate.snap come with the manifest)", st.Reads)
 		}
 		if _, err := h.local.Open(ctx, h.loader.Namespace(snap.Key), snap.Manifest.GetFiles()[0].GetDigest()); err != nil {
 			t.Errorf("the artifact file is not in the local cache after the lookup: %v", err)
@@ -180,18 +196,14 @@ func TestRemoteManifestFetchesSmallFilesInsteadOfAsking(t *testing.T) {
 			t.Error("restored bytes differ")
 		}
 	})
-	t.Run("a snapshot of files alone asks about nothing", func(t *testing.T) {
+	t.Run("a snapshot of small files alone reads and asks nothing more", func(t *testing.T) {
 		remote := cachecount.NewCounting(remoteLC)
-		h := newHost(t, remote, Options{})
-		snap, _, err := h.loader.FindSnapshot(ctx, taskOn("feat", "files", ""), KeySetOptions{}, GetOptions{ReadPolicy: LocalFirst})
-		if err != nil {
-			t.Fatal(err)
-		}
+		h, snap := find(t, remote, taskOn("feat", "files", ""))
 		if snap.Manifest.GetVmMetadata().GetSnapshotId() != filesOnly.SnapshotID {
 			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), filesOnly.SnapshotID)
 		}
-		if st := remote.Stats(); st.FindMissing != 0 || st.Reads != 1 {
-			t.Errorf("%d lookups and %d blob reads, want none and 1", st.FindMissing, st.Reads)
+		if st := remote.Stats(); st.FindMissing != 0 || st.Reads != 0 {
+			t.Errorf("%d lookups and %d blob reads, want none", st.FindMissing, st.Reads)
 		}
 		out := t.TempDir()
 		if _, err := h.loader.Restore(ctx, snap, filepath.Join(out, "r"), RestoreOptions{}); err != nil {
@@ -201,15 +213,85 @@ func TestRemoteManifestFetchesSmallFilesInsteadOfAsking(t *testing.T) {
 			t.Errorf("restored %q", got)
 		}
 	})
-	t.Run("a file the remote lost passes the key over", func(t *testing.T) {
-		lost := filesOnly.Manifest.GetFiles()[0].GetDigest().GetHash()
-		h := newHost(t, hiding{Tier: remoteLC, hash: lost}, Options{})
-		snap, _, err := h.loader.FindSnapshot(ctx, taskOn("files", "", "main"), KeySetOptions{}, GetOptions{ReadPolicy: LocalFirst})
-		if err != nil {
-			t.Fatal(err)
+	t.Run("a larger file is fetched with the lookup", func(t *testing.T) {
+		remote := cachecount.NewCounting(remoteLC)
+		_, snap := find(t, remote, taskOn("large", "", ""))
+		if snap.Manifest.GetVmMetadata().GetSnapshotId() != large.SnapshotID {
+			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), large.SnapshotID)
 		}
+		if st := remote.Stats(); st.FindMissing != 0 || st.Reads != 1 {
+			t.Errorf("%d lookups and %d blob reads, want none and 1", st.FindMissing, st.Reads)
+		}
+	})
+	t.Run("a file the remote lost passes the key over", func(t *testing.T) {
+		lost := large.Manifest.GetFiles()[0].GetDigest().GetHash()
+		_, snap := find(t, hiding{Tier: remoteLC, hash: lost}, taskOn("large", "", "main"))
 		if snap.FallbackIndex != 1 || snap.Manifest.GetVmMetadata().GetSnapshotId() != withChunks.SnapshotID {
 			t.Errorf("found %s at fallback %d, want %s at 1", snap.Manifest.GetVmMetadata().GetSnapshotId(), snap.FallbackIndex, withChunks.SnapshotID)
 		}
 	})
+	t.Run("a copy that does not match its digest is not used", func(t *testing.T) {
+		key := writer.keys(t, taskOn("files", "", "")).GetBranchKey()
+		f := filesOnly.Manifest.GetFiles()[0]
+		ar, err := ManifestActionResult(filesOnly.Manifest, nil, &snapshotpb.InlineBlob{Digest: f.GetDigest(), Data: []byte("a small file ALONE")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		mk, err := RemoteManifestKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remoteLC.UpdateActionResult(ctx, writer.loader.Namespace(key), mk, ar); err != nil {
+			t.Fatal(err)
+		}
+		remote := cachecount.NewCounting(remoteLC)
+		h, snap := find(t, remote, taskOn("files", "", ""))
+		if st := remote.Stats(); st.Reads != 1 {
+			t.Errorf("%d blob reads, want 1 (the file, fetched)", st.Reads)
+		}
+		out := t.TempDir()
+		if _, err := h.loader.Restore(ctx, snap, filepath.Join(out, "r"), RestoreOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustRead(t, filepath.Join(out, "r", "state.bin")); string(got) != "a small file alone" {
+			t.Errorf("restored %q", got)
+		}
+	})
+	t.Run("a remote that refuses large entries gets the manifest without copies", func(t *testing.T) {
+		refusing := &refusingCopies{Tier: newRemoteLC(t)}
+		w := newHost(t, refusing, Options{})
+		saved := w.save(t, w.keys(t, taskOn("main", "", "")).GetBranchKey(), mem, files, true)
+		if refusing.refused.Load() == 0 {
+			t.Fatal("the save wrote no manifest with copies: nothing to test")
+		}
+		remote := cachecount.NewCounting(refusing.Tier)
+		h, snap := find(t, remote, taskOn("main", "", ""))
+		if snap.Manifest.GetVmMetadata().GetSnapshotId() != saved.SnapshotID {
+			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), saved.SnapshotID)
+		}
+		if st := remote.Stats(); st.Reads != 2 {
+			t.Errorf("%d blob reads, want 2 (the tree and vmstate.snap)", st.Reads)
+		}
+		got, st2 := h.restoreBytes(t, snap)
+		if string(got) != string(mustRead(t, mem)) || string(st2) != string(mustRead(t, files["vmstate.snap"])) {
+			t.Error("restored bytes differ")
+		}
+	})
+}
+
+// refusingCopies is a remote whose action cache refuses entries holding
+// copies of blobs, as caches that limit an entry's size do.
+type refusingCopies struct {
+	cache.Tier
+	refused atomic.Int32
+}
+
+func (r *refusingCopies) UpdateActionResult(ctx context.Context, ns cache.Namespace, d *repb.Digest, ar *repb.ActionResult) error {
+	for _, a := range ar.GetExecutionMetadata().GetAuxiliaryMetadata() {
+		if a.MessageIs((*snapshotpb.InlineBlobs)(nil)) {
+			r.refused.Add(1)
+			return status.Errorf(codes.InvalidArgument, "action result of %d bytes is over this cache's limit", proto.Size(ar))
+		}
+	}
+	return r.Tier.UpdateActionResult(ctx, ns, d, ar)
 }

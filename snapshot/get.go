@@ -279,8 +279,16 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 	ns := l.ns(instance, dm.function)
 	m := &snapshotpb.SnapshotManifest{VmConfiguration: dm.config, VmMetadata: dm.metadata, Files: dm.files}
 	fromRemote := primary != cache.Cache(l.local) && secondary == nil
-	var blobs, fetch []*repb.Digest
+	var copies map[string][]byte // the manifest's copies of its small blobs
+	if fromRemote {
+		copies = inlineCopies(ar, dm.function)
+	}
+	var blobs, fetch, kept []*repb.Digest
 	for _, f := range dm.files {
+		if _, ok := copies[digest.String(f.GetDigest())]; ok {
+			kept = append(kept, f.GetDigest())
+			continue
+		}
 		if fromRemote && f.GetDigest().GetSizeBytes() <= maxFetchedWithManifest {
 			fetch = append(fetch, f.GetDigest())
 			continue
@@ -288,17 +296,32 @@ func (l *Loader) resolve(ctx context.Context, instance string, ar *repb.ActionRe
 		blobs = append(blobs, f.GetDigest())
 	}
 	// The trees (and a remote snapshot's small files) are read together:
-	// one round trip for all of a cold snapshot's chunked files.
+	// one round trip for all of a cold snapshot's chunked files, none for
+	// those the manifest carries.
 	trees := make([]*snapshotpb.ChunkedFile, len(dm.trees))
 	g, gctx := errgroup.WithContext(ctx)
 	for i, d := range dm.trees {
 		g.Go(func() error {
-			b, err := l.readTree(gctx, ns, d.GetTreeDigest(), primary != l.local || secondary != nil)
-			if err != nil {
-				return fmt.Errorf("reading tree of chunked file %q: %w", d.GetPath(), err)
+			b, ok := copies[digest.String(d.GetTreeDigest())]
+			if ok {
+				l.keepCopy(gctx, ns, d.GetTreeDigest(), b)
+			} else {
+				var err error
+				if b, err = l.readTree(gctx, ns, d.GetTreeDigest(), primary != l.local || secondary != nil); err != nil {
+					return fmt.Errorf("reading tree of chunked file %q: %w", d.GetPath(), err)
+				}
 			}
+			var err error
 			trees[i], err = decodeTree(d.GetPath(), b)
 			return err
+		})
+	}
+	for _, d := range kept {
+		g.Go(func() error {
+			if err := l.local.PutHashed(gctx, ns, d, copies[digest.String(d)]); err != nil {
+				return fmt.Errorf("keeping %s from the manifest: %w", describeBlob(m, d), err)
+			}
+			return nil
 		})
 	}
 	if len(fetch) > 0 {
@@ -383,6 +406,14 @@ func (l *Loader) readTree(ctx context.Context, ns cache.Namespace, d *repb.Diges
 		l.opts.Logger.Warn("keeping a local copy of a tree", "digest", digest.String(d), "err", werr)
 	}
 	return b, nil
+}
+
+// keepCopy stores a tree the manifest carried in the local cache; a local
+// cache that cannot keep it (full disk) must not fail the load.
+func (l *Loader) keepCopy(ctx context.Context, ns cache.Namespace, d *repb.Digest, b []byte) {
+	if err := l.local.PutHashed(ctx, ns, d, b); err != nil {
+		l.opts.Logger.Warn("keeping a local copy of a tree", "digest", digest.String(d), "err", err)
+	}
 }
 
 // describeBlob names where a digest is used in a manifest.

@@ -170,10 +170,11 @@ func parseOutboard(v string) (*repb.Digest, error) {
 }
 
 // ManifestActionResult encodes a manifest as an ActionResult: auxiliary
-// metadata = [VM configuration, VM metadata]; output files = artifact files;
-// output directories = chunked files (path = name, tree digest).
-// treeDigests maps chunked file names to their stored tree digests.
-func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string]*repb.Digest) (*repb.ActionResult, error) {
+// metadata = [VM configuration, VM metadata, copies of small blobs (when
+// inline is given), seal]; output files = artifact files; output
+// directories = chunked files (path = name, tree digest). treeDigests maps
+// chunked file names to their stored tree digests.
+func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string]*repb.Digest, inline ...*snapshotpb.InlineBlob) (*repb.ActionResult, error) {
 	cfg, err := anypb.New(m.GetVmConfiguration())
 	if err != nil {
 		return nil, fmt.Errorf("encoding VM configuration: %w", err)
@@ -194,6 +195,13 @@ func ManifestActionResult(m *snapshotpb.SnapshotManifest, treeDigests map[string
 			return nil, fmt.Errorf("chunked file %q has no stored tree", cf.GetName())
 		}
 		ar.OutputDirectories = append(ar.OutputDirectories, &repb.OutputDirectory{Path: cf.GetName(), TreeDigest: td})
+	}
+	if len(inline) > 0 {
+		blobs, err := anypb.New(&snapshotpb.InlineBlobs{Blobs: inline})
+		if err != nil {
+			return nil, fmt.Errorf("encoding inline blobs: %w", err)
+		}
+		ar.ExecutionMetadata.AuxiliaryMetadata = append(ar.ExecutionMetadata.AuxiliaryMetadata, blobs)
 	}
 	seal, err := anypb.New(&snapshotpb.ManifestSeal{Sha256: sealHash(ar)})
 	if err != nil {

@@ -103,7 +103,11 @@ func (l *Loader) repairRemote(ctx context.Context, ns cache.Namespace, m *snapsh
 // (remote manifest keys) or the local one (local manifest keys) in the
 // data's namespace ns, and records the write key's manifest key in res.
 func (l *Loader) writeManifests(ctx context.Context, remote bool, ns cache.Namespace, m *snapshotpb.SnapshotManifest, trees map[string]*repb.Digest, keys []*snapshotpb.SnapshotKey, res *SaveResult) error {
-	ar, err := ManifestActionResult(m, trees)
+	var inline []*snapshotpb.InlineBlob
+	if remote {
+		inline = l.inlineBlobs(ctx, ns, m, trees)
+	}
+	ar, err := ManifestActionResult(m, trees, inline...)
 	if err != nil {
 		return err
 	}
@@ -121,7 +125,18 @@ func (l *Loader) writeManifests(ctx context.Context, remote bool, ns cache.Names
 		if err != nil {
 			return err
 		}
-		if err := c.UpdateActionResult(ctx, l.ns(k.GetInstanceName(), ns.Function), mk, ar); err != nil {
+		err = c.UpdateActionResult(ctx, l.ns(k.GetInstanceName(), ns.Function), mk, ar)
+		if err != nil && len(inline) > 0 && tooLarge(err) {
+			// A cache that limits its entries below the copies: the
+			// manifest alone, whose readers fetch the blobs.
+			l.opts.Logger.Debug("the remote refused a manifest with copies of its small blobs; writing it without", "key", keyString(k), "err", err)
+			inline = nil
+			if ar, err = ManifestActionResult(m, trees); err != nil {
+				return err
+			}
+			err = c.UpdateActionResult(ctx, l.ns(k.GetInstanceName(), ns.Function), mk, ar)
+		}
+		if err != nil {
 			return fmt.Errorf("writing %s manifest of %s: %w", where, keyString(k), err)
 		}
 		if i == 0 {
@@ -271,4 +286,14 @@ func ShouldPublishRemote(p SavePolicy, writeRef, defaultRef string, loaded *Snap
 	default:
 		return loaded == nil || loaded.FallbackIndex > 0
 	}
+}
+
+// tooLarge reports whether a tier refused an entry for its size (or for
+// content it does not take, which a size limit is reported as by some).
+func tooLarge(err error) bool {
+	switch status.Code(err) {
+	case codes.InvalidArgument, codes.ResourceExhausted, codes.OutOfRange:
+		return true
+	}
+	return false
 }

@@ -1025,6 +1025,107 @@ func (x *BlobMapping) GetSealed() *v2.Digest {
 	return nil
 }
 
+// InlineBlobs holds copies of a remote manifest's small blobs (artifact
+// files and chunk trees), so that a restore has them with the manifest
+// instead of one round trip after it. Each blob is also in the CAS as
+// usual; a copy is used only once its bytes match its digest. It is an
+// auxiliary metadata entry of the manifest, covered by the seal.
+type InlineBlobs struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Blobs         []*InlineBlob          `protobuf:"bytes,1,rep,name=blobs,proto3" json:"blobs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InlineBlobs) Reset() {
+	*x = InlineBlobs{}
+	mi := &file_snapshot_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InlineBlobs) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InlineBlobs) ProtoMessage() {}
+
+func (x *InlineBlobs) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InlineBlobs.ProtoReflect.Descriptor instead.
+func (*InlineBlobs) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *InlineBlobs) GetBlobs() []*InlineBlob {
+	if x != nil {
+		return x.Blobs
+	}
+	return nil
+}
+
+type InlineBlob struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Digest        *v2.Digest             `protobuf:"bytes,1,opt,name=digest,proto3" json:"digest,omitempty"`
+	Data          []byte                 `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InlineBlob) Reset() {
+	*x = InlineBlob{}
+	mi := &file_snapshot_proto_msgTypes[16]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InlineBlob) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InlineBlob) ProtoMessage() {}
+
+func (x *InlineBlob) ProtoReflect() protoreflect.Message {
+	mi := &file_snapshot_proto_msgTypes[16]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InlineBlob.ProtoReflect.Descriptor instead.
+func (*InlineBlob) Descriptor() ([]byte, []int) {
+	return file_snapshot_proto_rawDescGZIP(), []int{16}
+}
+
+func (x *InlineBlob) GetDigest() *v2.Digest {
+	if x != nil {
+		return x.Digest
+	}
+	return nil
+}
+
+func (x *InlineBlob) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 var File_snapshot_proto protoreflect.FileDescriptor
 
 const file_snapshot_proto_rawDesc = "" +
@@ -1114,7 +1215,13 @@ const file_snapshot_proto_rawDesc = "" +
 	"\x05blobs\x18\x02 \x03(\v2#.snaploader.snapshot.v1.BlobMappingR\x05blobs\"\x8d\x01\n" +
 	"\vBlobMapping\x12=\n" +
 	"\x05plain\x18\x01 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x05plain\x12?\n" +
-	"\x06sealed\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06sealedB3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
+	"\x06sealed\x18\x02 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06sealed\"G\n" +
+	"\vInlineBlobs\x128\n" +
+	"\x05blobs\x18\x01 \x03(\v2\".snaploader.snapshot.v1.InlineBlobR\x05blobs\"a\n" +
+	"\n" +
+	"InlineBlob\x12?\n" +
+	"\x06digest\x18\x01 \x01(\v2'.build.bazel.remote.execution.v2.DigestR\x06digest\x12\x12\n" +
+	"\x04data\x18\x02 \x01(\fR\x04dataB3Z1github.com/snaploader/snaploader/proto/snapshotpbb\x06proto3"
 
 var (
 	file_snapshot_proto_rawDescOnce sync.Once
@@ -1128,7 +1235,7 @@ func file_snapshot_proto_rawDescGZIP() []byte {
 	return file_snapshot_proto_rawDescData
 }
 
-var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_snapshot_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_snapshot_proto_goTypes = []any{
 	(*SnapshotKey)(nil),             // 0: snaploader.snapshot.v1.SnapshotKey
 	(*SnapshotKeySet)(nil),          // 1: snaploader.snapshot.v1.SnapshotKeySet
@@ -1145,37 +1252,41 @@ var file_snapshot_proto_goTypes = []any{
 	(*SealedEntry)(nil),             // 12: snaploader.snapshot.v1.SealedEntry
 	(*SealedPayload)(nil),           // 13: snaploader.snapshot.v1.SealedPayload
 	(*BlobMapping)(nil),             // 14: snaploader.snapshot.v1.BlobMapping
-	nil,                             // 15: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
-	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
-	(*v2.Digest)(nil),               // 17: build.bazel.remote.execution.v2.Digest
-	(*v2.OutputFile)(nil),           // 18: build.bazel.remote.execution.v2.OutputFile
+	(*InlineBlobs)(nil),             // 15: snaploader.snapshot.v1.InlineBlobs
+	(*InlineBlob)(nil),              // 16: snaploader.snapshot.v1.InlineBlob
+	nil,                             // 17: snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	(*timestamppb.Timestamp)(nil),   // 18: google.protobuf.Timestamp
+	(*v2.Digest)(nil),               // 19: build.bazel.remote.execution.v2.Digest
+	(*v2.OutputFile)(nil),           // 20: build.bazel.remote.execution.v2.OutputFile
 }
 var file_snapshot_proto_depIdxs = []int32{
 	0,  // 0: snaploader.snapshot.v1.SnapshotKeySet.branch_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 1: snaploader.snapshot.v1.SnapshotKeySet.fallback_keys:type_name -> snaploader.snapshot.v1.SnapshotKey
 	0,  // 2: snaploader.snapshot.v1.SnapshotKeySet.write_key:type_name -> snaploader.snapshot.v1.SnapshotKey
 	3,  // 3: snaploader.snapshot.v1.VMConfiguration.disks:type_name -> snaploader.snapshot.v1.Disk
-	15, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
+	17, // 4: snaploader.snapshot.v1.VMConfiguration.extra:type_name -> snaploader.snapshot.v1.VMConfiguration.ExtraEntry
 	5,  // 5: snaploader.snapshot.v1.VMMetadata.last_executed_task:type_name -> snaploader.snapshot.v1.VMTask
 	0,  // 6: snaploader.snapshot.v1.VMMetadata.snapshot_key:type_name -> snaploader.snapshot.v1.SnapshotKey
-	16, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
+	18, // 7: snaploader.snapshot.v1.VMMetadata.created_timestamp:type_name -> google.protobuf.Timestamp
 	6,  // 8: snaploader.snapshot.v1.VMMetadata.working_sets:type_name -> snaploader.snapshot.v1.WorkingSet
-	16, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
+	18, // 9: snaploader.snapshot.v1.VMTask.completed_timestamp:type_name -> google.protobuf.Timestamp
 	8,  // 10: snaploader.snapshot.v1.ChunkedFile.chunks:type_name -> snaploader.snapshot.v1.Chunk
-	17, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
-	17, // 12: snaploader.snapshot.v1.Chunk.outboard:type_name -> build.bazel.remote.execution.v2.Digest
+	19, // 11: snaploader.snapshot.v1.Chunk.digest:type_name -> build.bazel.remote.execution.v2.Digest
+	19, // 12: snaploader.snapshot.v1.Chunk.outboard:type_name -> build.bazel.remote.execution.v2.Digest
 	2,  // 13: snaploader.snapshot.v1.SnapshotManifest.vm_configuration:type_name -> snaploader.snapshot.v1.VMConfiguration
 	4,  // 14: snaploader.snapshot.v1.SnapshotManifest.vm_metadata:type_name -> snaploader.snapshot.v1.VMMetadata
-	18, // 15: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
+	20, // 15: snaploader.snapshot.v1.SnapshotManifest.files:type_name -> build.bazel.remote.execution.v2.OutputFile
 	7,  // 16: snaploader.snapshot.v1.SnapshotManifest.chunked_files:type_name -> snaploader.snapshot.v1.ChunkedFile
 	14, // 17: snaploader.snapshot.v1.SealedPayload.blobs:type_name -> snaploader.snapshot.v1.BlobMapping
-	17, // 18: snaploader.snapshot.v1.BlobMapping.plain:type_name -> build.bazel.remote.execution.v2.Digest
-	17, // 19: snaploader.snapshot.v1.BlobMapping.sealed:type_name -> build.bazel.remote.execution.v2.Digest
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	19, // 18: snaploader.snapshot.v1.BlobMapping.plain:type_name -> build.bazel.remote.execution.v2.Digest
+	19, // 19: snaploader.snapshot.v1.BlobMapping.sealed:type_name -> build.bazel.remote.execution.v2.Digest
+	16, // 20: snaploader.snapshot.v1.InlineBlobs.blobs:type_name -> snaploader.snapshot.v1.InlineBlob
+	19, // 21: snaploader.snapshot.v1.InlineBlob.digest:type_name -> build.bazel.remote.execution.v2.Digest
+	22, // [22:22] is the sub-list for method output_type
+	22, // [22:22] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_snapshot_proto_init() }
@@ -1189,7 +1300,7 @@ func file_snapshot_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snapshot_proto_rawDesc), len(file_snapshot_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
