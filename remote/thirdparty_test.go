@@ -6,7 +6,6 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -23,14 +22,6 @@ import (
 	"github.com/snaploader/snaploader/snapshot"
 )
 
-// offsetIgnoring makes the server behave like caches that ignore
-// read_offset on compressed-blobs reads and resend the stream from its
-// start, and cuts the first compressed read after two messages.
-type offsetIgnoring struct {
-	cut     atomic.Bool
-	ignored atomic.Int32 // compressed reads asked at an offset
-}
-
 // onReads is a server option wrapping the stream of every ByteStream Read.
 func onReads(wrap func(grpc.ServerStream) grpc.ServerStream) grpc.ServerOption {
 	return grpc.ChainStreamInterceptor(func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
@@ -41,42 +32,11 @@ func onReads(wrap func(grpc.ServerStream) grpc.ServerStream) grpc.ServerOption {
 	})
 }
 
-func (f *offsetIgnoring) stream(ss grpc.ServerStream) grpc.ServerStream {
-	return &offsetIgnoringStream{ServerStream: ss, f: f}
-}
-
-type offsetIgnoringStream struct {
-	grpc.ServerStream
-	f          *offsetIgnoring
-	compressed bool
-	sent       int
-}
-
-func (s *offsetIgnoringStream) RecvMsg(m any) error {
-	err := s.ServerStream.RecvMsg(m)
-	if req, ok := m.(*bspb.ReadRequest); ok && err == nil && strings.Contains(req.ResourceName, "compressed-blobs/") {
-		s.compressed = true
-		if req.ReadOffset > 0 {
-			s.f.ignored.Add(1)
-			req.ReadOffset = 0
-		}
-	}
-	return err
-}
-
-func (s *offsetIgnoringStream) SendMsg(m any) error {
-	if s.compressed && s.sent == 2 && s.f.cut.CompareAndSwap(false, true) {
-		return status.Error(codes.Unavailable, "injected: connection lost")
-	}
-	s.sent++
-	return s.ServerStream.SendMsg(m)
-}
-
 // A compressed read cut in the middle, from a server that would resend a
 // compressed stream from byte zero, resumes where it stopped and delivers
 // the blob's bytes, verified.
 func TestCompressedReadResumesOnServerIgnoringOffsets(t *testing.T) {
-	f := &offsetIgnoring{}
+	f := &compressedStreams{cutAfter: 2, ignoreOffsets: true}
 	e := start(t, server.Options{}, onReads(f.stream))
 	c := e.dial(t, remote.Options{})
 	if !c.Compression() {

@@ -22,14 +22,18 @@ import (
 	"github.com/snaploader/snaploader/server"
 )
 
-// compressedStreams rewrites what the server sends on compressed reads:
+// compressedStreams changes what the server does on compressed reads:
 // replace, when set, turns the first message's data into its result and
 // drops the others; cutAfter > 0 fails the first compressed read after
-// that many messages.
+// that many messages; ignoreOffsets makes it resend a compressed stream
+// from its start whatever read_offset asks (as some caches do), counting
+// those reads in ignored.
 type compressedStreams struct {
-	replace  func([]byte) []byte
-	cutAfter int
-	cut      atomic.Bool
+	replace       func([]byte) []byte
+	cutAfter      int
+	cut           atomic.Bool
+	ignoreOffsets bool
+	ignored       atomic.Int32
 }
 
 func (f *compressedStreams) stream(ss grpc.ServerStream) grpc.ServerStream {
@@ -47,6 +51,10 @@ func (s *compressedStream) RecvMsg(m any) error {
 	err := s.ServerStream.RecvMsg(m)
 	if req, ok := m.(*bspb.ReadRequest); ok && err == nil {
 		s.compressed = strings.Contains(req.ResourceName, "compressed-blobs/")
+		if s.compressed && s.f.ignoreOffsets && req.ReadOffset > 0 {
+			s.f.ignored.Add(1)
+			req.ReadOffset = 0
+		}
 	}
 	return err
 }
