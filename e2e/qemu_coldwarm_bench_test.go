@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -15,12 +16,15 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/snaploader/snaploader/cache"
 	"github.com/snaploader/snaploader/cache/localcache"
+	"github.com/snaploader/snaploader/digest"
 	"github.com/snaploader/snaploader/internal/cachecount"
 	"github.com/snaploader/snaploader/internal/testguest"
 	"github.com/snaploader/snaploader/internal/testutil"
 	"github.com/snaploader/snaploader/remote"
 	"github.com/snaploader/snaploader/snapshot"
+	"github.com/snaploader/snaploader/tierurl"
 	"github.com/snaploader/snaploader/vmm"
 )
 
@@ -39,15 +43,32 @@ type fillMachine struct {
 	fillMiB       int
 }
 
+// openRemote opens the remote tier url names: a REAPI cache through its
+// client, an s3:// bucket as the commands open one (tierurl: verified,
+// behind a breaker). Both verify what they read; counting must not hide
+// that, or the read-through tier would hash every chunk again.
+func openRemote(ctx context.Context, t testing.TB, url string) cache.Tier {
+	t.Helper()
+	if strings.HasPrefix(url, "s3://") {
+		o, err := tierurl.Open(ctx, []string{url}, digest.BLAKE3, tierurl.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o.Tier
+	}
+	rc, err := remote.Dial(ctx, url, remote.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rc
+}
+
 // newHostIn is newVMHost with its local cache in dir and booted guests
 // split into chunk-sized chunks; close releases it (the caller removes
 // dir).
 func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) (*vmHost, func()) {
 	t.Helper()
-	rc, err := remote.Dial(ctx, url, remote.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
+	rc := openRemote(ctx, t, url)
 	lc, err := localcache.New(dir, localcache.Options{MaxBytes: 4 << 30})
 	if err != nil {
 		rc.Close()
@@ -55,8 +76,6 @@ func newHostIn(ctx context.Context, t testing.TB, url, dir string, chunk int64) 
 	}
 	closeAll := func() { lc.Close(); rc.Close() }
 	h := &vmHost{local: lc, remote: cachecount.NewCounting(rc)}
-	// The remote client verifies what it reads; counting must not hide
-	// that, or the read-through tier would hash every chunk again.
 	if h.loader, err = snapshot.New(lc, h.remote, snapshot.Options{}); err != nil {
 		closeAll()
 		t.Fatal(err)
@@ -325,12 +344,50 @@ func median[T int64 | time.Duration](xs []T) T {
 	return s[len(s)/2]
 }
 
+// coldWarmRemote starts the remote SNAPLOADER_BENCH_REMOTE names for
+// BenchmarkQEMUColdWarm and returns what it is, the URL every measured
+// restore reads through and the URL of the set-up (boot, saves, the
+// recording restore, filling the warm cache):
+//
+//   - serve (the default): `snaploader serve` pinned to serverCPU, both
+//     URLs its own;
+//   - bucket: a MinIO bucket, MinIO pinned to serverCPU, restores reading
+//     it through the bucket model (bucketModel: 50 ms to first byte,
+//     100 MB/s per connection), the set-up directly.
+func coldWarmRemote(b *testing.B) (kind, restore, setup string) {
+	b.Helper()
+	switch kind = os.Getenv("SNAPLOADER_BENCH_REMOTE"); kind {
+	case "", "serve":
+		u := startPinnedServe(b)
+		return "serve", u, u
+	case "bucket":
+		m := testutil.StartMinIO(b)
+		if out, err := exec.Command("taskset", "-a", "-p", "-c", serverCPU, strconv.Itoa(m.Pid())).CombinedOutput(); err != nil {
+			b.Fatalf("pinning minio to CPU %s: %v\n%s", serverCPU, err, out)
+		}
+		for _, kv := range bucketEnv(m) {
+			k, v, _ := strings.Cut(kv, "=")
+			b.Setenv(k, v)
+		}
+		bucket := m.NewBucket(b)
+		url := func(endpoint string) string {
+			return fmt.Sprintf("s3://%s/qemu?endpoint=%s&secure=false&region=us-east-1", bucket, endpoint)
+		}
+		return kind, url(bucketModel(b, m).Addr()), url(m.Endpoint)
+	}
+	b.Fatalf("SNAPLOADER_BENCH_REMOTE=%q: want serve or bucket", kind)
+	return "", "", ""
+}
+
 // BenchmarkQEMUColdWarm restores one snapshot of the fill guest (by default
 // 512 MiB of RAM, 320 MiB of it filled and read back before every counter
 // line) on a warm host, whose local cache holds every chunk, and on cold
 // hosts with empty caches fetching from a `snaploader serve` pinned to CPU 1
 // (this process, its FUSE server and QEMU run on CPU 0, as on two hosts),
-// each with and without prefetching the working set an earlier restore
+// or with SNAPLOADER_BENCH_REMOTE=bucket from a MinIO bucket (pinned to
+// CPU 1) through the bucket model, 50 ms to first byte and 100 MB/s per
+// connection (its proxy runs in this process, on CPU 0; see
+// coldWarmRemote), each with and without prefetching the working set an earlier restore
 // recorded. Runs alternate between the four cases; medians are reported:
 // restore to running, to the first new counter, blocking fetches, bytes
 // fetched before the counter (from the remote for cold hosts, opened from
@@ -340,7 +397,8 @@ func median[T int64 | time.Duration](xs []T) T {
 //	go test ./e2e -run XXX -bench QEMUColdWarm -benchtime 5x -timeout 60m -v
 //
 // Knobs: SNAPLOADER_BENCH_MEM_MIB (512), SNAPLOADER_BENCH_FILL_MIB (320),
-// SNAPLOADER_BENCH_CHUNK (524288 bytes).
+// SNAPLOADER_BENCH_CHUNK (524288 bytes), SNAPLOADER_BENCH_REMOTE (serve or
+// bucket; serve).
 func BenchmarkQEMUColdWarm(b *testing.B) {
 	needFillGuest(b)
 	testutil.LookPath(b, "taskset")
@@ -354,17 +412,17 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 		chunk:   envInt(b, "SNAPLOADER_BENCH_CHUNK", 512<<10),
 		fillMiB: int(envInt(b, "SNAPLOADER_BENCH_FILL_MIB", 320)),
 	}
-	url := startPinnedServe(b)
+	remoteKind, url, setupURL := coldWarmRemote(b)
 	cpu, _ := strconv.Atoi(clientCPU)
 	defer pinProcess(b, cpu)()
 
 	// Boot and save; restore once on an empty cache to record the working
 	// set (until the guest's touches settle), and save again: that
 	// snapshot is what every case restores.
-	a, closeA := newHostIn(ctx, b, url, b.TempDir(), m.chunk)
+	a, closeA := newHostIn(ctx, b, setupURL, b.TempDir(), m.chunk)
 	defer closeA()
 	bootFill(ctx, b, a, m)
-	rec, closeRec := newHostIn(ctx, b, url, b.TempDir(), m.chunk)
+	rec, closeRec := newHostIn(ctx, b, setupURL, b.TempDir(), m.chunk)
 	defer closeRec()
 	rr := measureRestore(ctx, b, rec, rec.get(ctx, b), b.TempDir(), snapshot.UnpackOptions{})
 	mem := rr.vm.Stores()[vmm.MemoryFile]
@@ -377,10 +435,18 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 	rr.vm.Close()
 	b.Logf("recording restore: working set of %d memory chunks (%d touched by the save)", len(mem.Touched()), len(mem.Accessed()))
 
-	warm, closeWarm := newHostIn(ctx, b, url, b.TempDir(), m.chunk)
-	defer closeWarm()
+	warmDir := b.TempDir()
+	warm, closeWarm := newHostIn(ctx, b, setupURL, warmDir, m.chunk)
 	snapWarm := warm.get(ctx, b)
 	warmCache(ctx, b, warm, snapWarm)
+	if setupURL != url {
+		// The warm host's cache is filled; it restores with the remote
+		// the cold hosts have.
+		closeWarm()
+		warm, closeWarm = newHostIn(ctx, b, url, warmDir, m.chunk)
+		snapWarm = warm.get(ctx, b)
+	}
+	defer func() { closeWarm() }()
 
 	type kase struct {
 		name      string
@@ -464,9 +530,9 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 	for i := range med["cold+ws"].toCounter {
 		perIter = append(perIter, int64(1000*float64(med["cold+ws"].toCounter[i])/float64(med["warm+ws"].toCounter[i])))
 	}
-	b.Logf("cold/warm first counter: without working set %.2fx, with %.2fx (vs warm without: %.2fx; median of per-iteration ratios %.2fx); cold+ws fetched/touched %.2f; %d runs per case, %s RAM, %d MiB filled, %d-byte chunks",
+	b.Logf("cold/warm first counter: without working set %.2fx, with %.2fx (vs warm without: %.2fx; median of per-iteration ratios %.2fx); cold+ws fetched/touched %.2f; %d runs per case, %s RAM, %d MiB filled, %d-byte chunks, remote %s",
 		ratio("cold", "warm"), ratio("cold+ws", "warm+ws"), ratio("cold+ws", "warm"), float64(median(perIter))/1000,
-		float64(median(med["cold+ws"].fetched))/float64(max(median(med["cold+ws"].touched), 1)), b.N, strconv.FormatInt(m.memory>>20, 10)+" MiB", m.fillMiB, m.chunk)
+		float64(median(med["cold+ws"].fetched))/float64(max(median(med["cold+ws"].touched), 1)), b.N, strconv.FormatInt(m.memory>>20, 10)+" MiB", m.fillMiB, m.chunk, remoteKind)
 	b.ReportMetric(ratio("cold", "warm"), "cold/warm-counter")
 	b.ReportMetric(ratio("cold+ws", "warm+ws"), "cold+ws/warm+ws-counter")
 	b.ReportMetric(float64(median(med["cold+ws"].fetched))/float64(max(median(med["cold+ws"].touched), 1)), "cold+ws-fetched/touched")

@@ -239,6 +239,9 @@ func (m MinIO) Stop() {
 	}
 }
 
+// Pid is the server's process id (a benchmark pins it to a CPU).
+func (m MinIO) Pid() int { return m.proc.cmd.Process.Pid }
+
 // NewBucket creates a bucket with a fresh name and returns the name.
 func (m MinIO) NewBucket(t testing.TB) string {
 	t.Helper()
