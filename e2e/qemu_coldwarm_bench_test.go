@@ -134,6 +134,8 @@ type coldWarmRun struct {
 	toRunning    time.Duration
 	toCounter    time.Duration
 	blocking     int64 // fetches a VMM read or write waited for
+	ranges       int64 // reads served by a range read of an unfetched chunk
+	yields       int64 // background fetches that waited for a fault first
 	opened       int64 // bytes of chunks opened from the host's tiers
 	remote       int64 // bytes fetched from the remote
 	touched      int64 // bytes of the chunks the guest touched
@@ -174,6 +176,8 @@ func measureRestore(ctx context.Context, t testing.TB, h *vmHost, snap *snapshot
 	for name, s := range v.Stores() {
 		st := s.Stats()
 		r.blocking += st.ForegroundFetches
+		r.ranges += st.RangeReads
+		r.yields += st.PrefetchYields
 		r.opened += st.FetchedBytes
 		r.touched += s.AccessedBytes()
 		if name == vmm.MemoryFile {
@@ -389,8 +393,9 @@ func coldWarmRemote(b *testing.B) (kind, restore, setup string) {
 // connection (its proxy runs in this process, on CPU 0; see
 // coldWarmRemote), each with and without prefetching the working set an earlier restore
 // recorded. Runs alternate between the four cases; medians are reported:
-// restore to running, to the first new counter, blocking fetches, bytes
-// fetched before the counter (from the remote for cold hosts, opened from
+// restore to running, to the first new counter, blocking fetches, range
+// reads of chunks not yet in, background fetches that yielded to a fault
+// first, bytes fetched before the counter (from the remote for cold hosts, opened from
 // the local cache for the warm one) and bytes of the chunks the guest
 // touched until then, plus the cold/warm ratios.
 //
@@ -454,6 +459,8 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 		toRunning []time.Duration
 		toCounter []time.Duration
 		blocking  []int64
+		ranges    []int64
+		yields    []int64
 		fetched   []int64
 		touched   []int64
 	}
@@ -491,6 +498,8 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 		k.toRunning = append(k.toRunning, r.toRunning)
 		k.toCounter = append(k.toCounter, r.toCounter)
 		k.blocking = append(k.blocking, r.blocking)
+		k.ranges = append(k.ranges, r.ranges)
+		k.yields = append(k.yields, r.yields)
 		k.fetched = append(k.fetched, fetched)
 		k.touched = append(k.touched, r.touched)
 	}
@@ -498,7 +507,7 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 	b.StopTimer()
 	for _, k := range cases {
 		one(k)
-		k.toRunning, k.toCounter, k.blocking, k.fetched, k.touched = nil, nil, nil, nil, nil
+		k.toRunning, k.toCounter, k.blocking, k.ranges, k.yields, k.fetched, k.touched = nil, nil, nil, nil, nil, nil, nil
 	}
 	b.ResetTimer()
 	b.StopTimer()
@@ -509,13 +518,13 @@ func BenchmarkQEMUColdWarm(b *testing.B) {
 	}
 	const mb = 1 << 20
 	var table strings.Builder
-	fmt.Fprintf(&table, "\n| host | restore to running | first counter | blocking fetches | fetched before counter | touched before counter | fetched/touched |\n|---|---|---|---|---|---|---|\n")
+	fmt.Fprintf(&table, "\n| host | restore to running | first counter | blocking fetches | range reads | prefetch yields | fetched before counter | touched before counter | fetched/touched |\n|---|---|---|---|---|---|---|---|---|\n")
 	med := map[string]*kase{}
 	for _, k := range cases {
 		med[k.name] = k
 		f, tch := median(k.fetched), median(k.touched)
-		fmt.Fprintf(&table, "| %s | %v | %v | %d | %.1f MiB | %.1f MiB | %.2f |\n", k.name, median(k.toRunning).Round(time.Millisecond),
-			median(k.toCounter).Round(time.Millisecond), median(k.blocking), float64(f)/mb, float64(tch)/mb, float64(f)/float64(max(tch, 1)))
+		fmt.Fprintf(&table, "| %s | %v | %v | %d | %d | %d | %.1f MiB | %.1f MiB | %.2f |\n", k.name, median(k.toRunning).Round(time.Millisecond),
+			median(k.toCounter).Round(time.Millisecond), median(k.blocking), median(k.ranges), median(k.yields), float64(f)/mb, float64(tch)/mb, float64(f)/float64(max(tch, 1)))
 		b.ReportMetric(float64(median(k.toCounter).Milliseconds()), k.name+"-ms-to-counter")
 		b.ReportMetric(float64(median(k.toRunning).Milliseconds()), k.name+"-ms-to-running")
 		b.ReportMetric(float64(median(k.blocking)), k.name+"-blocking-fetches")
