@@ -45,8 +45,16 @@ const (
 	// DefaultReadAhead is the most chunks after a touched one scheduled for
 	// background opening (see Options.ReadAhead).
 	DefaultReadAhead = 32
-	// DefaultPrefetchConcurrency bounds concurrent background opens.
+	// DefaultPrefetchConcurrency is the least bound of concurrent
+	// background opens by default (see Options.PrefetchConcurrency).
 	DefaultPrefetchConcurrency = 4
+	// DefaultPrefetchBytes bounds the bytes of the chunks background opens
+	// hold in flight by default: DefaultPrefetchConcurrency chunks of
+	// DefaultChunkSize, more of smaller chunks.
+	DefaultPrefetchBytes = DefaultPrefetchConcurrency * DefaultChunkSize
+	// MaxDefaultPrefetchConcurrency caps the default bound of concurrent
+	// background opens of small chunks (goroutines and connections).
+	MaxDefaultPrefetchConcurrency = 64
 	// DefaultPrefetchRate bounds the bytes per second background opens
 	// start, so prefetch cannot saturate a link the VM's own reads need.
 	DefaultPrefetchRate = 1 << 30

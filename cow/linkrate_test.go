@@ -104,3 +104,54 @@ func TestFaultGate(t *testing.T) {
 		t.Error("waited after every fault left")
 	}
 }
+
+// The default bound of background opens is in bytes: chunks smaller than
+// the default get more of them in flight, up to a cap, and a bound given
+// is kept.
+func TestDefaultPrefetchBound(t *testing.T) {
+	for _, tc := range []struct {
+		chunk int64
+		given int
+		want  int
+	}{
+		{DefaultChunkSize, 0, DefaultPrefetchConcurrency},
+		{8 << 20, 0, DefaultPrefetchConcurrency},
+		{512 << 10, 0, 31},
+		{4096, 0, MaxDefaultPrefetchConcurrency},
+		{512 << 10, 2, 2},
+	} {
+		o, err := Options{ChunkSize: tc.chunk, PrefetchConcurrency: tc.given}.withDefaults()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if o.PrefetchConcurrency != tc.want {
+			t.Errorf("chunks of %d bytes, PrefetchConcurrency %d: bound %d, want %d", tc.chunk, tc.given, o.PrefetchConcurrency, tc.want)
+		}
+	}
+
+	// A bucket 50 ms to first byte, 100 MB/s per connection, 512 KiB
+	// chunks: eight fetches together deliver eight chunks in 55 ms, and a
+	// lone one shows the 50 ms. About one bandwidth-delay product is nine
+	// chunks, more than DefaultPrefetchConcurrency; the default bound lets
+	// the estimate have them.
+	const chunk = 512 << 10
+	one := 50*time.Millisecond + time.Duration(chunk/100e6*float64(time.Second))
+	var l linkEstimate
+	t0 := time.Unix(1000, 0)
+	var ts []fetchTicket
+	for range 8 {
+		ts = append(ts, l.begin(t0))
+	}
+	for _, tk := range ts {
+		l.end(tk, chunk, t0.Add(one), true)
+	}
+	l.end(l.begin(t0.Add(time.Second)), chunk, t0.Add(time.Second+one), true)
+	o, err := Options{ChunkSize: chunk}.withDefaults()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.target(chunk, o.PrefetchConcurrency); got <= DefaultPrefetchConcurrency {
+		t.Errorf("target %d within the default bound %d, want more than %d (rate %.0f B/s, latency %v)",
+			got, o.PrefetchConcurrency, DefaultPrefetchConcurrency, l.rateLocked(), l.latencyLocked(l.rateLocked()))
+	}
+}

@@ -34,7 +34,10 @@ type Options struct {
 	// memory of chunks in flight). Within it, as many run as keep about one
 	// bandwidth-delay product of the link in flight, measured from the
 	// fetches that complete: two on a fast link with short round trips,
-	// more as latency grows. Default DefaultPrefetchConcurrency.
+	// more as latency grows. Default: as many chunks as
+	// DefaultPrefetchBytes hold, at least DefaultPrefetchConcurrency and at
+	// most MaxDefaultPrefetchConcurrency (4 chunks of 4 MB, 31 of 512 KiB),
+	// so that small chunks get as many bytes in flight as large ones.
 	PrefetchConcurrency int
 	// PrefetchRate bounds the bytes per second of chunks background opens
 	// start. Default DefaultPrefetchRate; negative means unbounded.
@@ -112,7 +115,7 @@ func (o Options) withDefaults() (Options, error) {
 		o.PrefetchRate = DefaultPrefetchRate
 	}
 	if o.PrefetchConcurrency <= 0 {
-		o.PrefetchConcurrency = DefaultPrefetchConcurrency
+		o.PrefetchConcurrency = int(min(max(DefaultPrefetchBytes/o.ChunkSize, DefaultPrefetchConcurrency), MaxDefaultPrefetchConcurrency))
 	}
 	if o.Parallelism <= 0 {
 		o.Parallelism = max(8, runtime.NumCPU())
