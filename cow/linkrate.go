@@ -19,8 +19,9 @@ const linkWindow = 16
 //     flight at any time during it) that its bytes at that rate do not
 //     explain (the lowest of the recent ones).
 //
-// The target is two fetches (one arriving, the next already asked for, so
-// the link does not idle for a round trip between chunks) plus as many
+// The target is one until a fetch completes (see target), then two
+// fetches (one arriving, the next already asked for, so the link does not
+// idle for a round trip between chunks) plus as many
 // chunks as the rate delivers in one latency. On a 1 Gbit/s link with
 // 1 ms each way and 4 MB chunks that is 2; 50 ms from a 100 MB/s bucket it
 // is 3. Options.PrefetchConcurrency bounds it (memory: that many chunks).
@@ -109,6 +110,13 @@ func (l *linkEstimate) latencyLocked(rate float64) time.Duration {
 func (l *linkEstimate) target(chunk int64, most int) int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.begun == int64(l.inflight) {
+		// Nothing completed yet: one at a time, so that the first fetch
+		// (a working set's, before the VM runs) crosses the link alone,
+		// which is how its latency is seen; a store whose fetches always
+		// overlap would stay at two.
+		return 1
+	}
 	n := 2
 	if rate := l.rateLocked(); rate > 0 {
 		n += int(rate * l.latencyLocked(rate).Seconds() / float64(chunk))

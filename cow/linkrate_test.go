@@ -29,7 +29,8 @@ func TestLinkEstimateTarget(t *testing.T) {
 		most int
 		want int
 	}{
-		{"nothing measured", func(*linkEstimate) {}, 4, 2},
+		{"nothing completed", func(*linkEstimate) {}, 4, 1},
+		{"nothing measured", func(l *linkEstimate) { lone(l, t0, time.Microsecond, false) }, 4, 2},
 		{"bound below two", func(*linkEstimate) {}, 1, 1},
 		// 1 Gbit/s, 1 ms each way: a 4 MB chunk is 32.8 ms on the wire.
 		{"1 Gbit/s, 1 ms each way", func(l *linkEstimate) {
