@@ -121,8 +121,9 @@ func (s *Store) prefetchWorker() {
 			continue
 		}
 		// Faults first: a read waiting on the source goes before
-		// read-ahead.
-		if s.faults.wait(s.ctx.Done(), maxYield) {
+		// read-ahead. A working set's chunks are no guess: they are what
+		// the VM reads next, and do not wait.
+		if it.ctx == nil && s.faults.wait(s.ctx.Done(), maxYield) {
 			s.yields.Add(1)
 			if it.c.settled.Load() {
 				continue

@@ -186,3 +186,29 @@ func TestPrefetchOrderSurvivesConcurrentRequests(t *testing.T) {
 		t.Fatalf("chunks opened in order %s, want %s", g, w)
 	}
 }
+
+// TestWorkingSetDoesNotYieldToFaults checks that the working set's opens
+// start while a fault waits on the source: they are what the VM reads
+// next, not read-ahead.
+func TestWorkingSetDoesNotYieldToFaults(t *testing.T) {
+	opts := testOpts(t)
+	opts.ReadAhead = -1
+	s, cas, _ := newStore(t, "dddd", 0, opts)
+	src := newGatedSource(cas)
+	fault := make(chan error, 1)
+	go func() {
+		_, err := s.ReadAt(make([]byte, testCS), 0)
+		fault <- err
+	}()
+	waitFor(t, "the fault to wait on the source", func() bool { return src.inflight.Load() == 1 })
+	s.Prefetch(context.Background(), []int64{1 * testCS, 2 * testCS, 3 * testCS})
+	waitFor(t, "a working-set open beside the fault", func() bool { return src.inflight.Load() == 2 })
+	close(src.gate)
+	if err := <-fault; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the working set", func() bool { return s.Stats().Prefetched == 3 })
+	if y := s.Stats().PrefetchYields; y != 0 {
+		t.Errorf("%d working-set opens waited for a fault first, want none", y)
+	}
+}
