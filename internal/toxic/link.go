@@ -59,7 +59,8 @@ func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
 				return
 			}
 			if t.Rate > 0 {
-				if wait := time.Until(t.reserve(len(p.Data))); wait > 0 {
+				sent := t.reserve(len(p.Data))
+				if wait := time.Until(sent); wait > 0 {
 					timer := time.NewTimer(wait)
 					select {
 					case <-timer.C:
@@ -69,6 +70,11 @@ func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
 						return
 					}
 				}
+				// Toxiproxy's latency toxic delays a piece from its
+				// timestamp: from when the link sent it, not from when
+				// it was read (which would hide the latency behind the
+				// piece's wait in the queue).
+				p.Timestamp = sent
 			}
 			stub.Output <- p
 		}
