@@ -1,9 +1,9 @@
 package e2e
 
 import (
+	"bufio"
 	"bytes"
 	"context"
-	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -42,6 +42,50 @@ func linkKBs(b *testing.B) int64 {
 		b.Fatalf("bad SNAPLOADER_BENCH_LINK_MBIT %q: want a positive number of Mbit/s", v)
 	}
 	return n * 125
+}
+
+// startLink puts the emulated link w in front of upstream and returns its
+// address: a linkproxy process pinned to serverCPU, as the network's work
+// is not done on the client's CPU between two hosts, or, with
+// SNAPLOADER_BENCH_LINK=inprocess, a proxy in the benchmark's process.
+func startLink(b *testing.B, upstream string, w toxic.Wire) string {
+	b.Helper()
+	switch mode := os.Getenv("SNAPLOADER_BENCH_LINK"); mode {
+	case "inprocess":
+		p := toxic.Start(b, upstream)
+		if err := p.Emulate(w); err != nil {
+			b.Fatal(err)
+		}
+		return p.Addr()
+	case "", "pinned":
+	default:
+		b.Fatalf("bad SNAPLOADER_BENCH_LINK %q: want pinned (the default) or inprocess", mode)
+	}
+	bin, cleanup, err := testutil.BuildMain("../internal/toxic/linkproxy", "linkproxy")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(cleanup)
+	cmd := pinned(serverCPU, bin, "-upstream", upstream, "-rate", strconv.FormatInt(w.RateKBs, 10), "-latency", strconv.FormatInt(w.LatencyMs, 10))
+	stdin, err := cmd.StdinPipe() // linkproxy exits when it closes
+	if err != nil {
+		b.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { stdin.Close(); cmd.Wait() })
+	addr, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil {
+		b.Fatalf("linkproxy to %s did not say where it listens: %v\n%s", upstream, err, stderr.String())
+	}
+	return strings.TrimSpace(addr)
 }
 
 // faultChunk is the content of chunk i of the benchmark image: random
@@ -211,15 +255,20 @@ loop:
 
 // BenchmarkFaultsUnderReadAhead measures the first byte of page faults on
 // unfetched chunks while a sequential reader keeps read-ahead busy, with
-// `snaploader serve` (pinned to CPU 1) behind an emulated link of 1 Gbit/s
-// shared by all connections and 1 ms each way (Toxiproxy in this process,
-// with a shared bandwidth cap: its own bandwidth toxic caps each connection
-// apart), into an empty cache each round. It reports the faults' first
-// byte p50/p99 and the sequential reader's throughput against the link's.
+// `snaploader serve` behind an emulated link of 1 Gbit/s shared by all
+// connections and 1 ms each way (Toxiproxy with internal/toxic's shared
+// bandwidth cap: its own bandwidth toxic caps each connection apart), into
+// an empty cache each round. Serve and the link's proxy (internal/toxic's
+// linkproxy) run pinned to CPU 1, so that copying through the link does
+// not compete with the client's fault handling, as between two hosts. It
+// reports the faults' first byte p50/p99 and the sequential reader's
+// throughput against the link's.
 //
 //	SNAPLOADER_BENCH_MIB=512 go test -run '^$' -bench FaultsUnderReadAhead -benchtime 5x ./e2e/
 //
-// SNAPLOADER_BENCH_LINK_MBIT sets another link rate (Mbit/s).
+// SNAPLOADER_BENCH_LINK_MBIT sets another link rate (Mbit/s);
+// SNAPLOADER_BENCH_LINK=inprocess runs the proxy in the benchmark's
+// process instead, on the client's CPUs.
 func BenchmarkFaultsUnderReadAhead(b *testing.B) {
 	if runtime.NumCPU() < 2 {
 		b.Skip("needs two CPUs to pin the server apart")
@@ -233,12 +282,7 @@ func BenchmarkFaultsUnderReadAhead(b *testing.B) {
 	}
 	url, _ := startPinnedServeWith(b, "--compression=false")
 	cf := uploadFaultImage(b, url, n)
-	p := toxic.Start(b, strings.TrimPrefix(url, "grpc://"))
-	for _, s := range []string{"downstream", "upstream"} {
-		p.AddLink(b, s, linkKBs(b))
-		p.Add(b, "latency", s, fmt.Sprintf(`"latency":%d`, linkLatencyMs))
-	}
-	target := "grpc://" + p.Addr()
+	target := "grpc://" + startLink(b, strings.TrimPrefix(url, "grpc://"), toxic.Wire{RateKBs: linkKBs(b), LatencyMs: linkLatencyMs})
 	faultRound(b, target, cf, 0) // warm-up
 	var faults []time.Duration
 	var seqRate []float64

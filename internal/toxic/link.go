@@ -86,6 +86,38 @@ func (t *linkToxic) Pipe(stub *toxics.ToxicStub) {
 // "latency" toxic so that data is delayed after it is sent, as on a wire.
 func (p *Proxy) AddLink(t testing.TB, stream string, rateKBs int64) string {
 	t.Helper()
+	name, err := p.addLink(stream, rateKBs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+func (p *Proxy) addLink(stream string, rateKBs int64) (string, error) {
 	registerLink.Do(func() { toxics.Register(LinkType, new(linkToxic)) })
-	return p.Add(t, LinkType, stream, fmt.Sprintf(`"rate":%d`, rateKBs))
+	return p.AddToxic(LinkType, stream, fmt.Sprintf(`"rate":%d`, rateKBs))
+}
+
+// Wire is an emulated network link, the same both ways.
+type Wire struct {
+	RateKBs   int64 // shared by all connections, each direction (LinkType); 0: no cap
+	LatencyMs int64 // each way
+}
+
+// Emulate puts w between the proxy's clients and its upstream, in both
+// directions: the shared cap, then the latency after it.
+func (p *Proxy) Emulate(w Wire) error {
+	for _, s := range []string{"downstream", "upstream"} {
+		if w.RateKBs > 0 {
+			if _, err := p.addLink(s, w.RateKBs); err != nil {
+				return err
+			}
+		}
+		if w.LatencyMs > 0 {
+			if _, err := p.AddToxic("latency", s, fmt.Sprintf(`"latency":%d`, w.LatencyMs)); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }

@@ -1,6 +1,8 @@
 // Package toxic runs TCP proxies for tests that inject network faults
 // (latency, bandwidth limits, stalls, resets) between a client and a real
-// server, in-process, with Toxiproxy's proxy and toxics.
+// server, with Toxiproxy's proxy and toxics: in the test's process (Start),
+// or in a process of its own (Listen, as cmd/linkproxy does, so that a
+// benchmark can pin the emulated network apart from the client).
 package toxic
 
 import (
@@ -25,14 +27,24 @@ type Proxy struct {
 // Start starts a proxy to upstream ("HOST:PORT") for the test's duration.
 func Start(t testing.TB, upstream string) *Proxy {
 	t.Helper()
+	p, err := Listen("127.0.0.1:0", upstream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Disable)
+	return p
+}
+
+// Listen starts a proxy on listen ("HOST:PORT"; port 0 picks one) to
+// upstream, until Disable.
+func Listen(listen, upstream string) (*Proxy, error) {
 	quiet.Do(func() { zerolog.SetGlobalLevel(zerolog.Disabled) })
 	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(nil), zerolog.Nop())
-	p := toxiproxy.NewProxy(srv, "proxy-"+strings.ReplaceAll(upstream, ":", "-"), "127.0.0.1:0", upstream)
+	p := toxiproxy.NewProxy(srv, "proxy-"+strings.ReplaceAll(upstream, ":", "-"), listen, upstream)
 	if err := p.Start(); err != nil {
-		t.Fatalf("starting a proxy to %s: %v", upstream, err)
+		return nil, fmt.Errorf("starting a proxy on %s to %s: %w", listen, upstream, err)
 	}
-	t.Cleanup(p.Stop)
-	return &Proxy{p: p, addr: p.Listen}
+	return &Proxy{p: p, addr: p.Listen}, nil
 }
 
 // Addr is the proxy's "127.0.0.1:PORT".
@@ -44,12 +56,21 @@ func (p *Proxy) Addr() string { return p.addr }
 // ("latency": 50, ...). It returns the toxic's name, for Remove.
 func (p *Proxy) Add(t testing.TB, typ, stream, attrs string) string {
 	t.Helper()
+	name, err := p.AddToxic(typ, stream, attrs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// AddToxic is Add, returning its error.
+func (p *Proxy) AddToxic(typ, stream, attrs string) (string, error) {
 	name := typ + "_" + stream
 	js := fmt.Sprintf(`{"name":%q,"type":%q,"stream":%q,"toxicity":1,"attributes":{%s}}`, name, typ, stream, attrs)
 	if _, err := p.p.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
-		t.Fatalf("adding toxic %s: %v", js, err)
+		return "", fmt.Errorf("adding toxic %s to the proxy on %s: %w", js, p.addr, err)
 	}
-	return name
+	return name, nil
 }
 
 // Remove removes the toxic name (an error is reported, not fatal: it may
