@@ -1,8 +1,9 @@
 // Package toxic runs TCP proxies for tests that inject network faults
 // (latency, bandwidth limits, stalls, resets) between a client and a real
-// server, with Toxiproxy's proxy and toxics: in the test's process (Start),
-// or in a process of its own (Listen, as cmd/linkproxy does, so that a
-// benchmark can pin the emulated network apart from the client).
+// server, with Toxiproxy's proxy and toxics: in the test's process
+// (Start), or in a process of its own (Listen, as the linkproxy command
+// does, so that a benchmark can pin the emulated network apart from the
+// client).
 package toxic
 
 import (
