@@ -280,7 +280,7 @@ func BenchmarkFaultsUnderReadAhead(b *testing.B) {
 	if n/4+cow.DefaultReadAhead+20 > n {
 		b.Fatalf("SNAPLOADER_BENCH_MIB too small: the image needs room for faults beyond the reader's read-ahead")
 	}
-	url, _ := startPinnedServeWith(b, "--compression=false")
+	url, _ := startPinnedServeWith(b, "--compression=false", "--log-level=warn") // no line per call: the summary below stays in the log
 	cf := uploadFaultImage(b, url, n)
 	target := "grpc://" + startLink(b, strings.TrimPrefix(url, "grpc://"), toxic.Wire{RateKBs: linkKBs(b), LatencyMs: linkLatencyMs})
 	faultRound(b, target, cf, 0) // warm-up
