@@ -199,26 +199,18 @@ func TestRemoteManifestCarriesSmallBlobs(t *testing.T) {
 	t.Run("a snapshot of small files alone reads and asks nothing more", func(t *testing.T) {
 		remote := cachecount.NewCounting(remoteLC)
 		h, snap := find(t, remote, taskOn("feat", "files", ""))
-		if snap.Manifest.GetVmMetadata().GetSnapshotId() != filesOnly.SnapshotID {
-			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), filesOnly.SnapshotID)
-		}
+		wantSnapshot(t, snap, filesOnly.SnapshotID)
 		if st := remote.Stats(); st.FindMissing != 0 || st.Reads != 0 {
 			t.Errorf("%d lookups and %d blob reads, want none", st.FindMissing, st.Reads)
 		}
-		out := t.TempDir()
-		if _, err := h.loader.Restore(ctx, snap, filepath.Join(out, "r"), RestoreOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		if got := mustRead(t, filepath.Join(out, "r", "state.bin")); string(got) != "a small file alone" {
+		if got := restoreFile(t, h, snap, "state.bin"); got != "a small file alone" {
 			t.Errorf("restored %q", got)
 		}
 	})
 	t.Run("a larger file is fetched with the lookup", func(t *testing.T) {
 		remote := cachecount.NewCounting(remoteLC)
 		_, snap := find(t, remote, taskOn("large", "", ""))
-		if snap.Manifest.GetVmMetadata().GetSnapshotId() != large.SnapshotID {
-			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), large.SnapshotID)
-		}
+		wantSnapshot(t, snap, large.SnapshotID)
 		if st := remote.Stats(); st.FindMissing != 0 || st.Reads != 1 {
 			t.Errorf("%d lookups and %d blob reads, want none and 1", st.FindMissing, st.Reads)
 		}
@@ -249,11 +241,7 @@ func TestRemoteManifestCarriesSmallBlobs(t *testing.T) {
 		if st := remote.Stats(); st.Reads != 1 {
 			t.Errorf("%d blob reads, want 1 (the file, fetched)", st.Reads)
 		}
-		out := t.TempDir()
-		if _, err := h.loader.Restore(ctx, snap, filepath.Join(out, "r"), RestoreOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		if got := mustRead(t, filepath.Join(out, "r", "state.bin")); string(got) != "a small file alone" {
+		if got := restoreFile(t, h, snap, "state.bin"); got != "a small file alone" {
 			t.Errorf("restored %q", got)
 		}
 	})
@@ -266,9 +254,7 @@ func TestRemoteManifestCarriesSmallBlobs(t *testing.T) {
 		}
 		remote := cachecount.NewCounting(refusing.Tier)
 		h, snap := find(t, remote, taskOn("main", "", ""))
-		if snap.Manifest.GetVmMetadata().GetSnapshotId() != saved.SnapshotID {
-			t.Fatalf("found %s, want %s", snap.Manifest.GetVmMetadata().GetSnapshotId(), saved.SnapshotID)
-		}
+		wantSnapshot(t, snap, saved.SnapshotID)
 		if st := remote.Stats(); st.Reads != 2 {
 			t.Errorf("%d blob reads, want 2 (the tree and vmstate.snap)", st.Reads)
 		}
@@ -277,6 +263,25 @@ func TestRemoteManifestCarriesSmallBlobs(t *testing.T) {
 			t.Error("restored bytes differ")
 		}
 	})
+}
+
+// wantSnapshot fails the test unless snap is the snapshot id.
+func wantSnapshot(t *testing.T, snap *Snapshot, id string) {
+	t.Helper()
+	if got := snap.Manifest.GetVmMetadata().GetSnapshotId(); got != id {
+		t.Fatalf("found %s, want %s", got, id)
+	}
+}
+
+// restoreFile restores snap on h into a new directory and returns the
+// content of its file name.
+func restoreFile(t *testing.T, h *host, snap *Snapshot, name string) string {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "r")
+	if _, err := h.loader.Restore(context.Background(), snap, out, RestoreOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return string(mustRead(t, filepath.Join(out, name)))
 }
 
 // refusingCopies is a remote whose action cache refuses entries holding
